@@ -1,0 +1,84 @@
+"""`protege data convert|validate|stats`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+ORDER = 10
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("data", help="convert, validate and summarise record files",
+                       description="Convert, validate and summarise record files (JSONL).")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / datasets files to protege JSONL",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hub id")
+    c.add_argument("out", help="output .jsonl")
+    c.add_argument("--from", dest="from_format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "protege"])
+    c.add_argument("--to", dest="to_format", default="protege", choices=["protege", "alpaca", "sharegpt", "openai"])
+    c.set_defaults(func=_convert)
+
+    v = dsub.add_parser("validate", help="check every line; print FILE:LINE: problem for each bad one (exit 1)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("files", nargs="+")
+    v.add_argument("--kind", default="auto", choices=["auto", "conversation", "comparison"])
+    v.set_defaults(func=_validate)
+
+    s = dsub.add_parser("stats", help="counts, turns, characters (and tokens with --model) per role",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("file")
+    s.add_argument("--model", default=None, help="model spec whose tokenizer counts tokens")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_stats)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ..data_tools import convert
+
+    n = convert(args.src, args.out, args.from_format, args.to_format)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ..records import validate_file
+
+    bad = 0
+    for path in args.files:
+        good, errors = validate_file(path, args.kind)
+        for err in errors:
+            print(err)
+        bad += len(errors)
+        status = "ok" if not errors else f"{len(errors)} bad line(s)"
+        print(f"{path}: {good} valid records, {status}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from ..data_tools import stats
+
+    tok = None
+    if args.model:
+        from ..models import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+    s = stats(args.file, tok)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{args.file}: {s['records']} records ({s['conversations']} conversations, {s['comparisons']} comparisons), "
+          f"{s['turns']} user turns")
+    print(f"sources: {', '.join(f'{k}={v}' for k, v in s['sources'].items())}")
+    head = f"{'role':<10} {'messages':>9} {'chars':>11} {'mean chars':>11}" + (f" {'tokens':>10} {'mean tok':>9}" if tok else "")
+    print(head)
+    for role, r in s["per_role"].items():
+        line = f"{role:<10} {r['messages']:>9} {r['chars']:>11} {r['mean_chars']:>11}"
+        if tok:
+            line += f" {r['tokens']:>10} {r['mean_tokens']:>9}"
+        print(line)
+    return 0

@@ -1,0 +1,197 @@
+"""Strict, typed stage configs: YAML file < `--dotted.key=value` overrides.
+
+Every stage declares its options as a pydantic model subclassing `StageConfig`
+(one `description=` per field, a sensible default). `load_config` merges a YAML
+file with command-line overrides and validates the result. Mistakes are
+`ConfigError`s that name the file, the key, and what was expected, e.g.
+
+    recipe.yaml: unknown key `train.learnin_rate` — did you mean `learning_rate`?
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = [
+    "StageConfig",
+    "ConfigError",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+    "config_help",
+    "validate_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says where and how."""
+
+
+class StageConfig(BaseModel):
+    """Base for every stage config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def _model_fields(cls: type[BaseModel]) -> dict[str, Any]:
+    return dict(cls.model_fields)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class behind a field annotation (`Sub`, `Sub | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _check_keys(cls: type[BaseModel], data: Any, where: str, prefix: str = "") -> None:
+    """Raise on the first unknown key, with the closest valid key as a hint.
+
+    pydantic reports `extra_forbidden` too, but without a suggestion and after
+    type errors of other fields; users mistype keys far more often than types.
+    """
+    if not isinstance(data, dict):
+        return
+    fields = _model_fields(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" — did you mean `{close[0]}`?" if close else ""
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown key `{dotted}`{hint} (valid keys: {valid})")
+        sub = _nested_model(fields[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_keys(sub, value, where, prefix=f"{dotted}.")
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        got = e.get("input")
+        got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+        lines.append(f"{where}: `{loc}`: {e['msg']} (got {got_s})")
+    return "\n".join(lines)
+
+
+def validate_dict(cls: type[C], data: dict[str, Any], where: str = "<config>") -> C:
+    """Validate a plain dict against `cls`, raising `ConfigError` with readable messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    _check_keys(cls, data, where)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["--a.b=3", "c=[1,2]"]` -> `{"a": {"b": 3}, "c": [1, 2]}` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        text = arg[2:] if arg.startswith("--") else arg
+        if "=" not in text:
+            raise ConfigError(f"override `{arg}`: expected KEY=VALUE, e.g. --train.learning_rate=1e-4")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip().replace("-", "_"), value)
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning syntax errors into `ConfigError(file:line: ...)`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> C:
+    """Build a `cls` from defaults < YAML file at `path` < `overrides`."""
+    data: dict[str, Any] = read_yaml(path) if path else {}
+    where = str(path) if path else "<defaults>"
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        try:
+            _check_keys(cls, extra, "command line")
+        except ConfigError:
+            raise
+        data = _deep_merge(data, extra)
+        where = f"{where} + command line" if path else "command line"
+    return validate_dict(cls, data, where)
+
+
+def save_config(config: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a stage's outputs."""
+    out = Path(out_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return out
+
+
+def config_help(cls: type[BaseModel], prefix: str = "") -> str:
+    """One line per field: `key (type, default): description` — used in `--help`."""
+    lines = []
+    for name, field in _model_fields(cls).items():
+        sub = _nested_model(field.annotation)
+        if sub is not None and sub is not cls:
+            lines.append(f"  {prefix}{name}: {field.description or ''}")
+            lines.append(config_help(sub, prefix=f"{prefix}{name}."))
+            continue
+        type_name = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        default = field.default if field.default_factory is None else field.default_factory()
+        lines.append(f"  --{prefix}{name}  ({type_name}, default {default!r}): {field.description or ''}")
+    return "\n".join(lines)

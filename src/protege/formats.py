@@ -1,0 +1,193 @@
+"""Converters between protege records and the formats the community uses.
+
+- Alpaca:   {"instruction", "input", "output"}
+- ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
+- OpenAI:   {"messages": [{"role", "content"}]}
+- anything `datasets` can load (parquet, csv, arrow, a saved dataset folder, a hub id when online)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from .records import Comparison, Conversation, Record, RecordError, check_messages, parse_record
+
+__all__ = [
+    "FORMATS",
+    "from_alpaca",
+    "to_alpaca",
+    "from_sharegpt",
+    "to_sharegpt",
+    "from_openai",
+    "to_openai",
+    "detect_format",
+    "convert_obj",
+    "iter_source",
+]
+
+FORMATS = ("alpaca", "sharegpt", "openai", "protege")
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                   "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
+_TO_SHAREGPT = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def from_alpaca(obj: dict[str, Any], source: str = "alpaca") -> Conversation:
+    """`instruction` (+ optional `input`, appended after a blank line) -> user; `output` -> assistant."""
+    for key in ("instruction", "output"):
+        if key not in obj:
+            raise RecordError(f"missing field `{key}` (Alpaca records need instruction and output)")
+    instruction, extra = obj["instruction"], obj.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(extra, str) or not isinstance(obj["output"], str):
+        raise RecordError("`instruction`, `input` and `output` must be strings")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    if obj.get("system"):
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return Conversation(check_messages(messages), id=str(obj.get("id") or ""), source=source,
+                        meta={k: v for k, v in obj.items() if k not in ("instruction", "input", "output", "id", "system")})
+
+
+def to_alpaca(conv: Conversation) -> dict[str, Any]:
+    """Single-turn conversations only: Alpaca has no place for a second turn."""
+    turns = [m for m in conv.messages if m["role"] != "system"]
+    if len(turns) != 2:
+        raise RecordError(f"record {conv.id}: Alpaca holds one user/assistant pair, this has {len(turns)} messages")
+    out = {"id": conv.id, "instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
+    if conv.system:
+        out["system"] = conv.system
+    return out
+
+
+def from_sharegpt(obj: dict[str, Any], source: str = "sharegpt") -> Conversation:
+    turns = obj.get("conversations", obj.get("conversation"))
+    if turns is None:
+        raise RecordError("missing field `conversations`")
+    if not isinstance(turns, list):
+        raise RecordError("`conversations`: expected a list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(f"`conversations[{i}]`: expected an object with `from` and `value`")
+        role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise RecordError(f"`conversations[{i}].from`: unknown speaker {turn['from']!r} (expected human, gpt or system)")
+        messages.append({"role": role, "content": turn["value"]})
+    meta = {k: v for k, v in obj.items() if k not in ("conversations", "conversation", "id")}
+    return Conversation(check_messages(messages, "conversations"), id=str(obj.get("id") or ""), source=source, meta=meta)
+
+
+def to_sharegpt(conv: Conversation) -> dict[str, Any]:
+    return {"id": conv.id, "conversations": [{"from": _TO_SHAREGPT[m["role"]], "value": m["content"]} for m in conv.messages]}
+
+
+def from_openai(obj: dict[str, Any], source: str = "openai") -> Conversation:
+    if "messages" not in obj:
+        raise RecordError("missing field `messages`")
+    messages = []
+    for i, m in enumerate(obj["messages"] if isinstance(obj["messages"], list) else []):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            # OpenAI content parts: keep the text parts, which is all a text model can use.
+            m = {**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
+        messages.append({"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m)
+    meta = {k: v for k, v in obj.items() if k not in ("messages", "id")}
+    return Conversation(check_messages(messages), id=str(obj.get("id") or ""), source=source, meta=meta)
+
+
+def to_openai(conv: Conversation) -> dict[str, Any]:
+    return {"messages": conv.messages}
+
+
+def detect_format(obj: dict[str, Any]) -> str:
+    """Guess a record's format from its keys."""
+    if "chosen" in obj and "rejected" in obj:
+        return "protege"
+    if "conversations" in obj or "conversation" in obj:
+        return "sharegpt"
+    if "instruction" in obj:
+        return "alpaca"
+    if "messages" in obj:
+        return "protege" if ("source" in obj or "meta" in obj) else "openai"
+    raise RecordError(f"cannot tell the format from keys {sorted(obj)[:8]}; expected messages, conversations or instruction/output")
+
+
+def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
+    """One decoded object in format `fmt` (or auto-detected) -> a validated record."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    if fmt == "auto":
+        fmt = detect_format(obj)
+    if fmt == "alpaca":
+        return from_alpaca(obj, source or "alpaca")
+    if fmt == "sharegpt":
+        return from_sharegpt(obj, source or "sharegpt")
+    if fmt == "openai":
+        return from_openai(obj, source or "openai")
+    if fmt == "protege":
+        rec = parse_record(obj)
+        if source and not rec.source:
+            rec.source = source
+        return rec
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, object) from JSONL, or from a JSON file holding a list of objects."""
+    with path.open("rb") as fh:
+        head = fh.read(64).lstrip()
+    if path.suffix == ".json" and head.startswith(b"["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecordError(f"bad JSON: {err}", str(path), 1) from None
+        for i, obj in enumerate(data, start=1):
+            yield i, obj
+        return
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError(f"invalid UTF-8 at byte {err.start}", str(path), lineno) from None
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"bad JSON: {err.msg} at column {err.colno}", str(path), lineno) from None
+
+
+def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str = "train") -> Iterator[Record]:
+    """Records from a JSON/JSONL file in any known format, or anything `datasets.load_dataset` reads.
+
+    Errors carry `file:line` (for JSON files) or the dataset row index.
+    """
+    path = Path(src)
+    label = source or path.stem
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        for lineno, obj in _iter_json_objects(path):
+            try:
+                yield convert_obj(obj, fmt, label)
+            except RecordError as err:
+                raise RecordError(err.problem, str(path), lineno) from None
+        return
+    import datasets  # heavy import, only when a non-JSON source is used
+
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    elif path.is_file():
+        builder = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}.get(path.suffix)
+        if builder is None:
+            raise RecordError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet, .csv, .arrow)")
+        ds = datasets.load_dataset(builder, data_files=str(path), split=split)
+    else:
+        ds = datasets.load_dataset(str(src), split=split)
+    for i, row in enumerate(ds):
+        try:
+            yield convert_obj(dict(row), fmt, label)
+        except RecordError as err:
+            raise RecordError(err.problem, str(src), i + 1) from None

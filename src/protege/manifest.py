@@ -1,0 +1,103 @@
+"""`manifest.json`: what a stage did, so outputs describe themselves and reruns can be skipped.
+
+A manifest holds the stage name, the resolved config, every input path with its
+sha256, the outputs, counts, wall seconds and package versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+__all__ = ["sha256_file", "sha256_path", "write_manifest", "read_manifest", "package_versions", "Timer"]
+
+_PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder (sorted relative names + file hashes)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(
+    out_dir: str | Path,
+    stage: str,
+    config: BaseModel | dict[str, Any] | None = None,
+    inputs: list[str | Path] | None = None,
+    outputs: list[str | Path] | None = None,
+    counts: dict[str, Any] | None = None,
+    seconds: float | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `out_dir/manifest.json` (atomically) and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config.model_dump(mode="json") if isinstance(config, BaseModel) else (config or {})
+    manifest = {
+        "stage": stage,
+        "config": cfg,
+        "inputs": [{"path": str(p), "sha256": sha256_path(p)} for p in (inputs or []) if Path(p).exists()],
+        "outputs": [str(p) for p in (outputs or [])],
+        "counts": counts or {},
+        "seconds": None if seconds is None else round(seconds, 3),
+        "versions": package_versions(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        manifest.update(extra)
+    path = out_dir / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / "manifest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`"""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start

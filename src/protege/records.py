@@ -1,0 +1,321 @@
+"""Conversation and Comparison records, validated streaming JSONL I/O.
+
+Record shapes (DESIGN.md "Records"):
+
+    Conversation: {"id", "messages": [{"role", "content"}], "source", "meta"}
+    Comparison:   {"id", "prompt": [messages], "chosen": {"role": "assistant", "content"},
+                   "rejected": {...}, "margin": float | null, "source", "meta"}
+
+A record keeps the `id` it came with; one without gets a stable content hash, so
+dedup, decontamination and provenance can refer to it across stages.
+Every line is validated on read. A bad line is either an error naming
+`file:line` and the problem, or (``skip_invalid=True``) goes to a rejected file
+with its reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Union
+
+__all__ = [
+    "Conversation",
+    "Comparison",
+    "Record",
+    "RecordError",
+    "ROLES",
+    "content_id",
+    "parse_record",
+    "read_records",
+    "RecordReader",
+    "write_records",
+    "JsonlWriter",
+    "validate_file",
+]
+
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that does not fit its schema. `str()` is `file:line: problem` when known."""
+
+    def __init__(self, problem: str, path: str | None = None, line: int | None = None):
+        self.problem = problem
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}: " if path is not None and line is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+def content_id(payload: Any) -> str:
+    """Stable 16-hex-digit id from the canonical JSON of a record's content."""
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]]
+    id: str = ""
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = content_id(self.messages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "messages": self.messages, "source": self.source, "meta": self.meta}
+
+    @property
+    def system(self) -> str | None:
+        return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else None
+
+    def first_user(self) -> str:
+        return next((m["content"] for m in self.messages if m["role"] == "user"), "")
+
+
+@dataclass
+class Comparison:
+    prompt: list[dict[str, str]]
+    chosen: dict[str, str]
+    rejected: dict[str, str]
+    margin: float | None = None
+    id: str = ""
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = content_id([self.prompt, self.chosen, self.rejected])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "margin": self.margin,
+            "source": self.source,
+            "meta": self.meta,
+        }
+
+
+Record = Union[Conversation, Comparison]
+
+
+def _check_message(msg: Any, where: str) -> dict[str, str]:
+    if not isinstance(msg, dict):
+        raise RecordError(f"{where}: expected an object with `role` and `content`, got {type(msg).__name__}")
+    if "role" not in msg:
+        raise RecordError(f"{where}: missing field `role`")
+    if "content" not in msg:
+        raise RecordError(f"{where}: missing field `content`")
+    role, content = msg["role"], msg["content"]
+    if role not in ROLES:
+        raise RecordError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if not isinstance(content, str):
+        raise RecordError(f"{where}.content: expected a string, got {type(content).__name__}")
+    if not content.strip():
+        raise RecordError(f"{where}.content: empty content")
+    return {"role": role, "content": content}
+
+
+def check_messages(messages: Any, field_name: str = "messages", require_assistant_last: bool = False) -> list[dict[str, str]]:
+    """Validate a message list: roles known, content non-empty, system only first, user/assistant alternate."""
+    if not isinstance(messages, list):
+        raise RecordError(f"`{field_name}`: expected a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise RecordError(f"`{field_name}`: no messages")
+    out = [_check_message(m, f"`{field_name}[{i}]`") for i, m in enumerate(messages)]
+    start = 1 if out[0]["role"] == "system" else 0
+    expected = "user"
+    for i in range(start, len(out)):
+        role = out[i]["role"]
+        if role == "system":
+            raise RecordError(f"`{field_name}[{i}]`: system message must come first")
+        if role != expected:
+            raise RecordError(f"`{field_name}[{i}]`: roles must alternate user/assistant, expected {expected!r}, got {role!r}")
+        expected = "assistant" if role == "user" else "user"
+    if start == len(out):
+        raise RecordError(f"`{field_name}`: only a system message, no user turn")
+    if require_assistant_last and out[-1]["role"] != "assistant":
+        raise RecordError(f"`{field_name}`: last message must be from the assistant for training")
+    return out
+
+
+def _check_meta(obj: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    rid = obj.get("id", "")
+    if rid is None:
+        rid = ""
+    if not isinstance(rid, (str, int)):
+        raise RecordError(f"`id`: expected a string, got {type(rid).__name__}")
+    source = obj.get("source", "") or ""
+    if not isinstance(source, str):
+        raise RecordError(f"`source`: expected a string, got {type(source).__name__}")
+    meta = obj.get("meta", {}) or {}
+    if not isinstance(meta, dict):
+        raise RecordError(f"`meta`: expected an object, got {type(meta).__name__}")
+    return str(rid), source, meta
+
+
+def parse_record(obj: Any, kind: str = "auto") -> Record:
+    """Turn a decoded JSON object into a validated Conversation or Comparison.
+
+    `kind` is "conversation", "comparison" or "auto" (decided by the fields present).
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    if kind == "auto":
+        kind = "comparison" if "chosen" in obj or "rejected" in obj else "conversation"
+    rid, source, meta = _check_meta(obj)
+    if kind == "conversation":
+        if "messages" not in obj:
+            raise RecordError("missing field `messages`")
+        return Conversation(messages=check_messages(obj["messages"]), id=rid, source=source, meta=meta)
+    if kind == "comparison":
+        for name in ("prompt", "chosen", "rejected"):
+            if name not in obj:
+                raise RecordError(f"missing field `{name}`")
+        prompt = check_messages(obj["prompt"], "prompt")
+        if prompt[-1]["role"] != "user":
+            raise RecordError("`prompt`: last message must be from the user")
+        chosen = _check_message(obj["chosen"], "`chosen`")
+        rejected = _check_message(obj["rejected"], "`rejected`")
+        for name, msg in (("chosen", chosen), ("rejected", rejected)):
+            if msg["role"] != "assistant":
+                raise RecordError(f"`{name}.role`: expected 'assistant', got {msg['role']!r}")
+        margin = obj.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise RecordError(f"`margin`: expected a number or null, got {margin!r}")
+        return Comparison(prompt, chosen, rejected, None if margin is None else float(margin), rid, source, meta)
+    raise ValueError(f"unknown record kind {kind!r}")
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            yield lineno, raw
+
+
+def _decode_line(raw: bytes, kind: str) -> Record | None:
+    """Parse one JSONL line; None for a blank line; RecordError (without location) otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecordError(f"invalid UTF-8 at byte {err.start}") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"bad JSON: {err.msg} at column {err.colno}") from None
+    return parse_record(obj, kind)
+
+
+class RecordReader:
+    """Iterate validated records of a JSONL file.
+
+    With ``skip_invalid=False`` the first bad line raises ``RecordError("file:line: ...")``.
+    With ``skip_invalid=True`` bad lines go to ``rejected_path`` (if given) as
+    ``{"file", "line", "reason", "raw"}`` and are counted in ``self.rejected``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: str = "auto",
+        skip_invalid: bool = False,
+        rejected_path: str | Path | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such file")
+        self.kind = kind
+        self.skip_invalid = skip_invalid
+        self.rejected_path = Path(rejected_path) if rejected_path else None
+        self.read = 0
+        self.rejected = 0
+
+    def __iter__(self) -> Iterator[Record]:
+        rejected_fh = None
+        try:
+            for lineno, raw in _iter_lines(self.path):
+                try:
+                    rec = _decode_line(raw, self.kind)
+                except RecordError as err:
+                    if not self.skip_invalid:
+                        raise RecordError(err.problem, str(self.path), lineno) from None
+                    self.rejected += 1
+                    if self.rejected_path is not None:
+                        if rejected_fh is None:
+                            self.rejected_path.parent.mkdir(parents=True, exist_ok=True)
+                            rejected_fh = self.rejected_path.open("a", encoding="utf-8")
+                        entry = {"file": str(self.path), "line": lineno, "reason": err.problem,
+                                 "raw": raw.decode("utf-8", errors="replace").rstrip("\n")}
+                        rejected_fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    continue
+                if rec is not None:
+                    self.read += 1
+                    yield rec
+        finally:
+            if rejected_fh is not None:
+                rejected_fh.close()
+
+
+def read_records(path: str | Path, kind: str = "auto", skip_invalid: bool = False,
+                 rejected_path: str | Path | None = None) -> Iterator[Record]:
+    """Stream validated records from a JSONL file (see `RecordReader`)."""
+    return iter(RecordReader(path, kind, skip_invalid, rejected_path))
+
+
+def validate_file(path: str | Path, kind: str = "auto") -> tuple[int, list[RecordError]]:
+    """Check every line; return (number of good records, errors with file:line)."""
+    good, errors = 0, []
+    for lineno, raw in _iter_lines(Path(path)):
+        try:
+            if _decode_line(raw, kind) is not None:
+                good += 1
+        except RecordError as err:
+            errors.append(RecordError(err.problem, str(path), lineno))
+    return good, errors
+
+
+class JsonlWriter:
+    """Append-safe JSONL writer: one record per line, flushed per write so a killed run keeps whole lines."""
+
+    def __init__(self, path: str | Path, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        self.written = 0
+
+    def write(self, record: Record | dict[str, Any]) -> None:
+        obj = record.to_dict() if hasattr(record, "to_dict") else record
+        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        self.written += 1
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def write_records(path: str | Path, records: Iterable[Record | dict[str, Any]]) -> int:
+    """Write records to a JSONL file (atomically: a temp file renamed at the end); return the count."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with JsonlWriter(tmp) as w:
+        for rec in records:
+            w.write(rec)
+        n = w.written
+    tmp.replace(path)
+    return n

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny seeded models (no network), an isolated PROTEGE_HOME, built-in model gate."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: nothing may reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from protege.models import tiny_model
+
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma():
+    from protege.models import tiny_model
+
+    return tiny_model("gemma", seed=0)
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path, tiny_llama):
+    """The tiny LLaMA saved as an HF folder, for code that loads models by path."""
+    model, tok = tiny_llama
+    out = tmp_path / "tiny-llama"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def builtin_model(alias: str) -> str:
+    """Skip unless the built-in alias was pulled (CI pulls them before the tests; see .ci/run)."""
+    from protege.models import is_pulled
+
+    if not is_pulled(alias):
+        pytest.skip(f"built-in model {alias} not pulled; run `protege pull {alias}` (CI does)")
+    return alias
+
+
+@pytest.fixture()
+def shared_data():
+    if not SHARED_DATA.exists():
+        pytest.skip(f"public benchmark files not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def chromium_path() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not path:
+        pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver; CI does)")
+    return path
