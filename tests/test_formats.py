@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from protege.formats import (from_alpaca, from_openai, from_sharegpt, iter_source, to_alpaca, to_openai,
+                             to_sharegpt)
+from protege.records import Conversation, RecordError, read_records
+
+
+def test_alpaca_round_trip():
+    conv = from_alpaca({"instruction": "Summarise.", "input": "Long text.", "output": "Short."})
+    assert conv.messages == [{"role": "user", "content": "Summarise.\n\nLong text."},
+                             {"role": "assistant", "content": "Short."}]
+    back = to_alpaca(conv)
+    assert back["instruction"] == "Summarise.\n\nLong text." and back["output"] == "Short."
+    multi = Conversation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
+    with pytest.raises(RecordError, match="one user/assistant pair"):
+        to_alpaca(multi)
+
+
+def test_sharegpt_round_trip_and_roles():
+    obj = {"id": "sg1", "conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
+                                          {"from": "gpt", "value": "hello"}]}
+    conv = from_sharegpt(obj)
+    assert conv.id == "sg1" and [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
+    assert to_sharegpt(conv)["conversations"] == obj["conversations"]
+    with pytest.raises(RecordError, match="unknown speaker 'alien'"):
+        from_sharegpt({"conversations": [{"from": "alien", "value": "x"}]})
+    with pytest.raises(RecordError, match="alternate"):
+        from_sharegpt({"conversations": [{"from": "gpt", "value": "x"}]})
+
+
+def test_openai_content_parts():
+    conv = from_openai({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]})
+    assert conv.messages[0]["content"] == "hi there"
+    assert to_openai(conv) == {"messages": conv.messages}
+
+
+def test_iter_source_reports_line(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
+    with pytest.raises(RecordError, match=rf"{path}:2: missing field `output`"):
+        list(iter_source(path, "alpaca"))
+
+
+def test_iter_source_json_list_and_parquet(tmp_path):
+    rows = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(3)]
+    jpath = tmp_path / "alpaca.json"
+    jpath.write_text(json.dumps(rows))
+    assert [r.messages[1]["content"] for r in iter_source(jpath)] == ["answer 0", "answer 1", "answer 2"]
+    import datasets
+
+    ppath = tmp_path / "alpaca.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(ppath))
+    recs = list(iter_source(ppath))
+    assert len(recs) == 3 and recs[0].source == "alpaca"
+
+
+def test_cli_convert(tmp_path):
+    src = tmp_path / "sg.jsonl"
+    src.write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "convert", "--from", "sharegpt", str(src), str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = list(read_records(out))
+    assert rec.source == "sg" and rec.messages[1]["content"] == "a"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "convert", str(bad), str(tmp_path / "o2.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and f"{bad}:1: bad JSON" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o2.jsonl").exists()
+
+
+def test_cli_stats(tmp_path, tiny_llama_dir):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "user", "content": "two plus three"}, {"role": "assistant", "content": "five"}]}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "stats", str(src), "--model", str(tiny_llama_dir), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    assert stats["records"] == 1 and stats["per_role"]["user"]["chars"] == len("two plus three")
+    assert stats["per_role"]["assistant"]["tokens"] >= 1
