@@ -1,0 +1,34 @@
+"""`protege run RECIPE.yaml` (and `protege sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+ORDER = 1
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a recipe: stages in order, finished ones skipped, killed ones resumed",
+                       description="Run a recipe (YAML listing stages and their configs). Outputs go to "
+                                   "<runs_dir>/<name>/<NN-stage>/ with a manifest each.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+    p.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and every later one")
+    p.add_argument("--only", default=None, help="run only this stage")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage's config (repeatable), e.g. --set sft.max_steps=10")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..pipeline import format_summary, load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.sets)
+    rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only)
+    print(format_summary(rows))
+    for row in rows:
+        for key in ("report_html", "report", "html"):
+            if isinstance(row["result"], dict) and key in row["result"]:
+                print(f"\nreport: {row['result'][key]}")
+    return 0

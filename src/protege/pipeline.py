@@ -1,0 +1,256 @@
+"""`protege run RECIPE.yaml`: run stages in order, each in `runs/<name>/<NN-stage>/`, skipping finished ones.
+
+A recipe names its stages; each stage has a `kind` (which stage function) and a
+`config` (that stage's typed config, minus `out_dir`, which the runner sets).
+A string anywhere in a config may refer to an earlier stage's folder as
+`${stage_name}`, e.g. `prompts: ${selfinstruct}/records.jsonl`.
+
+Skipping and resuming. Each stage gets a fingerprint: its kind, its resolved
+config, the fingerprints of the stages it refers to, and the sha256 of any
+other input files it names. A stage whose folder holds a completion marker with
+the same fingerprint is skipped, so rerunning a finished recipe takes seconds.
+A stage that was killed mid-way has a *start* marker but no completion marker:
+rerun with the same fingerprint, its folder is kept and the stage resumes from
+its own progress (generation cache, training checkpoint). If the fingerprint
+changed, the stale folder is cleared first, so a new config never resumes from
+old partial work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from .config import ConfigError, StageConfig, parse_overrides, read_yaml, validate_dict
+from .manifest import sha256_file
+
+__all__ = ["Recipe", "StageSpec", "STAGE_KINDS", "run_recipe", "load_recipe", "stage_kind"]
+
+# kind -> "module:ConfigClass:run_function". Stages talk through files only; the runner
+# needs nothing from them but these two names.
+STAGE_KINDS: dict[str, str] = {
+    "pull": "protege.pipeline:PullConfig:run_pull",
+    "generate.self-instruct": "protege.generate.selfinstruct:SelfInstructConfig:run",
+    "generate.distill": "protege.generate.distill:DistillConfig:run",
+    "generate.orca": "protege.generate.orca:OrcaConfig:run",
+    "generate.self-chat": "protege.generate.selfchat:SelfChatConfig:run",
+    "curate": "protege.curate:CurateConfig:run",
+    "train.sft": "protege.train.sft:SFTConfig:run",
+    "eval.bench": "protege.evaluate.bench:BenchConfig:run",
+    "eval.answer": "protege.evaluate.judge:AnswerConfig:run_answers",
+    "eval.judge": "protege.evaluate.judge:JudgeConfig:run",
+    "report": "protege.evaluate.report:ReportConfig:run",
+}
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+_HASH_LIMIT = 256 << 20  # inputs larger than this are fingerprinted by size + mtime, not content
+
+
+class PullConfig(StageConfig):
+    aliases: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"],
+                               description="built-in model aliases to fetch and convert")
+    out_dir: str = Field("", description="set by the runner")
+
+
+def run_pull(config: PullConfig) -> dict[str, Any]:
+    from .manifest import write_manifest
+    from .models import pull
+
+    t0 = time.time()
+    paths = {name: str(pull(name)) for name in config.aliases}
+    write_manifest(config.out_dir, "pull", config, outputs=list(paths.values()), counts={"models": len(paths)},
+                   seconds=time.time() - t0, extra={"models": paths})
+    return {"models": len(paths)}
+
+
+class StageSpec(StageConfig):
+    name: str = Field(..., description="stage name, unique in the recipe; used in ${name} references")
+    kind: str = Field(..., description=f"what runs: one of {', '.join(STAGE_KINDS)}")
+    config: dict[str, Any] = Field(default_factory=dict, description="the stage's own config (see `protege <stage> --help`)")
+
+
+class Recipe(StageConfig):
+    name: str = Field(..., description="run name: outputs go to <runs_dir>/<name>/")
+    description: str = Field("", description="what this recipe does")
+    runs_dir: str = Field("runs", description="parent folder of all runs")
+    stages: list[StageSpec] = Field(..., description="stages, run in order")
+
+
+def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
+    if kind not in STAGE_KINDS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, list(STAGE_KINDS), n=1)
+        hint = f" — did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"unknown stage kind `{kind}`{hint} (known: {', '.join(STAGE_KINDS)})")
+    module, cls_name, fn_name = STAGE_KINDS[kind].split(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, cls_name), getattr(mod, fn_name)
+
+
+def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
+    """Read a recipe; `sets` are `stage.key=value` overrides of a stage's config (or `name=...` of the recipe)."""
+    data = read_yaml(path)
+    recipe = validate_dict(Recipe, data, str(path))
+    names = [s.name for s in recipe.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: stage names must be unique, got {names}")
+    for key, value in parse_overrides(sets or []).items():
+        if key in Recipe.model_fields and key != "stages":
+            setattr(recipe, key, value)
+            continue
+        stage = next((s for s in recipe.stages if s.name == key), None)
+        if stage is None or not isinstance(value, dict):
+            raise ConfigError(f"--set {key}...: no stage named `{key}` (stages: {', '.join(names)})")
+        stage.config = _deep_merge(stage.config, value)
+    return recipe
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str) -> Any:
+    if isinstance(value, str):
+        def repl(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in dirs:
+                raise ConfigError(f"{where}: `${{{name}}}` does not name an earlier stage (earlier: {', '.join(dirs) or 'none'})")
+            refs.add(name)
+            return str(dirs[name])
+        return _REF.sub(repl, value)
+    if isinstance(value, list):
+        return [_substitute(v, dirs, refs, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, dirs, refs, where) for k, v in value.items()}
+    return value
+
+
+def _input_files(value: Any, run_dir: Path) -> list[Path]:
+    """Existing files named in a config that do not live in this run (user data: hash them)."""
+    found: list[Path] = []
+    if isinstance(value, str) and len(value) < 4096 and ("/" in value or value.endswith((".jsonl", ".json", ".yaml"))):
+        p = Path(value)
+        if p.is_file() and run_dir.resolve() not in p.resolve().parents:
+            found.append(p)
+    elif isinstance(value, list):
+        for v in value:
+            found += _input_files(v, run_dir)
+    elif isinstance(value, dict):
+        for v in value.values():
+            found += _input_files(v, run_dir)
+    return found
+
+
+def _file_fingerprint(p: Path) -> str:
+    st = p.stat()
+    return sha256_file(p) if st.st_size <= _HASH_LIMIT else f"size={st.st_size},mtime={st.st_mtime_ns}"
+
+
+def _fingerprint(kind: str, config: dict[str, Any], upstream: list[str], files: list[Path]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"kind": kind, "config": config, "upstream": upstream}, sort_keys=True, default=str).encode())
+    for f in sorted(files):
+        h.update(str(f).encode())
+        h.update(_file_fingerprint(f).encode())
+    return h.hexdigest()
+
+
+def _log(msg: str) -> None:
+    print(f"[protege run] {msg}", file=sys.stderr, flush=True)
+
+
+def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
+    """Run (or skip) every stage; return one summary row per stage."""
+    names = [s.name for s in recipe.stages]
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
+    run_dir = Path(recipe.runs_dir) / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dirs: dict[str, Path] = {}
+    fingerprints: dict[str, str] = {}
+    forced = False
+    rows: list[dict[str, Any]] = []
+    for index, spec in enumerate(recipe.stages, start=1):
+        stage_dir = run_dir / f"{index:02d}-{spec.name}"
+        refs: set[str] = set()
+        where = f"recipe {recipe.name}, stage {spec.name}"
+        resolved = _substitute(spec.config, dirs, refs, where)
+        dirs[spec.name] = stage_dir
+        config_cls, run_fn = stage_kind(spec.kind)
+        config = validate_dict(config_cls, {**resolved, "out_dir": str(stage_dir)}, where)
+        fp = _fingerprint(spec.kind, config.model_dump(mode="json"), [fingerprints[r] for r in sorted(refs)],
+                          _input_files(resolved, run_dir))
+        fingerprints[spec.name] = fp
+        forced = forced or spec.name == from_stage
+        if only is not None and spec.name != only:
+            rows.append(_row(spec, "not selected", stage_dir))
+            continue
+        done = _read_marker(stage_dir / ".protege_done.json")
+        if done and done.get("fingerprint") == fp and not forced and only is None:
+            _log(f"{spec.name}: unchanged since last run, skipped ({stage_dir})")
+            rows.append(_row(spec, "skipped", stage_dir, done))
+            continue
+        started = _read_marker(stage_dir / ".protege_started.json")
+        if stage_dir.exists() and (forced or (started or done or {}).get("fingerprint") != fp):
+            _log(f"{spec.name}: config or inputs changed; clearing {stage_dir}")
+            shutil.rmtree(stage_dir)
+        elif started:
+            _log(f"{spec.name}: resuming an interrupted run in {stage_dir}")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / ".protege_done.json").unlink(missing_ok=True)
+        _write_marker(stage_dir / ".protege_started.json", {"fingerprint": fp, "kind": spec.kind})
+        _log(f"{spec.name}: running {spec.kind} -> {stage_dir}")
+        t0 = time.time()
+        result = run_fn(config) or {}
+        seconds = time.time() - t0
+        marker = {"fingerprint": fp, "kind": spec.kind, "seconds": round(seconds, 1), "result": _jsonable(result)}
+        _write_marker(stage_dir / ".protege_done.json", marker)
+        rows.append(_row(spec, "ran", stage_dir, marker))
+    (run_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    return rows
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _row(spec: StageSpec, status: str, stage_dir: Path, marker: dict[str, Any] | None = None) -> dict[str, Any]:
+    marker = marker or {}
+    return {"stage": spec.name, "kind": spec.kind, "status": status, "seconds": marker.get("seconds"),
+            "dir": str(stage_dir), "result": marker.get("result", {})}
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_marker(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'stage':<16} {'kind':<24} {'status':<13} {'seconds':>8}  result"]
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        result = ", ".join(f"{k}={v}" for k, v in list((r["result"] or {}).items())[:5] if not isinstance(v, (dict, list)))
+        lines.append(f"{r['stage']:<16} {r['kind']:<24} {r['status']:<13} {secs:>8}  {result}")
+    return "\n".join(lines)

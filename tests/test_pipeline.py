@@ -1,0 +1,124 @@
+"""The recipe runner with two small stages defined here (real files, real subprocess kill)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from protege import pipeline
+from protege.config import ConfigError, StageConfig
+
+
+class CountConfig(StageConfig):
+    out_dir: str = Field("", description="output folder")
+    n: int = Field(5, description="how many lines to write")
+    sleep: float = Field(0.0, description="seconds per line (to be killable)")
+
+
+def run_count(config: CountConfig) -> dict:
+    """Writes n lines, one per step, resuming after the lines already there (like a real stage)."""
+    out = Path(config.out_dir) / "lines.txt"
+    have = out.read_text().splitlines() if out.exists() else []
+    with out.open("a") as fh:
+        for i in range(len(have), config.n):
+            time.sleep(config.sleep)
+            fh.write(f"{i}\n")
+            fh.flush()
+    return {"lines": config.n, "resumed_from": len(have)}
+
+
+class SumConfig(StageConfig):
+    out_dir: str = Field("", description="output folder")
+    src: str = Field(..., description="file of numbers")
+
+
+def run_sum(config: SumConfig) -> dict:
+    total = sum(int(x) for x in Path(config.src).read_text().split())
+    (Path(config.out_dir) / "sum.txt").write_text(str(total))
+    return {"sum": total}
+
+
+@pytest.fixture(autouse=True)
+def _kinds(monkeypatch):
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.count", "test_pipeline:CountConfig:run_count")
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.sum", "test_pipeline:SumConfig:run_sum")
+
+
+def _recipe(tmp_path, n=5, sleep=0.0):
+    text = f"""
+name: demo
+runs_dir: {tmp_path / 'runs'}
+stages:
+  - name: count
+    kind: test.count
+    config: {{n: {n}, sleep: {sleep}}}
+  - name: total
+    kind: test.sum
+    config: {{src: "${{count}}/lines.txt"}}
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_runs_then_skips_then_reruns_changed(tmp_path):
+    path = _recipe(tmp_path)
+    rows = pipeline.run_recipe(pipeline.load_recipe(path))
+    assert [r["status"] for r in rows] == ["ran", "ran"] and rows[1]["result"]["sum"] == 10
+    rows = pipeline.run_recipe(pipeline.load_recipe(path))
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    # a changed upstream config reruns it and everything that refers to it
+    rows = pipeline.run_recipe(pipeline.load_recipe(path, ["count.n=6"]))
+    assert [r["status"] for r in rows] == ["ran", "ran"] and rows[1]["result"]["sum"] == 15
+    assert rows[0]["result"]["resumed_from"] == 0  # stale folder was cleared, not resumed
+    rows = pipeline.run_recipe(pipeline.load_recipe(path, ["count.n=6"]), only="total")
+    assert [r["status"] for r in rows] == ["not selected", "ran"]
+    rows = pipeline.run_recipe(pipeline.load_recipe(path, ["count.n=6"]), from_stage="total")
+    assert [r["status"] for r in rows] == ["skipped", "ran"]
+
+
+def test_recipe_errors(tmp_path):
+    path = _recipe(tmp_path)
+    with pytest.raises(ConfigError, match="no stage named `cnt`"):
+        pipeline.load_recipe(path, ["cnt.n=3"])
+    with pytest.raises(ConfigError, match="did you mean `n`"):
+        pipeline.run_recipe(pipeline.load_recipe(path, ["count.nn=3"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  - name: a\n    kind: test.cuont\n")
+    with pytest.raises(ConfigError, match="did you mean `test.count`"):
+        pipeline.run_recipe(pipeline.load_recipe(bad))
+    bad.write_text("name: x\nstages:\n  - name: a\n    kind: test.sum\n    config: {src: '${later}/x'}\n")
+    with pytest.raises(ConfigError, match="does not name an earlier stage"):
+        pipeline.run_recipe(pipeline.load_recipe(bad))
+
+
+def test_killed_stage_resumes(tmp_path):
+    """kill -9 in the middle of a stage; the rerun keeps its partial output and finishes it."""
+    path = _recipe(tmp_path, n=40, sleep=0.05)
+    code = ("import sys; sys.path.insert(0, %r); from protege.cli import main; from protege import pipeline; "
+            "pipeline.STAGE_KINDS['test.count']='test_pipeline:CountConfig:run_count'; "
+            "pipeline.STAGE_KINDS['test.sum']='test_pipeline:SumConfig:run_sum'; sys.exit(main(['run', %r]))"
+            % (str(Path(__file__).parent), str(path)))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    lines = tmp_path / "runs" / "demo" / "01-count" / "lines.txt"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 10):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(lines.read_text().splitlines())
+    assert 10 <= partial < 40
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming an interrupted run" in proc.stderr
+    assert lines.read_text().split() == [str(i) for i in range(40)]
+    summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
+    assert summary[0]["result"]["resumed_from"] == partial and summary[1]["result"]["sum"] == sum(range(40))
