@@ -1,0 +1,116 @@
+"""Training losses as pure functions of tensors (DESIGN.md "Training": one function per loss).
+
+`sft_loss` is the language-modelling loss of supervised fine-tuning, computed only
+where there is a label. It never builds the full (B, T, V) logits tensor: Gemma-3's
+262K-token LM head makes those 1 GB per 1K tokens and most of the CPU time, while
+typically half of the tokens of a chat batch are prompt tokens that carry no label.
+Instead the hidden states of labelled positions are gathered and pushed through the
+LM head chunk by chunk by `linear_cross_entropy`, which also computes the gradient
+during the forward pass (the "fused linear cross-entropy" trick), so a chunk's
+logits are freed as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy"]
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i w_i * CE(softcap(h_i @ W.T), y_i), with both gradients computed in forward, chunk by chunk.
+
+    The gradient of CE wrt the logits is softmax - onehot; with Gemma's final soft-capping
+    `c * tanh(z / c)` it is multiplied by the derivative 1 - tanh^2. Storing grad_h (N, H)
+    instead of the logits (N, V) is what keeps memory flat.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, softcap, chunk_size):  # type: ignore[override]
+        n = hidden.shape[0]
+        need_w = weight.requires_grad
+        need_h = hidden.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in >= float32 even under bf16
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        total = hidden.new_zeros((), dtype=acc)
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size]
+            y = targets[start:start + chunk_size]
+            w = weights[start:start + chunk_size].to(acc)
+            z = (h @ weight.t()).to(acc)  # (n_chunk, V): the only logits that ever exist
+            if softcap is not None:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            lse = torch.logsumexp(z, dim=-1)
+            total = total + ((lse - z.gather(1, y[:, None]).squeeze(1)) * w).sum()
+            if need_h or need_w:
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in place: z is not needed any more
+                g[torch.arange(len(y)), y] -= 1.0
+                if softcap is not None:
+                    g.mul_(1.0 - t * t)
+                g.mul_(w[:, None])
+                g = g.to(weight.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = g @ weight
+                if need_w:
+                    grad_w.addmm_(g.t().to(acc), h.to(acc))
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.need = (need_h, need_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.need
+        gh = saved.pop(0) * grad_out.to(ctx.weight_dtype) if need_h else None
+        gw = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_w else None
+        return gh, gw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor | None = None, softcap: float | None = None,
+                         chunk_size: int = 256) -> torch.Tensor:
+    """Weighted sum of cross-entropies of `hidden (N, H) @ weight (V, H).T` against `targets (N,)`.
+
+    Memory holds at most `chunk_size x V` logits at a time. `weights (N,)` scale each token's
+    loss (default 1). `softcap` applies Gemma's `final_logit_softcapping`.
+    """
+    if weights is None:
+        weights = torch.ones(hidden.shape[0], device=hidden.device)
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (DDP expects every parameter used)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk_size)
+
+
+def sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+             normalizer: float | torch.Tensor | None = None, softcap: float | None = None,
+             chunk_size: int = 256) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, logits computed only there.
+
+    hidden: (B, T, H) final hidden states (after the final norm); labels: (B, T), already
+    shifted (labels[b, t] is the token to predict *after* position t) with IGNORE_INDEX on
+    positions without a label (prompt tokens, padding, conversation ends). `normalizer` is
+    the number of labelled tokens the mean is over (default: those in this batch); pass the
+    count of the whole optimizer step so gradient accumulation and data-parallel ranks give
+    exactly the token-weighted mean of one big batch.
+    """
+    flat = labels.reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (N_labelled, H)
+    total = linear_cross_entropy(h, lm_head_weight, flat.index_select(0, keep), softcap=softcap,
+                                 chunk_size=chunk_size)
+    if normalizer is None:
+        normalizer = max(int(keep.numel()), 1)
+    return total / normalizer
+
+
+def full_logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The textbook loss on full (B, T, V) logits with shifted labels: the reference `sft_loss` must match."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
