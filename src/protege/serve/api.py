@@ -1,0 +1,367 @@
+"""OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/models, /health, the chat page.
+
+The model's ChatFormat renders the messages, so the server feeds exactly the tokens training saw
+for the same history. Every error uses OpenAI's JSON shape
+`{"error": {"message", "type", "param", "code"}}` so OpenAI clients surface the message as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .scheduler import Request as GenRequest
+from .scheduler import Scheduler
+
+__all__ = ["create_app", "APIError", "ChatCompletionRequest"]
+
+WEB_DIR = Path(__file__).parent / "web"
+ROLES = ("system", "user", "assistant")
+MAX_N = 16
+MAX_STOP = 16
+# The page may only run our own script and style files: model output that slipped past the escaping
+# would still not execute (defence in depth; the escaping in app.js is the first line).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's request we honour; other OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message]
+    temperature: float = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
+    top_p: float = 1.0
+    top_k: int = Field(0, description="extension (vLLM/llama.cpp): keep the k most likely tokens; 0 = off")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_error(err: ValidationError | RequestValidationError) -> APIError:
+    first = err.errors()[0]
+    param = _loc(tuple(first.get("loc", ())))
+    return APIError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None)
+
+
+def _message_text(msg: Message, i: int) -> str:
+    """OpenAI content is a string or a list of parts; we take the text parts (no images here)."""
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    texts = []
+    for part in msg.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, got type "
+                                f"{part.get('type')!r}", param=f"messages[{i}].content")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _context_length(engine: Any) -> int:
+    for obj, attr in ((engine, "max_context"), (getattr(engine, "model", None), "config")):
+        value = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(value, int):
+            return value
+        if value is not None and isinstance(getattr(value, "max_position_embeddings", None), int):
+            return value.max_position_embeddings
+    return 4096
+
+
+class _Server:
+    """Request handling shared by the routes; holds the engine's scheduler."""
+
+    def __init__(self, engine: Any, model_name: str, max_batch: int, context_length: int | None,
+                 default_max_tokens: int):
+        self.engine = engine
+        self.model_name = model_name
+        self.scheduler = Scheduler(engine, max_batch=max_batch)
+        self.context_length = context_length or _context_length(engine)
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def prepare(self, body: dict[str, Any]) -> tuple[ChatCompletionRequest, list[int], Any]:
+        """Validate a request body; return it, the prompt ids and the engine's SamplingParams."""
+        from ..chat import ChatTemplateError
+        from ..engine import SamplingParams
+
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+        if not req.messages:
+            raise APIError(400, "messages is empty: send at least one user message", param="messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role  # newer OpenAI clients say "developer"
+            if role not in ROLES:
+                raise APIError(400, f"messages[{i}].role is {m.role!r}; expected one of "
+                                    f"{', '.join(ROLES)}", param=f"messages[{i}].role")
+            messages.append({"role": role, "content": _message_text(m, i)})
+        if not 0.0 <= req.temperature <= 2.0:
+            raise APIError(400, f"temperature is {req.temperature}; expected 0..2", param="temperature")
+        if not 0.0 < req.top_p <= 1.0:
+            raise APIError(400, f"top_p is {req.top_p}; expected a number in (0, 1]", param="top_p")
+        if req.top_k < 0:
+            raise APIError(400, f"top_k is {req.top_k}; expected >= 0 (0 = off)", param="top_k")
+        if not 1 <= req.n <= MAX_N:
+            raise APIError(400, f"n is {req.n}; expected 1..{MAX_N}", param="n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOP}", param="stop")
+        try:
+            prompt_ids = self.engine.chat_format.encode_prompt(messages)
+        except ChatTemplateError as err:
+            raise APIError(400, f"messages: {err}", param="messages") from None
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is "
+                                f"{self.context_length} tokens, leaving no room for an answer. Shorten "
+                                "the messages.", param="messages", code="context_length_exceeded")
+        name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, room)
+        elif not 1 <= max_tokens <= room:
+            raise APIError(400, f"{name} is {max_tokens}; expected 1..{room} (context {self.context_length} "
+                                f"tokens minus the {len(prompt_ids)}-token prompt)", param=name)
+        stop_strings = [s for s in stop if s] + [s for s in self.engine.chat_format.stop_strings if s not in stop]
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                top_k=req.top_k, stop=stop_strings, seed=req.seed)
+        return req, prompt_ids, params
+
+    def submit(self, prompt_ids: list[int], params: Any, n: int) -> tuple[list[GenRequest], asyncio.Queue]:
+        """Submit the n choices sharing one event queue; choice i gets seed + i so they differ."""
+        from dataclasses import replace
+
+        events: asyncio.Queue = asyncio.Queue()
+        reqs = []
+        for i in range(n):
+            p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+            reqs.append(self.scheduler.submit(prompt_ids, p, events))
+        return reqs, events
+
+    # ---- responses -----------------------------------------------------------------------------
+
+    async def complete(self, http: Request, req: ChatCompletionRequest, prompt_ids: list[int],
+                       params: Any) -> JSONResponse:
+        reqs, events = self.submit(prompt_ids, params, req.n)
+        index = {r.id: i for i, r in enumerate(reqs)}
+        texts = [""] * req.n
+        finals: list[Any] = [None] * req.n
+        open_ = req.n
+        try:
+            while open_:
+                try:
+                    r, item = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return JSONResponse({}, status_code=499)  # nobody is listening; finally cancels
+                    continue
+                if isinstance(item, Exception):
+                    raise APIError(500, f"generation failed: {item}", type="server_error")
+                if item is None:
+                    open_ -= 1
+                    continue
+                texts[index[r.id]] += item.text_delta
+                if item.finished is not None:
+                    finals[index[r.id]] = item.finished
+        finally:
+            for r in reqs:
+                self.scheduler.cancel(r)
+        choices, completion_tokens = [], 0
+        for i, fin in enumerate(finals):
+            text = fin.text if fin is not None else texts[i]
+            completion_tokens += fin.completion_tokens if fin is not None else 0
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": None, "finish_reason": fin.finish_reason if fin else "stop"})
+        return JSONResponse({
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model_name, "system_fingerprint": None, "choices": choices,
+            "usage": self._usage(len(prompt_ids), completion_tokens)})
+
+    async def stream(self, req: ChatCompletionRequest, prompt_ids: list[int], params: Any) -> AsyncIterator[str]:
+        """SSE in OpenAI's chunk format; the `finally` cancels generation when the client disconnects."""
+        reqs, events = self.submit(prompt_ids, params, req.n)
+        index = {r.id: i for i, r in enumerate(reqs)}
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "system_fingerprint": None, "choices": choices, **extra}
+            if include_usage and "usage" not in body:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        completion_tokens, open_ = 0, req.n
+        try:
+            for i in range(req.n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            while open_:
+                r, item = await events.get()
+                i = index[r.id]
+                if isinstance(item, Exception):
+                    err = APIError(500, f"generation failed: {item}", type="server_error")
+                    yield f"data: {json.dumps(err.body())}\n\n"
+                    break
+                if item is None:
+                    open_ -= 1
+                    continue
+                if item.text_delta:
+                    yield chunk([{"index": i, "delta": {"content": item.text_delta}, "logprobs": None,
+                                  "finish_reason": None}])
+                if item.finished is not None:
+                    completion_tokens += item.finished.completion_tokens
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None,
+                                  "finish_reason": item.finished.finish_reason}])
+            if include_usage:
+                yield chunk([], usage=self._usage(len(prompt_ids), completion_tokens))
+            yield "data: [DONE]\n\n"
+        finally:
+            for r in reqs:
+                self.scheduler.cancel(r)
+
+    @staticmethod
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+
+def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 16,
+               context_length: int | None = None, default_max_tokens: int = 1024) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`.
+
+    `api_key`: when set, /v1/* requires `Authorization: Bearer <key>` (401 otherwise); /health and the
+    page stay open. `max_batch`: most requests decoded together (continuous batching); more wait.
+    `context_length`: defaults to the model config's max_position_embeddings.
+    """
+    engine_cap = getattr(engine, "max_batch_size", None)
+    if isinstance(engine_cap, int) and engine_cap > 0:
+        max_batch = min(max_batch, engine_cap)
+    server = _Server(engine, model_name, max_batch, context_length, default_max_tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.scheduler.start()
+        yield
+        await asyncio.to_thread(server.scheduler.stop)
+
+    app = FastAPI(title="protege", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    app.state.scheduler = server.scheduler
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_error(err).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return APIError(err.status_code, str(err.detail), type=kind).response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not given:
+                return APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                                code="invalid_api_key").response()
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return APIError(401, "incorrect API key", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        s = server.scheduler.stats
+        return {"status": "ok", "model": model_name, "active": s.active, "waiting": s.waiting,
+                "finished": s.finished, "cancelled": s.cancelled, "max_batch": server.scheduler.max_batch}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
+                                            "owned_by": "protege", "context_length": server.context_length}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"could not parse the request body as JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        req, prompt_ids, params = server.prepare(body)
+        if req.stream:
+            return StreamingResponse(server.stream(req, prompt_ids, params), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await server.complete(request, req, prompt_ids, params)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app

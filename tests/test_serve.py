@@ -1,0 +1,224 @@
+"""`protege serve` over a real uvicorn server on 127.0.0.1, driven by the official `openai` client.
+
+The tiny random LLaMA stands in for a real model: its greedy text is arbitrary but deterministic, so
+"the server returns exactly what the engine returns" is a sharp check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from protege.engine import Engine, SamplingParams  # noqa: E402
+from protege.serve import background_server, create_app  # noqa: E402
+
+PROMPTS = [f"Question {i}: what is {i} plus {i + 1}?" for i in range(32)]
+
+
+class PacedEngine(Engine):
+    """The real engine, slowed to one decode step per `delay` seconds so a test can act mid-reply."""
+
+    delay = 0.02
+
+    def step(self):  # type: ignore[override]
+        time.sleep(self.delay)
+        return super().step()
+
+
+def reference(model, tok, messages, **kw):
+    """What the engine itself answers (a separate Engine: the server's one lives on its own thread)."""
+    eng = Engine(model, tok)
+    ids = eng.chat_format.encode_prompt(messages)
+    return eng.generate([ids], SamplingParams(**kw))[0], len(ids)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    model, tok = tiny_llama
+    app = create_app(Engine(model, tok, max_batch_size=32), "tiny-llama", max_batch=32)
+    with background_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_non_streaming_equals_engine_greedy(client, tiny_llama):
+    expected, n_prompt = reference(*tiny_llama, user("Name the capital of France."), max_new_tokens=24)
+    out = client.chat.completions.create(model="tiny-llama", messages=user("Name the capital of France."),
+                                         temperature=0, max_tokens=24)
+    assert out.choices[0].message.content == expected.text
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == n_prompt
+    assert out.usage.completion_tokens == expected.completion_tokens
+    assert out.usage.total_tokens == n_prompt + expected.completion_tokens
+    assert out.model == "tiny-llama" and out.object == "chat.completion"
+
+
+def test_streaming_equals_engine_greedy_with_usage(client, tiny_llama):
+    messages = [{"role": "system", "content": "Be brief."}] + user("Write a short poem about the sea.")
+    expected, n_prompt = reference(*tiny_llama, messages, max_new_tokens=30)
+    stream = client.chat.completions.create(model="tiny-llama", messages=messages, temperature=0,
+                                            max_completion_tokens=30, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [expected.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == n_prompt
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # it really streamed
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"messages": user("hi"), "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_stop_string_n_and_seed(client, tiny_llama):
+    greedy, _ = reference(*tiny_llama, user("hello"), max_new_tokens=20)
+    if len(greedy.text) > 4:  # stop on a piece of the greedy answer: the reply is cut before it
+        piece = greedy.text[3:5]
+        out = client.chat.completions.create(model="m", messages=user("hello"), temperature=0, max_tokens=20,
+                                             stop=[piece])
+        assert out.choices[0].message.content == greedy.text.split(piece, 1)[0]
+        assert out.choices[0].finish_reason == "stop"
+    kw = dict(model="m", messages=user("hello"), temperature=1.0, max_tokens=12, n=3, seed=7)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-llama"]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-llama"
+
+
+def test_32_concurrent_streaming_clients(server, tiny_llama):
+    url, app = server
+    expected = {p: reference(*tiny_llama, user(p), max_new_tokens=16)[0].text for p in PROMPTS}
+
+    async def one(aclient, prompt):
+        stream = await aclient.chat.completions.create(model="m", messages=user(prompt), temperature=0,
+                                                       max_tokens=16, stream=True)
+        return prompt, "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                                     http_client=openai.DefaultAsyncHttpxClient(
+                                         limits=httpx.Limits(max_connections=64)))
+        try:
+            return await asyncio.gather(*(one(aclient, p) for p in PROMPTS))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    assert {p: text for p, text in results} == expected
+    assert app.state.scheduler.stats.max_active_seen > 1  # requests really shared decode steps
+
+
+@pytest.mark.parametrize("body, status, needle, param", [
+    (b"{not json", 400, "JSON", None),
+    (b"[1, 2]", 400, "JSON object", None),
+    ({"messages": []}, 400, "messages is empty", "messages"),
+    ({}, 400, "messages", "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "'wizard'", "messages[0].role"),
+    ({"messages": [{"content": "hi"}]}, 400, "role", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens is 0", "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens is 1000000",
+     "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, 400, "expected 1..",
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "context", "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature", "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n is 0", "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature", "temperature"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "assistant", "messages"),
+])
+def test_bad_requests_get_openai_error_shape(server, body, status, needle, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert needle in err["message"] and err["type"] == "invalid_request_error"
+    assert err["param"] == param
+
+
+def test_openai_client_raises_bad_request_with_message(client):
+    with pytest.raises(openai.BadRequestError, match="expected one of system, user, assistant"):
+        client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="m", messages=user("word " * 3000))
+
+
+def test_unknown_route_is_openai_shaped_404(server):
+    r = httpx.get(server[0] + "/v1/nothing")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_api_key_required_when_configured(tiny_llama):
+    app = create_app(Engine(*tiny_llama), "tiny", api_key="s3cret")
+    with background_server(app) as url:
+        body = {"messages": user("hi"), "max_tokens": 3}
+        missing = httpx.post(url + "/v1/chat/completions", json=body)
+        wrong = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"})
+        assert missing.status_code == wrong.status_code == 401
+        assert "missing API key" in missing.json()["error"]["message"]
+        assert wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert httpx.get(url + "/health").status_code == 200  # liveness stays open
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0).chat.completions.create(
+            model="tiny", messages=user("hi"), max_tokens=3)
+        assert ok.usage.completion_tokens >= 1
+
+
+def test_disconnect_mid_stream_frees_the_slot(tiny_llama):
+    model, tok = tiny_llama
+    engine = PacedEngine(model, tok)
+    app = create_app(engine, "tiny", max_batch=1)  # one slot: a leaked request would block the next one
+    scheduler = app.state.scheduler
+    body = {"messages": user("Tell me a long story."), "max_tokens": 400, "temperature": 1.0, "seed": 1,
+            "stream": True}
+    with background_server(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if '"content"' in line and '"content": ""' not in line:
+                    break  # first real token arrived; leave mid-reply
+            assert scheduler.stats.active == 1
+        deadline = time.monotonic() + 10
+        while (scheduler.stats.active or scheduler.stats.cancelled < 1) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.stats.cancelled == 1 and scheduler.stats.active == 0
+        assert scheduler.stats.finished == 0  # it was cut, not run to its 400 tokens
+        assert not engine.has_pending()
+        # The freed slot serves the next client (with max_batch=1 it would otherwise queue behind it).
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and scheduler.stats.finished == 1
