@@ -1,0 +1,62 @@
+"""`local` teacher backend: protege's batched engine on any model spec (alias, HF folder, .gguf).
+
+The model is loaded on the first cache miss, so a fully cached rerun of a killed
+generator replays in seconds. Requests go through the engine's continuous batching
+(`add_request` / `step`, up to `max_batch_size` rows at once) and each completion is
+cached the step it finishes: on a CPU generation is the slow part, and a kill loses
+only the requests still being decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Teacher
+
+__all__ = ["LocalTeacher"]
+
+
+class LocalTeacher(Teacher):
+    backend = "local"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._engine: Any = None
+        self._is_chat: bool | None = None
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from ..engine import Engine
+
+            self._engine = Engine.from_spec(self.config.model, max_batch_size=self.config.max_batch_size)
+        return self._engine
+
+    @property
+    def is_chat_model(self) -> bool:
+        """A model whose tokenizer ships a chat template is chat-tuned; a base model gets completion prompts."""
+        if self._is_chat is None:
+            from ..models import load_tokenizer
+
+            tok = self._engine.tokenizer if self._engine is not None else load_tokenizer(self.config.model)
+            self._is_chat = bool(getattr(tok, "chat_template", None))
+        return self._is_chat
+
+    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+        eng = self.engine
+        if kind == "chat":
+            prompts = [eng.chat_format.encode_prompt(c) for c in items]
+        else:  # plain completion prompt for a base model; the tokenizer adds BOS where the model expects it
+            prompts = [eng.tokenizer(text)["input_ids"] for text in items]
+        index = {eng.add_request(ids, p): j for j, (ids, p) in enumerate(zip(prompts, params))}
+        try:
+            while eng.has_pending():
+                for out in eng.step():
+                    c = out.finished
+                    if c is not None and out.request_id in index:
+                        on_done(index.pop(out.request_id), {
+                            "text": c.text, "finish_reason": c.finish_reason,
+                            "usage": {"prompt_tokens": int(c.prompt_tokens), "completion_tokens": int(c.completion_tokens)}})
+        finally:
+            for rid in list(index):  # interrupted: leave the engine idle for the next call
+                eng.cancel(rid)

@@ -1,0 +1,192 @@
+"""`openai` teacher backend: any OpenAI-compatible HTTP API, async, bounded concurrency, retries.
+
+Transient failures (429, 408, 409, 5xx, timeouts, dropped or refused connections, a
+garbled 200 body) are retried with exponential backoff and full jitter, honouring the
+server's `Retry-After`. Errors a retry cannot fix (400, 401, 403, 404, 422, a URL
+without scheme) stop the run at once with a message saying what to check. The API key
+is read from the environment variable named in the config and only ever goes into the
+`Authorization` header: never into the cache, manifests or messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from . import Teacher, TeacherError
+
+__all__ = ["OpenAITeacher", "DEFAULT_BASE_URL"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_RETRY_STATUS = {408, 409, 425, 429}
+_HINTS = {
+    400: "the server rejected the request; check `model` and the sampling options",
+    401: "authentication failed; set the API key in the environment variable named by `api_key_env`",
+    403: "access denied; the API key may lack permission for this model",
+    404: "not found; check `base_url` (it should end in /v1) and `model`",
+    422: "the server rejected the request body; check `model` and the sampling options",
+}
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds the server asked us to wait (`Retry-After: 3` or an HTTP date), if it said."""
+    if response is None:
+        return None
+    raw = response.headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        err = body.get("error", body) if isinstance(body, dict) else body
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        return str(msg)[:300]
+    except ValueError:
+        return response.text[:300]
+
+
+def _body(kind: str, model: str, item: Any, p: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": int(p.max_new_tokens),
+                            "temperature": float(p.temperature), "top_p": float(p.top_p)}
+    if kind == "chat":
+        body["messages"] = item
+    else:
+        body["prompt"] = item
+    if getattr(p, "stop", None):
+        body["stop"] = list(p.stop)[:4]  # the OpenAI API accepts at most 4 stop strings
+    if getattr(p, "seed", None) is not None:
+        body["seed"] = int(p.seed)
+    if getattr(p, "top_k", 0):
+        body["top_k"] = int(p.top_k)  # vLLM / llama.cpp extension; OpenAI ignores unknown sampling keys
+    if getattr(p, "stop_token_ids", None):
+        body["stop_token_ids"] = list(p.stop_token_ids)  # vLLM extension
+    return body
+
+
+def _parse(kind: str, data: Any) -> dict[str, Any]:
+    """OpenAI response JSON -> {"text", "usage", "finish_reason"}; KeyError/TypeError/IndexError if malformed."""
+    choice = data["choices"][0]
+    text = choice["message"].get("content") if kind == "chat" else choice["text"]
+    usage = data.get("usage") or {}
+    finish = choice.get("finish_reason") or "stop"
+    return {"text": text or "",
+            "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                      "completion_tokens": int(usage.get("completion_tokens") or 0)},
+            "finish_reason": "length" if finish == "length" else "stop"}
+
+
+class OpenAITeacher(Teacher):
+    backend = "openai"
+
+    @property
+    def base_url(self) -> str:
+        return (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+
+    @property
+    def name(self) -> str:
+        return f"openai:{self.config.model}@{self.base_url}"
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.config.api_key_env, "")
+        # Local servers (vLLM, llama.cpp) need no key; send none rather than an empty bearer.
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+        coro_factory = lambda: self._fetch_all(kind, items, params, on_done)  # noqa: E731
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(coro_factory())
+            return
+        # Called from inside an event loop (e.g. a server): run ours in a worker thread.
+        error: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(coro_factory())
+            except BaseException as err:  # noqa: BLE001 — re-raised in the caller's thread
+                error.append(err)
+
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+        if error:
+            raise error[0]
+
+    async def _fetch_all(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+        cfg = self.config
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        sem = asyncio.Semaphore(cfg.concurrency)
+        async with httpx.AsyncClient(headers=self._headers(), timeout=cfg.timeout, limits=limits) as client:
+
+            async def one(j: int) -> None:
+                async with sem:
+                    value = await self._request(client, kind, _body(kind, cfg.model, items[j], params[j]))
+                on_done(j, value)
+
+            tasks = [asyncio.create_task(one(j)) for j in range(len(items))]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # A hard error stops everything; finished answers are already cached.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+    async def _request(self, client: httpx.AsyncClient, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        url = f"{self.base_url}/{'chat/completions' if kind == 'chat' else 'completions'}"
+        last = ""
+        for attempt in range(cfg.max_retries + 1):
+            response: httpx.Response | None = None
+            try:
+                response = await client.post(url, json=body)
+            except httpx.UnsupportedProtocol:
+                raise TeacherError(f"teacher {self.name}: bad base_url {self.base_url!r}; expected http(s)://host:port/v1") from None
+            except httpx.TransportError as err:  # timeouts, refused / dropped connections, protocol errors
+                last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            else:
+                status = response.status_code
+                if status == 200:
+                    try:
+                        return _parse(kind, response.json())
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        last = "malformed 200 response"
+                elif status in _RETRY_STATUS or status >= 500:
+                    last = f"HTTP {status}"
+                else:
+                    hint = _HINTS.get(status, "the server refused the request")
+                    raise TeacherError(f"teacher {self.name}: HTTP {status} from {url}: {_server_message(response)} "
+                                       f"— {hint}") from None
+            if attempt == cfg.max_retries:
+                break
+            self.stats["retries"] += 1
+            await asyncio.sleep(self._delay(attempt, _retry_after(response)))
+        raise TeacherError(f"teacher {self.name}: gave up after {cfg.max_retries + 1} attempts ({last}); "
+                           "the server may be down or overloaded — raise `max_retries` or lower `concurrency`")
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with "equal jitter" (half fixed, half random: spreads clients apart), or what the server asked."""
+        if retry_after is not None:
+            return min(retry_after, max(self.config.backoff_max, 600.0))
+        cap = min(self.config.backoff_max, self.config.backoff_base * (2 ** attempt))
+        return random.uniform(cap / 2, cap)

@@ -1,0 +1,108 @@
+"""A real OpenAI-format HTTP server on 127.0.0.1 for teacher tests (run as a subprocess).
+
+    python tests/fake_openai_server.py --fail-rate 0.2 --latency 0.1   # prints "PORT <n>"
+
+A minimal asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) rather than a
+framework, because it must be able to *drop* a connection without answering.
+Answers echo the last user message ("echo: ..."). Failures (chosen by a seeded RNG,
+`--fail-rate`) cycle through 429 (with Retry-After: 0), 500 and a dropped connection.
+`GET /stats` returns how many times each distinct request was answered successfully.
+The model name `hard-401` always gets 401, `slow` answers after 5 s.
+It runs in its own process so its CPU time does not compete with the client's GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import sys
+from collections import Counter
+
+STATE = {"successes": Counter(), "attempts": 0, "failures": Counter()}
+
+
+def _key(body: dict) -> str:
+    what = body.get("messages", body.get("prompt"))
+    return hashlib.sha256(json.dumps([body.get("model"), what, body.get("seed")], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _response(status: int, payload: dict, extra: str = "") -> bytes:
+    data = json.dumps(payload).encode()
+    reason = {200: "OK", 401: "Unauthorized", 429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "X")
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"{extra}\r\n")
+    return head.encode() + data
+
+
+async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.Random) -> bytes | None:
+    STATE["attempts"] += 1
+    model = body.get("model", "")
+    if model == "hard-401":
+        return _response(401, {"error": {"message": "Incorrect API key provided"}})
+    if rng.random() < args.fail_rate:
+        mode = ("429", "500", "drop")[STATE["attempts"] % 3]
+        STATE["failures"][mode] += 1
+        await asyncio.sleep(args.fail_latency)
+        if mode == "429":
+            return _response(429, {"error": {"message": "rate limited"}}, "Retry-After: 0\r\n")
+        if mode == "500":
+            return _response(500, {"error": {"message": "boom"}})
+        return None
+    await asyncio.sleep(5.0 if model == "slow" else args.latency)
+    if path.endswith("/chat/completions"):
+        last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+        choice = {"index": 0, "message": {"role": "assistant", "content": f"echo: {last}"}, "finish_reason": "stop"}
+    else:
+        choice = {"index": 0, "text": f"echo: {body['prompt']}", "finish_reason": "length"}
+    STATE["successes"][_key(body)] += 1
+    return _response(200, {"id": "x", "object": "chat.completion", "model": model, "choices": [choice],
+                           "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, args, rng) -> None:
+    try:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+            raw = await reader.readexactly(int(headers.get("content-length", "0")))
+            if method == "GET" and path == "/stats":
+                out = _response(200, {"successes": dict(STATE["successes"]), "attempts": STATE["attempts"],
+                                      "failures": dict(STATE["failures"])})
+            else:
+                out = await _answer(json.loads(raw or b"{}"), path, args, rng)
+            if out is None:  # drop the connection without answering
+                writer.transport.abort()
+                return
+            writer.write(out)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--fail-rate", type=float, default=0.0)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--fail-latency", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    server = await asyncio.start_server(lambda r, w: _handle(r, w, args, rng), "127.0.0.1", 0, backlog=256)
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)

@@ -1,0 +1,230 @@
+"""Teacher backends against a real loopback OpenAI-format server, and the local engine on a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from protege.config import ConfigError, load_config
+from protege.engine import SamplingParams
+from protege.teachers import TeacherConfig, TeacherError, make_teacher
+from protege.teachers.openai_api import _retry_after
+
+SERVER = Path(__file__).with_name("fake_openai_server.py")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+class FakeServer:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+    def stats(self) -> dict:
+        return httpx.get(self.url.replace("/v1", "/stats"), timeout=10).json()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def server():
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture()
+def flaky_server():
+    s = FakeServer("--fail-rate", "0.2", "--latency", "0.1", "--seed", "1")
+    yield s
+    s.close()
+
+
+def _convs(n: int, tag: str = "q") -> list[list[dict]]:
+    return [[{"role": "user", "content": f"{tag} {i}"}] for i in range(n)]
+
+
+def _cfg(url: str, **kw) -> TeacherConfig:
+    base = dict(backend="openai", model="fake", base_url=url, backoff_base=0.01, backoff_max=0.05, max_retries=10)
+    base.update(kw)
+    return TeacherConfig(**base)
+
+
+def test_flaky_server_every_request_answered_exactly_once_near_ideal_time(flaky_server):
+    """The issue's check: 20% of requests fail (429 / 500 / dropped), 100 ms latency, concurrency 16.
+
+    Each of the 320 distinct requests gets exactly one successful completion server-side, and the wall
+    time stays within 1.5x of requests x latency / concurrency. Failures answer at once, as a rate
+    limiter does; 320 requests amortise the client's start-up (~0.2 s). The machine is shared, so the timing
+    gets up to three tries (each with fresh prompts); correctness is asserted on every try.
+    """
+    n, latency, conc = 320, 0.1, 16
+    ideal = n * latency / conc
+    walls = []
+    for attempt in range(3):
+        teacher = make_teacher(_cfg(flaky_server.url, concurrency=conc))
+        convs = _convs(n, tag=f"try{attempt}")
+        t0 = time.perf_counter()
+        out = teacher.complete(convs, SamplingParams(max_new_tokens=8))
+        walls.append(time.perf_counter() - t0)
+        assert [r.text for r in out] == [f"echo: try{attempt} {i}" for i in range(n)]
+        assert teacher.stats["sent"] == n and teacher.stats["retries"] > 0
+        if walls[-1] <= 1.5 * ideal:
+            break
+    stats = flaky_server.stats()
+    assert sum(stats["failures"].values()) > 0
+    assert all(count == 1 for count in stats["successes"].values())
+    assert len(stats["successes"]) == n * len(walls)
+    print(f"wall {min(walls):.2f}s vs ideal {ideal:.2f}s (tries: {[round(w, 2) for w in walls]})")
+    assert min(walls) <= 1.5 * ideal
+
+
+def test_cache_answers_rerun_without_requests(server, tmp_path):
+    teacher = make_teacher(_cfg(server.url), cache_dir=tmp_path)
+    first = teacher.complete(_convs(12), SamplingParams(max_new_tokens=8))
+    attempts = server.stats()["attempts"]
+    teacher.close()
+    again = make_teacher(_cfg(server.url), cache_dir=tmp_path)
+    second = again.complete(_convs(12), SamplingParams(max_new_tokens=8))
+    assert [r.text for r in second] == [r.text for r in first]
+    assert all(r.cached for r in second) and again.stats["cache_hits"] == 12 and again.stats["sent"] == 0
+    assert server.stats()["attempts"] == attempts
+    # A different sampling setting is a different request.
+    again.complete(_convs(1), SamplingParams(max_new_tokens=9))
+    assert again.stats["sent"] == 1
+
+
+def test_identical_requests_in_one_batch_are_sent_once(server):
+    teacher = make_teacher(_cfg(server.url))
+    out = teacher.complete(_convs(3) + _convs(3), SamplingParams(max_new_tokens=8))
+    assert [r.text for r in out[:3]] == [r.text for r in out[3:]]
+    assert teacher.stats["sent"] == 3 and server.stats()["attempts"] == 3
+
+
+def test_hard_error_stops_with_clear_message_and_never_leaks_key(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_TEACHER_KEY", "sk-secret-123")
+    cfg = _cfg(server.url, model="hard-401", api_key_env="FAKE_TEACHER_KEY")
+    teacher = make_teacher(cfg, cache_dir=tmp_path)
+    with pytest.raises(TeacherError) as err:
+        teacher.complete(_convs(4), SamplingParams(max_new_tokens=8))
+    msg = str(err.value)
+    assert "HTTP 401" in msg and "api_key_env" in msg and "Incorrect API key" in msg
+    assert "sk-secret" not in msg and "sk-secret" not in teacher.name
+    assert server.stats()["attempts"] <= 4  # no retries on a hard error
+    teacher.close()
+    for f in tmp_path.iterdir():
+        assert b"sk-secret" not in f.read_bytes()
+
+
+def test_retries_exhausted_and_timeouts_are_reported(server):
+    s = FakeServer("--fail-rate", "1.0")
+    try:
+        with pytest.raises(TeacherError, match="gave up after 3 attempts"):
+            make_teacher(_cfg(s.url, max_retries=2)).complete(_convs(1), SamplingParams(max_new_tokens=8))
+    finally:
+        s.close()
+    with pytest.raises(TeacherError, match="ReadTimeout"):
+        make_teacher(_cfg(server.url, model="slow", timeout=0.2, max_retries=1)).complete(
+            _convs(1), SamplingParams(max_new_tokens=8))
+
+
+def test_bad_base_url_and_refused_connection():
+    with pytest.raises(TeacherError, match="bad base_url"):
+        make_teacher(_cfg("localhost:1/v1")).complete(_convs(1), SamplingParams(max_new_tokens=8))
+    with pytest.raises(TeacherError, match="ConnectError"):
+        make_teacher(_cfg("http://127.0.0.1:9/v1", max_retries=1)).complete(_convs(1), SamplingParams(max_new_tokens=8))
+
+
+def test_completion_endpoint_and_running_event_loop(server):
+    teacher = make_teacher(_cfg(server.url))
+    out = teacher.complete_prompts(["Task 1: add", "Task 1: sub"], SamplingParams(max_new_tokens=8))
+    assert [r.text for r in out] == ["echo: Task 1: add", "echo: Task 1: sub"]
+    assert out[0].finish_reason == "length" and out[0].usage == {"prompt_tokens": 3, "completion_tokens": 2}
+
+    async def inside_loop():  # e.g. called from an async server: must not need the caller's loop
+        return teacher.complete(_convs(2, "loop"), SamplingParams(max_new_tokens=8))
+
+    assert [r.text for r in asyncio.run(inside_loop())] == ["echo: loop 0", "echo: loop 1"]
+
+
+def test_retry_after_parsing():
+    assert _retry_after(httpx.Response(429, headers={"Retry-After": "2"})) == 2.0
+    assert _retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
+    assert _retry_after(httpx.Response(429)) is None
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"  # in the past: wait 0
+    assert _retry_after(httpx.Response(503, headers={"Retry-After": date})) == 0.0
+
+
+def test_config_is_strict_and_name_has_no_key(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="did you mean `concurrency`"):
+        load_config(TeacherConfig, overrides={"concurency": 3})
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abc")
+    t = make_teacher(TeacherConfig(backend="openai", model="m", base_url="http://h:1/v1"))
+    assert t.name == "openai:m@http://h:1/v1"
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {src!r})
+    from protege.engine import SamplingParams
+    from protege.teachers import TeacherConfig, make_teacher
+    cfg = TeacherConfig(backend="openai", model="fake", base_url={url!r}, concurrency=4)
+    convs = [[{{"role": "user", "content": f"k {{i}}"}}] for i in range(48)]
+    make_teacher(cfg, cache_dir={cache!r}).complete(convs, SamplingParams(max_new_tokens=8))
+""")
+
+
+def test_kill9_midway_then_rerun_sends_no_finished_request_again(tmp_path):
+    s = FakeServer("--latency", "0.1")
+    try:
+        script = _KILL_SCRIPT.format(src=str(SRC), url=s.url, cache=str(tmp_path))
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.time() + 60
+        while time.time() < deadline and sum(s.stats()["successes"].values()) < 16:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = s.stats()["successes"]
+        assert 16 <= len(before) < 48
+        teacher = make_teacher(_cfg(s.url, concurrency=4), cache_dir=tmp_path)
+        out = teacher.complete(_convs(48, "k"), SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: k {i}" for i in range(48)]
+        after = s.stats()["successes"]
+        assert len(after) == 48
+        repeated = sum(1 for c in after.values() if c > 1)
+        # Only requests in flight at the kill (at most `concurrency`) can be sent twice.
+        assert repeated <= 4
+        assert teacher.stats["cache_hits"] >= len(before) - 4
+        assert teacher.stats["sent"] + teacher.stats["cache_hits"] == 48
+    finally:
+        s.close()
+
+
+def test_local_backend_on_tiny_model_caches_and_skips_model_load(tiny_llama_dir, tmp_path):
+    cfg = TeacherConfig(backend="local", model=str(tiny_llama_dir), max_batch_size=2)
+    teacher = make_teacher(cfg, cache_dir=tmp_path)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    convs = _convs(3)
+    out = teacher.complete(convs, params)
+    assert len(out) == 3 and all(r.finish_reason in ("stop", "length") for r in out)
+    assert all(r.usage["completion_tokens"] <= 6 for r in out)
+    raw = teacher.complete_prompts(["The quick brown"], params)
+    assert raw[0].usage["prompt_tokens"] > 0
+    teacher.close()
+    again = make_teacher(cfg, cache_dir=tmp_path)
+    assert [r.text for r in again.complete(convs, params)] == [r.text for r in out]
+    assert again._engine is None  # everything came from the cache: the model was never loaded
+    assert again.stats["cache_hits"] == 3
