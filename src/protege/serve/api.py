@@ -113,7 +113,7 @@ def _message_text(msg: Message, i: int) -> str:
 
 
 def _context_length(engine: Any) -> int:
-    for obj, attr in ((engine, "max_context"), (getattr(engine, "model", None), "config")):
+    for obj, attr in ((engine, "max_positions"), (getattr(engine, "model", None), "config")):
         value = getattr(obj, attr, None) if obj is not None else None
         if isinstance(value, int):
             return value

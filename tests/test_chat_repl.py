@@ -1,0 +1,116 @@
+"""`protege chat`: scripted stdin sessions against a local tiny model folder and against a running server."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from protege.chat_repl import Sampling, run_repl
+
+SCRIPT = "hello\n/system Be brief.\nhi\n/reset\nhello\n/bogus\n/exit\nnever sent\n"
+
+
+class EchoBackend:
+    """Records what the REPL sends; replies in two pieces to exercise streaming output."""
+
+    name = "echo"
+
+    def __init__(self):
+        self.calls: list[list[dict[str, str]]] = []
+
+    def stream(self, messages, sampling):
+        self.calls.append([dict(m) for m in messages])
+        yield "you said: "
+        yield messages[-1]["content"]
+
+
+def test_repl_commands_shape_the_history():
+    backend, out = EchoBackend(), io.StringIO()
+    lines = iter(SCRIPT.splitlines())
+    assert run_repl(backend, Sampling(), read=lambda _: next(lines), out=out) == 0
+    u = lambda t: {"role": "user", "content": t}  # noqa: E731
+    sys_ = {"role": "system", "content": "Be brief."}
+    assert backend.calls == [[u("hello")], [sys_, u("hi")], [sys_, u("hello")]]  # /system and /reset start over
+    text = out.getvalue()
+    assert "you said: hello" in text and "(conversation reset)" in text and "unknown command '/bogus'" in text
+    assert "never sent" not in text  # /exit stopped reading
+
+
+def test_repl_keeps_history_and_ends_at_eof():
+    backend, lines = EchoBackend(), iter(["one", "two"])
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    assert run_repl(backend, Sampling(), system="S", read=read, out=io.StringIO()) == 0
+    assert backend.calls[1] == [{"role": "system", "content": "S"}, {"role": "user", "content": "one"},
+                                {"role": "assistant", "content": "you said: one"}, {"role": "user", "content": "two"}]
+
+
+def _greedy(model, tok, messages, n=8):
+    from protege.engine import Engine, SamplingParams
+
+    eng = Engine(model, tok)
+    return eng.generate([eng.chat_format.encode_prompt(messages)], SamplingParams(max_new_tokens=n))[0].text
+
+
+def _run_cli(args, stdin):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "chat", *args, "--temperature", "0",
+                           "--max-tokens", "8"], input=stdin, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _check_transcript(stdout, model, tok):
+    hello = _greedy(model, tok, [{"role": "user", "content": "hello"}])
+    brief = _greedy(model, tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    replies = [line.removeprefix("> ") for line in stdout.splitlines()[1:]]
+    assert replies[0] == hello  # first turn
+    assert "(system prompt set; conversation reset)" in replies[1]
+    assert replies[2] == brief  # system prompt applied, previous turn forgotten
+    assert "(conversation reset)" in replies[3]
+    # after /reset the system prompt stays but the history is gone
+    assert replies[4] == _greedy(model, tok, [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "hello"}])
+
+
+def test_cli_chat_with_local_model_folder(tiny_llama_dir, tiny_llama):
+    stdout = _run_cli([str(tiny_llama_dir)], SCRIPT)
+    assert stdout.startswith(f"chatting with {tiny_llama_dir}")
+    _check_transcript(stdout, *tiny_llama)
+
+
+def test_cli_chat_with_url_of_running_server(tiny_llama):
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    app = create_app(Engine(*tiny_llama), "tiny-llama")
+    with background_server(app) as url:
+        stdout = _run_cli(["--url", url], SCRIPT)
+    assert stdout.startswith("chatting with tiny-llama")
+    _check_transcript(stdout, *tiny_llama)
+
+
+def test_cli_chat_needs_model_or_url():
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "chat"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "exactly one" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["gemma-3-270m", "smollm2-135m-instruct"])
+def test_cli_chat_on_builtin_models(alias):
+    from conftest import builtin_model
+
+    builtin_model(alias)
+    stdout = _run_cli([alias], "What is the capital of France?\n/exit\n")
+    assert stdout.startswith(f"chatting with {alias}")
+    assert len(stdout.splitlines()) >= 2
