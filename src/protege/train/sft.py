@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import StageConfig, save_config
 from ..errors import StageError
@@ -77,6 +77,12 @@ class SFTConfig(StageConfig):
     save_merged: bool = Field(False, description="also write the merged full model (LoRA folded in) to out_dir/merged")
     resume: Literal["auto", "yes", "no"] = Field("auto", description="auto: continue from out_dir's checkpoint if the config is unchanged; yes: require one; no: start over")
     tensorboard: bool = Field(True, description="write TensorBoard events next to metrics.jsonl")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, value: Any) -> Any:
+        # YAML reads a bare `yes`/`no` as a boolean.
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
 
 # Keys that may change between a run and its resume without changing what is trained.
