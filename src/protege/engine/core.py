@@ -1,0 +1,308 @@
+"""The engine: continuous batching over a ragged KV cache for any transformers causal LM.
+
+Loop shape (gpt-fast style, see `step`): admit waiting requests into free rows and
+prefill them together (logits only for each prompt's last position), then decode
+one token for every running row in a single forward. Requests join and leave
+between steps; a finished row is compacted away at once, so batch size tracks
+the live requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..chat import ChatFormat
+from .cache import SlotCache
+from .sampling import SamplingParams, choose_tokens, make_generator
+from .text import TextTracker
+
+__all__ = ["Engine", "Completion", "StepOutput"]
+
+
+@dataclass
+class Completion:
+    """A finished request. `token_ids` include a final stop id if one ended it; `text` never holds
+    special tokens or the stop string. `finish_reason` is "stop" or "length"."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class StepOutput:
+    """What one `step()` produced for one request; `finished` is set on its last step."""
+
+    request_id: int
+    token_ids: list[int]
+    text_delta: str
+    finished: Completion | None = None
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    text: TextTracker
+    gen: torch.Generator | None
+    out: list[int] = field(default_factory=list)
+    row: int = -1  # cache row while running
+    start: int = 0  # first valid cache index of this row (left padding before it)
+    length: int = 0  # next cache index to write (= start + tokens in cache)
+    next_token: int = -1  # sampled, not yet fed to the model
+
+
+class Engine:
+    """Batched generation with a KV cache. See the package docstring for the API."""
+
+    def __init__(self, model: Any, tokenizer: Any, chat_format: ChatFormat | None = None,
+                 max_batch_size: int = 16, weights: str = "fp32", prefill_tokens: int = 4096):
+        if weights not in ("fp32", "int8"):
+            raise ValueError(f"weights must be 'fp32' or 'int8', got {weights!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.chat_format = chat_format or ChatFormat.from_tokenizer(tokenizer)
+        self.max_batch_size = max_batch_size
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (memory bound)
+        self.weights = weights
+        if weights == "int8":
+            from .int8 import quantize_linears
+
+            quantize_linears(self.model)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cfg = model.config
+        self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
+        self.sliding_window = getattr(cfg, "sliding_window", None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.cache = SlotCache(max_batch_size, self.device, self.dtype)
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # index == cache row
+
+    @classmethod
+    def from_spec(cls, spec: str, dtype: str = "float32", device: str | None = None, **kw: Any) -> "Engine":
+        """Load a model by alias / folder / .gguf (`protege.models.load`) and wrap it."""
+        from ..models import load
+
+        model, tok = load(spec, dtype=dtype, device=device)
+        return cls(model, tok, **kw)
+
+    # ---- request lifecycle ----------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt; it joins the running batch at the next `step()`. Returns its id."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
+        if len(prompt) >= self.max_positions:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the model takes at most {self.max_positions}")
+        fmt = self.chat_format
+        stop_ids = fmt.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        stops = list(params.stop) + (list(fmt.stop_strings) if params.stop_token_ids is None else [])
+        gen = None if params.greedy else make_generator(params.seed, self.device)
+        req = _Request(next(self._ids), prompt, params, frozenset(stop_ids), TextTracker(self.tokenizer, stops), gen)
+        self._waiting.append(req)
+        return req.id
+
+    @torch.inference_mode()
+    def cancel(self, request_id: int) -> None:
+        """Drop a waiting or running request (its row is freed at once); unknown ids are ignored."""
+        for req in list(self._waiting):
+            if req.id == request_id:
+                self._waiting.remove(req)
+                return
+        for req in self._running:
+            if req.id == request_id:
+                self._release(req)
+                return
+
+    def has_pending(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit + prefill waiting requests, then decode one token for the others. Returns new tokens."""
+        outputs: list[StepOutput] = []
+        old = list(self._running)
+        new = self._admit(outputs)
+        if new:
+            logits = self._prefill(new)
+            outputs += self._accept(new, logits)
+        old = [r for r in old if r.row >= 0]
+        if old:
+            logits = self._decode(old)
+            outputs += self._accept(old, logits)
+        return outputs
+
+    # ---- high-level calls -----------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        """Complete every prompt (token ids); results come back in prompt order."""
+        if self.has_pending():
+            raise RuntimeError("generate() needs an idle engine; this one has requests from add_request()")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[int, Completion] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="seq")
+        try:
+            while self.has_pending():
+                for out in self.step():
+                    if out.finished is not None:
+                        done[out.request_id] = out.finished
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in ids:  # interrupted (e.g. KeyboardInterrupt): leave the engine idle
+                if rid not in done:
+                    self.cancel(rid)
+        return [done[i] for i in ids]
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False) -> list[Completion]:
+        """Answer each conversation (a list of {"role", "content"} ending with a user turn)."""
+        prompts = [self.chat_format.encode_prompt(c) for c in conversations]
+        return self.generate(prompts, params, progress)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are decoded (their concatenation is the full text)."""
+        if self.has_pending():
+            raise RuntimeError("stream() needs an idle engine; this one has requests from add_request()")
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while self.has_pending():
+                for out in self.step():
+                    if out.request_id == rid and out.text_delta:
+                        yield out.text_delta
+        finally:
+            self.cancel(rid)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _admit(self, outputs: list[StepOutput]) -> list[_Request]:
+        """Move waiting requests into free rows while the padded prefill stays within budget."""
+        new: list[_Request] = []
+        width = 0
+        while self._waiting and len(self._running) < self.max_batch_size:
+            cand = self._waiting[0]
+            if cand.params.max_new_tokens == 0:  # nothing to generate: finish without a forward
+                self._waiting.popleft()
+                outputs.append(StepOutput(cand.id, [], "", Completion("", [], len(cand.prompt), 0, "length")))
+                continue
+            w = max(width, len(cand.prompt))
+            if new and w * (len(new) + 1) > self.prefill_tokens:
+                break
+            width = w
+            req = self._waiting.popleft()
+            req.row = len(self._running)
+            self._running.append(req)
+            new.append(req)
+        return new
+
+    def _release(self, req: _Request) -> None:
+        """Free `req`'s row, moving the last running row into it so rows stay 0..n-1."""
+        last = self._running[-1]
+        if last is not req:
+            self.cache.move_row(last.row, req.row, last.length)
+            last.row = req.row
+            self._running[req.row] = last
+        self._running.pop()
+        req.row = -1
+
+    def _mask(self, q_index: torch.Tensor, start: torch.Tensor, kv_len: int) -> dict[str, torch.Tensor]:
+        """Additive masks (n, 1, q, kv_len) per layer type. q_index: (n, q) cache index of each query.
+
+        A key k is visible to query q when start <= k <= q (and q - k < window on sliding layers).
+        A left-padding query sees only itself: finite garbage, never a NaN that could leak into the cache.
+        """
+        k = torch.arange(kv_len, device=self.device)[None, None, :]  # (1, 1, K)
+        q = q_index[:, :, None]  # (n, q, 1)
+        causal = k <= q
+        visible = causal & ((k >= start[:, None, None]) | (k == q))
+        neg = torch.finfo(self.dtype).min
+        masks = {}
+        for lt in self.layer_types:
+            vis = visible
+            if lt == "sliding_attention" and self.sliding_window:
+                vis = vis & (q - k < self.sliding_window)
+            m = torch.zeros(vis.shape, device=self.device, dtype=self.dtype).masked_fill_(~vis, neg)
+            masks[lt] = m[:, None]
+        return masks
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        attn = masks if len(masks) > 1 or "full_attention" not in masks else masks["full_attention"]
+        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]  # (n, V)
+
+    def _prefill(self, new: list[_Request]) -> torch.Tensor:
+        width = max(len(r.prompt) for r in new)
+        rows = slice(new[0].row, new[-1].row + 1)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(new):
+            r.start, r.length = width - len(r.prompt), width
+            ids[i, r.start:] = torch.tensor(r.prompt)
+        start = torch.tensor([r.start for r in new], device=self.device)
+        q_index = torch.arange(width, device=self.device)[None, :].expand(len(new), width)
+        positions = (q_index - start[:, None]).clamp(min=0)
+        self.cache.for_prefill(rows, width)
+        return self._forward(ids.to(self.device), positions, self._mask(q_index, start, width))
+
+    def _decode(self, reqs: list[_Request]) -> torch.Tensor:
+        n = len(reqs)
+        assert [r.row for r in reqs] == list(range(n)), "decode expects the rows 0..n-1"
+        ids = torch.tensor([[r.next_token] for r in reqs], device=self.device)
+        write_at = torch.tensor([r.length for r in reqs], device=self.device)
+        start = torch.tensor([r.start for r in reqs], device=self.device)
+        kv_len = int(write_at.max()) + 1
+        self.cache.for_decode(n, write_at, kv_len)
+        logits = self._forward(ids, (write_at - start)[:, None], self._mask(write_at[:, None], start, kv_len))
+        for r in reqs:
+            r.length += 1
+        return logits
+
+    def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample one token per request, update text/stop state, release finished rows."""
+        tokens = choose_tokens(logits, [r.params for r in reqs], [r.gen for r in reqs])
+        outputs, finished = [], []
+        for r, tok in zip(reqs, tokens):
+            r.out.append(tok)
+            r.next_token = tok
+            reason = None
+            if tok in r.stop_ids:
+                delta, reason = r.text.flush(), "stop"
+            else:
+                delta, hit = r.text.push(tok)
+                if hit:
+                    reason = "stop"
+                elif len(r.out) >= r.params.max_new_tokens or r.length + 1 >= self.max_positions:
+                    reason = "length"
+                    delta += r.text.flush()
+            done = None
+            if reason is not None:
+                done = Completion(r.text.text, list(r.out), len(r.prompt), len(r.out), reason)
+                finished.append(r)
+            outputs.append(StepOutput(r.id, [tok], delta, done))
+        for r in finished:
+            self._release(r)
+        return outputs

@@ -1,0 +1,96 @@
+"""Sampling parameters and the per-row next-token choice (greedy, temperature, top-k, top-p).
+
+Reproducibility: every sampled request owns a `torch.Generator` seeded from its
+`seed` and draws exactly one uniform number per token, so the same seed and the
+same prompt give the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SamplingParams", "choose_tokens", "make_generator"]
+
+# top-p without top-k first looks among this many candidates (a partial sort of a 262K vocabulary is
+# ~20x cheaper than a full one); it falls back to a full sort when they do not hold `top_p` of the mass.
+_TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one completion.
+
+    `temperature == 0` is greedy. `top_k == 0` and `top_p == 1` disable those filters.
+    `stop` strings end the completion and are not part of its text; `stop_token_ids` end it too
+    (the id is kept in `token_ids`, not in the text); `None` means the chat format's stop ids and stop strings.
+    `seed` makes sampling reproducible (ignored by greedy decoding).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A private RNG for one request; without a seed it is drawn from torch's global RNG (so
+    `torch.manual_seed` still makes a whole run reproducible)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One token from one row of logits (V,), drawing a single uniform number from `gen`."""
+    x = logits.float() / params.temperature
+    vocab = x.shape[-1]
+    idx = None
+    if params.top_k > 0:
+        cand, idx = torch.topk(x, min(params.top_k, vocab))  # sorted, descending
+        probs = torch.softmax(cand, -1)  # top-p (if any) then acts on the renormalized top-k, as in HF
+    elif params.top_p < 1.0:
+        lse = torch.logsumexp(x, -1)
+        cand, idx = torch.topk(x, min(_TOP_P_CANDIDATES, vocab))
+        if torch.exp(cand - lse).sum() < params.top_p:  # nucleus wider than the candidates: sort everything
+            cand, idx = torch.sort(x, descending=True)
+        probs = torch.exp(cand - lse)  # probabilities under the full vocabulary
+    else:
+        probs = torch.softmax(x, -1)
+    if params.top_p < 1.0:
+        before = torch.cumsum(probs, -1) - probs
+        probs = torch.where(before < params.top_p, probs, torch.zeros_like(probs))  # the top token always stays
+    cum = torch.cumsum(probs, -1)
+    u = torch.rand(1, generator=gen, device=cum.device, dtype=cum.dtype) * cum[-1]
+    pos = int(torch.searchsorted(cum, u).clamp_(max=cum.shape[-1] - 1).item())
+    return pos if idx is None else int(idx[pos].item())
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> list[int]:
+    """Next token for each row of `logits` (n, V) under that row's params."""
+    greedy = torch.argmax(logits, dim=-1).tolist()  # one batched call covers every greedy row
+    return [g if p.greedy else _sample_row(logits[i], p, gens[i]) for i, (g, p) in enumerate(zip(greedy, params))]
