@@ -6,10 +6,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from .config import StageConfig
 from .formats import iter_source, to_alpaca, to_openai, to_sharegpt
 from .records import Comparison, Conversation, JsonlWriter, read_records
 
-__all__ = ["convert", "stats"]
+__all__ = ["convert", "stats", "SampleConfig", "run_sample"]
 
 _WRITERS = {"alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai, "protege": lambda r: r.to_dict()}
 
@@ -64,3 +67,31 @@ def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
         for role in messages
     }
     return out
+
+
+class SampleConfig(StageConfig):
+    src: str = Field(..., description="records file to sample from")
+    n: int = Field(..., description="how many records to keep (all of them if the file has fewer)")
+    seed: int = Field(0, description="shuffle seed; with the same seed, a smaller n is a prefix of a larger n's sample")
+    out_dir: str = Field("runs/sample", description="output folder (records.jsonl + manifest.json)")
+
+
+def run_sample(config: SampleConfig) -> dict[str, Any]:
+    """Deterministic nested subsample: shuffle once by seed, keep the first n (for data-size sweeps)."""
+    import random
+
+    from .manifest import Timer, write_manifest
+    from .records import write_records
+
+    with Timer() as t:
+        records = list(read_records(config.src))
+        order = list(range(len(records)))
+        random.Random(config.seed).shuffle(order)
+        kept = [records[i] for i in order[: config.n]]
+        out = Path(config.out_dir) / "records.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_records(out, kept)
+    counts = {"in": len(records), "kept": len(kept)}
+    write_manifest(config.out_dir, "data.sample", config, inputs=[config.src], outputs=[out], counts=counts,
+                   seconds=t.seconds)
+    return counts

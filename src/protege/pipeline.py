@@ -39,6 +39,7 @@ __all__ = ["Recipe", "StageSpec", "STAGE_KINDS", "run_recipe", "load_recipe", "s
 # needs nothing from them but these two names.
 STAGE_KINDS: dict[str, str] = {
     "pull": "protege.pipeline:PullConfig:run_pull",
+    "data.sample": "protege.data_tools:SampleConfig:run_sample",
     "generate.self-instruct": "protege.generate.selfinstruct:SelfInstructConfig:run",
     "generate.distill": "protege.generate.distill:DistillConfig:run",
     "generate.orca": "protege.generate.orca:OrcaConfig:run",
