@@ -1,0 +1,38 @@
+"""`protege curate IN... --out DIR [--config X.yaml] [--key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from . import add_stage_parser
+
+ORDER = 30
+
+
+def register(sub: Any) -> None:
+    from ..curate.config import CurateConfig
+
+    p = add_stage_parser(sub, "curate", CurateConfig,
+                         "clean, split, deduplicate, language/quality-filter, decontaminate, mix and tag record "
+                         "files; writes records.jsonl, removed.jsonl and a data card (card.md, card.html)", _curate)
+    p.add_argument("inputs", nargs="*", help="record files (override `inputs` of the config)")
+    p.add_argument("--out", "-o", default=None, help="output folder (overrides `out_dir`)")
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..curate import CurateConfig, run
+
+    overrides = list(args.overrides)
+    cfg = load_config(CurateConfig, args.config, overrides)
+    if args.inputs:
+        cfg.inputs = list(args.inputs)
+    if args.out:
+        cfg.out_dir = args.out
+    summary = run(cfg)
+    print(f"{summary['in']} records in, {summary['out']} out, {summary['removed']} removed "
+          f"(+{summary['added']} created) -> {cfg.out_dir}/records.jsonl; see {cfg.out_dir}/card.html")
+    for s in summary["steps"]:
+        print(f"  {s['step']:<14} {s['in']:>8} in {s['removed']:>8} removed {s['out']:>8} out")
+    return 0

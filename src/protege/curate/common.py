@@ -1,0 +1,67 @@
+"""What every curation step shares: the step result, text views of a record, normalization."""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..records import Comparison, Conversation, Record
+
+__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "PUNCT_TO_SPACE"]
+
+
+@dataclass
+class StepResult:
+    """Kept records (in order), removal entries, records created (split/tag/mix repeats), stats for the card."""
+
+    kept: list[Record]
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    added: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def removal(rec: Record | None, reason: str, detail: str = "", rid: str | None = None, source: str = "") -> dict[str, Any]:
+    """One `removed.jsonl` entry; the pipeline fills in `step`."""
+    return {"id": rid if rid is not None else rec.id, "step": "", "reason": reason, "detail": detail,
+            "source": rec.source if rec is not None else source}
+
+
+def messages_of(rec: Record) -> list[dict[str, str]]:
+    """A Conversation's messages; a Comparison's prompt plus its chosen answer."""
+    if isinstance(rec, Comparison):
+        return [*rec.prompt, rec.chosen]
+    return rec.messages
+
+
+def texts(rec: Record, scope: str = "all") -> list[str]:
+    """Message texts of `scope`: all, user, assistant, first_user."""
+    msgs = messages_of(rec)
+    if scope == "all" or scope == "conversation":
+        return [m["content"] for m in msgs]
+    if scope == "first_user":
+        return [next((m["content"] for m in msgs if m["role"] == "user"), "")]
+    return [m["content"] for m in msgs if m["role"] == scope]
+
+
+# Punctuation becomes a space before splitting: `str.translate` + `split` is several times faster than
+# `re.findall(r"\w+")` over 100K documents, and dedup/decontamination only need word identity.
+_PUNCT = {ord(c): " " for c in string.punctuation + "“”‘’«»„…—–·•¿¡、。，！？；：（）【】《》「」"}
+PUNCT_TO_SPACE = _PUNCT
+_SPACE = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, NFKC, punctuation dropped, whitespace collapsed: the key for exact matching."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)).strip()
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words without punctuation."""
+    return text.lower().translate(_PUNCT).split()
+
+
+def is_conversation(rec: Record) -> bool:
+    return isinstance(rec, Conversation)

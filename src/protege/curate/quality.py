@@ -1,0 +1,78 @@
+"""`quality`: length bounds, repeated n-grams, refusal boilerplate, and LIMA-style top-k by a score.
+
+The top-k selection reads a score some earlier process wrote into `meta` (a reward model,
+a judge grade); this step only ranks, so any scorer can be plugged in later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..records import Record
+from .clean import teacher_pattern
+from .common import StepResult, removal, texts, words
+from .config import QualityStep
+
+__all__ = ["apply", "repetition"]
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Fraction of word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
+    w = words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def _problem(rec: Record, opts: QualityStep, refusal: Any) -> tuple[str, str] | None:
+    answers = texts(rec, "assistant")
+    total = sum(len(words(t)) for t in texts(rec, "all"))
+    if opts.max_total_words is not None and total > opts.max_total_words:
+        return "too_long", f"{total} words > {opts.max_total_words}"
+    for i, answer in enumerate(answers):
+        n = len(answer.split())
+        if n < opts.min_response_words:
+            return "too_short", f"answer {i} has {n} words < {opts.min_response_words}"
+        if opts.max_response_words is not None and n > opts.max_response_words:
+            return "too_long", f"answer {i} has {n} words > {opts.max_response_words}"
+        rep = repetition(answer, opts.repetition_ngram)
+        if rep > opts.max_repetition:
+            return "repetition", f"answer {i}: {rep:.0%} of {opts.repetition_ngram}-grams repeated"
+        hit = refusal.search(answer) if refusal is not None else None
+        if hit:
+            return "refusal", f"answer {i}: {hit.group(0)!r}"
+    return None
+
+
+def _score(rec: Record, key: str) -> float | None:
+    value: Any = rec.meta
+    for part in key.removeprefix("meta.").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def apply(records: list[Record], opts: QualityStep, ctx: Any = None) -> StepResult:
+    """Remove records failing a rule; then, with top_k_by/top_k, keep the best-scoring top_k (order kept)."""
+    refusal = teacher_pattern(tuple(opts.refusals))
+    kept, removed = [], []
+    for rec in records:
+        problem = _problem(rec, opts, refusal)
+        if problem is None:
+            kept.append(rec)
+        else:
+            removed.append(removal(rec, *problem))
+    stats: dict[str, Any] = {}
+    if opts.top_k_by and opts.top_k is not None and len(kept) > opts.top_k:
+        scored = [(_score(r, opts.top_k_by), i) for i, r in enumerate(kept)]
+        stats["unscored"] = sum(1 for s, _ in scored if s is None)
+        # best first; unscored last; ties by input order (stable, deterministic)
+        ranked = sorted(scored, key=lambda si: (si[0] is None, -(si[0] or 0.0), si[1]))
+        chosen = {i for _, i in ranked[: opts.top_k]}
+        cutoff = ranked[opts.top_k - 1][0]
+        for _, i in ranked[opts.top_k:]:
+            s = _score(kept[i], opts.top_k_by)
+            removed.append(removal(kept[i], "below_top_k",
+                                   f"{opts.top_k_by}={s} below the top {opts.top_k} (cutoff {cutoff})"))
+        kept = [r for i, r in enumerate(kept) if i in chosen]
+    return StepResult(kept, removed, stats=stats)
