@@ -87,3 +87,17 @@ def test_cli_stats(tmp_path, tiny_llama_dir):
     stats = json.loads(proc.stdout)
     assert stats["records"] == 1 and stats["per_role"]["user"]["chars"] == len("two plus three")
     assert stats["per_role"]["assistant"]["tokens"] >= 1
+
+
+def test_sample_stage_is_nested_and_deterministic(tmp_path):
+    from protege.data_tools import SampleConfig, run_sample
+    from protege.records import write_records
+
+    src = tmp_path / "pool.jsonl"
+    write_records(src, [Conversation([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
+                        for i in range(30)])
+    run_sample(SampleConfig(src=str(src), n=10, out_dir=str(tmp_path / "s10")))
+    counts = run_sample(SampleConfig(src=str(src), n=20, out_dir=str(tmp_path / "s20")))
+    small = [r.id for r in read_records(tmp_path / "s10" / "records.jsonl")]
+    large = [r.id for r in read_records(tmp_path / "s20" / "records.jsonl")]
+    assert counts == {"in": 30, "kept": 20} and large[:10] == small and len(set(large)) == 20
