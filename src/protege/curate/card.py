@@ -114,7 +114,7 @@ def _context(report: dict[str, Any]) -> dict[str, Any]:
     return {"r": report, "inputs": report.get("input_paths", []), "sources": sources, "reasons": reasons,
             "total_removed": sum(report["removed_by"].values()), "total_added": sum(s["added"] for s in steps),
             "total_out": sum(report["per_source_out"].values()), "languages": stats.get("languages"),
-            "clusters": sorted(stats.get("top_clusters", []), key=lambda c: -c["size"])[:20],
+            "clusters": sorted(stats.get("top_clusters", []), key=lambda c: (-c["size"], c["kind"] != "near"))[:20],
             "eval_sets": stats.get("eval_sets"), "hits": stats.get("contamination_hits", [])[:200],
             "markers": stats.get("markers"), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

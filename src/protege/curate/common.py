@@ -13,6 +13,7 @@ from ..records import Comparison, Conversation, Record
 __all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "PUNCT_TO_SPACE"]
 
 
+
 @dataclass
 class StepResult:
     """Kept records (in order), removal entries, records created (split/tag/mix repeats), stats for the card."""
@@ -58,9 +59,16 @@ def normalize(text: str) -> str:
     return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower().translate(_PUNCT)).strip()
 
 
+# Chinese/Japanese/Korean text has no spaces: each ideograph/kana/syllable counts as a word.
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
 def words(text: str) -> list[str]:
-    """Lowercased words without punctuation."""
-    return text.lower().translate(_PUNCT).split()
+    """Lowercased words without punctuation (CJK characters one word each)."""
+    text = text.lower()
+    if not text.isascii():
+        text = _CJK.sub(r" \g<0> ", text)
+    return text.translate(_PUNCT).split()
 
 
 def is_conversation(rec: Record) -> bool:

@@ -79,5 +79,6 @@ def apply(records: list[Record], opts: DedupStep, ctx: Any = None) -> StepResult
                                  "example": _preview(kept[members[1]], opts.near_text),
                                  "similarity": round(float(nd.similarity[members[1]]), 3)})
         kept = survivors
-    stats["top_clusters"] = sorted(clusters_out, key=lambda c: -c["size"])[: opts.top_clusters]
+    # near clusters first among equal sizes: exact copies are self-explanatory, near ones need a look
+    stats["top_clusters"] = sorted(clusters_out, key=lambda c: (-c["size"], c["kind"] != "near"))[: opts.top_clusters]
     return StepResult(kept, removed, stats=stats)

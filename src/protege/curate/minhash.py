@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
-from .common import PUNCT_TO_SPACE
+from .common import words as split_words
 
 __all__ = ["shingle_hashes", "minhash_signatures", "optimal_bands", "candidate_pairs", "estimated_jaccard",
            "NearDuplicates", "near_duplicate_clusters"]
@@ -57,7 +57,7 @@ def shingle_hashes(texts: Sequence[str], ngram: int = 3) -> tuple[np.ndarray, np
     out, counts = [], np.zeros(len(texts), np.int64)
     for c0 in range(0, len(texts), _CHUNK_DOCS):
         chunk = texts[c0:c0 + _CHUNK_DOCS]
-        words = [t.lower().translate(PUNCT_TO_SPACE).split() for t in chunk]
+        words = [split_words(t) for t in chunk]
         lens = np.fromiter(map(len, words), np.int64, len(words))
         ids = np.fromiter(map(vocab.__getitem__, itertools.chain.from_iterable(words)), np.int64, int(lens.sum()))
         new = list(vocab)[len(word_hash):] if len(vocab) > len(word_hash) else []
@@ -79,7 +79,7 @@ def shingle_hashes(texts: Sequence[str], ngram: int = 3) -> tuple[np.ndarray, np
         counts_chunk = np.bincount(doc[: len(sh)][valid], minlength=len(chunk))
         short = np.flatnonzero((lens > 0) & (lens < n))
         if len(short):  # whole text as its single shingle; insert in document order
-            extra = np.array([xxhash.xxh32_intdigest(" ".join(words[i])) for i in short], np.uint32)
+            extra = np.array([xxhash.xxh32_intdigest(" ".join(words[i]).encode("utf-8", "surrogatepass")) for i in short], np.uint32)
             offs = np.concatenate([[0], np.cumsum(counts_chunk)])
             hashes = np.insert(hashes, offs[short], extra)
             counts_chunk[short] = 1
