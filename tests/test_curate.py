@@ -276,3 +276,31 @@ def test_cli_runs_with_config_and_overrides(tmp_path, capsys):
     assert not (tmp_path / "o" / "card.html").exists()
     assert main(["curate", str(src), "--out", str(tmp_path / "o"), "--stepz=[]"]) == 2
     assert "did you mean `steps`" in capsys.readouterr().err
+
+
+def test_alpaca_with_empty_output_is_removed_by_clean_not_an_error(tmp_path):
+    src = tmp_path / "alpaca.jsonl"
+    src.write_text(json.dumps({"instruction": "Say hi", "input": "", "output": ""}) + "\n"
+                   + json.dumps({"instruction": "Say bye", "input": "politely", "output": "Goodbye!"}) + "\n")
+    summary = run(CurateConfig(inputs=[str(src)], out_dir=str(tmp_path / "o"), steps=[{"step": "clean"}]))
+    assert (summary["out"], summary["removed"]) == (1, 1)
+    assert _lines(tmp_path / "o" / "removed.jsonl")[0]["reason"] == "empty"
+    assert _lines(tmp_path / "o" / "records.jsonl")[0]["messages"][0]["content"] == "Say bye\n\npolitely"
+
+
+def test_parquet_input_and_manifest_contamination(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    prompts = ["How warm is the sea in August near the northern coast", "Why do cats purr when they sleep",
+               "Question number one about the weather today in the mountains"]
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": p},
+                                         {"role": "assistant", "content": "It is sunny and warm."}]} for i, p in enumerate(prompts)]
+    src = tmp_path / "data.parquet"
+    pd.DataFrame(rows).to_parquet(src)
+    ev = tmp_path / "ev.jsonl"
+    ev.write_text(json.dumps({"id": "q1", "prompt": "question number one about the weather today in the mountains"}) + "\n")
+    summary = run(CurateConfig(inputs=[str(src)], out_dir=str(tmp_path / "o"),
+                               steps=[{"step": "decontaminate", "eval_sets": [str(ev)]}]))
+    assert (summary["in"], summary["out"]) == (3, 2)
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["contamination"]["eval_items_hit"] == ["ev.jsonl:q1"]

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..records import Comparison, Conversation, Record
-from .common import StepResult, removal
+from .common import StepResult, progress, removal
 from .config import CleanStep
 
 __all__ = ["apply", "html_to_markdown", "repair_roles", "teacher_pattern"]
@@ -141,7 +141,7 @@ def apply(records: list[Record], opts: CleanStep, ctx: Any = None) -> StepResult
     """Clean every record in place; conversations that cannot be repaired are removed."""
     teacher = teacher_pattern(tuple(opts.teacher_phrases))
     kept, removed = [], []
-    for rec in records:
+    for rec in progress(records, "clean"):
         fn = _clean_comparison if isinstance(rec, Comparison) else _clean_conversation
         entry = fn(rec, opts, teacher)
         if entry is None:

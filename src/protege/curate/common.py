@@ -10,7 +10,7 @@ from typing import Any
 
 from ..records import Comparison, Conversation, Record
 
-__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "PUNCT_TO_SPACE"]
+__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "PUNCT_TO_SPACE"]
 
 
 
@@ -71,5 +71,8 @@ def words(text: str) -> list[str]:
     return text.translate(_PUNCT).split()
 
 
-def is_conversation(rec: Record) -> bool:
-    return isinstance(rec, Conversation)
+def progress(items: Any, desc: str, total: int | None = None) -> Any:
+    """A tqdm bar with rate on a terminal; silent otherwise (tests, CI logs)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit="rec", disable=None, leave=False, mininterval=1.0)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from ..errors import StageError
 from ..formats import convert_obj
 from ..records import Record, RecordError
-from .common import StepResult, messages_of, normalize, removal, texts, words
+from .common import StepResult, messages_of, normalize, progress, removal, texts, words
 from .config import DecontaminateStep
 
 __all__ = ["EvalPrompt", "load_eval_prompts", "EvalIndex", "apply"]
@@ -140,7 +140,7 @@ def apply(records: list[Record], opts: DecontaminateStep, ctx: Any = None) -> St
     index = EvalIndex(prompts, opts.ngram, opts.min_words)
     bleu = _bleu() if opts.bleu_threshold is not None else None
     kept, removed, hits = [], [], []
-    for rec in records:
+    for rec in progress(records, "decontaminate"):
         hit = None
         for text in texts(rec, opts.scope):
             i = index.exact.get(normalize(text))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..records import Record
-from .common import StepResult, removal, texts
+from .common import StepResult, progress, removal, texts
 from .config import LanguageStep
 
 __all__ = ["LanguageDetector", "detector", "apply"]
@@ -55,7 +55,7 @@ def apply(records: list[Record], opts: LanguageStep, ctx: Any = None) -> StepRes
     det = detector()
     keep, drop = set(opts.keep), set(opts.drop)
     kept, removed, mix = [], [], Counter()
-    for rec in records:
+    for rec in progress(records, "language"):
         text = "\n".join(texts(rec, opts.text))[: opts.max_chars]
         if len(text.strip()) < opts.min_chars:
             lang, prob = "und", 0.0

@@ -28,7 +28,7 @@ from ..formats import convert_obj, iter_source
 from ..manifest import write_manifest
 from ..records import Comparison, Conversation, JsonlWriter, Record, RecordError, check_messages, write_records
 from . import clean, decontam, dedup, langid, mix, quality, split, tag
-from .common import StepResult, messages_of, removal, words
+from .common import StepResult, messages_of, progress, removal, words
 from .config import CurateConfig
 
 __all__ = ["run", "Context", "read_inputs"]
@@ -90,6 +90,9 @@ def _loose_conversation(obj: Any, source: str) -> Conversation | None:
         msgs = [{"role": m.get("role"), "content": m.get("content")} for m in obj["messages"] if isinstance(m, dict)]
     elif isinstance(obj.get("conversations"), list):
         msgs = [{"role": m.get("from"), "content": m.get("value")} for m in obj["conversations"] if isinstance(m, dict)]
+    elif "instruction" in obj:
+        user = "\n\n".join(str(obj.get(k) or "") for k in ("instruction", "input") if str(obj.get(k) or "").strip())
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": obj.get("output")}]
     else:
         return None
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
@@ -108,7 +111,7 @@ def read_inputs(cfg: CurateConfig, ctx: Context) -> tuple[list[Record], list[dic
         if path.suffix not in (".jsonl", ".json"):
             records.extend(iter_source(path, cfg.format))   # datasets-readable files: validated rows
             continue
-        for lineno, obj, problem in _json_objects(path):
+        for lineno, obj, problem in progress(_json_objects(path), f"read {path.name}"):
             rec = None
             if problem is None:
                 try:
@@ -265,6 +268,10 @@ def run(config: CurateConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"steps": [{k: v for k, v in s.items() if k != "stats"} for s in summaries]}
     if markers:
         extra["markers"] = markers
+    hits = [h for s in summaries for h in s["stats"].get("contamination_hits", [])]
+    if any("eval_sets" in s["stats"] for s in summaries):
+        extra["contamination"] = {"eval_sets": {k: v for s in summaries for k, v in s["stats"].get("eval_sets", {}).items()},
+                                  "eval_items_hit": sorted({f"{h['eval_set']}:{h['eval_id']}" for h in hits})}
     write_manifest(out, "curate", cfg, inputs=cfg.inputs, outputs=outputs, counts=counts,
                    seconds=time.perf_counter() - t_start, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
