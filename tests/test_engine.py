@@ -15,6 +15,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting
+    # makes them up to 100x slower; restore the setting so other tests are unaffected.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _ids(tok, texts):
     return [tok(t)["input_ids"] for t in texts]
 
