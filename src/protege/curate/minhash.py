@@ -34,7 +34,7 @@ _M = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E
                0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
 _EMPTY = np.uint32(0xFFFFFFFF)
 _CHUNK_DOCS = 5000   # tokenized per chunk: bounds the transient Python word lists (~60 MB)
-_BLOCK_DOCS = 32     # documents per MinHash block: (num_perm, ~6K shingles) uint32 stays in cache
+_BLOCK_SHINGLES = 4096  # shingles per MinHash block: (num_perm, <= 8K) uint32 = 4 MB stays in cache
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -97,20 +97,29 @@ def minhash_signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int = 
     n = len(offsets) - 1
     sig = np.full((num_perm, n), _EMPTY, np.uint32)
     counts = np.diff(offsets)
-    nonempty = np.flatnonzero(counts > 0)
-    buf = np.empty((num_perm, max(1, int(counts.max(initial=0)) * _BLOCK_DOCS)), np.uint32)
-    for k in range(0, len(nonempty), _BLOCK_DOCS):
-        docs = nonempty[k:k + _BLOCK_DOCS]
-        # docs are increasing and non-empty, but not contiguous: gather their shingles
+    buf = np.empty((num_perm, 2 * _BLOCK_SHINGLES), np.uint32)
+
+    def permuted(x: np.ndarray) -> np.ndarray:
+        view = buf[:, : len(x)]
+        np.multiply(a, x[None, :], out=view)                                 # (P, S), wraps mod 2**32
+        view += b
+        return view
+
+    small = np.flatnonzero((counts > 0) & (counts <= _BLOCK_SHINGLES))
+    # documents starting in the same budget window form a block: at most 2 * budget shingles
+    block = offsets[small] // _BLOCK_SHINGLES
+    cuts = np.flatnonzero(np.diff(block)) + 1
+    for docs in np.split(small, cuts) if len(small) else []:
         lo, hi = offsets[docs], offsets[docs + 1]
-        if hi[-1] - lo[0] == int((hi - lo).sum()):
+        if hi[-1] - lo[0] == int((hi - lo).sum()):                           # contiguous (no giant doc between)
             x = hashes[lo[0]:hi[-1]]
         else:
             x = np.concatenate([hashes[s:e] for s, e in zip(lo, hi)])
-        view = buf[:, : len(x)]
-        np.multiply(a, x[None, :], out=view)                                 # (P, S) wraps mod 2**32
-        view += b
-        sig[:, docs] = np.minimum.reduceat(view, np.concatenate([[0], np.cumsum(hi - lo)[:-1]]), axis=1)
+        sig[:, docs] = np.minimum.reduceat(permuted(x), np.concatenate([[0], np.cumsum(hi - lo)[:-1]]), axis=1)
+    for d in np.flatnonzero(counts > _BLOCK_SHINGLES):                      # long texts: running minimum
+        for s in range(offsets[d], offsets[d + 1], 2 * _BLOCK_SHINGLES):
+            x = hashes[s:min(s + 2 * _BLOCK_SHINGLES, offsets[d + 1])]
+            np.minimum(sig[:, d], permuted(x).min(axis=1), out=sig[:, d])
     return sig
 
 
