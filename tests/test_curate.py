@@ -304,3 +304,14 @@ def test_parquet_input_and_manifest_contamination(tmp_path):
     assert (summary["in"], summary["out"]) == (3, 2)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["contamination"]["eval_items_hit"] == ["ev.jsonl:q1"]
+
+
+def test_cli_help_lists_every_step_kind(capsys):
+    from protege.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["curate", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for kind in ("clean:", "split:", "dedup:", "language:", "quality:", "decontaminate:", "mix:", "tag:"):
+        assert f"\n  {kind}\n" in text

@@ -16,8 +16,33 @@ def register(sub: Any) -> None:
     p = add_stage_parser(sub, "curate", CurateConfig,
                          "clean, split, deduplicate, language/quality-filter, decontaminate, mix and tag record "
                          "files; writes records.jsonl, removed.jsonl and a data card (card.md, card.html)", _curate)
+    p.epilog = _help_epilog()
     p.add_argument("inputs", nargs="*", help="record files (override `inputs` of the config)")
     p.add_argument("--out", "-o", default=None, help="output folder (overrides `out_dir`)")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _help_epilog() -> str:
+    """Top-level keys, then every step kind with its options (the default step list is too long to print)."""
+    from typing import get_args
+
+    from ..curate.config import CurateConfig, Step
+
+    lines = ["config keys (set in --config YAML or as --key=value):"]
+    for name, field in CurateConfig.model_fields.items():
+        default = "clean, dedup, language, quality" if name == "steps" else _short(field.get_default(call_default_factory=True))
+        lines.append(f"  {name} (default {default}): {field.description}")
+    lines.append("\nsteps: a list; each item `step: KIND` plus that kind's options:")
+    for cls in get_args(get_args(Step)[0]):
+        lines.append(f"  {cls.model_fields['step'].default}:")
+        for name, field in cls.model_fields.items():
+            if name != "step":
+                lines.append(f"    {name} (default {_short(field.get_default(call_default_factory=True))}): {field.description}")
+    return "\n".join(lines)
 
 
 def _curate(args: argparse.Namespace) -> int:
