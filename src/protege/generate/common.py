@@ -1,0 +1,96 @@
+"""What every generator shares: the run folder, the cached teacher, records out, the manifest.
+
+Resuming works by *replay*: every teacher request is cached (teacher_cache.sqlite in
+`out_dir`) and every random choice is seeded, so a rerun after a kill asks the same
+questions in the same order, gets the finished ones back from the cache instantly,
+and carries on where the killed run stopped. `records.jsonl` is rewritten from the
+start on each run, so it never holds duplicates or half-written lines.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import save_config
+from ..manifest import write_manifest
+from ..records import JsonlWriter
+from ..teachers import Teacher, TeacherConfig, make_teacher
+
+__all__ = ["GeneratorRun", "data_file", "read_jsonl_data", "read_yaml_data", "sampling", "clean_reply"]
+
+
+def data_file(name: str) -> Path:
+    """Path of a data file shipped in `protege/generate/data/`."""
+    return Path(str(resources.files("protege.generate") / "data" / name))
+
+
+def read_jsonl_data(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    from ..records import RecordError
+
+                    raise RecordError(f"bad JSON: {err.msg}", str(path), lineno) from None
+    return out
+
+
+def read_yaml_data(path: str | Path) -> Any:
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None,
+             stop: list[str] | None = None) -> Any:
+    """Engine `SamplingParams` (imported here so `protege --help` does not load torch)."""
+    from ..engine import SamplingParams
+
+    # Greedy decoding ignores the seed; leaving it out keeps identical greedy requests one cache entry.
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed if temperature > 0 else None, stop=list(stop or []))
+
+
+def clean_reply(text: str) -> str:
+    """A teacher's answer as a record's content: surrounding whitespace removed."""
+    return text.strip()
+
+
+class GeneratorRun:
+    """Opens `out_dir` (resolved config, cached teacher, fresh records.jsonl) and writes the manifest."""
+
+    def __init__(self, stage: str, config: Any, out_dir: str | Path, teacher_config: TeacherConfig | None = None,
+                 records_name: str = "records.jsonl"):
+        self.stage = stage
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.out_dir)
+        self.teacher: Teacher | None = make_teacher(teacher_config, self.out_dir) if teacher_config else None
+        self.records_path = self.out_dir / records_name
+        self.writer = JsonlWriter(self.records_path)
+
+    def teacher_counts(self, teacher: Teacher | None = None) -> dict[str, int]:
+        t = teacher or self.teacher
+        keys = ("requests", "cache_hits", "sent", "deduplicated", "retries", "prompt_tokens", "completion_tokens")
+        return {k: int(t.stats.get(k, 0)) for k in keys} if t is not None else {}
+
+    def finish(self, counts: dict[str, Any], seconds: float, inputs: list[str | Path] | None = None,
+               outputs: list[str | Path] | None = None, extra: dict[str, Any] | None = None) -> None:
+        self.writer.close()
+        if self.teacher is not None:
+            extra = {"teacher": self.teacher.name, **(extra or {})}
+            self.teacher.close()
+        write_manifest(self.out_dir, self.stage, self.config, inputs=inputs,
+                       outputs=outputs or [self.records_path], counts=counts, seconds=seconds, extra=extra)
+
+    def abort(self) -> None:
+        self.writer.close()
+        if self.teacher is not None:
+            self.teacher.close()
