@@ -366,3 +366,14 @@ def test_killed_run_resumes_from_last_finished_step(tmp_path, monkeypatch):
     assert summary == fresh
     assert (out / "records.jsonl").read_text() == (tmp_path / "fresh" / "records.jsonl").read_text()
     assert (out / "removed.jsonl").read_text() == (tmp_path / "fresh" / "removed.jsonl").read_text()
+
+
+def test_boilerplate_prefilter_literal_is_required_by_the_regex():
+    from protege.curate.clean import required_literal
+
+    assert required_literal(r"^\s*Copy code\s*$") == "Copy code"
+    assert required_literal(r"^\s*\d+\s*/\s*\d+\s*$") == "/"
+    assert required_literal("a|b") == "" and required_literal("(?i)copy") == "" and required_literal("(") == ""
+    res = clean.apply([conv("q", "Intro\n2 / 2\nBody text\nRegenerate response")],
+                      CleanStep(boilerplate=[r"^\s*\d+\s*/\s*\d+\s*$", r"(?i)^regenerate RESPONSE$"]))
+    assert res.kept[0].messages[1]["content"] == "Intro\n\nBody text"

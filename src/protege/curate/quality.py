@@ -19,7 +19,7 @@ __all__ = ["apply", "repetition"]
 def repetition(text: str, n: int = 3) -> float:
     """Fraction of word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
     w = words(text)
-    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    grams = list(zip(*(w[i:] for i in range(n))))
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
