@@ -16,9 +16,9 @@ from .config import QualityStep
 __all__ = ["apply", "repetition"]
 
 
-def repetition(text: str, n: int = 3) -> float:
-    """Fraction of word n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
-    w = words(text)
+def repetition(text: str | list[str], n: int = 3) -> float:
+    """Fraction of word n-grams that repeat an earlier one (0 = none, near 1 = a loop); text or its words."""
+    w = words(text) if isinstance(text, str) else text
     grams = list(zip(*(w[i:] for i in range(n))))
     if not grams:
         return 0.0
@@ -26,17 +26,18 @@ def repetition(text: str, n: int = 3) -> float:
 
 
 def _problem(rec: Record, opts: QualityStep, refusal: Any) -> tuple[str, str] | None:
-    answers = texts(rec, "assistant")
-    total = sum(len(words(t)) for t in texts(rec, "all"))
-    if opts.max_total_words is not None and total > opts.max_total_words:
-        return "too_long", f"{total} words > {opts.max_total_words}"
-    for i, answer in enumerate(answers):
-        n = len(answer.split())
+    if opts.max_total_words is not None:
+        total = sum(len(words(t)) for t in texts(rec, "all"))
+        if total > opts.max_total_words:
+            return "too_long", f"{total} words > {opts.max_total_words}"
+    for i, answer in enumerate(texts(rec, "assistant")):
+        answer_words = words(answer)
+        n = len(answer_words)
         if n < opts.min_response_words:
             return "too_short", f"answer {i} has {n} words < {opts.min_response_words}"
         if opts.max_response_words is not None and n > opts.max_response_words:
             return "too_long", f"answer {i} has {n} words > {opts.max_response_words}"
-        rep = repetition(answer, opts.repetition_ngram)
+        rep = repetition(answer_words, opts.repetition_ngram)
         if rep > opts.max_repetition:
             return "repetition", f"answer {i}: {rep:.0%} of {opts.repetition_ngram}-grams repeated"
         hit = refusal.search(answer) if refusal is not None else None
