@@ -377,3 +377,20 @@ def test_boilerplate_prefilter_literal_is_required_by_the_regex():
     res = clean.apply([conv("q", "Intro\n2 / 2\nBody text\nRegenerate response")],
                       CleanStep(boilerplate=[r"^\s*\d+\s*/\s*\d+\s*$", r"(?i)^regenerate RESPONSE$"]))
     assert res.kept[0].messages[1]["content"] == "Intro\n\nBody text"
+
+
+def test_records_read_loosely_are_validated_after_cleaning(tmp_path, monkeypatch):
+    """Safety net: a record clean was allowed to repair but did not is listed as invalid, not written."""
+    from protege.curate import pipeline
+    from protege.curate.common import StepResult
+
+    monkeypatch.setitem(pipeline.APPLY, "clean", lambda recs, opts, ctx: StepResult(list(recs)))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "bad", "messages": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": ""}]}) + "\n"
+                   + json.dumps(conv("fine question", "fine answer", "good").to_dict()) + "\n")
+    summary = run(CurateConfig(inputs=[str(src)], out_dir=str(tmp_path / "o"), steps=[{"step": "clean"}, {"step": "quality"}]))
+    removed = [json.loads(x) for x in (tmp_path / "o" / "removed.jsonl").read_text().splitlines()]
+    assert removed == [{"id": "bad", "step": "validate", "reason": "invalid",
+                        "detail": "`messages[1]`.content: empty content", "source": "in"}]
+    assert [s["step"] for s in summary["steps"]] == ["clean", "validate", "quality"]

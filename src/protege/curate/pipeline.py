@@ -147,6 +147,15 @@ def _validate(records: list[Record], ctx: Context) -> tuple[list[Record], list[d
     return kept, removed
 
 
+def _validate_step(records: list[Record], removed: list[dict[str, Any]], summaries: list[dict[str, Any]],
+                   ctx: Context) -> tuple[list[Record], list[dict[str, Any]]]:
+    kept, bad = _validate(records, ctx)
+    if bad:
+        summaries.append({"step": "validate", "in": len(records), "out": len(kept), "removed": len(bad), "added": 0,
+                          "reasons": {"invalid": len(bad)}, "seconds": 0.0, "stats": {}})
+    return kept, removed + bad
+
+
 def length_histogram(records: list[Record]) -> dict[str, list[int]]:
     """Messages per word-count bin (LENGTH_BINS), per role."""
     import numpy as np
@@ -225,11 +234,7 @@ def run(config: CurateConfig) -> dict[str, Any]:
     for i in range(start, len(cfg.steps)):
         opts = cfg.steps[i]
         if opts.step != "clean" and ctx.unchecked:
-            records, bad = _validate(records, ctx)
-            removed += bad
-            if bad:
-                summaries.append({"step": "validate", "in": len(records) + len(bad), "out": len(records),
-                                  "removed": len(bad), "added": 0, "reasons": {"invalid": len(bad)}, "seconds": 0.0, "stats": {}})
+            records, removed = _validate_step(records, removed, summaries, ctx)
         t0, n_in = time.perf_counter(), len(records)
         result = APPLY[opts.step](records, opts, ctx)
         for entry in result.removed:
@@ -244,8 +249,7 @@ def run(config: CurateConfig) -> dict[str, Any]:
             _save_step(work / f"{i:02d}-{opts.step}", _fingerprint(cfg, i), records, removed,
                        {"steps": summaries, "inputs": inputs})
     if ctx.unchecked:
-        records, bad = _validate(records, ctx)
-        removed += bad
+        records, removed = _validate_step(records, removed, summaries, ctx)
     added = sum(s["added"] for s in summaries)
     if inputs["records"] + added != len(records) + len(removed):
         raise RuntimeError(f"curate bug: {inputs['records']} in + {added} created != {len(records)} out + {len(removed)} removed")
