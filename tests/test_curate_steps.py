@@ -253,6 +253,8 @@ def test_eval_loaders_task_formats_and_errors(tmp_path):
         decontam.load_eval_prompts(bad, fields)
     with pytest.raises(FileNotFoundError):
         decontam.load_eval_prompts(tmp_path / "none.jsonl", fields)
+    with pytest.raises(StageError, match="no `eval_sets`"):
+        decontam.apply([], DecontaminateStep())
 
 
 def test_short_eval_prompts_match_whole_or_exact(tmp_path):

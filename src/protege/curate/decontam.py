@@ -136,6 +136,8 @@ def _bleu():
 
 def apply(records: list[Record], opts: DecontaminateStep, ctx: Any = None) -> StepResult:
     """Remove records overlapping any eval prompt; stats list every hit and hits per eval set."""
+    if not opts.eval_sets:
+        raise StageError("decontaminate: no `eval_sets` given (eval task or records files to check against)")
     prompts = [p for path in opts.eval_sets for p in load_eval_prompts(path, opts.fields)]
     index = EvalIndex(prompts, opts.ngram, opts.min_words)
     bleu = _bleu() if opts.bleu_threshold is not None else None
