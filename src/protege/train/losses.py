@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy"]
 
 IGNORE_INDEX = -100
+_ONES = torch.ones(())  # sentinel "every token weighs 1"; broadcasts where it is used
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,26 +34,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         need_w = weight.requires_grad
         need_h = hidden.requires_grad
-        grad_h = torch.empty_like(hidden) if need_h else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in >= float32 even under bf16
+        grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         total = hidden.new_zeros((), dtype=acc)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             y = targets[start:start + chunk_size]
-            w = weights[start:start + chunk_size].to(acc)
+            rows = torch.arange(len(y), device=y.device)
             z = (h @ weight.t()).to(acc)  # (n_chunk, V): the only logits that ever exist
             if softcap is not None:
-                t = torch.tanh(z / softcap)
+                t = torch.tanh(z.div_(softcap))
                 z = t * softcap
-            lse = torch.logsumexp(z, dim=-1)
-            total = total + ((lse - z.gather(1, y[:, None]).squeeze(1)) * w).sum()
+            # Each pass over a chunk's logits moves ~V*4 bytes per token, so work in place:
+            # max, subtract, exp, sum, divide = softmax and log-sum-exp with no extra (n, V) buffer.
+            target_logit = z[rows, y]
+            peak = z.amax(dim=-1)
+            probs = z.sub_(peak[:, None]).exp_()
+            norm = probs.sum(dim=-1)
+            token_loss = peak + norm.log() - target_logit
+            w = weights.to(acc) if weights is _ONES else weights[start:start + chunk_size].to(acc)
+            total = total + (token_loss * w).sum()
             if need_h or need_w:
-                g = z.sub_(lse[:, None]).exp_()  # softmax, in place: z is not needed any more
-                g[torch.arange(len(y)), y] -= 1.0
+                g = probs.div_(norm[:, None])  # softmax; d CE / d logits = softmax - onehot
+                g[rows, y] -= 1.0
                 if softcap is not None:
                     g.mul_(1.0 - t * t)
-                g.mul_(w[:, None])
+                if weights is not _ONES:
+                    g.mul_(w[:, None])
                 g = g.to(weight.dtype)
                 if need_h:
                     grad_h[start:start + chunk_size] = g @ weight
@@ -81,7 +90,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     loss (default 1). `softcap` applies Gemma's `final_logit_softcapping`.
     """
     if weights is None:
-        weights = torch.ones(hidden.shape[0], device=hidden.device)
+        weights = _ONES  # skips a multiply over every chunk's (n, V) gradient
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (DDP expects every parameter used)
     return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk_size)

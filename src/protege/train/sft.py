@@ -291,6 +291,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
         if not mine:  # a short last step: this rank must still join the gradient all-reduce
             mine, weight = rows_of[:1], 0.0
         step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        step_tokens = sum(len(e.input_ids) for mb in rows_of for row in mb for e in row)  # all ranks
         for j, rows in enumerate(mine):
             batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(module)
@@ -299,7 +300,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
                 loss = module(**batch, normalizer=n_labels / world) * weight
                 accelerator.backward(loss)
             step_loss += loss.detach().double() / world
-            tokens_seen += int((batch["input_ids"] != pad_id).sum()) if weight else 0
+        tokens_seen += step_tokens
         grad_norm = (float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
                      if config.max_grad_norm > 0 else float("nan"))
         optimizer.step()
@@ -307,12 +308,12 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
         optimizer.zero_grad(set_to_none=True)
         last_loss = float(accelerator.reduce(step_loss, "sum"))
         done = step + 1
-        tok_s = tokens_seen * world / max(time.time() - t0, 1e-9)
+        tok_s = tokens_seen / max(time.time() - t0, 1e-9)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         if done % config.log_every == 0 or done == total_steps:
             metrics.log(done, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                        tokens_per_s=round(tok_s, 2), label_tokens=n_labels)
+                        tokens_per_s=round(tok_s, 2), tokens=step_tokens, label_tokens=n_labels)
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
             metrics.log(done, eval_loss=_eval_loss(module, eval_batches, pad_id, accelerator.device, accelerator))
         if done == stop_after_steps and done < total_steps:
@@ -339,7 +340,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
                "label_tokens": stats.label_tokens, "eval_conversations": len(eval_examples), "steps": total_steps,
                "resumed_from_step": start_step, "final_loss": last_loss, "eval_loss": eval_loss,
                "trainable_params": sum(p.numel() for p in trainable),
-               "tokens_per_s": round(tokens_seen * world / max(time.time() - t0, 1e-9), 2),
+               "tokens_per_s": round(tokens_seen / max(time.time() - t0, 1e-9), 2),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
     accelerator.wait_for_everyone()
     if main:
