@@ -47,10 +47,9 @@ class BenchConfig(StageConfig):
 
 
 def _model_name(cfg: BenchConfig) -> str:
-    if cfg.model_name:
-        return cfg.model_name
-    p = Path(cfg.model)
-    return p.name if p.name not in ("hf", "final", "merged", "model") else f"{p.parent.name}/{p.name}"
+    from .answer import display_name
+
+    return cfg.model_name or display_name(cfg.model)
 
 
 def _mean(values: list[float]) -> float:

@@ -45,7 +45,7 @@ class PromptBuilder:
         return {**(self.extra or {}), "labels": labels, **item}
 
     def _user(self, item: dict[str, Any]) -> str:
-        tpl = self.spec.chat_template if (self.chat and self.spec.chat_template) else self.spec.template
+        tpl = self.spec.chat_template if (self.chat and self.spec.chat_template) else self.spec.item_template
         return format_template(tpl, self._fields(item), self.spec.name)
 
     @property

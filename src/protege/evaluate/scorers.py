@@ -71,12 +71,18 @@ def _score_generated(runner: Any, prompts: PromptBuilder, batch: list[dict[str, 
     spec = prompts.spec
     params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=0.0, stop=prompts.stop)
     ids = [prompts.generation_ids(item, runner.tok) for item in batch]
+    # Keep room for the answer: a prompt longer than the model's window loses its oldest tokens (the
+    # first shots), as lm-eval does; `truncated` in the record says so.
+    window = getattr(runner.model.config, "max_position_embeddings", None) or 1 << 30
+    keep = max(1, window - spec.max_new_tokens - 1)
+    truncated = [len(x) > keep for x in ids]
+    ids = [x[-keep:] for x in ids]
     outs = runner.engine.generate(ids, params)
     records = []
-    for item, prompt_ids, out in zip(batch, ids, outs):
+    for item, prompt_ids, cut, out in zip(batch, ids, truncated, outs):
         text = out.text
         rec: dict[str, Any] = {"id": item["id"], "prompt": runner.tok.decode(prompt_ids),
-                               "output": text, "finish_reason": out.finish_reason}
+                               "output": text, "finish_reason": out.finish_reason, "truncated": cut}
         if spec.type == "generate":
             pred = extract_answer(text, spec.answer_regex, spec.answer_match)
             if pred is None and spec.fallback_first_line:

@@ -57,8 +57,11 @@ _NUMBER = re.compile(r"^-?[\d,]*\.?\d+$")
 def normalize_answer(text: str) -> str:
     """Canonical form for exact match: trimmed, lower-case, outer quotes/period/parens dropped,
     thousands separators and trailing `.0` removed from numbers ("1,200.0" == "1200")."""
-    t = text.strip().strip("\"'`*").strip()
-    t = t.rstrip(".").strip()
+    t = text.strip()
+    prev = None
+    while t != prev:  # peel quotes, emphasis and a final period in any nesting: '"True".' -> True
+        prev = t
+        t = t.strip("\"'`* ").rstrip(".")
     if len(t) >= 3 and t[0] == "(" and t[-1] == ")":  # "(A)" -> "a", BBH option letters
         t = t[1:-1]
     t = t.lower()

@@ -46,7 +46,9 @@ class TaskSpec(StageConfig):
                                    description="rename source fields to protege's (e.g. {question: prompt})")
     description: str = Field("", description="one line saying what the task measures (shown in the report)")
     instruction: str = Field("", description="text before the shots (plain) / system message (chat)")
-    template: str = Field("Question: {question}\nAnswer:", description="prompt of one item (plain prompting)")
+    template: str | None = Field(None, description="prompt of one item (plain prompting); default per type: "
+                                 "'Question: {question}\\nAnswer:', 'Text: {text}\\nLabel:' (classify), "
+                                 "'Question: {question}\\nSQL:' (sql)")
     chat_template: str | None = Field(None, description="user message of one item when chat-formatted "
                                       "(default: `template`)")
     target_delimiter: str = Field(" ", description="between the prompt and the answer/option (plain prompting)")
@@ -68,6 +70,13 @@ class TaskSpec(StageConfig):
     database: str | None = Field(None, description="sql: schema + rows as an SQL script (.sql)")
 
     root: str = Field("", description="(set by the loader) folder that relative paths are resolved against")
+
+    @property
+    def item_template(self) -> str:
+        if self.template is not None:
+            return self.template
+        return {"classify": "Text: {text}\nLabel:", "sql": "Question: {question}\nSQL:"}.get(
+            self.type, "Question: {question}\nAnswer:")
 
     def path(self, rel: str) -> Path:
         p = Path(rel).expanduser()

@@ -1,0 +1,126 @@
+"""`protege eval bench|answer|judge` and `protege report`: parse arguments, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from . import add_stage_parser
+
+ORDER = 60
+
+
+def _merge(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Explicit flags become `key=value` overrides (YAML-parsed like any other override)."""
+    extra = []
+    for flag, key in mapping.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra.append(f"{key}={json.dumps(value)}")
+    return extra + list(args.overrides or [])
+
+
+def register(sub: Any) -> None:
+    from ..evaluate.answer import AnswerConfig
+    from ..evaluate.bench import BenchConfig
+    from ..evaluate.judge import JudgeConfig
+    from ..evaluate.report import ReportConfig
+
+    ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style)",
+                        description="Evaluate models. Subcommands: bench, answer, judge.")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    ev.set_defaults(func=lambda a: ev.print_help() or 0)
+
+    b = add_stage_parser(evsub, "bench", BenchConfig, "score a model on benchmark tasks (MC log-likelihood, "
+                         "generation exact match, classification + format adherence, text-to-SQL)", _bench)
+    b.add_argument("--model", help="model alias, HF folder or .gguf")
+    b.add_argument("--tasks", nargs="+", help="built-in task names, task YAMLs, agieval:FILE, bbh:FILE")
+    b.add_argument("--out", help="output folder")
+    b.add_argument("--limit", type=int, help="items per task")
+
+    a = add_stage_parser(evsub, "answer", AnswerConfig, "answer a prompt set turn by turn (the judge's input)",
+                         _answer)
+    a.add_argument("--model", help="model alias, HF folder or .gguf")
+    a.add_argument("--prompts", help="prompt JSONL (MT-bench `turns`, protege `messages`, or `prompt`)")
+    a.add_argument("--out", help="output folder")
+    a.add_argument("--limit", type=int, help="prompts to answer")
+
+    j = add_stage_parser(evsub, "judge", JudgeConfig, "LLM judge: pairwise (both orders), single or "
+                         "reference-guided grading, with its position and length biases", _judge)
+    j.add_argument("--answers", nargs="+", help="answer sets or model specs (pairwise: candidate, opponent)")
+    j.add_argument("--prompts", help="prompt JSONL, when --answers names models")
+    j.add_argument("--judge-model", help="judge model (alias/folder for local, API model name for openai)")
+    j.add_argument("--mode", choices=["pairwise", "single", "reference"])
+    j.add_argument("--out", help="output folder")
+    j.add_argument("--limit", type=int, help="prompts to judge")
+
+    r = add_stage_parser(sub, "report", ReportConfig, "one HTML page (+ report.md): style vs substance of "
+                         "base, students and teacher, imitation gap, plots, judge consistency", _report)
+    r.add_argument("inputs_pos", nargs="*", metavar="DIR", help="bench/judge/answer/run folders")
+    r.add_argument("-o", "--output", help="HTML file to write (report.md goes next to it)")
+    r.add_argument("--base", help="name of the base model row")
+    r.add_argument("--teacher", help="name of the teacher row")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..evaluate.bench import BenchConfig, run
+
+    cfg = load_config(BenchConfig, args.config, _merge(args, {"model": "model", "tasks": "tasks", "out": "out_dir",
+                                                                "limit": "limit"}))
+    for task, r in run(cfg).items():
+        print(f"{task:<28} {r['metric']:<20} {r['score']:.4f}  (n={r['n']})")
+    print(f"results: {cfg.out_dir}/results.json")
+    return 0
+
+
+def _answer(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..evaluate.answer import AnswerConfig, run
+
+    cfg = load_config(AnswerConfig, args.config, _merge(args, {"model": "model", "prompts": "prompts",
+                                                                 "out": "out_dir", "limit": "limit"}))
+    r = run(cfg)
+    print(f"{r['model']}: {r['prompts']} prompts, {r['turns']} turns answered -> {cfg.out_dir}/answers.jsonl")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..evaluate.judge import JudgeConfig, run
+
+    cfg = load_config(JudgeConfig, args.config, _merge(args, {"answers": "answers", "prompts": "prompts",
+                                                                "judge_model": "judge.model", "mode": "mode",
+                                                                "out": "out_dir", "limit": "limit"}))
+    r = run(cfg)
+    s = r["summary"]
+    if r["mode"] == "pairwise":
+        a, b = r["models"]
+        print(f"{a} vs {b} (judge {r['judge']}, {s['n_judged']}/{s['n']} judged)")
+        for k in ("win", "tie", "loss"):
+            lo, hi = s[f"{k}_ci"]
+            print(f"  {k:<5} {s[k]:.3f}  [{lo:.3f}, {hi:.3f}]")
+        print(f"  win rate (ties half) {s['win_rate']:.3f}; position consistency {s['position_consistency']:.3f}; "
+              f"first-position rate {s['first_position_rate']:.3f}; longer answer wins {s['length_bias']:.3f}; "
+              f"judge errors {s['error_rate']:.3f}")
+    else:
+        for name, m in s.items():
+            lo, hi = m["mean_rating_ci"]
+            print(f"{name:<28} rating {m['mean_rating']:.2f} [{lo:.2f}, {hi:.2f}]  errors {m['error_rate']:.3f}  "
+                  f"length~rating r={m['length_rating_corr']:.2f}")
+    print(f"results: {cfg.out_dir}/judge_results.json")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..evaluate.report import ReportConfig, run
+
+    if args.inputs_pos:
+        args.inputs = args.inputs_pos
+    cfg = load_config(ReportConfig, args.config, _merge(args, {"inputs": "inputs", "output": "output",
+                                                                 "base": "base", "teacher": "teacher"}))
+    r = run(cfg)
+    print(f"report: {r['html']} (and {r['markdown']}); {r['models']} models")
+    return 0

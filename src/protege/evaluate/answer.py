@@ -1,0 +1,141 @@
+"""`protege eval answer`: one model's answers to a prompt set, turn by turn, cached (the judge's input).
+
+Prompt files (JSONL), one prompt set per file:
+- MT-bench style: {"question_id", "category", "turns": [str, ...], "reference": [str, ...]?}
+- protege conversations: {"id", "messages": [...]} (the user turns are asked; assistant turns are ignored)
+- simple: {"id"?, "prompt": str, "reference": str?}
+Multi-turn prompts are answered turn by turn: turn 2 is asked with the model's *own* turn-1 answer in the
+history (as MT-bench does). Answers go through a teacher backend (`local` = the engine on any model spec,
+`openai` = any compatible API), whose request cache makes a killed run resume without recomputing.
+
+Output: answers.jsonl — {"id", "category", "turns", "answers", "reference", "model"} — plus manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..config import StageConfig, save_config
+from ..errors import StageError
+from ..manifest import write_manifest
+from ..records import write_records
+
+__all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name"]
+
+ANSWERS_FILE = "answers.jsonl"
+
+
+def display_name(spec: str) -> str:
+    """A short model name for tables: the alias, else the folder name (with its parent for generic names)."""
+    p = Path(spec)
+    return p.name if p.name not in ("hf", "final", "merged", "model", "checkpoint") else f"{p.parent.name}/{p.name}"
+
+
+class AnswerConfig(StageConfig):
+    model: str = Field("smollm2-135m-instruct", description="model alias / HF folder / .gguf (local) or API model name")
+    model_name: str | None = Field(None, description="name in judgments and reports (default: from `model`)")
+    backend: Literal["local", "openai"] = Field("local", description="local engine or an OpenAI-compatible API")
+    base_url: str | None = Field(None, description="openai backend: API root ending in /v1")
+    prompts: str = Field(..., description="prompt set (JSONL: MT-bench `turns`, protege `messages`, or `prompt`)")
+    out_dir: str = Field("runs/eval/answers", description="output folder")
+    limit: int | None = Field(None, description="answer at most this many prompts")
+    system: str | None = Field(None, description="system message put before every conversation")
+    max_new_tokens: int = Field(256, description="answer length budget per turn")
+    temperature: float = Field(0.0, description="0 = greedy (reproducible)")
+    batch_size: int = Field(16, description="local backend: sequences decoded together")
+
+
+def _turns(row: dict[str, Any], where: str) -> list[str]:
+    if isinstance(row.get("turns"), list):
+        turns = row["turns"]
+    elif isinstance(row.get("messages"), list):
+        turns = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    elif "prompt" in row:
+        turns = [row["prompt"]]
+    else:
+        raise StageError(f"{where}: expected `turns` (MT-bench), `messages` or `prompt`")
+    if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise StageError(f"{where}: every turn must be a non-empty string")
+    return turns
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Prompt set -> [{"id", "category", "turns", "reference"}] (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"prompt file {path} not found")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
+        if not isinstance(row, dict):
+            raise StageError(f"{path}:{n}: expected a JSON object")
+        ref = row.get("reference")
+        out.append({"id": str(row.get("question_id", row.get("id", n))), "category": row.get("category", ""),
+                    "turns": _turns(row, f"{path}:{n}"), "reference": [ref] if isinstance(ref, str) else ref})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def read_answers(path: str | Path) -> list[dict[str, Any]]:
+    """answers.jsonl (or the folder holding it) -> its records."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ANSWERS_FILE
+    if not path.exists():
+        raise StageError(f"answers file {path} not found (run `protege eval answer` first)")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
+    return rows
+
+
+def run(cfg: AnswerConfig) -> dict[str, Any]:
+    """Answer every prompt turn by turn; writes answers.jsonl + manifest into `out_dir`."""
+    from ..engine import SamplingParams
+    from ..teachers import TeacherConfig, make_teacher
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    prompts = read_prompts(cfg.prompts, cfg.limit)
+    teacher = make_teacher(TeacherConfig(backend=cfg.backend, model=cfg.model, base_url=cfg.base_url,
+                                         max_batch_size=cfg.batch_size), cache_dir=out)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]
+    answers: list[list[str]] = [[] for _ in prompts]
+    try:
+        for turn in range(max(len(p["turns"]) for p in prompts) if prompts else 0):
+            active = [i for i, p in enumerate(prompts) if turn < len(p["turns"])]
+            for i in active:
+                histories[i].append({"role": "user", "content": prompts[i]["turns"][turn]})
+            replies = teacher.complete([histories[i] for i in active], params, progress=True)
+            for i, reply in zip(active, replies):
+                histories[i].append({"role": "assistant", "content": reply.text})
+                answers[i].append(reply.text)
+    finally:
+        teacher.close()
+    name = cfg.model_name or display_name(cfg.model)
+    records = [{**p, "answers": a, "model": name} for p, a in zip(prompts, answers)]
+    write_records(out / ANSWERS_FILE, records)
+    seconds = time.perf_counter() - t0
+    model_path = Path(cfg.model)
+    write_manifest(out, "eval-answer", cfg, inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else []),
+                   outputs=[out / ANSWERS_FILE], counts={"prompts": len(records),
+                                                         "turns": sum(len(a) for a in answers)}, seconds=seconds)
+    return {"prompts": len(records), "turns": sum(len(a) for a in answers), "model": name}

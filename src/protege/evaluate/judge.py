@@ -1,0 +1,323 @@
+"""`protege eval judge`: an LLM judge that reports its own biases next to its verdicts.
+
+Modes
+- pairwise: the judge compares model A's and model B's answers to the same prompt, asked in BOTH
+  orders. Agreeing orders give the verdict; disagreeing orders are a tie (this cancels position bias).
+- single: the judge grades each answer 1-10.
+- reference: single grading against the prompt's reference answer (prompts without one are skipped).
+Unparseable verdicts are asked once more (sampled, so a cached greedy reply is not just replayed), then
+counted as judge errors. Every figure that says how far to trust the judge is reported: position
+consistency (share of pairs whose two orders agree), first-position rate, length bias (how often the
+longer answer wins), error rate, and bootstrap 95% intervals on the win/tie/loss rates.
+
+Inputs are answer sets (`protege eval answer` output), or model specs answered on the fly from `prompts`.
+Output: judgments.jsonl (one line per prompt, raw judge replies included) + judge_results.json + manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from pydantic import Field
+
+from ..config import StageConfig, save_config
+from ..errors import StageError
+from ..manifest import write_manifest
+from ..records import write_records
+from ..teachers import TeacherConfig
+from .answer import ANSWERS_FILE, AnswerConfig, display_name, read_answers
+
+__all__ = ["JudgeConfig", "run", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
+           "combine_orders", "pairwise_summary", "bootstrap_ci"]
+
+JUDGE_SYSTEM = ("You are a strict, impartial judge of AI assistant answers. You judge helpfulness, correctness, "
+                "relevance and clarity. Length is not quality: a short correct answer beats a long wrong one. "
+                "The order in which answers are shown must not influence you.")
+
+
+def _dialogue(turns: Sequence[str], answers: Sequence[str], label: str) -> str:
+    if len(turns) == 1:
+        return f"[Answer {label}]\n{answers[0]}\n[End of answer {label}]"
+    parts = []
+    for i, (q, a) in enumerate(zip(turns, answers), 1):
+        parts.append(f"User (turn {i}): {q}\nAssistant {label} (turn {i}): {a}")
+    return f"[Conversation with assistant {label}]\n" + "\n\n".join(parts) + f"\n[End of conversation {label}]"
+
+
+def _question(turns: Sequence[str]) -> str:
+    return turns[0] if len(turns) == 1 else "\n".join(f"Turn {i}: {t}" for i, t in enumerate(turns, 1))
+
+
+def _reference(reference: Sequence[str] | None) -> str:
+    if not reference:
+        return ""
+    return "[Reference answer]\n" + "\n".join(r for r in reference if r) + "\n[End of reference answer]\n\n"
+
+
+def pairwise_messages(turns: Sequence[str], first: Sequence[str], second: Sequence[str],
+                      reference: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """The judge conversation comparing `first` (shown as A) with `second` (shown as B)."""
+    user = (f"[Question]\n{_question(turns)}\n[End of question]\n\n{_reference(reference)}"
+            f"{_dialogue(turns, first, 'A')}\n\n{_dialogue(turns, second, 'B')}\n\n"
+            "Which answer is better? Begin your reply with exactly one line: `Verdict: A`, `Verdict: B` "
+            "or `Verdict: tie`. Then give one or two sentences of reasons.")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+def single_messages(turns: Sequence[str], answers: Sequence[str],
+                    reference: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """The judge conversation grading one answer (against `reference` when given)."""
+    against = "Compare it with the reference answer, which is correct. " if reference else ""
+    user = (f"[Question]\n{_question(turns)}\n[End of question]\n\n{_reference(reference)}"
+            f"{_dialogue(turns, answers, 'A')}\n\nRate answer A from 1 (useless or wrong) to 10 (excellent). "
+            f"{against}Begin your reply with exactly one line: `Rating: N` where N is a whole number from 1 "
+            "to 10. Then give one or two sentences of reasons.")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+_VERDICT = [
+    re.compile(r"verdict\s*[:=\-]?\s*[\*\[\(\"'`]*\s*(?:answer\s+|assistant\s+)?(A|B|tie)\b", re.IGNORECASE),
+    re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE),
+    re.compile(r"\b(?:answer|assistant|response)\s+(A|B)\s+is\s+(?:better|superior|preferred|more)", re.IGNORECASE),
+    re.compile(r"\b(?:both answers are (?:equally|equal)|it'?s a tie|(?:they|both) are (?:tied|equal))()",
+               re.IGNORECASE),
+]
+
+
+def parse_pairwise(text: str) -> str | None:
+    """"A", "B" or "tie" from a judge reply, or None when the reply has no usable verdict."""
+    for pat in _VERDICT:
+        m = pat.search(text or "")
+        if m:
+            v = m.group(1).upper() if m.group(1) else "TIE"
+            return {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}[v]
+    return None
+
+
+_RATING = [re.compile(r"rating\s*[:=\-]?\s*[\*\[\(]*\s*(\d+(?:\.\d+)?)", re.IGNORECASE),
+           re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]"),
+           re.compile(r"\b(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)]
+
+
+def parse_rating(text: str) -> float | None:
+    """A 1-10 rating from a judge reply, or None (no rating, or outside 1..10)."""
+    for pat in _RATING:
+        m = pat.search(text or "")
+        if m:
+            value = float(m.group(1))
+            return value if 1 <= value <= 10 else None
+    return None
+
+
+def combine_orders(first_order: str | None, second_order: str | None) -> str:
+    """Outcome for model 1 from the verdicts of both orders.
+
+    `first_order` is the verdict with model 1 shown as A; `second_order` with model 1 shown as B.
+    Returns "win" / "loss" / "tie" (model 1's view), or "error" if either verdict is missing.
+    Orders that disagree (the judge followed the position, not the content) count as a tie.
+    """
+    if first_order is None or second_order is None:
+        return "error"
+    as_model1 = {"A": "win", "B": "loss", "tie": "tie"}[first_order]
+    swapped = {"A": "loss", "B": "win", "tie": "tie"}[second_order]
+    return as_model1 if as_model1 == swapped else "tie"
+
+
+def bootstrap_ci(values: Sequence[float], iters: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `values` (resampling items with replacement)."""
+    if not values:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
+    return (means[int(0.025 * (iters - 1))], means[int(0.975 * (iters - 1))])
+
+
+def pairwise_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Win/tie/loss rates with bootstrap intervals and the judge's bias figures from judgments."""
+    ok = [r for r in rows if r["outcome"] != "error"]
+    n = len(ok)
+    out: dict[str, Any] = {"n": len(rows), "n_judged": n,
+                           "error_rate": (len(rows) - n) / len(rows) if rows else float("nan")}
+    for outcome in ("win", "tie", "loss"):
+        vals = [float(r["outcome"] == outcome) for r in ok]
+        out[outcome] = sum(vals) / n if n else float("nan")
+        out[f"{outcome}_ci"] = bootstrap_ci(vals, iters, seed)
+    score = [1.0 if r["outcome"] == "win" else 0.5 if r["outcome"] == "tie" else 0.0 for r in ok]
+    out["win_rate"] = sum(score) / n if n else float("nan")  # ties count half
+    out["win_rate_ci"] = bootstrap_ci(score, iters, seed)
+    out["position_consistency"] = (sum(r["verdicts"][0] == {"A": "B", "B": "A", "tie": "tie"}[r["verdicts"][1]]
+                                       for r in ok) / n) if n else float("nan")
+    # Per-order verdicts that picked a side: which position, and was the winner the longer answer?
+    decisive = [(v, r) for r in rows for k, v in enumerate(r["verdicts"]) if v in ("A", "B")]
+    out["first_position_rate"] = (sum(v == "A" for v, _ in decisive) / len(decisive)) if decisive else float("nan")
+    longer = []
+    for r in rows:
+        la, lb = r["length"]  # characters of model 1's and model 2's answers
+        if la == lb:
+            continue
+        for k, v in enumerate(r["verdicts"]):
+            if v in ("A", "B"):
+                winner_is_model1 = (v == "A") == (k == 0)
+                longer.append(float(winner_is_model1 == (la > lb)))
+    out["length_bias"] = sum(longer) / len(longer) if longer else float("nan")
+    out["length_bias_n"] = len(longer)
+    return out
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+class JudgeConfig(StageConfig):
+    mode: Literal["pairwise", "single", "reference"] = Field("pairwise", description="pairwise (both orders), "
+                                                             "single 1-10 grading, or reference-guided grading")
+    answers: list[str] = Field(..., description="answer sets (answers.jsonl or its folder) or model specs to "
+                               "answer `prompts` first; pairwise takes two: the candidate, then its opponent")
+    prompts: str | None = Field(None, description="prompt set, needed when `answers` names models")
+    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge (any teacher backend)")
+    out_dir: str = Field("runs/eval/judge", description="output folder")
+    limit: int | None = Field(None, description="judge at most this many prompts")
+    max_new_tokens: int = Field(96, description="judge reply budget (the verdict comes first)")
+    answer_max_new_tokens: int = Field(256, description="answer budget when answering `prompts` here")
+    use_reference: bool = Field(True, description="pairwise: show the reference answer when the prompt has one")
+    bootstrap_iters: int = Field(1000, description="bootstrap resamples for the 95% intervals")
+    seed: int = Field(0, description="seed of the retry sampling and the bootstrap")
+
+
+def _load_answer_set(entry: str, cfg: JudgeConfig, out: Path) -> list[dict[str, Any]]:
+    from . import answer
+
+    p = Path(entry)
+    if (p.is_dir() and (p / ANSWERS_FILE).exists()) or (p.is_file() and p.suffix == ".jsonl"):
+        return read_answers(p)
+    if cfg.prompts is None:
+        raise StageError(f"{entry!r} is not an answers file/folder; to answer with it as a model, set `prompts`")
+    name = display_name(entry)
+    target = out / "answers" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    answer.run(AnswerConfig(model=entry, model_name=name, prompts=cfg.prompts, out_dir=str(target),
+                            limit=cfg.limit, max_new_tokens=cfg.answer_max_new_tokens,
+                            batch_size=cfg.judge.max_batch_size))
+    return read_answers(target)
+
+
+def _ask(teacher: Any, convs: list[list[dict[str, str]]], parse: Any, cfg: JudgeConfig) -> list[tuple[Any, str, bool]]:
+    """(parsed verdict or None, raw reply, retried) per conversation; unparseable ones asked once more."""
+    from ..engine import SamplingParams
+
+    greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    replies = [r.text for r in teacher.complete(convs, greedy, progress=True)]
+    results = [(parse(t), t, False) for t in replies]
+    redo = [i for i, (v, _, _) in enumerate(results) if v is None]
+    if redo:  # sampled, so the retry is a new request rather than the cached greedy reply
+        again = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.7, top_p=0.95, seed=cfg.seed + 1)
+        for i, r in zip(redo, teacher.complete([convs[i] for i in redo], again, progress=True)):
+            results[i] = (parse(r.text), replies[i] + "\n--- retry ---\n" + r.text, True)
+    return results
+
+
+def _aligned(sets: list[list[dict[str, Any]]], limit: int | None) -> list[list[dict[str, Any]]]:
+    """The prompts every answer set has, in the first set's order."""
+    by_id = [{r["id"]: r for r in s} for s in sets]
+    ids = [r["id"] for r in sets[0] if all(r["id"] in b for b in by_id[1:])]
+    if not ids:
+        raise StageError("the answer sets share no prompt ids; were they made from the same prompt file?")
+    ids = ids[:limit] if limit else ids
+    return [[b[i] for b in by_id] for i in ids]
+
+
+def _length(rec: dict[str, Any]) -> int:
+    return sum(len(a) for a in rec["answers"])
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    if n < 3:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sx = sum((x - mx) ** 2 for x in xs) ** 0.5
+    sy = sum((y - my) ** 2 for y in ys) ** 0.5
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy) if sx and sy else float("nan")
+
+
+def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig) -> tuple[list[dict], dict]:
+    convs = []
+    for a, b in groups:
+        ref = a.get("reference") if cfg.use_reference else None
+        convs.append(pairwise_messages(a["turns"], a["answers"], b["answers"], ref))
+        convs.append(pairwise_messages(a["turns"], b["answers"], a["answers"], ref))
+    asked = _ask(teacher, convs, parse_pairwise, cfg)
+    rows = []
+    for k, (a, b) in enumerate(groups):
+        (v1, t1, r1), (v2, t2, r2) = asked[2 * k], asked[2 * k + 1]
+        rows.append({"id": a["id"], "category": a.get("category", ""), "turns": a["turns"],
+                     "answers": [a["answers"], b["answers"]], "length": [_length(a), _length(b)],
+                     "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2], "retried": [r1, r2]})
+    return rows, pairwise_summary(rows, cfg.bootstrap_iters, cfg.seed)
+
+
+def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: JudgeConfig) -> tuple[list, dict]:
+    use_ref = cfg.mode == "reference"
+    if use_ref:
+        groups = [g for g in groups if g[0].get("reference")]
+        if not groups:
+            raise StageError("reference mode: none of the prompts has a `reference` answer")
+    convs = [single_messages(g[0]["turns"], rec["answers"], g[0].get("reference") if use_ref else None)
+             for g in groups for rec in g]
+    asked = iter(_ask(teacher, convs, parse_rating, cfg))
+    rows = []
+    for g in groups:
+        for name, rec in zip(names, g):
+            rating, raw, retried = next(asked)
+            rows.append({"id": rec["id"], "model": name, "category": rec.get("category", ""), "turns": rec["turns"],
+                         "answers": rec["answers"], "rating": rating, "raw": raw, "retried": retried,
+                         "length": _length(rec)})
+    summary = {}
+    for name in names:
+        mine = [r for r in rows if r["model"] == name]
+        ok = [r for r in mine if r["rating"] is not None]
+        ratings = [r["rating"] for r in ok]
+        summary[name] = {"n": len(mine), "n_judged": len(ok), "error_rate": 1 - len(ok) / len(mine),
+                         "mean_rating": sum(ratings) / len(ratings) if ratings else float("nan"),
+                         "mean_rating_ci": bootstrap_ci(ratings, cfg.bootstrap_iters, cfg.seed),
+                         "length_rating_corr": _pearson([float(r["length"]) for r in ok], ratings),
+                         "mean_length": sum(r["length"] for r in mine) / len(mine)}
+    return rows, summary
+
+
+def run(cfg: JudgeConfig) -> dict[str, Any]:
+    """Judge the answer sets; writes judgments.jsonl, judge_results.json and manifest.json into `out_dir`."""
+    from ..teachers import make_teacher
+
+    t0 = time.perf_counter()
+    if cfg.mode == "pairwise" and len(cfg.answers) != 2:
+        raise StageError(f"pairwise judging compares exactly two answer sets, got {len(cfg.answers)}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    sets = [_load_answer_set(e, cfg, out) for e in cfg.answers]
+    names = [s[0].get("model") or display_name(e) if s else display_name(e) for s, e in zip(sets, cfg.answers)]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
+    groups = _aligned(sets, cfg.limit)
+    teacher = make_teacher(cfg.judge, cache_dir=out)
+    try:
+        if cfg.mode == "pairwise":
+            rows, summary = _run_pairwise(teacher, groups, cfg)
+        else:
+            rows, summary = _run_single(teacher, groups, names, cfg)
+    finally:
+        teacher.close()
+    mean_len = {n: sum(_length(g[i]) for g in groups) / len(groups) for i, n in enumerate(names)}
+    results = {"mode": cfg.mode, "judge": cfg.judge.model, "models": names, "mean_length": mean_len,
+               "summary": summary, "seconds": round(time.perf_counter() - t0, 2)}
+    write_records(out / "judgments.jsonl", rows)
+    (out / "judge_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    inputs = [e for e in cfg.answers if Path(e).exists()] + ([cfg.prompts] if cfg.prompts else [])
+    write_manifest(out, f"eval-judge-{cfg.mode}", cfg, inputs=inputs,
+                   outputs=[out / "judgments.jsonl", out / "judge_results.json"],
+                   counts={"prompts": len(groups), "judgments": len(rows)}, seconds=results["seconds"])
+    return results

@@ -1,0 +1,335 @@
+"""`protege report`: one self-contained HTML page (+ report.md) putting style next to substance.
+
+Reads any mix of folders (searched recursively): bench outputs (`results.json`), judge outputs
+(`judge_results.json` + `judgments.jsonl`) and answer sets (`answers.jsonl`). One row per model
+(base first, students, teacher last). Style columns: judge win rate against the teacher (ties count
+half), mean answer length, format adherence. Substance columns: each benchmark's primary metric.
+The imitation gap of a model = its style gain minus its substance gain, both relative to the base;
+a large positive gap is the "false promise": it *looks* more like the teacher without knowing more.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from pydantic import Field
+
+from ..config import StageConfig
+from ..errors import StageError
+
+__all__ = ["ReportConfig", "run", "collect", "model_table"]
+
+TEMPLATE = Path(__file__).with_name("report_template.html")
+
+
+class ReportConfig(StageConfig):
+    inputs: list[str] = Field(default_factory=list, description="bench / judge / answer / run folders")
+    output: str = Field("report.html", description="HTML file to write; report.md goes next to it")
+    base: str | None = Field(None, description="base model row (default: the first model that is not the teacher)")
+    teacher: str | None = Field(None, description="teacher row (default: the usual opponent in pairwise judgments)")
+    title: str = Field("protege evaluation report", description="page title")
+    samples: int = Field(5, description="prompts shown with every model's answer side by side")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise StageError(f"{path}: cannot read ({err})") from None
+
+
+def collect(inputs: list[str]) -> dict[str, Any]:
+    """Everything the report needs, gathered from the input folders."""
+    bench: dict[str, dict[str, Any]] = {}
+    judges: list[dict[str, Any]] = []
+    answers: dict[str, list[dict[str, Any]]] = {}
+    order: list[str] = []
+    for root in inputs:
+        root_p = Path(root)
+        if not root_p.exists():
+            raise StageError(f"report input {root} not found")
+        files = [root_p] if root_p.is_file() else sorted(root_p.rglob("*"))
+        for f in files:
+            if f.name == "results.json":
+                r = _read_json(f)
+                if "tasks" in r and "model_name" in r:
+                    bench.setdefault(r["model_name"], {}).update(r["tasks"])
+                    order.append(r["model_name"])
+            elif f.name == "judge_results.json":
+                r = _read_json(f)
+                rows = f.with_name("judgments.jsonl")
+                r["judgments"] = [json.loads(x) for x in rows.read_text().splitlines() if x.strip()] \
+                    if rows.exists() else []
+                r["where"] = str(f.parent)
+                judges.append(r)
+                order.extend(r["models"])
+            elif f.name == "answers.jsonl":
+                recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+                if recs:
+                    answers.setdefault(recs[0].get("model", f.parent.name), recs)
+                    order.append(recs[0].get("model", f.parent.name))
+    models = list(dict.fromkeys(order))
+    if not models:
+        raise StageError(f"no results.json, judge_results.json or answers.jsonl under {', '.join(inputs)}")
+    return {"bench": bench, "judges": judges, "answers": answers, "models": models}
+
+
+def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any] | None:
+    """Model's judge win rate against the teacher (ties half), from whichever side it was judged."""
+    for j in judges:
+        if j["mode"] != "pairwise" or set(j["models"]) != {model, teacher}:
+            continue
+        s = j["summary"]
+        if j["models"][0] == model:
+            return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"]}
+        lo, hi = s["win_rate_ci"]
+        return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"]}
+    return None
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> dict[str, Any]:
+    """Rows (one per model) with style, substance and imitation-gap figures."""
+    models, bench, judges = list(data["models"]), data["bench"], data["judges"]
+    if teacher is None:
+        opponents = [j["models"][1] for j in judges if j["mode"] == "pairwise"]
+        teacher = max(set(opponents), key=opponents.count) if opponents else None
+    if base is None:
+        base = next((m for m in models if m != teacher), None)
+    ordered = ([base] if base in models else []) + [m for m in models if m not in (base, teacher)] + \
+              ([teacher] if teacher in models else [])
+    tasks = list(dict.fromkeys(t for m in ordered for t in bench.get(m, {})))
+    rows = []
+    for m in ordered:
+        res = bench.get(m, {})
+        judged = (_pairwise_vs(judges, m, teacher) if teacher and m != teacher else
+                  ({"win_rate": 0.5, "ci": (0.5, 0.5), "n": 0, "self": True} if m == teacher else None))
+        lengths = [len(a) for r in data["answers"].get(m, []) for a in r["answers"]]
+        if not lengths:
+            lengths = [j["mean_length"][m] for j in judges if m in j.get("mean_length", {})]
+        fmt = [r["format_adherence"] for r in res.values() if "format_adherence" in r]
+        scores = {t: res[t]["score"] for t in tasks if t in res}
+        rows.append({"model": m, "role": "base" if m == base else "teacher" if m == teacher else "student",
+                     "judge": judged, "mean_length": _nanmean([float(x) for x in lengths]),
+                     "format_adherence": _nanmean(fmt), "scores": scores,
+                     "substance": _nanmean(list(scores.values())),
+                     "style": judged["win_rate"] if judged else float("nan")})
+    base_row = next((r for r in rows if r["role"] == "base"), None)
+    for r in rows:
+        if base_row is None:
+            r["style_gain"] = r["substance_gain"] = r["gap"] = float("nan")
+            continue
+        r["style_gain"] = r["style"] - base_row["style"]
+        r["substance_gain"] = r["substance"] - base_row["substance"]
+        r["gap"] = r["style_gain"] - r["substance_gain"]
+    return {"rows": rows, "tasks": tasks, "base": base, "teacher": teacher}
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figures(table: dict[str, Any], judges: list[dict]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: list[tuple[str, str]] = []
+    rows = table["rows"]
+    colors = {"base": "#777777", "student": "#1f77b4", "teacher": "#d62728"}
+    pts = [r for r in rows if not math.isnan(r["style"]) and not math.isnan(r["substance"])]
+    if pts:
+        fig, ax = plt.subplots(figsize=(5.2, 4))
+        for r in pts:
+            ax.scatter(r["substance"], r["style"], s=60, color=colors[r["role"]])
+            ax.annotate(r["model"], (r["substance"], r["style"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("substance: mean benchmark score")
+        ax.set_ylabel("style: judge win rate vs teacher")
+        ax.axhline(0.5, color="#ccc", lw=0.8, ls="--")
+        ax.set_title("Style vs substance")
+        figs.append(("Style vs substance. Up = the judge likes it more (vs the teacher); right = it knows more. "
+                     "Imitation moves models up, not right.", _png(fig)))
+    tasks = table["tasks"]
+    if tasks:
+        fig, ax = plt.subplots(figsize=(max(5.2, 1.3 * len(tasks) + 2), 4))
+        width = 0.8 / max(len(rows), 1)
+        for k, r in enumerate(rows):
+            xs = [i + k * width for i in range(len(tasks))]
+            ax.bar(xs, [r["scores"].get(t, float("nan")) for t in tasks], width, label=r["model"])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
+        ax.set_xticklabels(tasks, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=7)
+        ax.set_title("Benchmark scores per task")
+        figs.append(("Per-task substance scores (primary metric of each task).", _png(fig)))
+    pair = [j for j in judges if j["mode"] == "pairwise"]
+    if pair:
+        metrics = ["position_consistency", "first_position_rate", "length_bias", "error_rate"]
+        fig, ax = plt.subplots(figsize=(5.8, 4))
+        width = 0.8 / len(pair)
+        for k, j in enumerate(pair):
+            s = j["summary"]
+            ax.bar([i + k * width for i in range(len(metrics))], [s[m] for m in metrics], width,
+                   label=" vs ".join(j["models"]))
+        ax.axhline(0.5, color="#999", lw=0.8, ls="--")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))])
+        ax.set_xticklabels(["position\nconsistency", "first position\nwins", "longer answer\nwins", "judge\nerrors"],
+                           fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title(f"How far to trust the judge ({pair[0]['judge']})")
+        figs.append(("Judge reliability: consistency across the two orders (1 = never swayed by position), how often "
+                     "the first-shown answer wins and how often the longer one wins (0.5 = unbiased), errors.",
+                     _png(fig)))
+    return figs
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _signed(x: float) -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return "–"
+    return f'<span class="{"pos" if x > 0 else "neg" if x < 0 else ""}">{x:+.3f}</span>'
+
+
+def _judge_cell(j: dict | None) -> str:
+    if not j:
+        return "–"
+    if j.get("self"):
+        return "0.500 <span class=ci>(self)</span>"
+    lo, hi = j["ci"]
+    return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>"
+
+
+def _main_table(t: dict[str, Any]) -> str:
+    e = html.escape
+    head = ("<tr><th class=name>model</th><th>role</th><th class=style>judge win rate vs teacher</th>"
+            "<th class=style>mean answer length (chars)</th><th class=style>format adherence</th>"
+            + "".join(f"<th class=substance>{e(x)}</th>" for x in t["tasks"])
+            + "<th class=substance>substance (mean)</th><th class=gap>style gain</th><th class=gap>substance gain</th>"
+            "<th class=gap>imitation gap</th></tr>")
+    body = ""
+    for r in t["rows"]:
+        body += (f"<tr><td class=name><a href='#samples'>{e(r['model'])}</a></td><td>{r['role']}</td>"
+                 f"<td>{_judge_cell(r['judge'])}</td><td>{_f(r['mean_length'], 0)}</td>"
+                 f"<td>{_f(r['format_adherence'])}</td>"
+                 + "".join(f"<td>{_f(r['scores'].get(x))}</td>" for x in t["tasks"])
+                 + f"<td>{_f(r['substance'])}</td><td>{_signed(r['style_gain'])}</td>"
+                 f"<td>{_signed(r['substance_gain'])}</td><td>{_signed(r['gap'])}</td></tr>")
+    return f"<table id=models>{head}{body}</table>"
+
+
+def _judge_section(judges: list[dict]) -> str:
+    e = html.escape
+    out = []
+    for j in judges:
+        s = j["summary"]
+        if j["mode"] == "pairwise":
+            a, b = j["models"]
+            cells = "".join(f"<td>{_f(s[k])} <span class=ci>[{_f(s[k + '_ci'][0], 2)}, {_f(s[k + '_ci'][1], 2)}]"
+                            f"</span></td>" for k in ("win", "tie", "loss"))
+            out.append(f"<h3>{e(a)} vs {e(b)} (judge: {e(j['judge'])})</h3><table class=judge><tr><th>win</th>"
+                       "<th>tie</th><th>loss</th><th>position consistency</th><th>first position wins</th>"
+                       "<th>longer answer wins</th><th>judge errors</th><th>judged</th></tr>"
+                       f"<tr>{cells}<td>{_f(s['position_consistency'])}</td><td>{_f(s['first_position_rate'])}</td>"
+                       f"<td>{_f(s['length_bias'])}</td><td>{_f(s['error_rate'])}</td>"
+                       f"<td>{s['n_judged']}/{s['n']}</td></tr></table>")
+        else:
+            rows = "".join(f"<tr><td class=name>{e(m)}</td><td>{_f(v['mean_rating'], 2)} <span class=ci>"
+                           f"[{_f(v['mean_rating_ci'][0], 2)}, {_f(v['mean_rating_ci'][1], 2)}]</span></td>"
+                           f"<td>{_f(v['length_rating_corr'], 2)}</td><td>{_f(v['error_rate'])}</td></tr>"
+                           for m, v in s.items())
+            out.append(f"<h3>{j['mode']} grading 1–10 (judge: {e(j['judge'])})</h3><table><tr><th class=name>model"
+                       "</th><th>mean rating</th><th>length–rating correlation</th><th>judge errors</th></tr>"
+                       f"{rows}</table>")
+    return "\n".join(out) or "<p>No judge results given.</p>"
+
+
+def _samples(data: dict[str, Any], models: list[str], n: int) -> str:
+    sets = {m: {r["id"]: r for r in data["answers"][m]} for m in models if m in data["answers"]}
+    if not sets:
+        for j in data["judges"]:  # fall back to the answers stored with pairwise judgments
+            if j["mode"] == "pairwise":
+                for k, m in enumerate(j["models"]):
+                    sets.setdefault(m, {r["id"]: {"turns": r["turns"], "answers": r["answers"][k]}
+                                        for r in j["judgments"]})
+    if not sets:
+        return "<p>No answers given.</p>"
+    names = list(sets)
+    ids = [i for i in next(iter(sets.values())) if all(i in s for s in sets.values())][:n]
+    e = html.escape
+    head = "<tr><th>prompt</th>" + "".join(f"<th>{e(m)}</th>" for m in names) + "</tr>"
+    body = ""
+    for i in ids:
+        first = sets[names[0]][i]
+        body += (f"<tr><td>{e(chr(10).join(first['turns']))}</td>"
+                 + "".join(f"<td>{e((chr(10) + '---' + chr(10)).join(sets[m][i]['answers']))}</td>" for m in names)
+                 + "</tr>")
+    return f"<table class=samples>{head}{body}</table>"
+
+
+def _markdown(cfg: ReportConfig, t: dict[str, Any], judges: list[dict]) -> str:
+    cols = ["model", "role", "judge win rate vs teacher", "mean length", "format adherence", *t["tasks"],
+            "substance", "imitation gap"]
+    lines = [f"# {cfg.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in t["rows"]:
+        jw = r["judge"]["win_rate"] if r["judge"] else float("nan")
+        lines.append("| " + " | ".join([r["model"], r["role"], _f(jw), _f(r["mean_length"], 0),
+                                        _f(r["format_adherence"]), *[_f(r["scores"].get(x)) for x in t["tasks"]],
+                                        _f(r["substance"]), _f(r["gap"])]) + " |")
+    for j in judges:
+        s = j["summary"]
+        if j["mode"] == "pairwise":
+            lines += ["", f"Judge {j['judge']}: {' vs '.join(j['models'])}: win {_f(s['win'])} tie {_f(s['tie'])} "
+                      f"loss {_f(s['loss'])}; position consistency {_f(s['position_consistency'])}; "
+                      f"longer answer wins {_f(s['length_bias'])}; errors {_f(s['error_rate'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: ReportConfig) -> dict[str, Any]:
+    """Write the HTML report and report.md; returns their paths and the model count."""
+    data = collect(cfg.inputs)
+    t = model_table(data, cfg.base, cfg.teacher)
+    figs = _figures(t, data["judges"])
+    e = html.escape
+    body = [f"<h1>{e(cfg.title)}</h1><p class=sub>base: {e(str(t['base']))} · teacher: {e(str(t['teacher']))}</p>",
+            "<h2>Style vs substance</h2>", _main_table(t),
+            "<p class=note>Style = judge win rate against the teacher (ties count half); substance = benchmark scores. "
+            "Imitation gap = style gain − substance gain, both relative to the base. A model that copies the "
+            "teacher's style without its knowledge has a large positive gap.</p>",
+            "<h2>Figures</h2>"]
+    body += [f"<figure><img alt='figure' src='data:image/png;base64,{png}'><figcaption>{e(cap)}</figcaption></figure>"
+             for cap, png in figs]
+    body += ["<h2>Judge</h2>", _judge_section(data["judges"]),
+             "<h2 id=samples>Sample answers side by side</h2>", _samples(data, [r["model"] for r in t["rows"]], cfg.samples)]
+    page = Template(TEMPLATE.read_text(encoding="utf-8")).safe_substitute(title=e(cfg.title), body="\n".join(body))
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    md = out.with_name("report.md") if out.suffix == ".html" else out.with_suffix(".md")
+    md.write_text(_markdown(cfg, t, data["judges"]), encoding="utf-8")
+    return {"html": str(out), "markdown": str(md), "models": len(t["rows"]), "figures": len(figs)}
