@@ -222,3 +222,11 @@ def test_disconnect_mid_stream_frees_the_slot(tiny_llama):
         # The freed slot serves the next client (with max_batch=1 it would otherwise queue behind it).
         r = httpx.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 4}, timeout=30)
         assert r.status_code == 200 and scheduler.stats.finished == 1
+
+
+def test_page_and_assets_are_served_with_a_strict_csp(server):
+    page = httpx.get(server[0] + "/")
+    assert page.status_code == 200 and "<title>protege chat</title>" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("app.js", "markdown.js", "style.css"):
+        assert httpx.get(f"{server[0]}/web/{asset}").status_code == 200

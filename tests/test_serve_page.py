@@ -160,3 +160,26 @@ def test_model_html_is_shown_as_text_and_never_runs(tiny_llama):
             time.sleep(0.05)
         assert len(driver.find_elements(By.CSS_SELECTOR, ".message.user")) == 2
         assert app.state.scheduler.stats.finished == 2
+
+
+def test_stop_button_aborts_and_frees_the_slot(tiny_llama):
+    from selenium.webdriver.common.by import By
+
+    long_reply = "word " * 400
+    app = create_app(ScriptedEngine(tiny_llama[1], long_reply, chars_per_step=5, delay=0.02), "scripted")
+    scheduler = app.state.scheduler
+    with background_server(app) as url, headless_chromium() as driver:
+        _send(driver, url, "talk for a while")
+        deadline = time.monotonic() + 30
+        while not driver.execute_script("var el = document.querySelector('.message.assistant');"
+                                        "return el && el.dataset.raw;"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        driver.find_element(By.ID, "stop").click()
+        raw, _ = _watch_reply(driver)
+        assert raw and long_reply.startswith(raw) and len(raw) < len(long_reply)
+        while scheduler.stats.cancelled < 1 or scheduler.stats.active:
+            assert time.monotonic() < deadline, "the aborted request still holds its slot"
+            time.sleep(0.02)
+        assert scheduler.stats.finished == 0
+        assert driver.find_element(By.ID, "send").is_enabled()
