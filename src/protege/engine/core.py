@@ -74,12 +74,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward (memory bound)
         self.weights = weights
-        if weights == "int8":
-            from .int8 import quantize_linears
-
-            quantize_linears(self.model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._body, self._head = _split_model(model, weights, self.device)
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -250,10 +247,13 @@ class Engine:
         return masks
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last position's hidden state (n, H), or its logits (n, V) when the head is the model's own."""
         attn = masks if len(masks) > 1 or "full_attention" not in masks else masks["full_attention"]
-        out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]  # (n, V)
+        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=self.cache,
+                  use_cache=True)
+        if self._body is None:
+            return self.model(**kw, logits_to_keep=1).logits[:, -1, :]
+        return self._body(**kw).last_hidden_state[:, -1, :]
 
     def _prefill(self, new: list[_Request]) -> torch.Tensor:
         width = max(len(r.prompt) for r in new)
@@ -283,7 +283,7 @@ class Engine:
 
     def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per request, update text/stop state, release finished rows."""
-        tokens = choose_tokens(logits, [r.params for r in reqs], [r.gen for r in reqs])
+        tokens = choose_tokens(self._head, logits, [r.params for r in reqs], [r.gen for r in reqs])
         outputs, finished = [], []
         for r, tok in zip(reqs, tokens):
             r.out.append(tok)
@@ -306,3 +306,36 @@ class Engine:
         for r in finished:
             self._release(r)
         return outputs
+
+
+# Architectures whose causal-LM forward is exactly `lm_head(decoder(...))` (+ Gemma's optional final
+# softcap), so the engine may run the decoder and the head separately. Others use the model's forward.
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                     "olmo", "olmo2", "starcoder2"}
+
+
+def _split_model(model: Any, weights: str, device: torch.device) -> tuple[Any, Any]:
+    """(decoder or None, head) for this model and weight mode; int8 mode quantizes Linear layers in place."""
+    from torch import nn
+
+    from .head import LinearHead, ModelHead, ScreenedHead, int8_linear
+
+    cfg = model.config
+    head = model.get_output_embeddings()
+    if weights == "int8":
+        if device.type != "cpu":
+            raise ValueError("weights='int8' is a CPU mode (fbgemm dynamic int8); use fp32/bf16 models on accelerators")
+        # The head stays fp32 here: ScreenedHead scans it with its own int8 copy and rescores the leaders in fp32.
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and child is not head:
+                    setattr(parent, name, int8_linear(child))
+    plain = (getattr(cfg, "model_type", "") in _PLAIN_HEAD_TYPES and getattr(head, "bias", None) is None
+             and not getattr(cfg, "logit_scale", None))
+    if not plain:
+        return None, ModelHead()
+    body = getattr(model, model.base_model_prefix)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    if device.type == "cpu" and type(head) is nn.Linear and head.weight.dtype == torch.float32:
+        return body, ScreenedHead(head, softcap)
+    return body, LinearHead(head, softcap)

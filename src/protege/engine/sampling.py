@@ -90,7 +90,20 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return pos if idx is None else int(idx[pos].item())
 
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> list[int]:
-    """Next token for each row of `logits` (n, V) under that row's params."""
-    greedy = torch.argmax(logits, dim=-1).tolist()  # one batched call covers every greedy row
-    return [g if p.greedy else _sample_row(logits[i], p, gens[i]) for i, (g, p) in enumerate(zip(greedy, params))]
+def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> list[int]:
+    """Next token for each row of `x` (n, H hidden states, or (n, V) logits for `ModelHead`).
+
+    Greedy rows go through `head.argmax` in one batch (cheap screened path); only sampled rows
+    pay for full-vocabulary logits.
+    """
+    tokens = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if greedy:
+        for i, t in zip(greedy, head.argmax(x[greedy]).tolist()):
+            tokens[i] = t
+    if sampled:
+        logits = head.logits(x[sampled])
+        for j, i in enumerate(sampled):
+            tokens[i] = _sample_row(logits[j], params[i], gens[i])
+    return tokens
