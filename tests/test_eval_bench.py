@@ -264,3 +264,14 @@ def test_bench_chat_prompting_runs(tmp_path, tiny_llama_dir):
     run(cfg)
     rec = json.loads((tmp_path / "o" / "items" / "mc.jsonl").read_text().splitlines()[0])
     assert "<|im_start|>" in rec["prompt"]
+
+
+def test_datasets_loadable_source_with_field_mapping(tmp_path):
+    (tmp_path / "heads.csv").write_text("headline,is_clickbait\nYou will not believe this,yes\nRates unchanged,no\n")
+    (tmp_path / "t.yaml").write_text('name: csvtask\ntype: classify\ndata: heads.csv\nlabels: ["yes", "no"]\n'
+                                     "fields: {text: headline, label: is_clickbait}\n")
+    items = load_items(resolve_task(str(tmp_path / "t.yaml")))
+    assert [(it["text"], it["label"]) for it in items] == [("You will not believe this", "yes"), ("Rates unchanged", "no")]
+    (tmp_path / "t.yaml").write_text('name: csvtask\ntype: classify\ndata: heads.csv\nfields: {text: title}\n')
+    with pytest.raises(StageError, match="`title`"):
+        load_items(resolve_task(str(tmp_path / "t.yaml")))

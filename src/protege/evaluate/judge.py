@@ -183,6 +183,8 @@ class JudgeConfig(StageConfig):
     limit: int | None = Field(None, description="judge at most this many prompts")
     max_new_tokens: int = Field(96, description="judge reply budget (the verdict comes first)")
     answer_max_new_tokens: int = Field(256, description="answer budget when answering `prompts` here")
+    max_answer_chars: int = Field(3000, description="answers longer than this are cut (marked) in the judge "
+                                  "prompt, so a rambling model cannot overflow the judge's context")
     use_reference: bool = Field(True, description="pairwise: show the reference answer when the prompt has one")
     bootstrap_iters: int = Field(1000, description="bootstrap resamples for the 95% intervals")
     seed: int = Field(0, description="seed of the retry sampling and the bootstrap")
@@ -229,6 +231,10 @@ def _aligned(sets: list[list[dict[str, Any]]], limit: int | None) -> list[list[d
     return [[b[i] for b in by_id] for i in ids]
 
 
+def _clip(answers: Sequence[str], limit: int) -> list[str]:
+    return [a if len(a) <= limit else a[:limit] + " [... cut]" for a in answers]
+
+
 def _length(rec: dict[str, Any]) -> int:
     return sum(len(a) for a in rec["answers"])
 
@@ -247,8 +253,9 @@ def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig) -> t
     convs = []
     for a, b in groups:
         ref = a.get("reference") if cfg.use_reference else None
-        convs.append(pairwise_messages(a["turns"], a["answers"], b["answers"], ref))
-        convs.append(pairwise_messages(a["turns"], b["answers"], a["answers"], ref))
+        aa, bb = _clip(a["answers"], cfg.max_answer_chars), _clip(b["answers"], cfg.max_answer_chars)
+        convs.append(pairwise_messages(a["turns"], aa, bb, ref))
+        convs.append(pairwise_messages(a["turns"], bb, aa, ref))
     asked = _ask(teacher, convs, parse_pairwise, cfg)
     rows = []
     for k, (a, b) in enumerate(groups):
@@ -265,7 +272,8 @@ def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: J
         groups = [g for g in groups if g[0].get("reference")]
         if not groups:
             raise StageError("reference mode: none of the prompts has a `reference` answer")
-    convs = [single_messages(g[0]["turns"], rec["answers"], g[0].get("reference") if use_ref else None)
+    convs = [single_messages(g[0]["turns"], _clip(rec["answers"], cfg.max_answer_chars),
+                             g[0].get("reference") if use_ref else None)
              for g in groups for rec in g]
     asked = iter(_ask(teacher, convs, parse_rating, cfg))
     rows = []
