@@ -7,7 +7,8 @@ framework, because it must be able to *drop* a connection without answering.
 Answers echo the last user message ("echo: ..."). Failures (chosen by a seeded RNG,
 `--fail-rate`) cycle through 429 (with Retry-After: 0), 500 and a dropped connection.
 `GET /stats` returns how many times each distinct request was answered successfully.
-The model name `hard-401` always gets 401, `slow` answers after 5 s.
+The model name `hard-401` always gets 401, `slow` answers after 5 s, and `scripted` plays a
+deterministic teacher for the generator tests (see `_scripted`).
 It runs in its own process so its CPU time does not compete with the client's GIL.
 """
 
@@ -20,6 +21,27 @@ import json
 import random
 import sys
 from collections import Counter
+
+class FakeServer:
+    """Client-side handle for tests: starts this file as a subprocess, `.url` is its /v1 root."""
+
+    def __init__(self, *args: str):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        self.url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+
+    def stats(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url.replace("/v1", "/stats"), timeout=10).json()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
 
 STATE = {"successes": Counter(), "attempts": 0, "failures": Counter()}
 
@@ -35,6 +57,62 @@ def _response(status: int, payload: dict, extra: str = "") -> bytes:
     head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
             f"{extra}\r\n")
     return head.encode() + data
+
+
+_VERBS = ["Describe", "Explain", "Summarize", "List", "Compare", "Classify", "Write", "Suggest", "Translate", "Rank"]
+_THINGS = ["volcanoes", "tax forms", "jazz history", "a chess opening", "rainforests", "bread baking", "old bridges",
+           "city parks", "solar sails", "ant colonies", "tea ceremonies", "river deltas", "glass making", "moon phases",
+           "postal systems", "wind farms", "coral reefs", "origami cranes", "railway timetables", "desert plants"]
+_ASPECTS = ["for a child", "in three bullet points", "with one example", "for a beginner", "in formal English",
+            "as a short poem", "with pros and cons", "in under fifty words", "step by step", "as a table"]
+
+
+def _scripted_tasks(prompt: str, seed, start: int) -> list[str]:
+    """Five task lines numbered from `start`: mostly fresh tasks, plus an image task, a too-short one and a copy."""
+    rng = random.Random(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest())
+    lines = []
+    for k in range(start, start + 5):
+        roll = rng.random()
+        if roll < 0.1:
+            lines.append(f"{k}. Describe the image of {rng.choice(_THINGS)}.")
+        elif roll < 0.2:
+            lines.append(f"{k}. Do it.")
+        elif roll < 0.25:
+            lines.append(f"{k}. Give three practical tips for falling asleep faster.")
+        else:
+            lines.append(f"{k}. {rng.choice(_VERBS)} {rng.choice(_THINGS)} {rng.choice(_ASPECTS)} "
+                         f"(variant {rng.randrange(10**6)}).")
+            if rng.random() < 0.3:
+                lines.append(f"Input: notes about {rng.choice(_THINGS)}")
+    return lines
+
+
+def _scripted(messages: list, seed) -> str:
+    """A deterministic chat teacher: writes tasks, plays the person in self-chat, answers with its turn number."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if "Come up with" in last:
+        return "Sure! Here are some new tasks:\n" + "\n".join(_scripted_tasks(last, seed, 7))
+    if "You are the person" in last:
+        if last.count("Person:") >= 2 and "stop early" in last:
+            return "[END]"
+        return f"Person: Interesting, and what about {random.Random(last).choice(_THINGS)}?"
+    if "EMPTY" in last:
+        return ""
+    if "LOOP" in last:
+        return "the same words " * 30
+    turn = sum(1 for m in messages if m["role"] == "assistant") + 1
+    system = messages[0]["content"][:12] if messages and messages[0]["role"] == "system" else "-"
+    return f"(turn {turn}, sys {system}) An answer about: {last[:60]}"
+
+
+def _scripted_completion(prompt: str, seed) -> str:
+    if prompt.rstrip().endswith(":") and "Task " in prompt.splitlines()[-1]:
+        n = int(prompt.rstrip()[:-1].rsplit("Task ", 1)[1])
+        lines = _scripted_tasks(prompt, seed, n)
+        first = lines[0].split(". ", 1)[1]
+        return " " + "\n".join([first] + [f"Task {ln.split('. ', 1)[0]}: {ln.split('. ', 1)[1]}" if ln[0].isdigit()
+                                         else ln for ln in lines[1:]])
+    return f" A completion answer for: {prompt.splitlines()[-2][:60] if len(prompt.splitlines()) > 1 else prompt}"
 
 
 async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.Random) -> bytes | None:
@@ -54,9 +132,11 @@ async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.R
     await asyncio.sleep(5.0 if model == "slow" else args.latency)
     if path.endswith("/chat/completions"):
         last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
-        choice = {"index": 0, "message": {"role": "assistant", "content": f"echo: {last}"}, "finish_reason": "stop"}
+        content = _scripted(body["messages"], body.get("seed")) if model == "scripted" else f"echo: {last}"
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
     else:
-        choice = {"index": 0, "text": f"echo: {body['prompt']}", "finish_reason": "length"}
+        text = _scripted_completion(body["prompt"], body.get("seed")) if model == "scripted" else f"echo: {body['prompt']}"
+        choice = {"index": 0, "text": text, "finish_reason": "length"}
     STATE["successes"][_key(body)] += 1
     return _response(200, {"id": "x", "object": "chat.completion", "model": model, "choices": [choice],
                            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -20,23 +19,9 @@ from protege.engine import SamplingParams
 from protege.teachers import TeacherConfig, TeacherError, make_teacher
 from protege.teachers.openai_api import _retry_after
 
-SERVER = Path(__file__).with_name("fake_openai_server.py")
+from fake_openai_server import FakeServer
+
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-class FakeServer:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, str(SERVER), *args], stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        self.url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
-
-    def stats(self) -> dict:
-        return httpx.get(self.url.replace("/v1", "/stats"), timeout=10).json()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture()

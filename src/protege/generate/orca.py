@@ -131,7 +131,7 @@ def run(config: OrcaConfig) -> dict[str, Any]:
             subset = prompts[:limit] if limit else prompts
             counts = distill_into(gen, subset, cfg, source="orca", extra_meta=lambda i, k=k: {"stage": k})
             counts["task_types"] = {t: kinds[:len(subset)].count(t) for t in TASK_TYPES if t in kinds[:len(subset)]}
-            gen.finish(counts, counts.pop("_seconds"), inputs=[cfg.prompts], extra={"stage": k})
+            gen.finish(counts, counts.pop("_seconds"), inputs=[cfg.prompts], extra={"orca_stage": k})
             stage_counts.append({"stage": k, "teacher": gen_name(tcfg), **counts})
             stage_files.append(gen.records_path)
     if not progressive:

@@ -73,13 +73,14 @@ def user_turn_prompt(messages: list[dict[str, str]]) -> str:
 
 
 # A weak teacher often labels its turn or keeps writing the other side of the dialogue.
-_LABEL = re.compile(r"^\s*(?:\[?(?:person|user|human|assistant|ai|you)\]?\s*:)\s*", re.IGNORECASE)
-_OTHER_SIDE = re.compile(r"\n\s*\[?(?:person|user|human|assistant|ai)\]?\s*:", re.IGNORECASE)
+_ROLES = r"(?:person|user|human|assistant|ai)"
+_LABEL = re.compile(rf"^\s*(?:\[{_ROLES}\]\s*:?|(?:{_ROLES}|you)\s*:)\s*", re.IGNORECASE)  # "User:", "[Human]" (Baize)
+_OTHER_SIDE = re.compile(rf"\n\s*(?:\[{_ROLES}\]|{_ROLES}\s*:)", re.IGNORECASE)
 
 
 def clean_turn(text: str) -> str:
     """A generated message without a leading role label, cut where it starts writing another speaker."""
-    text = _LABEL.sub("", text.strip(), count=1)
+    text = _LABEL.sub("", text.strip().strip('"'), count=1)
     text = _OTHER_SIDE.split(text, maxsplit=1)[0]
     return clean_reply(text.strip().strip('"').strip())
 

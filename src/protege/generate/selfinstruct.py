@@ -100,17 +100,17 @@ def parse_tasks(text: str, leading: bool = False) -> list[Task]:
         line = raw.strip()
         if not line:
             continue
-        m = _INPUT.match(line)
+        body, marked = _strip_markers(line)
+        m = _INPUT.match(line) or _INPUT.match(body)
         if m:
             if current is not None and not current.input:
                 value = m.group(1).strip(" *\"")
                 current.input = "" if value.lower() in _NO_INPUT else value
             first = False
             continue
-        if _OUTPUT.match(line):
+        if _OUTPUT.match(line) or _OUTPUT.match(body):
             current, first = None, False
             continue
-        body, marked = _strip_markers(line)
         if marked or (leading and first):
             current = Task(body) if body and not body.endswith(":") else None
             if current is not None:
