@@ -230,3 +230,46 @@ def test_page_and_assets_are_served_with_a_strict_csp(server):
     assert "script-src 'self'" in page.headers["content-security-policy"]
     for asset in ("app.js", "markdown.js", "style.css"):
         assert httpx.get(f"{server[0]}/web/{asset}").status_code == 200
+
+
+def test_protege_serve_cli_binds_loopback_with_api_key(tiny_llama_dir):
+    import os
+    import subprocess
+    import sys
+
+    from protege.serve import free_port
+
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TEST_SERVE_KEY="k3y")
+    proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "serve", str(tiny_llama_dir), "--port", str(port),
+                             "--api-key-env", "TEST_SERVE_KEY", "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        banner = ""
+        while "serving" not in banner and proc.poll() is None:
+            banner = proc.stdout.readline()  # skip weight-loading progress lines
+        assert f"http://127.0.0.1:{port}" in banner and "API key required" in banner
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
+        assert c.models.list().data[0].id == tiny_llama_dir.name
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_protege_serve_cli_refuses_an_unset_key_variable(tiny_llama_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "serve", str(tiny_llama_dir), "--api-key-env",
+                           "PROTEGE_TEST_UNSET_VAR"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "PROTEGE_TEST_UNSET_VAR" in proc.stderr and "Traceback" not in proc.stderr
