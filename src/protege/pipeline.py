@@ -47,7 +47,7 @@ STAGE_KINDS: dict[str, str] = {
     "curate": "protege.curate:CurateConfig:run",
     "train.sft": "protege.train.sft:SFTConfig:run",
     "eval.bench": "protege.evaluate.bench:BenchConfig:run",
-    "eval.answer": "protege.evaluate.judge:AnswerConfig:run_answers",
+    "eval.answer": "protege.evaluate.answer:AnswerConfig:run",
     "eval.judge": "protege.evaluate.judge:JudgeConfig:run",
     "report": "protege.evaluate.report:ReportConfig:run",
 }
@@ -95,7 +95,10 @@ def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
         raise ConfigError(f"unknown stage kind `{kind}`{hint} (known: {', '.join(STAGE_KINDS)})")
     module, cls_name, fn_name = STAGE_KINDS[kind].split(":")
     mod = importlib.import_module(module)
-    return getattr(mod, cls_name), getattr(mod, fn_name)
+    try:
+        return getattr(mod, cls_name), getattr(mod, fn_name)
+    except AttributeError as err:  # a registry entry out of step with its module: a bug in protege
+        raise RuntimeError(f"stage kind {kind}: {STAGE_KINDS[kind]} is broken: {err}") from None
 
 
 def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
@@ -173,8 +176,24 @@ def _log(msg: str) -> None:
     print(f"[protege run] {msg}", file=sys.stderr, flush=True)
 
 
-def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None = None) -> list[dict[str, Any]]:
-    """Run (or skip) every stage; return one summary row per stage."""
+def _stage_config(config_cls: type[StageConfig], resolved: dict[str, Any], stage_dir: Path, where: str) -> StageConfig:
+    """The stage's typed config with its output location set by the runner.
+
+    Most stages write into a folder (`out_dir`); a stage that writes one file (the report) gets `output`
+    inside the stage folder unless the recipe chose another path.
+    """
+    fields = config_cls.model_fields
+    data = dict(resolved)
+    if "out_dir" in fields:
+        data["out_dir"] = str(stage_dir)
+    elif "output" in fields and "output" not in data:
+        data["output"] = str(stage_dir / Path(str(fields["output"].default or "output")).name)
+    return validate_dict(config_cls, data, where)
+
+
+def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None = None,
+               dry_run: bool = False) -> list[dict[str, Any]]:
+    """Run (or skip) every stage; return one summary row per stage. `dry_run` only validates and plans."""
     names = [s.name for s in recipe.stages]
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in names:
@@ -192,7 +211,7 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
         resolved = _substitute(spec.config, dirs, refs, where)
         dirs[spec.name] = stage_dir
         config_cls, run_fn = stage_kind(spec.kind)
-        config = validate_dict(config_cls, {**resolved, "out_dir": str(stage_dir)}, where)
+        config = _stage_config(config_cls, resolved, stage_dir, where)
         fp = _fingerprint(spec.kind, config.model_dump(mode="json"), [fingerprints[r] for r in sorted(refs)],
                           _input_files(resolved, run_dir))
         fingerprints[spec.name] = fp
@@ -206,6 +225,9 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
             rows.append(_row(spec, "skipped", stage_dir, done))
             continue
         started = _read_marker(stage_dir / ".protege_started.json")
+        if dry_run:
+            rows.append(_row(spec, "would resume" if started and started.get("fingerprint") == fp else "would run", stage_dir))
+            continue
         if stage_dir.exists() and (forced or (started or done or {}).get("fingerprint") != fp):
             _log(f"{spec.name}: config or inputs changed; clearing {stage_dir}")
             shutil.rmtree(stage_dir)
@@ -221,6 +243,8 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
         marker = {"fingerprint": fp, "kind": spec.kind, "seconds": round(seconds, 1), "result": _jsonable(result)}
         _write_marker(stage_dir / ".protege_done.json", marker)
         rows.append(_row(spec, "ran", stage_dir, marker))
+    if dry_run:
+        return rows
     (run_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
     return rows
 

@@ -18,6 +18,7 @@ def register(sub: Any) -> None:
     p.add_argument("--only", default=None, help="run only this stage")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override a stage's config (repeatable), e.g. --set sft.max_steps=10")
+    p.add_argument("--dry-run", action="store_true", help="validate every stage's config and show what would run")
     p.set_defaults(func=_run)
 
 
@@ -25,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..pipeline import format_summary, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.sets)
-    rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only)
+    rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
     print(format_summary(rows))
     for row in rows:
         for key in ("report_html", "report", "html"):
