@@ -8,7 +8,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import Comparison, Conversation, Record
+from ..records import Comparison, Record
 
 __all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "PUNCT_TO_SPACE"]
 

@@ -26,7 +26,7 @@ from ..config import save_config
 from ..errors import StageError
 from ..formats import convert_obj, iter_source
 from ..manifest import write_manifest
-from ..records import Comparison, Conversation, JsonlWriter, Record, RecordError, check_messages, write_records
+from ..records import Comparison, Conversation, Record, RecordError, check_messages, write_records
 from . import clean, decontam, dedup, langid, mix, quality, split, tag
 from .common import StepResult, messages_of, progress, removal, words
 from .config import CurateConfig
