@@ -275,3 +275,20 @@ def test_datasets_loadable_source_with_field_mapping(tmp_path):
     (tmp_path / "t.yaml").write_text('name: csvtask\ntype: classify\ndata: heads.csv\nfields: {text: title}\n')
     with pytest.raises(StageError, match="`title`"):
         load_items(resolve_task(str(tmp_path / "t.yaml")))
+
+
+@pytest.mark.slow
+def test_builtin_model_mc_scores_match_full_forward():
+    from conftest import builtin_model
+
+    from protege.evaluate.prompts import PromptBuilder
+    from protege.models import load
+
+    model, tok = load(builtin_model("smollm2-135m-instruct"), device="cpu")
+    spec = resolve_task("world_knowledge")
+    shots, items = split_fewshot(spec, load_items(spec), 2)
+    builder = PromptBuilder(spec, shots)
+    qs = [encode_question(tok, builder.context(it), builder.options(it)[0]) for it in items[:4]]
+    for q, row in zip(qs, score_questions(model, qs, pad_id=tok.pad_token_id or 0)):
+        for cont, (ll, _) in zip(q.continuation_ids, row):
+            assert ll == pytest.approx(loglikelihood_reference(model, q.context_ids, cont), abs=1e-3)
