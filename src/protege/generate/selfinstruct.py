@@ -216,7 +216,7 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
     seen = {" ".join(t.instruction.split()).lower() for t in seeds}
     generated: list[Task] = []
     rejected: Counter[str] = Counter()
-    n_candidates = malformed = requests = answer_requests = kept = rounds = 0
+    n_candidates = malformed = requests = answer_requests = kept = rounds = truncated = 0
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -231,9 +231,10 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
                                    seed=cfg.seed * 1_000_003 + requests + j) for j in range(k)]
                 if mode == "chat":
                     replies = teacher.complete([[{"role": "user", "content": chat_task_prompt(ex, cfg.new_tasks_per_prompt)}]
-                                                for ex in examples], params)
+                                                for ex in examples], params, progress=cfg.progress)
                 else:
-                    replies = teacher.complete_prompts([completion_task_prompt(ex) for ex in examples], params)
+                    replies = teacher.complete_prompts([completion_task_prompt(ex) for ex in examples], params,
+                                                       progress=cfg.progress)
                 requests += k
                 rounds += 1
                 new: list[Task] = []
@@ -259,10 +260,12 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
                 answer_requests += len(new)
                 ap = sampling(cfg.answer_max_new_tokens, cfg.answer_temperature, 1.0, seed=cfg.seed)
                 if mode == "chat":
-                    answers = teacher.complete([[{"role": "user", "content": t.prompt()}] for t in new], ap)
+                    answers = teacher.complete([[{"role": "user", "content": t.prompt()}] for t in new], ap,
+                                               progress=cfg.progress)
                 else:
                     ap.stop = ["\nInstruction:", "\n\n\n"]
-                    answers = teacher.complete_prompts([completion_answer_prompt(t, demos) for t in new], ap)
+                    answers = teacher.complete_prompts([completion_answer_prompt(t, demos) for t in new], ap,
+                                                       progress=cfg.progress)
                 for task, answer in zip(new, answers):
                     text = clean_reply(answer.text)
                     if not text:
@@ -276,6 +279,7 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
                                              "finish_reason": answer.finish_reason})
                     gen.writer.write(rec)
                     kept += 1
+                    truncated += answer.finish_reason == "length"
                     if bar is not None:
                         bar.update(1)
                 if bar is not None:
@@ -290,6 +294,7 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
         "records": kept, "n": cfg.n, "generated": n_candidates, "kept": kept,
         "rejected": dict(sorted(rejected.items())), "malformed_replies": malformed,
         "task_requests": requests, "answer_requests": answer_requests, "rounds": rounds,
+        "answers_hit_token_limit": truncated,
         "seed_tasks": len(seeds), "prompt_mode": mode,
         "stopped": "n_reached" if kept >= cfg.n else "max_requests",
         "teacher": gen.teacher_counts(),

@@ -119,7 +119,7 @@ class Teacher:
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(keys), desc=f"teacher {self.config.model}", unit="req", dynamic_ncols=True)
+                bar = tqdm(total=len(keys), desc=f"teacher {self.config.model}", unit="req", dynamic_ncols=True, leave=False)
 
             def on_done(j: int, value: dict[str, Any]) -> None:
                 # Cached the moment it arrives: a kill right after this loses nothing.
