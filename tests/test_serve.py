@@ -95,14 +95,26 @@ def test_sse_wire_format_ends_with_done(server):
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
 
 
+def test_streaming_n_choices_are_indexed(client):
+    stream = client.chat.completions.create(model="m", messages=user("hi"), temperature=0, max_tokens=6, n=2,
+                                            stream=True)
+    texts, finished = ["", ""], set()
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished.add(ch.index)
+    assert finished == {0, 1} and texts[0] == texts[1] and texts[0]  # greedy: both choices agree
+
+
 def test_stop_string_n_and_seed(client, tiny_llama):
     greedy, _ = reference(*tiny_llama, user("hello"), max_new_tokens=20)
-    if len(greedy.text) > 4:  # stop on a piece of the greedy answer: the reply is cut before it
-        piece = greedy.text[3:5]
-        out = client.chat.completions.create(model="m", messages=user("hello"), temperature=0, max_tokens=20,
-                                             stop=[piece])
-        assert out.choices[0].message.content == greedy.text.split(piece, 1)[0]
-        assert out.choices[0].finish_reason == "stop"
+    assert len(greedy.text) > 5  # the seeded tiny model says something to cut
+    piece = greedy.text[3:5]  # stop on a piece of the greedy answer: the reply is cut before it
+    out = client.chat.completions.create(model="m", messages=user("hello"), temperature=0, max_tokens=20,
+                                         stop=piece)
+    assert out.choices[0].message.content == greedy.text.split(piece, 1)[0]
+    assert out.choices[0].finish_reason == "stop"
     kw = dict(model="m", messages=user("hello"), temperature=1.0, max_tokens=12, n=3, seed=7)
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
