@@ -192,6 +192,10 @@ def config_help(cls: type[BaseModel], prefix: str = "") -> str:
             lines.append(config_help(sub, prefix=f"{prefix}{name}."))
             continue
         type_name = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-        default = field.default if field.default_factory is None else field.default_factory()
-        lines.append(f"  --{prefix}{name}  ({type_name}, default {default!r}): {field.description or ''}")
+        if field.is_required():
+            default_s = "required"
+        else:
+            default = field.default if field.default_factory is None else field.default_factory()
+            default_s = f"default {default!r}"
+        lines.append(f"  --{prefix}{name}  ({type_name}, {default_s}): {field.description or ''}")
     return "\n".join(lines)

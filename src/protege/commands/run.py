@@ -20,6 +20,7 @@ def register(sub: Any) -> None:
                    help="override a stage's config (repeatable), e.g. --set sft.max_steps=10")
     p.add_argument("--dry-run", action="store_true", help="validate every stage's config and show what would run")
     p.set_defaults(func=_run)
+    register_sweep(sub)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -32,4 +33,22 @@ def _run(args: argparse.Namespace) -> int:
         for key in ("report_html", "report", "html"):
             if isinstance(row["result"], dict) and key in row["result"]:
                 print(f"\nreport: {row['result'][key]}")
+    return 0
+
+
+def register_sweep(sub: Any) -> None:
+    from ..commands import add_stage_parser
+    from ..sweep import SweepConfig
+
+    add_stage_parser(sub, "sweep", SweepConfig,
+                     "the False Promise experiment: SFT on N imitation examples for several N, bench + judge each, "
+                     "plot style and substance against N", _sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..sweep import SweepConfig, run
+
+    result = run(load_config(SweepConfig, args.config, args.overrides))
+    print(f"sweep: {result['points']} points\nfigure and table: {result['html']}")
     return 0
