@@ -105,16 +105,17 @@ class SFTModule(torch.nn.Module):
         super().__init__()
         self.model = model
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._decoder = base.get_decoder()
-        self._head = base.get_output_embeddings()
+        # A tuple, not attributes: submodules of `model` must not be registered twice (DDP, state_dict).
+        self._parts = (base.get_decoder(), base.get_output_embeddings())
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
         self.logits_chunk = logits_chunk
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 normalizer: float | None = None) -> torch.Tensor:
-        hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+        decoder, head = self._parts
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
                                use_cache=False).last_hidden_state  # (B, T, H)
-        return sft_loss(hidden, self._head.weight, labels, normalizer=normalizer, softcap=self.softcap,
+        return sft_loss(hidden, head.weight, labels, normalizer=normalizer, softcap=self.softcap,
                         chunk_size=self.logits_chunk)
 
 
@@ -156,6 +157,8 @@ def _eval_loss(module: torch.nn.Module, batches: list[list[list[Example]]], pad_
     """Token-weighted mean loss over held-out micro-batches, sharded over ranks."""
     if not batches:
         return None
+    # Unwrapped: DDP's forward runs collectives (buffer broadcast), and ranks may get unequal shares.
+    module = accelerator.unwrap_model(module)
     was_training = module.training
     module.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
