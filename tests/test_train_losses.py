@@ -90,3 +90,16 @@ def test_module_loss_equals_model_full_logits(arch, tiny_llama, tiny_gemma):
     ours = SFTModule(model)(ids, pos, labels)
     ref = full_logits_cross_entropy(model(input_ids=ids).logits, labels)
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_per_token_weights_match_weighted_reference():
+    torch.manual_seed(2)
+    hidden = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (7,))
+    w = torch.rand(7, dtype=torch.float64)
+    ours = linear_cross_entropy(hidden, weight, targets, w, chunk_size=3)
+    ref = (torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none") * w).sum()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(ref, [hidden, weight])):
+        torch.testing.assert_close(a, b)
