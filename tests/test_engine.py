@@ -222,6 +222,19 @@ def test_screened_head_finds_the_fp32_argmax():
         assert torch.equal(head.logits(hidden), lin(hidden))
 
 
+def test_smooth_int8_linear_keeps_the_product():
+    from protege.engine.int8 import SmoothInt8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(8, 64)
+    x[:, 3] *= 40  # an outlier channel, the case smoothing is for
+    q = SmoothInt8Linear(lin, x.abs().amax(0))
+    with torch.inference_mode():
+        rel = ((q(x) - lin(x)).norm() / lin(x).norm()).item()
+    assert rel < 0.03
+
+
 def test_int8_weights_mode(tiny_gemma):
     from protege.models import tiny_model
 
@@ -232,6 +245,13 @@ def test_int8_weights_mode(tiny_gemma):
     outs = Engine(model, tok, weights="int8").generate(prompts, params)
     ref = Engine(fp32_model, tok).generate(prompts, params)
     assert [o.completion_tokens for o in outs] == [10, 10, 10]
-    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear" and model.model.layers[0].mlp.up_proj.__module__.startswith("torch.ao")
-    same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o.token_ids, r.token_ids))
-    assert same >= 15  # int8 drifts from fp32 but stays close at first
+    from protege.engine.int8 import SmoothInt8Linear
+
+    assert isinstance(model.model.layers[0].mlp.up_proj, SmoothInt8Linear)
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays fp32: it is screened, then rescored
+    assert all(o.finish_reason == "length" for o in ref)
+    # Random tiny models have near-tied logits, so compare logits, not greedy tokens.
+    ids = torch.tensor([prompts[2]])
+    with torch.inference_mode():
+        a, b = model(input_ids=ids).logits, fp32_model(input_ids=ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 0.1

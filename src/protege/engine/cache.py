@@ -55,6 +55,9 @@ class SlotCache(Cache):
                 store[layer] = grown
         self.capacity = new_cap
 
+    def clear(self) -> None:
+        self.keys, self.values, self.capacity = {}, {}, 0
+
     # ---- transformers Cache hooks ---------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -90,10 +93,3 @@ class SlotCache(Cache):
         for store in (self.keys, self.values):
             for t in store.values():
                 t[dst, :, :length] = t[src, :, :length]
-
-    def shift_rows(self, rows: slice, offset: int, width: int) -> None:
-        """Move positions [0, width) of `rows` to [offset, offset + width)."""
-        self.reserve(offset + width)
-        for store in (self.keys, self.values):
-            for t in store.values():
-                t[rows, :, offset:offset + width] = t[rows, :, :width].clone()

@@ -26,8 +26,9 @@ __all__ = ["Engine", "Completion", "StepOutput"]
 
 @dataclass
 class Completion:
-    """A finished request. `token_ids` include a final stop id if one ended it; `text` never holds
-    special tokens or the stop string. `finish_reason` is "stop" or "length"."""
+    """A finished request. `token_ids` are every sampled id: a final stop id if one ended it, or all ids up
+    to the one that completed a stop string. `text` never holds special tokens, a stop id or the stop string.
+    `finish_reason` is "stop" (stop id or string) or "length" (max_new_tokens or the model's context)."""
 
     text: str
     token_ids: list[int]
@@ -76,7 +77,7 @@ class Engine:
         self.weights = weights
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._body, self._head = _split_model(model, weights, self.device)
+        self._body, self._head = _split_model(model, tokenizer, weights, self.device)
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -225,6 +226,8 @@ class Engine:
             self._running[req.row] = last
         self._running.pop()
         req.row = -1
+        if not self._running and not self._waiting:
+            self.cache.clear()  # idle: give the KV memory back (it is re-allocated lazily)
 
     def _mask(self, q_index: torch.Tensor, start: torch.Tensor, kv_len: int) -> dict[str, torch.Tensor]:
         """Additive masks (n, 1, q, kv_len) per layer type. q_index: (n, q) cache index of each query.
@@ -295,7 +298,7 @@ class Engine:
                 delta, hit = r.text.push(tok)
                 if hit:
                     reason = "stop"
-                elif len(r.out) >= r.params.max_new_tokens or r.length + 1 >= self.max_positions:
+                elif len(r.out) >= r.params.max_new_tokens or r.length - r.start >= self.max_positions:
                     reason = "length"
                     delta += r.text.flush()
             done = None
@@ -314,11 +317,12 @@ _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "g
                      "olmo", "olmo2", "starcoder2"}
 
 
-def _split_model(model: Any, weights: str, device: torch.device) -> tuple[Any, Any]:
+def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device) -> tuple[Any, Any]:
     """(decoder or None, head) for this model and weight mode; int8 mode quantizes Linear layers in place."""
     from torch import nn
 
-    from .head import LinearHead, ModelHead, ScreenedHead, int8_linear
+    from .head import LinearHead, ModelHead, ScreenedHead
+    from .int8 import quantize_decoder
 
     cfg = model.config
     head = model.get_output_embeddings()
@@ -326,10 +330,7 @@ def _split_model(model: Any, weights: str, device: torch.device) -> tuple[Any, A
         if device.type != "cpu":
             raise ValueError("weights='int8' is a CPU mode (fbgemm dynamic int8); use fp32/bf16 models on accelerators")
         # The head stays fp32 here: ScreenedHead scans it with its own int8 copy and rescores the leaders in fp32.
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and child is not head:
-                    setattr(parent, name, int8_linear(child))
+        quantize_decoder(model, tokenizer, skip=head)
     plain = (getattr(cfg, "model_type", "") in _PLAIN_HEAD_TYPES and getattr(head, "bias", None) is None
              and not getattr(cfg, "logit_scale", None))
     if not plain:
