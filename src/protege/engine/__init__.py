@@ -7,7 +7,13 @@
 
 Continuous batching (the server): `add_request(ids, params) -> id`, then call `step()`
 until `has_pending()` is false; each step returns `StepOutput`s (new token ids, a text
-delta, and the `Completion` on a request's last step). `cancel(id)` frees a slot.
+delta, and the `Completion` on a request's last step). `cancel(id)` frees a slot. The engine is
+not thread-safe: drive it from one thread.
+
+Weights: "fp32" runs the model as loaded; on CPU the greedy argmax over the vocabulary is found by
+an int8 scan of the LM head plus fp32 rescoring of the 256 leaders (see `head.py`). "int8" (CPU)
+also turns the decoder's Linear layers into SmoothQuant int8 ones in place (see `int8.py`): fewer
+bytes per token, greedy output close to but not identical with fp32.
 """
 
 from .core import Completion, Engine, StepOutput

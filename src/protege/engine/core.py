@@ -63,7 +63,14 @@ class _Request:
 
 
 class Engine:
-    """Batched generation with a KV cache. See the package docstring for the API."""
+    """Batched generation with a KV cache (see the package docstring for the API).
+
+    model/tokenizer: any transformers causal LM and its tokenizer, on any device (the model's).
+    chat_format: prompt template + default stop ids/strings; default `ChatFormat.from_tokenizer`.
+    max_batch_size: rows decoded together; more requests wait and join as rows free up.
+    weights: "fp32" (the model as loaded) or "int8" (CPU; quantizes the decoder's Linears in place).
+    prefill_tokens: at most this many padded prompt tokens are prefilled in one forward.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, chat_format: ChatFormat | None = None,
                  max_batch_size: int = 16, weights: str = "fp32", prefill_tokens: int = 4096):
@@ -330,7 +337,9 @@ def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device)
         if device.type != "cpu":
             raise ValueError("weights='int8' is a CPU mode (fbgemm dynamic int8); use fp32/bf16 models on accelerators")
         # The head stays fp32 here: ScreenedHead scans it with its own int8 copy and rescores the leaders in fp32.
-        quantize_decoder(model, tokenizer, skip=head)
+        # down_proj stays fp32: its input (gelu(gate) * up) has the worst outliers; quantizing it too cut
+        # greedy agreement with fp32 on gemma-3-270m from ~47% to ~13% of tokens for ~15% fewer bytes.
+        quantize_decoder(model, tokenizer, skip=head, exclude=("down_proj",))
     plain = (getattr(cfg, "model_type", "") in _PLAIN_HEAD_TYPES and getattr(head, "bias", None) is None
              and not getattr(cfg, "logit_scale", None))
     if not plain:

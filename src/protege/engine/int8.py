@@ -7,6 +7,11 @@ fp32 fell to ~10% of tokens). Dividing each input channel by s_j and multiplying
 weight's column j by s_j leaves the product unchanged and moves the outliers into the
 weights, which are quantized per output channel (Xiao et al. 2023, alpha = 0.5).
 s_j comes from a short calibration pass over built-in sentences at load time.
+
+Measured on gemma-3-270m (greedy, 6 prompts x 24 tokens, share of tokens identical to fp32):
+plain int8 everywhere 13%; SmoothQuant everywhere 13% (alpha 0.5) / 22% (alpha 0.8); MLP only 33%;
+attention only 72%; everything but `down_proj` 47% (the engine's choice: most of the bytes saved,
+a usable agreement). The LM head is not quantized here (see head.ScreenedHead).
 """
 
 from __future__ import annotations
@@ -51,12 +56,15 @@ class SmoothInt8Linear(nn.Module):
         return self.q(x * self.inv_s)
 
 
-def quantize_decoder(model: Any, tokenizer: Any, skip: nn.Module | None = None, only: str = "") -> int:
+def quantize_decoder(model: Any, tokenizer: Any, skip: nn.Module | None = None, only: str = "",
+                     exclude: tuple[str, ...] = ()) -> int:
     """Replace every nn.Linear in `model` except `skip` (the LM head) in place; returns how many.
-    `only`: quantize just the Linears whose qualified name contains this string (e.g. "mlp")."""
+    `only`: quantize just the Linears whose qualified name contains this string (e.g. "mlp");
+    `exclude`: keep fp32 the Linears whose name contains one of these."""
     names = {id(m): n for n, m in model.named_modules()}
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child is not skip and only in names.get(id(child), "")]
+               if type(child) is nn.Linear and child is not skip and only in names.get(id(child), "")
+               and not any(e in names.get(id(child), "") for e in exclude)]
     absmax: dict[int, torch.Tensor] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
