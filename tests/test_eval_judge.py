@@ -21,13 +21,17 @@ from protege.evaluate.judge import (bootstrap_ci, combine_orders, pairwise_messa
     ("[[C]]", "tie"),
     ("I think Assistant B is better overall.", "B"),
     ("Both answers are equally good.", "tie"),
+    ("A: A: A: A:", "A"),
+    ("B\n\nbecause it is shorter", "B"),
+    ("Tie.", "tie"),
 ])
 def test_parse_pairwise(text, verdict):
     assert parse_pairwise(text) == verdict
 
 
 @pytest.mark.parametrize("garbage", ["", "The capital of France is Paris.", "A and B both mention cats.",
-                                     "Verdict: maybe", "ABABAB", None, "Verdict:"])
+                                     "Verdict: maybe", "ABABAB", None, "Verdict:",
+                                     "A good answer would mention Paris.", "Both B and A are long."])
 def test_parse_pairwise_garbage_is_none(garbage):
     assert parse_pairwise(garbage) is None
 

@@ -86,6 +86,9 @@ _VERDICT = [
     re.compile(r"\b(?:answer|assistant|response)\s+(A|B)\s+is\s+(?:better|superior|preferred|more)", re.IGNORECASE),
     re.compile(r"\b(?:both answers are (?:equally|equal)|it'?s a tie|(?:they|both) are (?:tied|equal))()",
                re.IGNORECASE),
+    # The reply *begins* with the bare verdict, as the prompt asks ("A", "B: ...", "tie."); a weak judge
+    # often drops the "Verdict:" word. Only at the very start, so "A good answer..." does not count.
+    re.compile(r"\A\s*[\*\[\(]*\s*(A|B|tie)\s*[\]\)\*]*\s*(?:[:.,\n]|\Z)", re.IGNORECASE),
 ]
 
 
