@@ -137,3 +137,17 @@ def test_bad_seed_file_is_a_clear_error(tmp_path, capsys):
     bad.write_text('{"instruction": "ok task here"}\n{"input": "no instruction"}\n')
     assert cli_main(["generate", "self-instruct", f"--seed_tasks={bad}", f"--out_dir={tmp_path / 'o'}"]) == 1
     assert "no `instruction`" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_builtin_teacher_small_run(tmp_path):
+    """The default teacher (SmolLM2-135M-Instruct, local engine) end to end on a tiny budget."""
+    from conftest import builtin_model
+
+    builtin_model("smollm2-135m-instruct")
+    cfg = SelfInstructConfig(out_dir=str(tmp_path), n=3, requests_per_round=2, max_requests=8, task_max_new_tokens=64,
+                             answer_max_new_tokens=24, progress=False)
+    counts = run(cfg)
+    assert counts["prompt_mode"] == "chat" and counts["kept"] <= 3
+    assert counts["generated"] == counts["kept"] + sum(counts["rejected"].values())
+    assert validate_file(tmp_path / "records.jsonl") == (counts["kept"], [])
