@@ -220,6 +220,9 @@ def test_screened_head_finds_the_fp32_argmax():
     with torch.inference_mode():
         assert torch.equal(head.argmax(hidden), lin(hidden).argmax(-1))
         assert torch.equal(head.logits(hidden), lin(hidden))
+        lin.weight.mul_(-1)  # a training update: the stale int8 copy would pick the old leaders
+        head.refresh()
+        assert torch.equal(head.argmax(hidden), lin(hidden).argmax(-1))
 
 
 def test_smooth_int8_linear_keeps_the_product():

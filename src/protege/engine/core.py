@@ -103,6 +103,12 @@ class Engine:
         model, tok = load(spec, dtype=dtype, device=device)
         return cls(model, tok, **kw)
 
+    def refresh_weights(self) -> None:
+        """Call after the model's weights changed (e.g. between PPO updates): the int8 copy of the LM
+        head that screens greedy tokens is rebuilt from the current weights."""
+        if hasattr(self._head, "refresh"):
+            self._head.refresh()
+
     # ---- request lifecycle ----------------------------------------------------------------------
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:

@@ -72,8 +72,13 @@ class ScreenedHead(LinearHead):
     def __init__(self, linear: nn.Linear, softcap: float | None = None, candidates: int = _CANDIDATES):
         super().__init__(linear, softcap)
         self.weight = linear.weight  # (V, H), shared with the model (no copy)
-        self.int8 = int8_linear(linear)
         self.candidates = min(candidates, self.weight.shape[0])
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-quantize the screening copy from the current fp32 weights (after training updates)."""
+        with torch.no_grad():
+            self.int8 = int8_linear(self.linear)
 
     def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         approx = self.int8(hidden.float())  # (n, V)
