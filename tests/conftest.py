@@ -13,6 +13,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """Tiny models: one intra-op thread (thread start-up costs more than the math; far faster when the
+    CPU is shared). Tests marked slow run the built-in models and keep torch's default."""
+    import torch
+
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from protege.models import tiny_model
