@@ -292,3 +292,14 @@ def test_builtin_model_mc_scores_match_full_forward():
     for q, row in zip(qs, score_questions(model, qs, pad_id=tok.pad_token_id or 0)):
         for cont, (ll, _) in zip(q.continuation_ids, row):
             assert ll == pytest.approx(loglikelihood_reference(model, q.context_ids, cont), abs=1e-3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_shared_fewshot_prefix_matches_full_forward(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    shots = "Question: two plus three?\nAnswer: five\n\nQuestion: the capital of France?\nAnswer: Paris\n\n"
+    qs = [encode_question(tok, shots + f"Question: {q}\nAnswer:", [" five", " the sea", " Paris"])
+          for q in ("two plus two?", "what is blue and wide?", "quick brown fox jumps over the lazy dog?")]
+    for q, row in zip(qs, score_questions(model, qs, pad_id=tok.pad_token_id)):
+        for cont, (ll, _) in zip(q.continuation_ids, row):
+            assert ll == pytest.approx(loglikelihood_reference(model, q.context_ids, cont), abs=1e-4)

@@ -6,7 +6,8 @@ trailing spaces of the context move to the continuation; the continuation tokens
 an empty context is replaced by the BOS (else EOS) token.
 
 Because the context tokens are the same for every option, we run the context once per question
-(batched over questions, left-padded, `logits_to_keep=1` so the LM head runs on one position),
+(batched over questions, left-padded, `logits_to_keep=1` so the LM head runs on one position; the
+few-shot prefix that all questions of a batch share is run only once),
 copy its KV cache once per option, and run only the short option tokens on top. lm-eval instead
 runs the full `context + option` sequence once per option and computes logits on every position,
 which for a 262K-token vocabulary (Gemma 3) is most of the work.
@@ -84,6 +85,15 @@ def _select_cache(cache: Any, index: torch.Tensor) -> Any:
     return new
 
 
+def _common_prefix(seqs: Sequence[list[int]]) -> int:
+    n = min(map(len, seqs))
+    for i in range(n):
+        t = seqs[0][i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
 @torch.no_grad()
 def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: int = 0,
                     max_length: int | None = None, logits_budget: int = 2**26) -> list[list[tuple[float, bool]]]:
@@ -97,16 +107,31 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
         questions = [EncodedQuestion(q.context_ids[-max(1, max_length - max(map(len, q.continuation_ids))):],
                                      q.continuation_ids) for q in questions]
     lens = [len(q.context_ids) for q in questions]
-    width = max(lens)
+    # Few-shot contexts share their solved examples: run the common token prefix once and broadcast its
+    # cache, so each row adds only its own suffix (left-padded: the padding sits *between* prefix and
+    # suffix, masked out). Not when a sliding window could see the padded layout differently.
+    prefix = min(_common_prefix([q.context_ids for q in questions]), min(lens) - 1)
+    window = getattr(model.config, "sliding_window", None)
+    if prefix < 16 or len(questions) < 2 or (window and prefix + max(lens) - prefix >= window // 2):
+        prefix = 0
+    cache = None
+    if prefix:
+        pre = model(input_ids=torch.tensor([questions[0].context_ids[:prefix]], device=device), use_cache=True,
+                    logits_to_keep=1)
+        cache = pre.past_key_values
+        cache.batch_select_indices(torch.zeros(len(questions), dtype=torch.long, device=device))
+    width = max(lens) - prefix
     ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(questions), width), dtype=torch.long)
+    mask = torch.zeros((len(questions), prefix + width), dtype=torch.long)
+    mask[:, :prefix] = 1
     for i, q in enumerate(questions):
-        ids[i, width - lens[i]:] = torch.tensor(q.context_ids)
-        mask[i, width - lens[i]:] = 1
+        ids[i, width - (lens[i] - prefix):] = torch.tensor(q.context_ids[prefix:])
+        mask[i, prefix + width - (lens[i] - prefix):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # Positions count real tokens only, so a padded row sees the positions it would see alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): predicts each option's 1st token
     cache = out.past_key_values
 
