@@ -201,6 +201,18 @@ def test_quality_rules_and_top_k():
     assert all(e["reason"] == "below_top_k" for e in res.removed)
 
 
+def test_quality_drops_answers_cut_at_the_token_limit():
+    cut, whole, multi = (conv("q", "An answer that ran out of", "cut"), conv("q2", "A whole answer.", "whole"),
+                         conv("q3", "Another whole answer.", "multi"))
+    cut.meta["finish_reason"] = "length"          # self-instruct's meta
+    whole.meta["finish_reason"] = "stop"
+    multi.meta["finish_reasons"] = ["stop", "length"]  # distill's meta, one per answered turn
+    res = quality.apply([cut, whole, multi], QualityStep())
+    assert [r.id for r in res.kept] == ["whole"]
+    assert {e["id"]: e["reason"] for e in res.removed} == {"cut": "truncated", "multi": "truncated"}
+    assert len(quality.apply([cut, whole, multi], QualityStep(drop_truncated=False)).kept) == 3
+
+
 # ---- decontaminate ------------------------------------------------------------------------------
 
 def test_indexed_bleu_equals_brute_force(tmp_path):

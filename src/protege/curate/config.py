@@ -116,6 +116,9 @@ class QualityStep(_Step):
     max_repetition: float = Field(0.3, gt=0, le=1, description="drop if an assistant turn's fraction of repeated n-grams is above this")
     refusals: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS),
                                 description="refusal boilerplate phrases (case-insensitive) that drop a conversation")
+    drop_truncated: bool = Field(True, description="drop conversations whose generator recorded an answer cut off by "
+                                 "its token limit (meta finish_reason(s) == 'length'): training on them teaches "
+                                 "the model never to end its turn")
     top_k_by: str | None = Field(None, description="meta key of a score (reward model / judge) for LIMA-style top-k selection")
     top_k: int | None = Field(None, gt=0, description="keep this many best-scoring records (records without a score rank last)")
 

@@ -25,7 +25,14 @@ def repetition(text: str | list[str], n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def _hit_token_limit(rec: Record) -> bool:
+    reasons = rec.meta.get("finish_reasons") or [rec.meta.get("finish_reason")]
+    return isinstance(reasons, list) and "length" in reasons
+
+
 def _problem(rec: Record, opts: QualityStep, refusal: Any) -> tuple[str, str] | None:
+    if opts.drop_truncated and _hit_token_limit(rec):
+        return "truncated", "an answer was cut off at the generator's token limit"
     if opts.max_total_words is not None:
         total = sum(len(words(t)) for t in texts(rec, "all"))
         if total > opts.max_total_words:

@@ -135,7 +135,8 @@ def distill_into(gen: GeneratorRun, prompts: list[tuple[str, str, list[dict[str,
                         stats["truncated_conversations"] += 1
                     stats["answers"] += len(finish[j])
                     stats["answers_hit_token_limit"] += finish[j].count("length")
-                    meta = {**meta, "prompt_id": pid, "prompt_source": psource, **(extra_meta(start + j) if extra_meta else {})}
+                    meta = {**meta, "prompt_id": pid, "prompt_source": psource, "finish_reasons": finish[j],
+                            **(extra_meta(start + j) if extra_meta else {})}
                     gen.writer.write(Conversation(messages=conv, source=source, meta=meta))
                     stats["records"] += 1
                 if bar is not None:
