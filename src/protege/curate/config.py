@@ -126,7 +126,7 @@ class QualityStep(_Step):
 class DecontaminateStep(_Step):
     step: Literal["decontaminate"] = "decontaminate"
     eval_sets: list[str] = Field(default_factory=list, description="eval files: records files or task JSONL/JSON files")
-    fields: list[str] = Field(default_factory=lambda: ["prompt", "question", "instruction", "input", "turns", "query"],
+    fields: list[str] = Field(default_factory=lambda: ["prompt", "question", "instruction", "input", "turns", "query", "text"],
                               description="task-file fields holding the eval prompt (first present wins)")
     ngram: int = Field(13, ge=3, description="word n-gram overlap that marks contamination")
     min_words: int = Field(8, ge=1, description="eval prompts shorter than ngram but at least this long match as a whole")
