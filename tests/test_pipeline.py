@@ -122,3 +122,41 @@ def test_killed_stage_resumes(tmp_path):
     assert lines.read_text().split() == [str(i) for i in range(40)]
     summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
     assert summary[0]["result"]["resumed_from"] == partial and summary[1]["result"]["sum"] == sum(range(40))
+
+
+def test_recipe_killed_during_sft_resumes_from_checkpoint(tmp_path, tiny_llama_dir):
+    """kill -9 a real `protege run` while its SFT stage trains; the rerun resumes SFT from its checkpoint."""
+    from protege.records import Conversation, write_records
+
+    data = tmp_path / "chats.jsonl"
+    write_records(data, [Conversation([{"role": "user", "content": f"What is {i} plus {i}?"},
+                                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}])
+                         for i in range(40)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: killed
+runs_dir: {tmp_path / 'runs'}
+stages:
+  - name: sft
+    kind: train.sft
+    config: {{model: "{tiny_llama_dir}", datasets: ["{data}"], max_steps: 400, batch_size: 1, packing: false,
+              max_length: 32, save_every: 5, eval_fraction: 0.0, tensorboard: false}}
+""")
+    cmd = [sys.executable, "-m", "protege.cli", "run", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ckpts = tmp_path / "runs" / "killed" / "01-sft" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(p.name.startswith("step-") for p in ckpts.iterdir()), "no checkpoint before the kill"
+    assert not (tmp_path / "runs" / "killed" / "01-sft" / ".protege_done.json").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sft: resuming an interrupted run" in done.stderr
+    assert "resuming from checkpoint" in done.stderr
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "killed" / "01-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert max(m.get("step", 0) for m in metrics) == 400
