@@ -24,6 +24,7 @@ from ..config import StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from ..records import write_records
+from .task import iter_jsonl
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name"]
 
@@ -70,15 +71,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     if not path.exists():
         raise StageError(f"prompt file {path} not found")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
-        if not isinstance(row, dict):
-            raise StageError(f"{path}:{n}: expected a JSON object")
+    for n, row in iter_jsonl(path):
         ref = row.get("reference")
         out.append({"id": str(row.get("question_id", row.get("id", n))), "category": row.get("category", ""),
                     "turns": _turns(row, f"{path}:{n}"), "reference": [ref] if isinstance(ref, str) else ref})

@@ -19,7 +19,7 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import Field
 
@@ -143,6 +143,16 @@ def _read_raw(spec: TaskSpec, data: str) -> list[dict[str, Any]]:
             raise StageError(f"{path}: expected a list of items or {{\"examples\": [...]}} (BBH format)")
         return rows
     rows = []
+    for n, row in iter_jsonl(path, text):
+        row.setdefault("_line", n)
+        rows.append(row)
+    return rows
+
+
+def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is a StageError naming `file:line`."""
+    if text is None:
+        text = path.read_text(encoding="utf-8")
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -152,9 +162,7 @@ def _read_raw(spec: TaskSpec, data: str) -> list[dict[str, Any]]:
             raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
         if not isinstance(row, dict):
             raise StageError(f"{path}:{n}: expected a JSON object per line")
-        row.setdefault("_line", n)
-        rows.append(row)
-    return rows
+        yield n, row
 
 
 def _read_hf(spec: TaskSpec, source: str) -> list[dict[str, Any]]:
