@@ -29,11 +29,25 @@ def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.sets)
     rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
     print(format_summary(rows))
-    for row in rows:
-        for key in ("report_html", "report", "html"):
-            if isinstance(row["result"], dict) and key in row["result"]:
-                print(f"\nreport: {row['result'][key]}")
+    if not args.dry_run:
+        _print_next_steps(rows)
     return 0
+
+
+def _print_next_steps(rows: list[dict]) -> None:
+    """Where the report is and how to talk to the model the recipe trained."""
+    from pathlib import Path
+
+    for row in rows:
+        result = row["result"] if isinstance(row["result"], dict) else {}
+        if "html" in result:
+            print(f"\nreport: {result['html']}" + (f"  (text: {result['markdown']})" if "markdown" in result else ""))
+    trained = [Path(r["dir"]) for r in rows if r["kind"].startswith("train.") and r["status"] in ("ran", "skipped")]
+    for folder in trained[-1:]:
+        model = next((folder / name for name in ("merged", "model", "adapter") if (folder / name).exists()), None)
+        if model is not None:
+            print(f"\nchat with it:   protege chat {model}\nserve it:       protege serve {model}"
+                  "   (chat page + OpenAI API at http://127.0.0.1:8000)")
 
 
 def register_sweep(sub: Any) -> None:
