@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from browser import headless_chromium
 from protege.chat import ChatFormat
-from protege.engine import Engine, SamplingParams
+from protege.engine import Completion, Engine, SamplingParams, StepOutput
 from protege.serve import background_server, create_app
 
 XSS_REPLY = ('Look: <script>window.__pwned = 1; alert(1)</script> and <img src=x onerror="window.__pwned = 2"> '
              'and [x](javascript:window.__pwned=3) **bold** `<b>code</b>`')
-
-
-@dataclass
-class _Completion:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-
-
-@dataclass
-class _StepOutput:
-    request_id: int
-    token_ids: list[int]
-    text_delta: str
-    finished: _Completion | None
 
 
 class ScriptedEngine:
@@ -61,7 +43,7 @@ class ScriptedEngine:
     def has_pending(self) -> bool:
         return bool(self._pos)
 
-    def step(self) -> list[_StepOutput]:
+    def step(self) -> list[StepOutput]:
         time.sleep(self.delay)
         outs = []
         for rid, (pos, n_prompt) in list(self._pos.items()):
@@ -69,11 +51,11 @@ class ScriptedEngine:
             pos += len(delta)
             done = None
             if pos >= len(self.reply):
-                done = _Completion(self.reply, [], n_prompt, pos // self.chars, "stop")
+                done = Completion(self.reply, [], n_prompt, pos // self.chars, "stop")
                 del self._pos[rid]
             else:
                 self._pos[rid] = (pos, n_prompt)
-            outs.append(_StepOutput(rid, [0], delta, done))
+            outs.append(StepOutput(rid, [0], delta, done))
         return outs
 
 
