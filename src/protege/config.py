@@ -165,10 +165,7 @@ def load_config(
     where = str(path) if path else "<defaults>"
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        try:
-            _check_keys(cls, extra, "command line")
-        except ConfigError:
-            raise
+        _check_keys(cls, extra, "command line")
         data = _deep_merge(data, extra)
         where = f"{where} + command line" if path else "command line"
     return validate_dict(cls, data, where)
