@@ -101,3 +101,21 @@ def test_sample_stage_is_nested_and_deterministic(tmp_path):
     small = [r.id for r in read_records(tmp_path / "s10" / "records.jsonl")]
     large = [r.id for r in read_records(tmp_path / "s20" / "records.jsonl")]
     assert counts == {"in": 30, "kept": 20} and large[:10] == small and len(set(large)) == 20
+
+
+def test_sample_stage_writes_the_rest_as_a_disjoint_held_out_split(tmp_path):
+    from protege.data_tools import SampleConfig, run_sample
+    from protege.records import write_records
+
+    src = tmp_path / "pool.jsonl"
+    pool = [Conversation([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
+            for i in range(30)]
+    write_records(src, pool)
+    counts = run_sample(SampleConfig(src=str(src), n=8, out_dir=str(tmp_path / "s"), write_rest=True))
+    held = [r.id for r in read_records(tmp_path / "s" / "records.jsonl")]
+    rest = [r.id for r in read_records(tmp_path / "s" / "rest.jsonl")]
+    assert counts == {"in": 30, "kept": 8, "rest": 22}
+    assert not set(held) & set(rest) and sorted(held + rest) == sorted(r.id for r in pool)
+    assert rest == [r.id for r in pool if r.id not in set(held)]  # file order kept
+    run_sample(SampleConfig(src=str(src), n=8, out_dir=str(tmp_path / "plain")))
+    assert not (tmp_path / "plain" / "rest.jsonl").exists()  # only on request

@@ -74,10 +74,13 @@ class SampleConfig(StageConfig):
     n: int = Field(..., description="how many records to keep (all of them if the file has fewer)")
     seed: int = Field(0, description="shuffle seed; with the same seed, a smaller n is a prefix of a larger n's sample")
     out_dir: str = Field("runs/sample", description="output folder (records.jsonl + manifest.json)")
+    write_rest: bool = Field(False, description="also write rest.jsonl: the records not sampled (a held-out split)")
 
 
 def run_sample(config: SampleConfig) -> dict[str, Any]:
-    """Deterministic nested subsample: shuffle once by seed, keep the first n (for data-size sweeps)."""
+    """Deterministic nested subsample: shuffle once by seed, keep the first n (for data-size sweeps).
+
+    With `write_rest` the records not kept go to rest.jsonl, so one stage makes a held-out split."""
     import random
 
     from .manifest import Timer, write_manifest
@@ -91,7 +94,14 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
         out = Path(config.out_dir) / "records.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_records(out, kept)
+        outputs = [out]
+        if config.write_rest:  # the complement, in file order: sample = eval set, rest = training set
+            rest_ids = set(order[config.n:])
+            outputs.append(out.with_name("rest.jsonl"))
+            write_records(outputs[-1], [r for i, r in enumerate(records) if i in rest_ids])
     counts = {"in": len(records), "kept": len(kept)}
-    write_manifest(config.out_dir, "data.sample", config, inputs=[config.src], outputs=[out], counts=counts,
+    if config.write_rest:
+        counts["rest"] = len(records) - len(kept)
+    write_manifest(config.out_dir, "data.sample", config, inputs=[config.src], outputs=outputs, counts=counts,
                    seconds=t.seconds)
     return counts
