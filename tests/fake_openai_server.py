@@ -8,7 +8,8 @@ Answers echo the last user message ("echo: ..."). Failures (chosen by a seeded R
 `--fail-rate`) cycle through 429 (with Retry-After: 0), 500 and a dropped connection.
 `GET /stats` returns how many times each distinct request was answered successfully.
 The model name `hard-401` always gets 401, `slow` answers after 5 s, and `scripted` plays a
-deterministic teacher for the generator tests (see `_scripted`).
+deterministic teacher for the generator tests (see `_scripted`). A chat request whose last user turn
+contains "RAMBLE" is answered with finish_reason "length" (an answer cut at the token limit).
 It runs in its own process so its CPU time does not compete with the client's GIL.
 """
 
@@ -133,7 +134,9 @@ async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.R
     if path.endswith("/chat/completions"):
         last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         content = _scripted(body["messages"], body.get("seed")) if model == "scripted" else f"echo: {last}"
-        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        # A user turn containing "RAMBLE" plays an answer cut at the token limit.
+        finish = "length" if "RAMBLE" in last else "stop"
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
     else:
         text = _scripted_completion(body["prompt"], body.get("seed")) if model == "scripted" else f"echo: {body['prompt']}"
         choice = {"index": 0, "text": text, "finish_reason": "length"}

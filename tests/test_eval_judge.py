@@ -199,9 +199,45 @@ def test_answer_stage_multi_turn_on_tiny_model(tmp_path, tiny_llama_dir):
                  + json.dumps({"id": "q2", "turns": ["Two plus three?"]}) + "\n")
     cfg = AnswerConfig(model=str(tiny_llama_dir), prompts=str(f), out_dir=str(tmp_path / "ans"), max_new_tokens=5)
     r = run(cfg)
-    assert r == {"prompts": 2, "turns": 3, "model": "tiny-llama"}
+    assert {k: r[k] for k in ("prompts", "turns", "model")} == {"prompts": 2, "turns": 3, "model": "tiny-llama"}
     rows = read_answers(tmp_path / "ans")
     assert [len(x["answers"]) for x in rows] == [2, 1]
+    # why each answer ended, parallel to the answers, counted in the result and the manifest
+    assert [len(x["finish_reasons"]) for x in rows] == [2, 1]
+    assert all(f in ("stop", "length") for x in rows for f in x["finish_reasons"])
+    assert r["stopped"] + r["cut_at_max_tokens"] == 3
+    manifest = json.loads((tmp_path / "ans" / "manifest.json").read_text())
+    assert manifest["counts"]["stop_rate"] == r["stop_rate"] == pytest.approx(r["stopped"] / 3, abs=1e-4)
     before = rows
     run(cfg)  # the second run is answered from the cache, identically
     assert read_answers(tmp_path / "ans") == before
+
+
+def test_answer_stage_records_why_each_answer_ended(tmp_path):
+    """Through a real HTTP teacher that cuts exactly the answers to prompts containing RAMBLE."""
+    from fake_openai_server import FakeServer
+    from protege.evaluate.answer import AnswerConfig, read_answers, run
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": "a", "turns": ["Say hi.", "Now RAMBLE on."]}) + "\n"
+                 + json.dumps({"id": "b", "prompt": "RAMBLE about cats."}) + "\n"
+                 + json.dumps({"id": "c", "prompt": "Two plus three?"}) + "\n")
+    server = FakeServer()
+    try:
+        r = run(AnswerConfig(model="echo", backend="openai", base_url=server.url, prompts=str(f),
+                             out_dir=str(tmp_path / "ans")))
+    finally:
+        server.close()
+    rows = {x["id"]: x for x in read_answers(tmp_path / "ans")}
+    assert rows["a"]["finish_reasons"] == ["stop", "length"]
+    assert rows["b"]["finish_reasons"] == ["length"] and rows["c"]["finish_reasons"] == ["stop"]
+    assert (r["stopped"], r["cut_at_max_tokens"], r["stop_rate"]) == (2, 2, 0.5)
+
+
+def test_stop_counts_on_answer_files_without_finish_reasons():
+    from protege.evaluate.answer import stop_counts
+
+    old = [{"id": "1", "turns": ["q"], "answers": ["a"]}]  # written before finish_reasons existed
+    assert stop_counts(old) == {"stopped": 0, "cut_at_max_tokens": 0, "stop_rate": None}
+    new = [{"answers": ["a", "b"], "finish_reasons": ["stop", "length"]}, {"answers": ["c"], "finish_reasons": ["stop"]}]
+    assert stop_counts(old + new) == {"stopped": 2, "cut_at_max_tokens": 1, "stop_rate": 0.6667}

@@ -82,7 +82,9 @@ def _answer(args: argparse.Namespace) -> int:
     cfg = load_config(AnswerConfig, args.config, _merge(args, {"model": "model", "prompts": "prompts",
                                                                  "out": "out_dir", "limit": "limit"}))
     r = run(cfg)
-    print(f"{r['model']}: {r['prompts']} prompts, {r['turns']} turns answered -> {cfg.out_dir}/answers.jsonl")
+    rate = "–" if r["stop_rate"] is None else f"{r['stop_rate']:.3f}"
+    print(f"{r['model']}: {r['prompts']} prompts, {r['turns']} turns answered; {r['stopped']} ended their turn, "
+          f"{r['cut_at_max_tokens']} cut at max_new_tokens (stop rate {rate}) -> {cfg.out_dir}/answers.jsonl")
     return 0
 
 

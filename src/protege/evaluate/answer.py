@@ -8,7 +8,11 @@ Multi-turn prompts are answered turn by turn: turn 2 is asked with the model's *
 history (as MT-bench does). Answers go through a teacher backend (`local` = the engine on any model spec,
 `openai` = any compatible API), whose request cache makes a killed run resume without recomputing.
 
-Output: answers.jsonl — {"id", "category", "turns", "answers", "reference", "model"} — plus manifest.
+Output: answers.jsonl — {"id", "category", "turns", "answers", "finish_reasons", "reference", "model"} —
+plus manifest. `finish_reasons[k]` says why answer k ended: "stop" (the model ended its turn: an end-of-turn
+id or stop string) or "length" (cut at `max_new_tokens`). The manifest counts them (`stopped`,
+`cut_at_max_tokens`, `stop_rate`): a chat model that never ends its turn is not a chat model yet.
+Answer files written before `finish_reasons` existed still load; their answers count as unknown.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ..manifest import write_manifest
 from ..records import write_records
 from .task import iter_jsonl
 
-__all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name"]
+__all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 
 ANSWERS_FILE = "answers.jsonl"
 
@@ -97,6 +101,17 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def stop_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the answers ended: {"stopped", "cut_at_max_tokens", "stop_rate"} over answers whose reason is known.
+
+    `stop_rate` = stopped / (stopped + cut), None when no answer records a reason (files from older versions).
+    """
+    reasons = [f for r in records for f in (r.get("finish_reasons") or [])]
+    stopped, cut = reasons.count("stop"), reasons.count("length")
+    return {"stopped": stopped, "cut_at_max_tokens": cut,
+            "stop_rate": round(stopped / (stopped + cut), 4) if stopped + cut else None}
+
+
 def run(cfg: AnswerConfig) -> dict[str, Any]:
     """Answer every prompt turn by turn; writes answers.jsonl + manifest into `out_dir`."""
     from ..engine import SamplingParams
@@ -112,6 +127,7 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
     histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]
     answers: list[list[str]] = [[] for _ in prompts]
+    finish: list[list[str]] = [[] for _ in prompts]  # parallel to answers: "stop" | "length"
     try:
         for turn in range(max(len(p["turns"]) for p in prompts) if prompts else 0):
             active = [i for i, p in enumerate(prompts) if turn < len(p["turns"])]
@@ -121,14 +137,15 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
             for i, reply in zip(active, replies):
                 histories[i].append({"role": "assistant", "content": reply.text})
                 answers[i].append(reply.text)
+                finish[i].append(reply.finish_reason)
     finally:
         teacher.close()
     name = cfg.model_name or display_name(cfg.model)
-    records = [{**p, "answers": a, "model": name} for p, a in zip(prompts, answers)]
+    records = [{**p, "answers": a, "finish_reasons": f, "model": name} for p, a, f in zip(prompts, answers, finish)]
     write_records(out / ANSWERS_FILE, records)
     seconds = time.perf_counter() - t0
     model_path = Path(cfg.model)
+    counts = {"prompts": len(records), "turns": sum(len(a) for a in answers), **stop_counts(records)}
     write_manifest(out, "eval-answer", cfg, inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else []),
-                   outputs=[out / ANSWERS_FILE], counts={"prompts": len(records),
-                                                         "turns": sum(len(a) for a in answers)}, seconds=seconds)
-    return {"prompts": len(records), "turns": sum(len(a) for a in answers), "model": name}
+                   outputs=[out / ANSWERS_FILE], counts=counts, seconds=seconds)
+    return {**counts, "model": name}
