@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -116,3 +117,37 @@ def test_report_renders_in_headless_chromium(eval_dirs, tmp_path):
         shot = tmp_path / "report.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+
+def _answers(path, name, answers, finish_reasons=None):
+    path.mkdir(parents=True)
+    rows = []
+    for i, a in enumerate(answers):
+        row = {"id": str(i), "category": "", "turns": [f"q{i}"], "answers": [a], "reference": None, "model": name}
+        if finish_reasons is not None:  # None: a file written before finish_reasons existed
+            row["finish_reasons"] = [finish_reasons[i]]
+        rows.append(row)
+    (path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_stop_rate_per_model_with_n_and_cut_answers_marked(tmp_path):
+    from protege.evaluate.report import ReportConfig, collect, model_table, run
+
+    _answers(tmp_path / "base", "base", ["a" * 10] * 4)  # old file: no reasons, so no stop rate
+    _answers(tmp_path / "student", "student", ["ok", "ok", "ok", "and so on and so on"],
+             ["stop", "stop", "stop", "length"])
+    _answers(tmp_path / "teacher", "teacher", ["fine"] * 4, ["stop"] * 4)
+    rows = {r["model"]: r for r in model_table(collect([str(tmp_path)]), base="base", teacher="teacher")["rows"]}
+    assert rows["student"]["stop_rate"] == pytest.approx(0.75) and rows["student"]["stop_n"] == 4
+    assert rows["teacher"]["stop_rate"] == 1.0
+    assert rows["base"]["stop_n"] == 0 and math.isnan(rows["base"]["stop_rate"])
+
+    out = tmp_path / "rep" / "report.html"
+    run(ReportConfig(inputs=[str(tmp_path / d) for d in ("base", "student", "teacher")], output=str(out),
+                     base="base", teacher="teacher", samples=4))
+    page = out.read_text()
+    assert "stop rate" in page and "0.750 <span class=ci>n=4</span>" in page
+    assert page.count("[cut at max_new_tokens]") == 1  # only the student's fourth answer
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| student | student | – | 6 | 0.750 (4) |" in md
+    assert "| base | base | – | 10 | – |" in md

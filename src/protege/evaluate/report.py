@@ -3,7 +3,8 @@
 Reads any mix of folders (searched recursively): bench outputs (`results.json`), judge outputs
 (`judge_results.json` + `judgments.jsonl`) and answer sets (`answers.jsonl`). One row per model
 (base first, students, teacher last). Style columns: judge win rate against the teacher (ties count
-half), mean answer length, format adherence. Substance columns: each benchmark's primary metric.
+half), mean answer length, stop rate (share of answers that ended their turn before the token budget;
+a chat model that never stops is not a chat model), format adherence. Substance columns: each benchmark's primary metric.
 The imitation gap of a model = its style gain minus its substance gain, both relative to the base;
 a large positive gap is the "false promise": it *looks* more like the teacher without knowing more.
 """
@@ -23,6 +24,7 @@ from pydantic import Field
 
 from ..config import StageConfig
 from ..errors import StageError
+from .answer import stop_counts
 
 __all__ = ["ReportConfig", "run", "collect", "model_table"]
 
@@ -118,10 +120,13 @@ def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> 
         lengths = [len(a) for r in data["answers"].get(m, []) for a in r["answers"]]
         if not lengths:
             lengths = [j["mean_length"][m] for j in judges if m in j.get("mean_length", {})]
+        stops = stop_counts(data["answers"].get(m, []))
         fmt = [r["format_adherence"] for r in res.values() if "format_adherence" in r]
         scores = {t: res[t]["score"] for t in tasks if t in res}
         rows.append({"model": m, "role": "base" if m == base else "teacher" if m == teacher else "student",
                      "judge": judged, "mean_length": _nanmean([float(x) for x in lengths]),
+                     "stop_rate": float("nan") if stops["stop_rate"] is None else stops["stop_rate"],
+                     "stop_n": stops["stopped"] + stops["cut_at_max_tokens"],
                      "format_adherence": _nanmean(fmt), "scores": scores,
                      "substance": _nanmean(list(scores.values())),
                      "style": judged["win_rate"] if judged else float("nan")})
@@ -225,17 +230,24 @@ def _judge_cell(j: dict | None) -> str:
     return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>"
 
 
+def _stop_cell(r: dict[str, Any]) -> str:
+    if not r["stop_n"]:
+        return "–"
+    return f"{_f(r['stop_rate'])} <span class=ci>n={r['stop_n']}</span>"
+
+
 def _main_table(t: dict[str, Any]) -> str:
     e = html.escape
     head = ("<tr><th class=name>model</th><th>role</th><th class=style>judge win rate vs teacher</th>"
-            "<th class=style>mean answer length (chars)</th><th class=style>format adherence</th>"
+            "<th class=style>mean answer length (chars)</th><th class=style>stop rate</th>"
+            "<th class=style>format adherence</th>"
             + "".join(f"<th class=substance>{e(x)}</th>" for x in t["tasks"])
             + "<th class=substance>substance (mean)</th><th class=gap>style gain</th><th class=gap>substance gain</th>"
             "<th class=gap>imitation gap</th></tr>")
     body = ""
     for r in t["rows"]:
         body += (f"<tr><td class=name><a href='#samples'>{e(r['model'])}</a></td><td>{r['role']}</td>"
-                 f"<td>{_judge_cell(r['judge'])}</td><td>{_f(r['mean_length'], 0)}</td>"
+                 f"<td>{_judge_cell(r['judge'])}</td><td>{_f(r['mean_length'], 0)}</td><td>{_stop_cell(r)}</td>"
                  f"<td>{_f(r['format_adherence'])}</td>"
                  + "".join(f"<td>{_f(r['scores'].get(x))}</td>" for x in t["tasks"])
                  + f"<td>{_f(r['substance'])}</td><td>{_signed(r['style_gain'])}</td>"
@@ -269,6 +281,15 @@ def _judge_section(judges: list[dict]) -> str:
     return "\n".join(out) or "<p>No judge results given.</p>"
 
 
+def _answer_cell(rec: dict[str, Any]) -> str:
+    """A record's answers, turn by turn; an answer cut at the token budget is marked so it is not read as whole."""
+    reasons = rec.get("finish_reasons") or []
+    parts = [html.escape(a) + (" <span class=cut>[cut at max_new_tokens]</span>"
+                               if k < len(reasons) and reasons[k] == "length" else "")
+             for k, a in enumerate(rec["answers"])]
+    return "\n---\n".join(parts)
+
+
 def _samples(data: dict[str, Any], models: list[str], n: int) -> str:
     sets = {m: {r["id"]: r for r in data["answers"][m]} for m in models if m in data["answers"]}
     if not sets:
@@ -287,18 +308,19 @@ def _samples(data: dict[str, Any], models: list[str], n: int) -> str:
     for i in ids:
         first = sets[names[0]][i]
         body += (f"<tr><td>{e(chr(10).join(first['turns']))}</td>"
-                 + "".join(f"<td>{e((chr(10) + '---' + chr(10)).join(sets[m][i]['answers']))}</td>" for m in names)
+                 + "".join(f"<td>{_answer_cell(sets[m][i])}</td>" for m in names)
                  + "</tr>")
     return f"<table class=samples>{head}{body}</table>"
 
 
 def _markdown(cfg: ReportConfig, t: dict[str, Any], judges: list[dict]) -> str:
-    cols = ["model", "role", "judge win rate vs teacher", "mean length", "format adherence", *t["tasks"],
+    cols = ["model", "role", "judge win rate vs teacher", "mean length", "stop rate (n)", "format adherence", *t["tasks"],
             "substance", "imitation gap"]
     lines = [f"# {cfg.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in t["rows"]:
         jw = r["judge"]["win_rate"] if r["judge"] else float("nan")
-        lines.append("| " + " | ".join([r["model"], r["role"], _f(jw), _f(r["mean_length"], 0),
+        stop = f"{_f(r['stop_rate'])} ({r['stop_n']})" if r["stop_n"] else "–"
+        lines.append("| " + " | ".join([r["model"], r["role"], _f(jw), _f(r["mean_length"], 0), stop,
                                         _f(r["format_adherence"]), *[_f(r["scores"].get(x)) for x in t["tasks"]],
                                         _f(r["substance"]), _f(r["gap"])]) + " |")
     for j in judges:
@@ -320,7 +342,8 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
             "<h2>Style vs substance</h2>", _main_table(t),
             "<p class=note>Style = judge win rate against the teacher (ties count half); substance = benchmark scores. "
             "Imitation gap = style gain − substance gain, both relative to the base. A model that copies the "
-            "teacher's style without its knowledge has a large positive gap.</p>",
+            "teacher's style without its knowledge has a large positive gap. Stop rate = share of the n answers "
+            "that ended their turn on their own rather than being cut at the token budget.</p>",
             "<h2>Figures</h2>"]
     body += [f"<figure><img alt='figure' src='data:image/png;base64,{png}'><figcaption>{e(cap)}</figcaption></figure>"
              for cap, png in figs]
