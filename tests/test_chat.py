@@ -101,3 +101,17 @@ def test_apply_to_exports_template(tmp_path):
 
     again = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
     assert again.name == "tokenizer" and again.encode(CONVS[1]).input_ids == fmt.encode(CONVS[1]).input_ids
+
+
+def test_gemma_end_of_turn_is_a_stop_id_before_and_after_export(tmp_path):
+    """A base Gemma gets the built-in template; its <end_of_turn> must stop generation, and still must for the
+    student whose exported template is read back from tokenizer_config (else no answer could ever end)."""
+    from transformers import AutoTokenizer
+
+    tok = tiny_tokenizer("gemma")
+    fmt = ChatFormat.from_tokenizer(tok)
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert fmt.stop_token_ids[0] == eot and tok.eos_token_id in fmt.stop_token_ids
+    fmt.apply_to(tok)
+    tok.save_pretrained(tmp_path)
+    assert ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path)).stop_token_ids == fmt.stop_token_ids
