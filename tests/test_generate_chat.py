@@ -9,6 +9,7 @@ import pytest
 from protege.cli import main as cli_main
 from protege.errors import StageError
 from protege.generate import distill, orca, selfchat
+from protege.generate.common import GeneratorRun
 from protege.generate.orca import TASK_TYPES, assign_system_message, load_system_messages, task_type
 from protege.generate.selfchat import clean_turn, load_topics
 from protege.manifest import read_manifest
@@ -87,6 +88,20 @@ def test_distill_bad_inputs(tmp_path):
         distill.run(distill.DistillConfig(prompts=str(bad), out_dir=str(tmp_path / "o")))
 
 
+def test_generator_progress_aborts_the_run_on_any_exception(tmp_path):
+    gen = GeneratorRun("generate.test", distill.DistillConfig(), tmp_path)
+    with gen.progress(2, "test", "conv", show=False) as bar:
+        assert bar is None
+    gen.writer.write({"ok": 1})  # a body that ends normally leaves the run open for `finish`
+    with pytest.raises(KeyboardInterrupt), gen.progress(2, "test", "conv") as bar:
+        bar.update(1)
+        raise KeyboardInterrupt
+    assert bar.disable  # tqdm's close() disables the bar
+    with pytest.raises(ValueError, match="closed file"):
+        gen.writer.write({"late": 1})
+    assert _rows(tmp_path / "records.jsonl") == [{"ok": 1}]
+
+
 def test_task_types_and_system_messages():
     msgs = load_system_messages()
     assert len(msgs) >= 12 and len({m["id"] for m in msgs}) == len(msgs)
@@ -109,14 +124,17 @@ def test_task_types_and_system_messages():
     assert set(TASK_TYPES) == {t for m in msgs for t in m["task_types"]}
 
 
-def test_bad_system_message_file(tmp_path):
-    bad = tmp_path / "sm.yaml"
-    bad.write_text("- id: a\n  task_types: [math, nonsense]\n  text: hi\n")
-    with pytest.raises(StageError, match="unknown task types"):
-        load_system_messages(str(bad))
-    bad.write_text("- id: a\n  task_types: [math]\n  text: hi\n")
-    with pytest.raises(StageError, match="no system message for task type"):
-        load_system_messages(str(bad))
+@pytest.mark.parametrize("load, text, error", [
+    (load_system_messages, "- id: a\n  task_types: [math, nonsense]\n  text: hi\n", "unknown task types"),
+    (load_system_messages, "- id: a\n  task_types: [math]\n  text: hi\n", "no system message for task type"),
+    (load_topics, "just a string\n", "YAML list"),
+    (load_topics, "[]\n", "no topics"),
+])
+def test_bad_data_files(tmp_path, load, text, error):
+    bad = tmp_path / "data.yaml"
+    bad.write_text(text)
+    with pytest.raises(StageError, match=error):
+        load(str(bad))
 
 
 def test_orca_single_and_progressive(scripted, prompts, tmp_path):
@@ -139,19 +157,12 @@ def test_orca_single_and_progressive(scripted, prompts, tmp_path):
         orca.run(orca.OrcaConfig(prompts=str(prompts), out_dir=str(tmp_path / "x"), teachers=teachers, stage_limits=[1]))
 
 
-def test_clean_turn_and_topics(tmp_path):
+def test_clean_turn_and_topics():
     assert clean_turn("Person: How so?\nAssistant: Because.") == "How so?"
     assert clean_turn('  "[Human]: Hello there"  ') == "Hello there"
     assert clean_turn("") == ""
     assert clean_turn("[AI] Sure thing.\n[Human] Thanks") == "Sure thing."
     assert len(load_topics(None)) >= 50
-    f = tmp_path / "t.yaml"
-    f.write_text("just a string\n")
-    with pytest.raises(StageError, match="YAML list"):
-        load_topics(str(f))
-    f.write_text("[]\n")
-    with pytest.raises(StageError, match="no topics"):
-        load_topics(str(f))
 
 
 def test_self_chat_turn_limit_end_and_degenerate(scripted, tmp_path):

@@ -10,6 +10,8 @@ start on each run, so it never holds duplicates or half-written lines.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -94,3 +96,24 @@ class GeneratorRun:
         self.writer.close()
         if self.teacher is not None:
             self.teacher.close()
+
+    @contextmanager
+    def progress(self, total: int, desc: str, unit: str, show: bool = True) -> Iterator[Any]:
+        """The body of a run: yields a tqdm bar over `total` units, or None when `show` is off.
+
+        Any exception in the body, KeyboardInterrupt included, aborts the run (closes
+        records.jsonl and the teacher) before it propagates; the bar is always closed.
+        """
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        try:
+            yield bar
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()

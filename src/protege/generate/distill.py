@@ -111,43 +111,31 @@ def distill_into(gen: GeneratorRun, prompts: list[tuple[str, str, list[dict[str,
     """Answer `prompts` chunk by chunk with `gen.teacher`, writing records as each chunk finishes."""
     teacher = gen.teacher
     stats: Counter[str] = Counter()
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    with gen.progress(len(prompts), source, "conv", show=cfg.progress) as bar, Timer() as timer:
+        for start in range(0, len(prompts), cfg.chunk_size):
+            chunk = prompts[start:start + cfg.chunk_size]
 
-        bar = tqdm(total=len(prompts), desc=source, unit="conv", dynamic_ncols=True)
-    with Timer() as timer:
-        try:
-            for start in range(0, len(prompts), cfg.chunk_size):
-                chunk = prompts[start:start + cfg.chunk_size]
+            def params_for(i: int, turn: int) -> Any:
+                return sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                seed=cfg.seed * 1_000_003 + (start + i) * 101 + turn)
 
-                def params_for(i: int, turn: int) -> Any:
-                    return sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                    seed=cfg.seed * 1_000_003 + (start + i) * 101 + turn)
-
-                convs, cut, finish = answer_turn_by_turn(teacher, [p for _, _, p, _ in chunk], params_for,
-                                                         getattr(cfg, "max_turns", 0))
-                for j, ((pid, psource, _, meta), conv) in enumerate(zip(chunk, convs)):
-                    if not conv:
-                        stats["rejected_empty_answer"] += 1
-                        continue
-                    if cut[j]:
-                        stats["truncated_conversations"] += 1
-                    stats["answers"] += len(finish[j])
-                    stats["answers_hit_token_limit"] += finish[j].count("length")
-                    meta = {**meta, "prompt_id": pid, "prompt_source": psource, "finish_reasons": finish[j],
-                            **(extra_meta(start + j) if extra_meta else {})}
-                    gen.writer.write(Conversation(messages=conv, source=source, meta=meta))
-                    stats["records"] += 1
-                if bar is not None:
-                    bar.update(len(chunk))
-                    bar.set_postfix(cache_hits=teacher.stats["cache_hits"], refresh=False)
-        except BaseException:
-            gen.abort()
-            raise
-        finally:
+            convs, cut, finish = answer_turn_by_turn(teacher, [p for _, _, p, _ in chunk], params_for,
+                                                     getattr(cfg, "max_turns", 0))
+            for j, ((pid, psource, _, meta), conv) in enumerate(zip(chunk, convs)):
+                if not conv:
+                    stats["rejected_empty_answer"] += 1
+                    continue
+                if cut[j]:
+                    stats["truncated_conversations"] += 1
+                stats["answers"] += len(finish[j])
+                stats["answers_hit_token_limit"] += finish[j].count("length")
+                meta = {**meta, "prompt_id": pid, "prompt_source": psource, "finish_reasons": finish[j],
+                        **(extra_meta(start + j) if extra_meta else {})}
+                gen.writer.write(Conversation(messages=conv, source=source, meta=meta))
+                stats["records"] += 1
             if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
+                bar.set_postfix(cache_hits=teacher.stats["cache_hits"], refresh=False)
     return {"records": stats["records"], "prompts": len(prompts),
             "rejected": {"empty_answer": stats["rejected_empty_answer"]},
             "truncated_conversations": stats["truncated_conversations"], "answers": stats["answers"],

@@ -103,69 +103,57 @@ def run(config: SelfChatConfig) -> dict[str, Any]:
     stops: Counter[str] = Counter()
     turns_hist: Counter[int] = Counter()
     written = rejected = 0
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="self-chat", unit="conv", dynamic_ncols=True)
-    with Timer() as timer:
-        try:
-            for start in range(0, n, cfg.chunk_size):
-                chunk = order[start:start + cfg.chunk_size]
-                convs = [[{"role": "user", "content": t}] for t in chunk]
-                why: list[str | None] = [None] * len(chunk)
-                for turn in range(cfg.max_turns):
-                    live = [i for i in range(len(chunk)) if why[i] is None]
-                    if not live:
-                        break
-                    seed = lambda i, side: cfg.seed * 1_000_003 + (start + i) * 101 + 2 * turn + side  # noqa: E731
-                    outs = teacher.complete([convs[i] for i in live], [
-                        sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 0)) for i in live])
-                    for i, out in zip(live, outs):
-                        text = clean_turn(out.text)
-                        earlier = [m["content"] for m in convs[i] if m["role"] == "assistant"]
-                        bad = is_degenerate(text, earlier, cfg.max_repetition, cfg.max_similarity)
-                        if bad:  # drop the unanswered user message: records end with a usable answer
-                            why[i] = f"assistant_{bad}"
-                            convs[i] = convs[i][:-1]
-                        else:
-                            convs[i].append({"role": "assistant", "content": text})
-                    live = [i for i in live if why[i] is None]
-                    if turn == cfg.max_turns - 1:
-                        for i in live:
-                            why[i] = "turn_limit"
-                        break
-                    outs = teacher.complete([[{"role": "user", "content": user_turn_prompt(convs[i])}] for i in live], [
-                        sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 1)) for i in live])
-                    for i, out in zip(live, outs):
-                        text = clean_turn(out.text)
-                        earlier = [m["content"] for m in convs[i] if m["role"] == "user"]
-                        if END.lower() in text.lower():
-                            why[i] = "user_ended"
-                            continue
-                        bad = is_degenerate(text, earlier, cfg.max_repetition, cfg.max_similarity)
-                        if bad:
-                            why[i] = f"user_{bad}"
-                        else:
-                            convs[i].append({"role": "user", "content": text})
-                for topic, conv, reason in zip(chunk, convs, why):
-                    stops[reason or "turn_limit"] += 1
-                    if len(conv) < 2:
-                        rejected += 1
+    with gen.progress(n, "self-chat", "conv", show=cfg.progress) as bar, Timer() as timer:
+        for start in range(0, n, cfg.chunk_size):
+            chunk = order[start:start + cfg.chunk_size]
+            convs = [[{"role": "user", "content": t}] for t in chunk]
+            why: list[str | None] = [None] * len(chunk)
+            for turn in range(cfg.max_turns):
+                live = [i for i in range(len(chunk)) if why[i] is None]
+                if not live:
+                    break
+                seed = lambda i, side: cfg.seed * 1_000_003 + (start + i) * 101 + 2 * turn + side  # noqa: E731
+                outs = teacher.complete([convs[i] for i in live], [
+                    sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 0)) for i in live])
+                for i, out in zip(live, outs):
+                    text = clean_turn(out.text)
+                    earlier = [m["content"] for m in convs[i] if m["role"] == "assistant"]
+                    bad = is_degenerate(text, earlier, cfg.max_repetition, cfg.max_similarity)
+                    if bad:  # drop the unanswered user message: records end with a usable answer
+                        why[i] = f"assistant_{bad}"
+                        convs[i] = convs[i][:-1]
+                    else:
+                        convs[i].append({"role": "assistant", "content": text})
+                live = [i for i in live if why[i] is None]
+                if turn == cfg.max_turns - 1:
+                    for i in live:
+                        why[i] = "turn_limit"
+                    break
+                outs = teacher.complete([[{"role": "user", "content": user_turn_prompt(convs[i])}] for i in live], [
+                    sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 1)) for i in live])
+                for i, out in zip(live, outs):
+                    text = clean_turn(out.text)
+                    earlier = [m["content"] for m in convs[i] if m["role"] == "user"]
+                    if END.lower() in text.lower():
+                        why[i] = "user_ended"
                         continue
-                    turns_hist[len(conv) // 2] += 1
-                    gen.writer.write(Conversation(messages=conv, source="self-chat",
-                                                  meta={"topic": topic, "stop_reason": reason}))
-                    written += 1
-                if bar is not None:
-                    bar.update(len(chunk))
-                    bar.set_postfix(cache_hits=teacher.stats["cache_hits"], refresh=False)
-        except BaseException:
-            gen.abort()
-            raise
-        finally:
+                    bad = is_degenerate(text, earlier, cfg.max_repetition, cfg.max_similarity)
+                    if bad:
+                        why[i] = f"user_{bad}"
+                    else:
+                        convs[i].append({"role": "user", "content": text})
+            for topic, conv, reason in zip(chunk, convs, why):
+                stops[reason or "turn_limit"] += 1
+                if len(conv) < 2:
+                    rejected += 1
+                    continue
+                turns_hist[len(conv) // 2] += 1
+                gen.writer.write(Conversation(messages=conv, source="self-chat",
+                                              meta={"topic": topic, "stop_reason": reason}))
+                written += 1
             if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
+                bar.set_postfix(cache_hits=teacher.stats["cache_hits"], refresh=False)
     counts = {"records": written, "conversations": n, "rejected": {"no_usable_answer": rejected},
               "stop_reasons": dict(sorted(stops.items())), "turns": {str(k): v for k, v in sorted(turns_hist.items())},
               "teacher": gen.teacher_counts()}

@@ -217,79 +217,67 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
     generated: list[Task] = []
     rejected: Counter[str] = Counter()
     n_candidates = malformed = requests = answer_requests = kept = rounds = truncated = 0
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.n, desc="self-instruct", unit="task", dynamic_ncols=True)
-    with Timer() as timer:
-        try:
-            while kept < cfg.n and requests < max_requests:
-                k = min(cfg.requests_per_round, max_requests - requests)
-                examples = [_examples(rng, seeds, generated, cfg) for _ in range(k)]
-                params = [sampling(cfg.task_max_new_tokens, cfg.temperature, cfg.top_p,
-                                   seed=cfg.seed * 1_000_003 + requests + j) for j in range(k)]
-                if mode == "chat":
-                    replies = teacher.complete([[{"role": "user", "content": chat_task_prompt(ex, cfg.new_tasks_per_prompt)}]
-                                                for ex in examples], params, progress=cfg.progress)
-                else:
-                    replies = teacher.complete_prompts([completion_task_prompt(ex) for ex in examples], params,
-                                                       progress=cfg.progress)
-                requests += k
-                rounds += 1
-                new: list[Task] = []
-                for reply in replies:
-                    cands = parse_tasks(reply.text, leading=(mode == "completion"))
-                    if not cands:
-                        malformed += 1
-                    for task in cands:
-                        n_candidates += 1
-                        reason = task_problem(task, pool, seen, cfg)
-                        if reason:
-                            rejected[reason] += 1
-                            continue
-                        pool.add(task.instruction)
-                        seen.add(" ".join(task.instruction.split()).lower())
-                        new.append(task)
-                room = cfg.n - kept
-                if len(new) > room:
-                    rejected["over_quota"] += len(new) - room
-                new = new[:room]
-                if not new:
-                    continue
-                answer_requests += len(new)
-                ap = sampling(cfg.answer_max_new_tokens, cfg.answer_temperature, 1.0, seed=cfg.seed)
-                if mode == "chat":
-                    answers = teacher.complete([[{"role": "user", "content": t.prompt()}] for t in new], ap,
-                                               progress=cfg.progress)
-                else:
-                    ap.stop = ["\nInstruction:", "\n\n\n"]
-                    answers = teacher.complete_prompts([completion_answer_prompt(t, demos) for t in new], ap,
-                                                       progress=cfg.progress)
-                for task, answer in zip(new, answers):
-                    text = clean_reply(answer.text)
-                    if not text:
-                        rejected["empty_answer"] += 1
+    with gen.progress(cfg.n, "self-instruct", "task", show=cfg.progress) as bar, Timer() as timer:
+        while kept < cfg.n and requests < max_requests:
+            k = min(cfg.requests_per_round, max_requests - requests)
+            examples = [_examples(rng, seeds, generated, cfg) for _ in range(k)]
+            params = [sampling(cfg.task_max_new_tokens, cfg.temperature, cfg.top_p,
+                               seed=cfg.seed * 1_000_003 + requests + j) for j in range(k)]
+            if mode == "chat":
+                replies = teacher.complete([[{"role": "user", "content": chat_task_prompt(ex, cfg.new_tasks_per_prompt)}]
+                                            for ex in examples], params, progress=cfg.progress)
+            else:
+                replies = teacher.complete_prompts([completion_task_prompt(ex) for ex in examples], params,
+                                                   progress=cfg.progress)
+            requests += k
+            rounds += 1
+            new: list[Task] = []
+            for reply in replies:
+                cands = parse_tasks(reply.text, leading=(mode == "completion"))
+                if not cands:
+                    malformed += 1
+                for task in cands:
+                    n_candidates += 1
+                    reason = task_problem(task, pool, seen, cfg)
+                    if reason:
+                        rejected[reason] += 1
                         continue
-                    generated.append(task)
-                    rec = Conversation(messages=[{"role": "user", "content": task.prompt()},
-                                                 {"role": "assistant", "content": text}],
-                                       source="self-instruct",
-                                       meta={"instruction": task.instruction, "input": task.input, "round": rounds,
-                                             "finish_reason": answer.finish_reason})
-                    gen.writer.write(rec)
-                    kept += 1
-                    truncated += answer.finish_reason == "length"
-                    if bar is not None:
-                        bar.update(1)
+                    pool.add(task.instruction)
+                    seen.add(" ".join(task.instruction.split()).lower())
+                    new.append(task)
+            room = cfg.n - kept
+            if len(new) > room:
+                rejected["over_quota"] += len(new) - room
+            new = new[:room]
+            if not new:
+                continue
+            answer_requests += len(new)
+            ap = sampling(cfg.answer_max_new_tokens, cfg.answer_temperature, 1.0, seed=cfg.seed)
+            if mode == "chat":
+                answers = teacher.complete([[{"role": "user", "content": t.prompt()}] for t in new], ap,
+                                           progress=cfg.progress)
+            else:
+                ap.stop = ["\nInstruction:", "\n\n\n"]
+                answers = teacher.complete_prompts([completion_answer_prompt(t, demos) for t in new], ap,
+                                                   progress=cfg.progress)
+            for task, answer in zip(new, answers):
+                text = clean_reply(answer.text)
+                if not text:
+                    rejected["empty_answer"] += 1
+                    continue
+                generated.append(task)
+                rec = Conversation(messages=[{"role": "user", "content": task.prompt()},
+                                             {"role": "assistant", "content": text}],
+                                   source="self-instruct",
+                                   meta={"instruction": task.instruction, "input": task.input, "round": rounds,
+                                         "finish_reason": answer.finish_reason})
+                gen.writer.write(rec)
+                kept += 1
+                truncated += answer.finish_reason == "length"
                 if bar is not None:
-                    bar.set_postfix(requests=requests, cache_hits=teacher.stats["cache_hits"], refresh=False)
-        except BaseException:
-            gen.abort()
-            raise
-        finally:
+                    bar.update(1)
             if bar is not None:
-                bar.close()
+                bar.set_postfix(requests=requests, cache_hits=teacher.stats["cache_hits"], refresh=False)
     counts = {
         "records": kept, "n": cfg.n, "generated": n_candidates, "kept": kept,
         "rejected": dict(sorted(rejected.items())), "malformed_replies": malformed,
