@@ -46,7 +46,7 @@ def losses(out_dir):
 
 def test_lora_learns_and_only_lora_changes(tmp_path, tiny_llama_dir, chats):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = cfg(tmp_path, tiny_llama_dir, chats, max_steps=24, lora={"r": 8, "alpha": 16, "dropout": 0.0},
                  schedule="constant", learning_rate=1e-2)
@@ -59,16 +59,61 @@ def test_lora_learns_and_only_lora_changes(tmp_path, tiny_llama_dir, chats):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at zero
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), str(adapter))
-    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
-              for n, p in trained.named_parameters() if "lora_" not in n}
+    frozen = {n.replace("base_model.model.", "").replace(".token_adapter", "").replace(".base_layer", ""): p
+              for n, p in trained.named_parameters() if "lora_" not in n and "trainable_tokens" not in n}
     for name, p in base.named_parameters():
         assert torch.equal(p, frozen[name]), name
+    # ... and the chat format's special tokens (lora.trainable_tokens: auto) got their own rows, in and out
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    merged = trained.merge_and_unload()
+    for module in (merged.get_input_embeddings(), merged.get_output_embeddings()):
+        ref = (base.get_input_embeddings() if module is merged.get_input_embeddings() else base.get_output_embeddings())
+        changed = (module.weight != ref.weight).any(-1).nonzero().flatten().tolist()
+        assert eot in changed and set(changed) <= set(tok.all_special_ids), changed
     # the adapter folder is a self-contained model: loads through protege.models.load, template included
     from protege.models import load
 
     model, tok = load(str(adapter))
     assert "im_start" in tok.chat_template
     assert (tmp_path / "out" / "manifest.json").exists() and (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_lora_on_tied_gemma_learns_to_end_its_turn(tmp_path, tiny_gemma, chats):
+    """LoRA + trainable special tokens on a tied head: the merged student puts more mass on <end_of_turn>."""
+    from protege.chat import ChatFormat
+    from protege.models import load
+
+    model, tok = tiny_gemma
+    model_dir = tmp_path / "tiny-gemma"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    config = cfg(tmp_path, model_dir, chats, max_steps=24, learning_rate=1e-2, schedule="constant", save_merged=True,
+                 lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    run(config)
+    curve = losses(config.out_dir)
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.05, curve
+    fmt = ChatFormat.from_tokenizer(tok)
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert eot in fmt.stop_token_ids
+    convs = [json.loads(line)["messages"][:2] for line in open(chats)][:8]
+
+    def p_eot(m):
+        ps = []
+        with torch.no_grad():
+            for msgs in convs:
+                enc = fmt.encode(msgs)
+                end = max(i for i, w in enumerate(enc.assistant_mask) if w)  # the <end_of_turn> label
+                assert enc.input_ids[end] == eot
+                ps.append(torch.softmax(m(torch.tensor([enc.input_ids[:end]])).logits[0, -1], -1)[eot].item())
+        return sum(ps) / len(ps)
+
+    student, _ = load(str(tmp_path / "out" / "merged"))
+    emb_before, emb_after = model.get_input_embeddings().weight, student.get_input_embeddings().weight
+    changed = (emb_before != emb_after).any(-1).nonzero().flatten().tolist()
+    assert eot in changed and set(changed) <= set(tok.all_special_ids), changed
+    assert student.get_output_embeddings().weight.data_ptr() == emb_after.data_ptr()  # still tied
+    assert p_eot(student) > p_eot(model) + 0.1
 
 
 def test_full_finetune_gemma_changes_weights(tmp_path, tiny_gemma, chats):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy"]
 
 IGNORE_INDEX = -100
+RowOverride = tuple[torch.Tensor, torch.Tensor]  # (token ids (k,), their head rows (k, H))
 _ONES = torch.ones(())  # sentinel "every token weighs 1"; broadcasts where it is used
 
 
@@ -30,10 +31,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, softcap, chunk_size):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, weights, softcap, chunk_size, row_ids, rows):  # type: ignore[override]
         n = hidden.shape[0]
         need_w = weight.requires_grad
         need_h = hidden.requires_grad
+        need_r = rows is not None and rows.requires_grad
+        if rows is not None:
+            # W_eff = weight with rows `row_ids` replaced by `rows`; grad_h = g @ W_eff = g @ weight + g[:, ids] @ fix
+            fix = (rows - weight[row_ids]).to(weight.dtype)
+        grad_r = torch.zeros_like(rows, dtype=torch.promote_types(rows.dtype, torch.float32)) if need_r else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in >= float32 even under bf16
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
@@ -41,64 +47,77 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size]
             y = targets[start:start + chunk_size]
-            rows = torch.arange(len(y), device=y.device)
+            at = torch.arange(len(y), device=y.device)
             z = (h @ weight.t()).to(acc)  # (n_chunk, V): the only logits that ever exist
+            if rows is not None:
+                z[:, row_ids] = (h @ rows.t()).to(acc)
             if softcap is not None:
                 t = torch.tanh(z.div_(softcap))
                 z = t * softcap
             # Each pass over a chunk's logits moves ~V*4 bytes per token, so work in place:
             # max, subtract, exp, sum, divide = softmax and log-sum-exp with no extra (n, V) buffer.
-            target_logit = z[rows, y]
+            target_logit = z[at, y]
             peak = z.amax(dim=-1)
             probs = z.sub_(peak[:, None]).exp_()
             norm = probs.sum(dim=-1)
             token_loss = peak + norm.log() - target_logit
             w = weights.to(acc) if weights is _ONES else weights[start:start + chunk_size].to(acc)
             total = total + (token_loss * w).sum()
-            if need_h or need_w:
+            if need_h or need_w or need_r:
                 g = probs.div_(norm[:, None])  # softmax; d CE / d logits = softmax - onehot
-                g[rows, y] -= 1.0
+                g[at, y] -= 1.0
                 if softcap is not None:
                     g.mul_(1.0 - t * t)
                 if weights is not _ONES:
                     g.mul_(w[:, None])
                 g = g.to(weight.dtype)
                 if need_h:
-                    grad_h[start:start + chunk_size] = g @ weight
+                    gh = g @ weight
+                    if rows is not None:
+                        gh += g[:, row_ids] @ fix
+                    grad_h[start:start + chunk_size] = gh
                 if need_w:
                     grad_w.addmm_(g.t().to(acc), h.to(acc))
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
-        ctx.need = (need_h, need_w)
+                if need_r:
+                    grad_r.addmm_(g[:, row_ids].t().to(grad_r.dtype), h.to(grad_r.dtype))
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_r) if x is not None))
+        ctx.need = (need_h, need_w, need_r)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         saved = list(ctx.saved_tensors)
-        need_h, need_w = ctx.need
+        need_h, need_w, need_r = ctx.need
         gh = saved.pop(0) * grad_out.to(ctx.weight_dtype) if need_h else None
         gw = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_w else None
-        return gh, gw, None, None, None, None
+        gr = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_r else None
+        return gh, gw, None, None, None, None, None, gr
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          weights: torch.Tensor | None = None, softcap: float | None = None,
-                         chunk_size: int = 256) -> torch.Tensor:
+                         chunk_size: int = 256, row_override: RowOverride | None = None) -> torch.Tensor:
     """Weighted sum of cross-entropies of `hidden (N, H) @ weight (V, H).T` against `targets (N,)`.
 
     Memory holds at most `chunk_size x V` logits at a time. `weights (N,)` scale each token's
     loss (default 1). `softcap` applies Gemma's `final_logit_softcapping`.
+    `row_override = (ids (k,), rows (k, H))`: the head is `weight` with rows `ids` replaced by
+    `rows` (PEFT trainable tokens on a frozen head); only `rows` gets a gradient, a (k, H) one,
+    where building the (V, H) merged weight would cost a copy and a (V, H) gradient per step.
     """
     if weights is None:
         weights = _ONES  # skips a multiply over every chunk's (n, V) gradient
+    row_ids, rows = row_override if row_override is not None else (None, None)
     if hidden.shape[0] == 0:
-        return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph (DDP expects every parameter used)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk_size)
+        extra = rows.sum() if rows is not None else 0.0
+        return (hidden.sum() + weight.sum() + extra) * 0.0  # keeps the graph (DDP expects every parameter used)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, softcap, chunk_size, row_ids, rows)
 
 
 def sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
              normalizer: float | torch.Tensor | None = None, softcap: float | None = None,
-             chunk_size: int = 256) -> torch.Tensor:
+             chunk_size: int = 256, row_override: RowOverride | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions, logits computed only there.
 
     hidden: (B, T, H) final hidden states (after the final norm); labels: (B, T), already
@@ -106,13 +125,13 @@ def sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.T
     positions without a label (prompt tokens, padding, conversation ends). `normalizer` is
     the number of labelled tokens the mean is over (default: those in this batch); pass the
     count of the whole optimizer step so gradient accumulation and data-parallel ranks give
-    exactly the token-weighted mean of one big batch.
+    exactly the token-weighted mean of one big batch. `row_override`: see `linear_cross_entropy`.
     """
     flat = labels.reshape(-1)
     keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (N_labelled, H)
     total = linear_cross_entropy(h, lm_head_weight, flat.index_select(0, keep), softcap=softcap,
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, row_override=row_override)
     if normalizer is None:
         normalizer = max(int(keep.numel()), 1)
     return total / normalizer

@@ -43,6 +43,9 @@ class LoraSettings(StageConfig):
     alpha: float = Field(32.0, description="LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = Field(0.05, description="dropout on the LoRA input")
     target_modules: str | list[str] = Field("all-linear", description="module names to adapt, or all-linear (every linear layer but the LM head)")
+    trainable_tokens: Literal["auto", "none"] | list[str] = Field(
+        "auto", description="tokens whose embedding and LM-head rows are trained too (PEFT trainable tokens): "
+        "auto = the chat format's special tokens (role markers, end of turn), none, or a list of token strings")
 
 
 class SFTConfig(StageConfig):
@@ -115,8 +118,9 @@ class SFTModule(torch.nn.Module):
         decoder, head = self._parts
         hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
                                use_cache=False).last_hidden_state  # (B, T, H)
-        return sft_loss(hidden, head.weight, labels, normalizer=normalizer, softcap=self.softcap,
-                        chunk_size=self.logits_chunk)
+        weight, override = _head_rows(head)
+        return sft_loss(hidden, weight, labels, normalizer=normalizer, softcap=self.softcap,
+                        chunk_size=self.logits_chunk, row_override=override)
 
 
 def _log(msg: str, out_dir: Path | None = None, main: bool = True) -> None:
@@ -139,16 +143,62 @@ def _split(convs: list, fraction: float, cap: int, seed: int) -> tuple[list, lis
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 
 
-def _prepare_model(config: SFTConfig, model: torch.nn.Module) -> torch.nn.Module:
+def chat_special_tokens(chat: Any) -> list[int]:
+    """Special-token ids the chat format writes (BOS, role markers, end of turn), pad excluded.
+
+    A base model has rarely or never seen them: gemma-3-270m ranks `<end_of_turn>` ~261,800th of
+    262,144 after a finished answer, and LoRA on the linear layers cannot move its embedding or
+    LM-head row, so a LoRA student kept talking past every answer (0 of 50 stopped).
+    """
+    tok = chat.tokenizer
+    sample = chat.encode([{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]).input_ids
+    special = set(tok.all_special_ids) - {tok.pad_token_id}
+    return sorted({i for i in sample if i in special} | set(chat.stop_token_ids))
+
+
+def _token_ids(config: SFTConfig, chat: Any) -> list[int]:
+    want = config.lora.trainable_tokens
+    if want == "none":
+        return []
+    if want == "auto":
+        return chat_special_tokens(chat)
+    tok = chat.tokenizer
+    ids = tok.convert_tokens_to_ids(list(want))
+    unknown = [t for t, i in zip(want, ids) if i is None or i == tok.unk_token_id]
+    if unknown:
+        raise StageError(f"sft: lora.trainable_tokens: {unknown} are not single tokens of this tokenizer")
+    return sorted(set(ids))
+
+
+def _prepare_model(config: SFTConfig, model: torch.nn.Module, chat: Any) -> torch.nn.Module:
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
+    ids = _token_ids(config, chat)
+    tokens: dict[str, list[int]] | None = None
+    if ids:
+        names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tokens = {names[emb]: ids}
+        if head is not None and head.weight is not emb.weight:  # tied heads follow the embedding in PEFT
+            tokens[names[head]] = ids
     lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                    target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+                    target_modules=config.lora.target_modules, trainable_token_indices=tokens, task_type="CAUSAL_LM")
     return get_peft_model(model, lc)
+
+
+def _head_rows(head: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """(frozen head weight, (ids, trainable rows) or None) of a plain or PEFT-trainable-tokens LM head."""
+    layer = getattr(head, "token_adapter", None)
+    if layer is None or not layer.active_adapters or layer.disable_adapters:
+        return head.weight, None
+    name = layer.active_adapters[0]
+    ids = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
+    return layer.base_layer.weight, (ids, layer.trainable_tokens_delta[name])
 
 
 @torch.no_grad()
@@ -241,7 +291,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     data_hash = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
 
     # ---- model, optimizer, resume ----------------------------------------------------------
-    model = _prepare_model(config, model).to(accelerator.device)
+    model = _prepare_model(config, model, chat).to(accelerator.device)
     model.train()
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps)
