@@ -9,6 +9,7 @@ seconds instead of the ~70 s that GGUF tokenizer conversion costs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -288,3 +289,16 @@ def tiny_model(arch: str = "llama", seed: int = 0, tokenizer_kind: str | None = 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     return model, tok
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward keyword that takes a KV cache: `cache` since transformers 5.x (`past_key_values` still works
+    there with a FutureWarning and goes in 5.40), `past_key_values` before."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from ..chat import ChatFormat
+from ..models import cache_kwarg
 from .cache import SlotCache
 from .sampling import SamplingParams, choose_tokens, make_generator
 from .text import TextTracker
@@ -85,6 +86,7 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self._body, self._head = _split_model(model, tokenizer, weights, self.device)
+        self._cache_kw = cache_kwarg(self._body if self._body is not None else model)
         cfg = model.config
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.layer_types = sorted(set(getattr(cfg, "layer_types", None) or ["full_attention"]))
@@ -265,8 +267,8 @@ class Engine:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last position's hidden state (n, H), or its logits (n, V) when the head is the model's own."""
         attn = masks if len(masks) > 1 or "full_attention" not in masks else masks["full_attention"]
-        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=self.cache,
-                  use_cache=True)
+        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True)
+        kw[self._cache_kw] = self.cache
         if self._body is None:
             return self.model(**kw, logits_to_keep=1).logits[:, -1, :]
         return self._body(**kw).last_hidden_state[:, -1, :]

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..models import cache_kwarg, output_cache
+
 __all__ = ["EncodedQuestion", "tok_encode", "encode_question", "score_questions", "loglikelihood_reference"]
 
 
@@ -103,6 +105,7 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
     the logits tensor under `logits_budget` elements (rows × positions × vocab).
     """
     device = next(model.parameters()).device
+    cache_kw = cache_kwarg(model)
     if max_length:  # keep the longest option whole; drop the oldest context tokens (lm-eval does too)
         questions = [EncodedQuestion(q.context_ids[-max(1, max_length - max(map(len, q.continuation_ids))):],
                                      q.continuation_ids) for q in questions]
@@ -118,7 +121,7 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
     if prefix:
         pre = model(input_ids=torch.tensor([questions[0].context_ids[:prefix]], device=device), use_cache=True,
                     logits_to_keep=1)
-        cache = pre.past_key_values
+        cache = output_cache(pre)
         cache.batch_select_indices(torch.zeros(len(questions), dtype=torch.long, device=device))
     width = max(lens) - prefix
     ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
@@ -130,10 +133,11 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
     ids, mask = ids.to(device), mask.to(device)
     # Positions count real tokens only, so a padded row sees the positions it would see alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{cache_kw: cache},
                 logits_to_keep=1)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): predicts each option's 1st token
-    cache = out.past_key_values
+    cache = output_cache(out)
 
     rows = [(qi, oi) for qi, q in enumerate(questions) for oi in range(len(q.continuation_ids))]
     results: list[list[tuple[float, bool]]] = [[(0.0, False)] * len(q.continuation_ids) for q in questions]
@@ -161,7 +165,7 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
         full_mask = torch.cat([mask[qidx], cmask.to(device)], dim=1)
         pos = torch.tensor([lens[qi] for qi, _ in chunk], device=device)[:, None] + torch.arange(span, device=device)
         logits = model(input_ids=inp.to(device), attention_mask=full_mask, position_ids=pos,
-                       past_key_values=_select_cache(cache, qidx), use_cache=True).logits  # (R, span, V)
+                       use_cache=True, **{cache_kw: _select_cache(cache, qidx)}).logits  # (R, span, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         for r, ((qi, oi), c) in enumerate(zip(chunk, conts)):
             target = torch.tensor(c[1:], device=device)
