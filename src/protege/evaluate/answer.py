@@ -52,6 +52,8 @@ class AnswerConfig(StageConfig):
     system: str | None = Field(None, description="system message put before every conversation")
     max_new_tokens: int = Field(256, description="answer length budget per turn")
     temperature: float = Field(0.0, description="0 = greedy (reproducible)")
+    top_p: float = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
+    seed: int = Field(0, description="sampling seed: same seed + same prompt = same answer")
     batch_size: int = Field(16, description="local backend: sequences decoded together")
 
 
@@ -124,7 +126,8 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     prompts = read_prompts(cfg.prompts, cfg.limit)
     teacher = make_teacher(TeacherConfig(backend=cfg.backend, model=cfg.model, base_url=cfg.base_url,
                                          max_batch_size=cfg.batch_size), cache_dir=out)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            seed=cfg.seed)
     histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]
     answers: list[list[str]] = [[] for _ in prompts]
     finish: list[list[str]] = [[] for _ in prompts]  # parallel to answers: "stop" | "length"
