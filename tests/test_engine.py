@@ -51,6 +51,17 @@ def test_greedy_matches_hf_generate(tiny):
         assert out.text == tok.decode(out.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def test_kv_cache_goes_by_the_name_transformers_takes(tiny):
+    # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40).
+    import warnings
+
+    model, tok = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = Engine(model, tok).generate(_ids(tok, PROMPTS[:1]), SamplingParams(max_new_tokens=3, stop_token_ids=[]))
+    assert out[0].completion_tokens == 3
+
+
 def test_more_prompts_than_rows_and_prefill_budget(tiny_gemma):
     model, tok = tiny_gemma
     prompts = _ids(tok, PROMPTS * 3)

@@ -213,6 +213,23 @@ def test_answer_stage_multi_turn_on_tiny_model(tmp_path, tiny_llama_dir):
     assert read_answers(tmp_path / "ans") == before
 
 
+def test_answer_stage_sampling_seed_and_top_p(tmp_path, tiny_llama_dir):
+    from protege.evaluate.answer import AnswerConfig, read_answers, run
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me about topic {i}."}) + "\n" for i in range(3)))
+
+    def answers(name: str, **sampling) -> list[str]:
+        run(AnswerConfig(model=str(tiny_llama_dir), prompts=str(f), out_dir=str(tmp_path / name), max_new_tokens=8,
+                         **sampling))
+        return [a for x in read_answers(tmp_path / name) for a in x["answers"]]
+
+    hot = {"temperature": 1.5}
+    assert answers("s0", **hot, seed=0) == answers("s0-again", **hot, seed=0)  # same seed, fresh run: same answers
+    assert answers("s1", **hot, seed=1) != answers("s0", **hot, seed=0)
+    assert answers("nucleus", **hot, top_p=1e-6) == answers("greedy")  # a tiny nucleus keeps only the argmax
+
+
 def test_answer_stage_records_why_each_answer_ended(tmp_path):
     """Through a real HTTP teacher that cuts exactly the answers to prompts containing RAMBLE."""
     from fake_openai_server import FakeServer

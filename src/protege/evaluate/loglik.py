@@ -133,9 +133,8 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
     ids, mask = ids.to(device), mask.to(device)
     # Positions count real tokens only, so a padded row sees the positions it would see alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **{cache_kw: cache},
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (Q, V): predicts each option's 1st token
     cache = output_cache(out)
 
