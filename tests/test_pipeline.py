@@ -48,8 +48,8 @@ def run_sum(config: SumConfig) -> dict:
 
 @pytest.fixture(autouse=True)
 def _kinds(monkeypatch):
-    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.count", "test_pipeline:CountConfig:run_count")
-    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.sum", "test_pipeline:SumConfig:run_sum")
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.count", pipeline.StageKind("test_pipeline:CountConfig:run_count", "count"))
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "test.sum", pipeline.StageKind("test_pipeline:SumConfig:run_sum", "sum"))
 
 
 def _recipe(tmp_path, n=5, sleep=0.0):
@@ -104,8 +104,8 @@ def test_killed_stage_resumes(tmp_path):
     """kill -9 in the middle of a stage; the rerun keeps its partial output and finishes it."""
     path = _recipe(tmp_path, n=40, sleep=0.05)
     code = ("import sys; sys.path.insert(0, %r); from protege.cli import main; from protege import pipeline; "
-            "pipeline.STAGE_KINDS['test.count']='test_pipeline:CountConfig:run_count'; "
-            "pipeline.STAGE_KINDS['test.sum']='test_pipeline:SumConfig:run_sum'; sys.exit(main(['run', %r]))"
+            "pipeline.STAGE_KINDS['test.count']=pipeline.StageKind('test_pipeline:CountConfig:run_count', ''); "
+            "pipeline.STAGE_KINDS['test.sum']=pipeline.StageKind('test_pipeline:SumConfig:run_sum', ''); sys.exit(main(['run', %r]))"
             % (str(Path(__file__).parent), str(path)))
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     lines = tmp_path / "runs" / "demo" / "01-count" / "lines.txt"

@@ -19,38 +19,21 @@ old partial work.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import Field
 
 from .config import ConfigError, StageConfig, parse_overrides, read_yaml, validate_dict
 from .manifest import sha256_file
+from .stages import STAGE_KINDS, StageKind, stage_kind
 
-__all__ = ["Recipe", "StageSpec", "STAGE_KINDS", "run_recipe", "load_recipe", "stage_kind"]
-
-# kind -> "module:ConfigClass:run_function". Stages talk through files only; the runner
-# needs nothing from them but these two names.
-STAGE_KINDS: dict[str, str] = {
-    "pull": "protege.pipeline:PullConfig:run_pull",
-    "data.sample": "protege.data_tools:SampleConfig:run_sample",
-    "generate.self-instruct": "protege.generate.selfinstruct:SelfInstructConfig:run",
-    "generate.distill": "protege.generate.distill:DistillConfig:run",
-    "generate.orca": "protege.generate.orca:OrcaConfig:run",
-    "generate.self-chat": "protege.generate.selfchat:SelfChatConfig:run",
-    "curate": "protege.curate:CurateConfig:run",
-    "train.sft": "protege.train.sft:SFTConfig:run",
-    "eval.bench": "protege.evaluate.bench:BenchConfig:run",
-    "eval.answer": "protege.evaluate.answer:AnswerConfig:run",
-    "eval.judge": "protege.evaluate.judge:JudgeConfig:run",
-    "report": "protege.evaluate.report:ReportConfig:run",
-}
+__all__ = ["Recipe", "StageSpec", "STAGE_KINDS", "StageKind", "run_recipe", "load_recipe", "stage_kind"]
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _HASH_LIMIT = 256 << 20  # inputs larger than this are fingerprinted by size + mtime, not content
@@ -84,21 +67,6 @@ class Recipe(StageConfig):
     description: str = Field("", description="what this recipe does")
     runs_dir: str = Field("runs", description="parent folder of all runs")
     stages: list[StageSpec] = Field(..., description="stages, run in order")
-
-
-def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
-    if kind not in STAGE_KINDS:
-        import difflib
-
-        close = difflib.get_close_matches(kind, list(STAGE_KINDS), n=1)
-        hint = f" — did you mean `{close[0]}`?" if close else ""
-        raise ConfigError(f"unknown stage kind `{kind}`{hint} (known: {', '.join(STAGE_KINDS)})")
-    module, cls_name, fn_name = STAGE_KINDS[kind].split(":")
-    mod = importlib.import_module(module)
-    try:
-        return getattr(mod, cls_name), getattr(mod, fn_name)
-    except AttributeError as err:  # a registry entry out of step with its module: a bug in protege
-        raise RuntimeError(f"stage kind {kind}: {STAGE_KINDS[kind]} is broken: {err}") from None
 
 
 def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:

@@ -326,20 +326,14 @@ class Engine:
         return outputs
 
 
-# Architectures whose causal-LM forward is exactly `lm_head(decoder(...))` (+ Gemma's optional final
-# softcap), so the engine may run the decoder and the head separately. Others use the model's forward.
-_PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                     "olmo", "olmo2", "starcoder2"}
-
-
 def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device) -> tuple[Any, Any]:
     """(decoder or None, head) for this model and weight mode; int8 mode quantizes Linear layers in place."""
     from torch import nn
 
+    from ..lm_head import lm_head_parts
     from .head import LinearHead, ModelHead, ScreenedHead
     from .int8 import quantize_decoder
 
-    cfg = model.config
     head = model.get_output_embeddings()
     if weights == "int8":
         if device.type != "cpu":
@@ -348,12 +342,10 @@ def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device)
         # down_proj stays fp32: its input (gelu(gate) * up) has the worst outliers; quantizing it too cut
         # greedy agreement with fp32 on gemma-3-270m from ~47% to ~13% of tokens for ~15% fewer bytes.
         quantize_decoder(model, tokenizer, skip=head, exclude=("down_proj",))
-    plain = (getattr(cfg, "model_type", "") in _PLAIN_HEAD_TYPES and getattr(head, "bias", None) is None
-             and not getattr(cfg, "logit_scale", None))
-    if not plain:
+    parts = lm_head_parts(model)  # the same rule training uses
+    if parts is None:
         return None, ModelHead()
-    body = getattr(model, model.base_model_prefix)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
+    body, softcap = parts.decoder, parts.softcap
     if device.type == "cpu" and type(head) is nn.Linear and head.weight.dtype == torch.float32:
         return body, ScreenedHead(head, softcap)
     return body, LinearHead(head, softcap)

@@ -24,7 +24,7 @@ from ..formats import iter_source
 from ..records import Conversation, RecordError
 from .losses import IGNORE_INDEX
 
-__all__ = ["Example", "TokenStats", "tokenize", "load_conversations", "pack_rows", "length_grouped_rows",
+__all__ = ["Example", "TokenStats", "split_held_out", "tokenize", "load_conversations", "pack_rows", "length_grouped_rows",
            "plan_micro_batches", "collate"]
 
 
@@ -70,6 +70,17 @@ def tokenize(conversations: list[Conversation], chat: ChatFormat, max_length: in
         stats.label_tokens += ex.n_labels
         out.append(ex)
     return out
+
+
+def split_held_out(items: list, fraction: float, cap: int, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random `fraction` of `items` (at most `cap`) held out for eval."""
+    n_eval = min(cap, int(len(items) * fraction))
+    if n_eval == 0:
+        return items, []
+    idx = list(range(len(items)))
+    random.Random(f"{seed}/eval").shuffle(idx)
+    held = set(idx[:n_eval])
+    return [c for i, c in enumerate(items) if i not in held], [c for i, c in enumerate(items) if i in held]
 
 
 def load_conversations(path: str | Path) -> list[Conversation]:

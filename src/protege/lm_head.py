@@ -1,0 +1,61 @@
+"""The one rule for `logits = head(decoder(x))`, shared by the engine and every trainer.
+
+Running the decoder and the LM head separately is what lets protege put the head only
+where it is needed: the last position when generating, the labelled positions when
+training. That is only correct for architectures whose causal-LM forward is exactly
+`lm_head(final_norm(decoder(x)))` (+ Gemma's optional final soft-capping); for any other
+`lm_head_parts` returns None and callers use the model's own forward (or refuse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["PLAIN_HEAD_TYPES", "LMHeadParts", "lm_head_parts", "head_rows"]
+
+# model_type values whose forward is `lm_head(decoder(...))`, checked against each family's modeling code.
+PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                              "smollm3", "olmo", "olmo2", "starcoder2"})
+
+RowOverride = tuple[torch.Tensor, torch.Tensor]  # (token ids (k,), their head rows (k, H))
+
+
+@dataclass(frozen=True)
+class LMHeadParts:
+    decoder: torch.nn.Module  # returns `last_hidden_state` (B, T, H) after the final norm
+    head: torch.nn.Module  # the output embedding: nn.Linear (V, H), or PEFT's trainable-tokens wrapper of it
+    softcap: float | None  # Gemma's final_logit_softcapping: logits = c * tanh(z / c)
+
+
+def lm_head_parts(model: Any) -> LMHeadParts | None:
+    """(decoder, head, softcap) of a causal LM (plain or PEFT-wrapped), or None if its forward is not plain."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    head = base.get_output_embeddings()
+    if head is None or getattr(cfg, "model_type", "") not in PLAIN_HEAD_TYPES:
+        return None
+    if getattr(_base_layer(head), "bias", None) is not None or getattr(cfg, "logit_scale", None):
+        return None
+    return LMHeadParts(getattr(base, base.base_model_prefix), head, getattr(cfg, "final_logit_softcapping", None))
+
+
+def _base_layer(head: torch.nn.Module) -> torch.nn.Module:
+    layer = getattr(head, "token_adapter", None)
+    return layer.base_layer if layer is not None else head
+
+
+def head_rows(head: torch.nn.Module) -> tuple[torch.Tensor, RowOverride | None]:
+    """(frozen head weight (V, H), (ids, trainable rows) or None) of a plain or PEFT-trainable-tokens head.
+
+    PEFT's trainable tokens keep the head frozen and train a (k, H) delta for k token rows; the
+    losses apply those rows themselves rather than materialising a merged (V, H) weight per step.
+    """
+    layer = getattr(head, "token_adapter", None)
+    if layer is None or not layer.active_adapters or layer.disable_adapters:
+        return _base_layer(head).weight, None
+    name = layer.active_adapters[0]
+    ids = torch.tensor(layer.token_indices[name], device=layer.base_layer.weight.device)
+    return layer.base_layer.weight, (ids, layer.trainable_tokens_delta[name])

@@ -1,0 +1,66 @@
+"""The one registry of what protege can run: every stage kind a recipe names, and through it
+every `protege generate KIND` and `protege train METHOD` subcommand.
+
+A kind maps to "module:ConfigClass:run_function" and a help line. Stages talk through
+files only; the recipe runner and the CLI need nothing from a stage but these names.
+Adding a training method or a generator is one entry here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, NamedTuple
+
+from .config import ConfigError, StageConfig
+
+__all__ = ["StageKind", "STAGE_KINDS", "stage_kind", "kinds_under"]
+
+
+class StageKind(NamedTuple):
+    target: str  # "module:ConfigClass:run_function"
+    help: str
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    "pull": StageKind("protege.pipeline:PullConfig:run_pull", "fetch + verify + convert built-in models"),
+    "data.sample": StageKind("protege.data_tools:SampleConfig:run_sample", "a seeded sample of a record file (+ the rest)"),
+    "generate.self-instruct": StageKind(
+        "protege.generate.selfinstruct:SelfInstructConfig:run",
+        "Self-Instruct (Alpaca): bootstrap new tasks from seed tasks with a teacher, then answer them"),
+    "generate.distill": StageKind(
+        "protege.generate.distill:DistillConfig:run",
+        "distill (Vicuna/GPT4All): answer a prompt set with a teacher, multi-turn prompts turn by turn"),
+    "generate.orca": StageKind(
+        "protege.generate.orca:OrcaConfig:run",
+        "Orca explanation traces: task-typed system messages; several teachers = progressive stages"),
+    "generate.self-chat": StageKind(
+        "protege.generate.selfchat:SelfChatConfig:run",
+        "self-chat (Baize): the teacher plays user and assistant from seed topics"),
+    "curate": StageKind("protege.curate:CurateConfig:run", "clean, dedup, filter and decontaminate conversations"),
+    "train.sft": StageKind("protege.train.sft:SFTConfig:run",
+                           "supervised fine-tuning on conversations (loss on assistant turns; LoRA or full)"),
+    "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),
+    "eval.answer": StageKind("protege.evaluate.answer:AnswerConfig:run", "answer a prompt set with a model"),
+    "eval.judge": StageKind("protege.evaluate.judge:JudgeConfig:run", "style: an LLM judge compares two answer sets"),
+    "report": StageKind("protege.evaluate.report:ReportConfig:run", "style vs substance report (HTML + Markdown)"),
+}
+
+
+def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
+    """(config class, run function) of a registered kind; unknown kinds get a "did you mean"."""
+    if kind not in STAGE_KINDS:
+        close = difflib.get_close_matches(kind, list(STAGE_KINDS), n=1)
+        hint = f" — did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"unknown stage kind `{kind}`{hint} (known: {', '.join(STAGE_KINDS)})")
+    module, cls_name, fn_name = STAGE_KINDS[kind].target.split(":")
+    mod = importlib.import_module(module)
+    try:
+        return getattr(mod, cls_name), getattr(mod, fn_name)
+    except AttributeError as err:  # a registry entry out of step with its module: a bug in protege
+        raise RuntimeError(f"stage kind {kind}: {STAGE_KINDS[kind].target} is broken: {err}") from None
+
+
+def kinds_under(prefix: str) -> dict[str, StageKind]:
+    """{"sft": ..., "dpo": ...} for prefix "train": the subcommands of one CLI group."""
+    return {k[len(prefix) + 1:]: v for k, v in STAGE_KINDS.items() if k.startswith(prefix + ".")}

@@ -1,0 +1,228 @@
+"""`fit`: the one training loop every method (SFT, RM, DPO, ...) runs.
+
+A method supplies its micro-batches (planned up front from the seed, addressed by index)
+and a loss function `loss_fn(module, micro_batch) -> LossOutput`: a *sum* over the
+micro-batch's units (labelled tokens, pairs), how many units it summed, and metric sums
+over the same units. `fit` owns everything else, once:
+
+  for each optimizer step: the ranks split the step's micro-batches (rank r takes every
+  world-th); each backpropagates its loss sums (DDP syncs only on the last micro-batch);
+  the step's unit count is summed over ranks; gradients are scaled by world / count (DDP
+  averaged over ranks, we want the sum) -> clip -> AdamW -> schedule -> metrics.
+
+Dividing by the count of the *whole step* after backward makes one process with gradient
+accumulation and N processes give the same loss and update (to float rounding), for any
+method, without the method knowing its normaliser before the forward pass. A rank with no
+micro-batch in a short last step still runs one with weight 0, because every rank must
+join the gradient all-reduce. Checkpoints carry a fingerprint of the config and a hash of
+the data plan; a resume under a changed config is refused instead of silently mixing runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import StageError
+from .loop import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
+                   save_checkpoint)
+from .settings import TrainSettings
+
+__all__ = ["LossOutput", "FitResult", "fit", "evaluate", "run_logger"]
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar: the loss summed over this micro-batch's units
+    normaliser: float  # how many units (labelled tokens, pairs) the sum is over
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # sums over the same units
+
+
+@dataclass
+class FitResult:
+    steps: int
+    start_step: int
+    loss: float  # last step's mean loss
+    metrics: dict[str, float]  # last step's means
+    eval: dict[str, float] | None  # final held-out means (eval_loss, eval_<metric>)
+    tokens_per_s: float
+    trainable_params: int
+    stopped: bool  # ended early by stop_after_steps (checkpoint written; rerun resumes)
+    peak_rss_mb: float
+
+
+def run_logger(name: str, out_dir: Path, main: bool) -> Callable[[str], None]:
+    """`[protege NAME] msg` on stderr and appended to out_dir/train.log (main process only)."""
+    import sys
+
+    def log(msg: str) -> None:
+        if not main:
+            return
+        line = f"[protege {name}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+        with (out_dir / "train.log").open("a", encoding="utf-8") as fh:
+            fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    return log
+
+
+def _as_float(x: torch.Tensor | float) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _sums(out: LossOutput, keys: list[str], weight: float, device: Any) -> torch.Tensor:
+    vals = [_as_float(out.loss_sum), out.normaliser, *(_as_float(out.metrics[k]) for k in keys)]
+    return torch.tensor(vals, dtype=torch.float64, device=device) * weight
+
+
+def _means(total: torch.Tensor, keys: list[str], prefix: str = "") -> tuple[float, dict[str, float]]:
+    n = float(total[1].clamp(min=1))
+    return float(total[0]) / n, {f"{prefix}{k}": float(total[2 + i]) / n for i, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
+             accelerator: Any) -> dict[str, float] | None:
+    """Unit-weighted means of the loss and metrics over held-out micro-batches, sharded over ranks."""
+    if not batches:
+        return None
+    # Unwrapped: DDP's forward runs collectives (buffer broadcast), and ranks may get unequal shares.
+    module = accelerator.unwrap_model(module)
+    was_training = module.training
+    module.eval()
+    mine = list(batches[accelerator.process_index::accelerator.num_processes])
+    weights = [1.0] * len(mine)
+    if not mine:  # every rank must contribute a tensor of the same shape to the reduce
+        mine, weights = [batches[0]], [0.0]
+    total, keys = None, None
+    for mb, w in zip(mine, weights):
+        out = loss_fn(module, mb)
+        keys = keys if keys is not None else sorted(out.metrics)
+        s = _sums(out, keys, w, accelerator.device)
+        total = s if total is None else total + s
+    total = accelerator.reduce(total, "sum")
+    module.train(was_training)
+    loss, metrics = _means(total, keys, prefix="eval_")
+    return {"eval_loss": loss, **metrics}
+
+
+def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: torch.nn.Module, accelerator: Any,
+        out_dir: Path, micro_batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
+        tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
+        eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None) -> FitResult:
+    """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate)."""
+    from tqdm.auto import tqdm
+
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    log = run_logger(name, out_dir, main)
+    ckpt_root = out_dir / "checkpoints"
+    per_step = config.grad_accum * world
+    if not micro_batches:
+        raise StageError(f"{name}: nothing to train on (0 micro-batches)")
+    # max_steps may be shorter than the plan (cut) or longer (the plan wraps around).
+    total_steps = config.max_steps if config.max_steps is not None else math.ceil(len(micro_batches) / per_step)
+    warmup = int(config.warmup_ratio * total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps)
+    metrics = MetricsLogger(out_dir, enabled=main, tensorboard=config.tensorboard)
+
+    # ---- resume --------------------------------------------------------------------------
+    start_step = 0
+    latest = latest_checkpoint(ckpt_root)
+    if config.resume == "yes" and latest is None:
+        raise StageError(f"{name}: resume requested but {ckpt_root} holds no checkpoint")
+    if latest is not None and config.resume == "no":
+        log(f"resume=no: ignoring and replacing checkpoints in {ckpt_root}")
+        latest = None
+    if latest is not None:
+        saved = json.loads((latest / "state.json").read_text())
+        if saved.get("fingerprint") != fingerprint or saved.get("data_hash") != data_hash:
+            before = saved.get("fingerprint", {})
+            changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+            raise StageError(f"{name}: {out_dir} holds a checkpoint ({latest.name}) of a different run "
+                             f"(changed: {', '.join(changed or ['the data'])}); use another out_dir or resume=no "
+                             "to start over")
+        start_step = load_checkpoint(latest, model, optimizer, scheduler)["step"]
+        metrics.truncate_after(start_step)
+        log(f"resuming from checkpoint {latest} at step {start_step}/{total_steps} (config unchanged)")
+    elif main:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                            {"fingerprint": fingerprint, "data_hash": data_hash,
+                             "micro_batches_done": min(step * per_step, len(micro_batches))},
+                            keep=config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    # ---- train -----------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=start_step, desc=name, disable=not main, dynamic_ncols=True)
+    tokens_seen, t0, stopped = 0, time.time(), False
+    last_loss, last_metrics = float("nan"), {}
+    for step in range(start_step, total_steps):
+        mbs = micro_batches[(step * per_step) % len(micro_batches):][:per_step]
+        mine, weight = list(mbs[rank::world]), 1.0
+        if not mine:  # a short last step: this rank must still join the gradient all-reduce
+            mine, weight = list(mbs[:1]), 0.0
+        total, keys = None, None
+        for j, mb in enumerate(mine):
+            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(module)
+            with sync:
+                out = loss_fn(module, mb)
+                accelerator.backward(out.loss_sum * weight)
+            keys = keys if keys is not None else sorted(out.metrics)
+            s = _sums(out, keys, weight, accelerator.device)
+            total = s if total is None else total + s
+        total = accelerator.reduce(total, "sum")
+        scale = world / max(float(total[1]), 1.0)  # DDP averaged the ranks' gradients; we want sum / count
+        for p in trainable:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        grad_norm = (float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
+                     if config.max_grad_norm > 0 else float("nan"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss, last_metrics = _means(total, keys)
+        step_tokens = sum(tokens_of(mb) for mb in mbs)  # all ranks
+        tokens_seen += step_tokens
+        done = step + 1
+        tok_s = tokens_seen / max(time.time() - t0, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
+        bar.update(1)
+        if done % config.log_every == 0 or done == total_steps:
+            metrics.log(done, loss=last_loss, **last_metrics, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                        tokens_per_s=round(tok_s, 2), tokens=step_tokens, **{unit: float(total[1])})
+        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
+            metrics.log(done, **(evaluate(module, eval_batches, loss_fn, accelerator) or {}))
+        if done == stop_after_steps and done < total_steps:
+            checkpoint(done)
+            stopped = True
+            break
+        if config.save_every and done % config.save_every == 0 and done < total_steps:
+            checkpoint(done)
+    bar.close()
+    tok_s = round(tokens_seen / max(time.time() - t0, 1e-9), 2)
+    result = FitResult(total_steps, start_step, last_loss, last_metrics, None, tok_s,
+                       sum(p.numel() for p in trainable), stopped, 0.0)
+    if stopped:
+        log(f"stopped after step {stop_after_steps} (checkpoint saved; rerun to resume)")
+    else:
+        if start_step < total_steps or latest_checkpoint(ckpt_root) is None:
+            checkpoint(total_steps)
+        result.eval = evaluate(module, eval_batches, loss_fn, accelerator)
+        if result.eval is not None:
+            metrics.log(total_steps, **result.eval)
+    metrics.close()
+    result.peak_rss_mb = round(peak_rss_mb(), 1)
+    return result

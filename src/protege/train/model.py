@@ -1,0 +1,93 @@
+"""Making a loaded model trainable the same way for every method: LoRA (with trainable
+special-token rows) or full fine-tuning, and the check that protege may split its LM head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import StageError
+from ..lm_head import PLAIN_HEAD_TYPES, LMHeadParts, lm_head_parts
+from .settings import TrainSettings
+
+__all__ = ["chat_special_tokens", "trainable_token_ids", "prepare_model", "require_head_parts", "save_model"]
+
+
+def chat_special_tokens(chat: Any) -> list[int]:
+    """Special-token ids the chat format writes (BOS, role markers, end of turn), pad excluded.
+
+    A base model has rarely or never seen them: gemma-3-270m ranks `<end_of_turn>` ~261,800th of
+    262,144 after a finished answer, and LoRA on the linear layers cannot move its embedding or
+    LM-head row, so a LoRA student kept talking past every answer (0 of 50 stopped).
+    """
+    tok = chat.tokenizer
+    sample = chat.encode([{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]).input_ids
+    special = set(tok.all_special_ids) - {tok.pad_token_id}
+    return sorted({i for i in sample if i in special} | set(chat.stop_token_ids))
+
+
+def trainable_token_ids(config: TrainSettings, chat: Any) -> list[int]:
+    want = config.lora.trainable_tokens
+    if want == "none":
+        return []
+    if want == "auto":
+        return chat_special_tokens(chat)
+    tok = chat.tokenizer
+    ids = tok.convert_tokens_to_ids(list(want))
+    unknown = [t for t, i in zip(want, ids) if i is None or i == tok.unk_token_id]
+    if unknown:
+        raise StageError(f"lora.trainable_tokens: {unknown} are not single tokens of this tokenizer")
+    return sorted(set(ids))
+
+
+def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: Any, task_type: str = "CAUSAL_LM",
+                  modules_to_save: list[str] | None = None) -> torch.nn.Module:
+    """Full fine-tuning: every parameter trains. LoRA: PEFT adapters on `lora.target_modules` plus the
+    chat format's special-token rows of the embedding (and of an untied head); `modules_to_save`
+    (e.g. a reward model's score head) train in full beside them."""
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    ids = trainable_token_ids(config, chat)
+    tokens: dict[str, list[int]] | None = None
+    if ids:
+        names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tokens = {names[emb]: ids}
+        if head is not None and head.weight is not emb.weight:  # tied heads follow the embedding in PEFT
+            tokens[names[head]] = ids
+    lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                    target_modules=config.lora.target_modules, trainable_token_indices=tokens,
+                    modules_to_save=modules_to_save, task_type=task_type)
+    return get_peft_model(model, lc)
+
+
+def require_head_parts(model: Any, method: str) -> LMHeadParts:
+    parts = lm_head_parts(model)
+    if parts is None:
+        kind = getattr(getattr(model, "config", None), "model_type", "?")
+        raise StageError(f"{method}: model type {kind!r} is not one whose logits are lm_head(decoder(x)); "
+                         f"supported: {', '.join(sorted(PLAIN_HEAD_TYPES))}")
+    return parts
+
+
+def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: Any, out_dir: Path) -> list[Path]:
+    """LoRA adapter (or full model) folder, and the merged model on request, each with tokenizer + template."""
+    chat.apply_to(tok)
+    outputs = []
+    target = out_dir / ("adapter" if config.method == "lora" else "model")
+    model.save_pretrained(str(target))
+    tok.save_pretrained(str(target))
+    outputs.append(target)
+    if config.save_merged and config.method == "lora":
+        merged = model.merge_and_unload()
+        merged.save_pretrained(str(out_dir / "merged"))
+        tok.save_pretrained(str(out_dir / "merged"))
+        outputs.append(out_dir / "merged")
+    return outputs
