@@ -9,25 +9,41 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageConfig
-from .formats import iter_source, to_alpaca, to_openai, to_sharegpt
+from .formats import iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
+from .records import RecordError
 from .records import Comparison, Conversation, JsonlWriter, read_records
 
 __all__ = ["convert", "stats", "SampleConfig", "run_sample"]
 
-_WRITERS = {"alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai, "protege": lambda r: r.to_dict()}
+_WRITERS = {"alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai, "trl": to_trl,
+            "protege": lambda r: r.to_dict()}
 
 
-def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_format: str = "protege") -> int:
+def _conversation_writer(write: Any, fmt: str) -> Any:
+    def w(rec: Any) -> dict[str, Any]:
+        if isinstance(rec, Comparison):
+            raise RecordError(f"record {rec.id} is a preference pair; --to {fmt} holds conversations "
+                              "(use --to protege or --to trl)")
+        return write(rec)
+    return w
+
+
+def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_format: str = "protege",
+            skipped: dict[str, int] | None = None) -> int:
     """Convert a file/dataset in `from_format` to `to_format` JSONL; return the record count.
 
     Written to a temp file and renamed, so a bad line (reported as `file:line`) leaves no half-written output.
+    Unusable preference pairs (equal answers, differing prompts, ties) are counted by reason into `skipped`.
     """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     write = _WRITERS[to_format]
+    if to_format in ("alpaca", "sharegpt", "openai"):
+        write = _conversation_writer(write, to_format)
+    skipped = skipped if skipped is not None else {}
     try:
         with JsonlWriter(tmp) as w:
-            for rec in iter_source(src, from_format):
+            for rec in iter_source(src, from_format, skipped=skipped):
                 w.write(write(rec))
             n = w.written
     except BaseException:
@@ -43,7 +59,9 @@ def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
     chars: dict[str, int] = defaultdict(int)
     tokens: dict[str, int] = defaultdict(int)
     messages: dict[str, int] = defaultdict(int)
-    for rec in read_records(path):
+    lengths = {"chosen": 0, "rejected": 0, "chosen_longer": 0, "margins": []}
+    skipped: dict[str, int] = {}
+    for rec in iter_source(path, skipped=skipped):
         out["records"] += 1
         out["sources"][rec.source or "-"] += 1
         if isinstance(rec, Conversation):
@@ -53,14 +71,24 @@ def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
         else:
             assert isinstance(rec, Comparison)
             out["comparisons"] += 1
-            msgs = rec.prompt + [rec.chosen, {"role": "rejected", "content": rec.rejected["content"]}]
-            out["turns"] += 1
+            msgs = rec.prompt + [{"role": "chosen", "content": rec.chosen["content"]},
+                                 {"role": "rejected", "content": rec.rejected["content"]}]
+            out["turns"] += sum(1 for m in rec.prompt if m["role"] == "user")
+            lengths["chosen_longer"] += len(rec.chosen["content"]) > len(rec.rejected["content"])
+            if rec.margin is not None:
+                lengths["margins"].append(rec.margin)
         for m in msgs:
             messages[m["role"]] += 1
             chars[m["role"]] += len(m["content"])
             if tokenizer is not None:
                 tokens[m["role"]] += len(tokenizer(m["content"], add_special_tokens=False)["input_ids"])
     out["sources"] = dict(out["sources"])
+    out["skipped"] = skipped
+    if out["comparisons"]:
+        # A reward model can learn "longer is better" from a set where chosen answers are mostly longer.
+        m = lengths["margins"]
+        out["pairs"] = {"chosen_longer_share": round(lengths["chosen_longer"] / out["comparisons"], 3),
+                        "with_margin": len(m), "mean_margin": round(sum(m) / len(m), 3) if m else None}
     out["per_role"] = {
         role: {"messages": messages[role], "chars": chars[role], "mean_chars": round(chars[role] / messages[role], 1),
                **({"tokens": tokens[role], "mean_tokens": round(tokens[role] / messages[role], 1)} if tokenizer else {})}

@@ -3,6 +3,8 @@
 - Alpaca:   {"instruction", "input", "output"}
 - ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
 - OpenAI:   {"messages": [{"role", "content"}]}
+- preference sets (Anthropic HH, TRL, ShareGPT/LLaMA-Factory, UltraFeedback, WebGPT, summarize-from-feedback):
+  see `preference_formats`
 - anything `datasets` can load (parquet, csv, arrow, a saved dataset folder, a hub id when online)
 """
 
@@ -12,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import Comparison, Conversation, Record, RecordError, check_messages, parse_record
+from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
+from .records import Comparison, Conversation, Record, RecordError, SkipRecord, check_messages, parse_record
 
 __all__ = [
     "FORMATS",
@@ -25,9 +28,11 @@ __all__ = [
     "detect_format",
     "convert_obj",
     "iter_source",
+    "validate_source",
+    "to_trl",
 ]
 
-FORMATS = ("alpaca", "sharegpt", "openai", "protege")
+FORMATS = ("alpaca", "sharegpt", "openai", "protege", *PREFERENCE_FORMATS)
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
                    "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
@@ -102,6 +107,9 @@ def to_openai(conv: Conversation) -> dict[str, Any]:
 
 def detect_format(obj: dict[str, Any]) -> str:
     """Guess a record's format from its keys."""
+    pref = detect_preference_format(obj)
+    if pref is not None:
+        return pref
     if "chosen" in obj and "rejected" in obj:
         return "protege"
     if "conversations" in obj or "conversation" in obj:
@@ -110,7 +118,8 @@ def detect_format(obj: dict[str, Any]) -> str:
         return "alpaca"
     if "messages" in obj:
         return "protege" if ("source" in obj or "meta" in obj) else "openai"
-    raise RecordError(f"cannot tell the format from keys {sorted(obj)[:8]}; expected messages, conversations or instruction/output")
+    raise RecordError(f"cannot tell the format from keys {sorted(obj)[:8]}; expected messages, conversations, "
+                      "instruction/output, or a preference pair (chosen/rejected, completions, answer_0/answer_1)")
 
 
 def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
@@ -125,6 +134,8 @@ def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
         return from_sharegpt(obj, source or "sharegpt")
     if fmt == "openai":
         return from_openai(obj, source or "openai")
+    if fmt in PREFERENCE_FORMATS:
+        return convert_preference(obj, fmt, source)
     if fmt == "protege":
         rec = parse_record(obj)
         if source and not rec.source:
@@ -133,8 +144,12 @@ def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, object) from JSONL, or from a JSON file holding a list of objects."""
+def _iter_json_objects(path: Path, keep_going: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line, object) from JSONL, or from a JSON file holding a list of objects.
+
+    A line that does not decode raises `RecordError(file:line)`, or with `keep_going` is yielded
+    as (line, that error) so a validator can report every bad line.
+    """
     with path.open("rb") as fh:
         head = fh.read(64).lstrip()
     if path.suffix == ".json" and head.startswith(b"["):
@@ -149,29 +164,43 @@ def _iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                obj = json.loads(text)
             except UnicodeDecodeError as err:
-                raise RecordError(f"invalid UTF-8 at byte {err.start}", str(path), lineno) from None
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text)
+                bad = RecordError(f"invalid UTF-8 at byte {err.start}", str(path), lineno)
             except json.JSONDecodeError as err:
-                raise RecordError(f"bad JSON: {err.msg} at column {err.colno}", str(path), lineno) from None
+                bad = RecordError(f"bad JSON: {err.msg} at column {err.colno}", str(path), lineno)
+            else:
+                yield lineno, obj
+                continue
+            if not keep_going:
+                raise bad
+            yield lineno, bad
 
 
-def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str = "train") -> Iterator[Record]:
+def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str = "train",
+                skipped: dict[str, int] | None = None) -> Iterator[Record]:
     """Records from a JSON/JSONL file in any known format, or anything `datasets.load_dataset` reads.
 
-    Errors carry `file:line` (for JSON files) or the dataset row index.
+    Errors carry `file:line` (for JSON files) or the dataset row index. Records that are valid but
+    unusable (`SkipRecord`: equal answers, differing prompts, rating ties) are counted by reason
+    into `skipped` when it is given, and raise like any bad record when it is not.
     """
     path = Path(src)
     label = source or path.stem
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         for lineno, obj in _iter_json_objects(path):
             try:
-                yield convert_obj(obj, fmt, label)
+                rec = convert_obj(obj, fmt, label)
+            except SkipRecord as err:
+                if skipped is None:
+                    raise RecordError(err.problem, str(path), lineno) from None
+                skipped[err.problem] = skipped.get(err.problem, 0) + 1
+                continue
             except RecordError as err:
                 raise RecordError(err.problem, str(path), lineno) from None
+            yield rec
         return
     import datasets  # heavy import, only when a non-JSON source is used
 
@@ -188,6 +217,56 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
         ds = datasets.load_dataset(str(src), split=split)
     for i, row in enumerate(ds):
         try:
-            yield convert_obj(dict(row), fmt, label)
+            rec = convert_obj(dict(row), fmt, label)
+        except SkipRecord as err:
+            if skipped is None:
+                raise RecordError(err.problem, str(src), i + 1) from None
+            skipped[err.problem] = skipped.get(err.problem, 0) + 1
+            continue
         except RecordError as err:
             raise RecordError(err.problem, str(src), i + 1) from None
+        yield rec
+
+
+def validate_source(src: str | Path, fmt: str = "auto", kind: str = "auto") -> tuple[int, list[RecordError], list[RecordError]]:
+    """Check every record of a JSON/JSONL file in any known format, without stopping at the first bad one.
+
+    Returns (usable records, errors with file:line, unusable-but-valid records with file:line:
+    preference pairs that readers skip and count, e.g. equal answers). `kind` "conversation"
+    or "comparison" also flags records of the other kind.
+    """
+    path = Path(src)
+    if not path.is_file():
+        raise RecordError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    good, errors, skipped = 0, [], []
+    want = {"conversation": Conversation, "comparison": Comparison}.get(kind)
+    try:
+        for lineno, obj in _iter_json_objects(path, keep_going=True):
+            if isinstance(obj, RecordError):
+                errors.append(obj)
+                continue
+            try:
+                rec = convert_obj(obj, fmt, path.stem)
+            except SkipRecord as err:
+                skipped.append(RecordError(f"skipped by readers: {err.problem}", str(path), lineno))
+                continue
+            except RecordError as err:
+                errors.append(RecordError(err.problem, str(path), lineno))
+                continue
+            if want is not None and not isinstance(rec, want):
+                errors.append(RecordError(f"expected a {kind}, got a {type(rec).__name__.lower()}", str(path), lineno))
+                continue
+            good += 1
+    except RecordError as err:  # a JSON-array file that does not decode: nothing in it can be located
+        errors.append(err)
+    return good, errors, skipped
+
+
+def to_trl(rec: Record) -> dict[str, Any]:
+    """TRL's conversational preference format (`prompt` / `chosen` / `rejected` message lists)."""
+    if not isinstance(rec, Comparison):
+        raise RecordError(f"record {rec.id}: the trl format holds preference pairs, this is a conversation")
+    out: dict[str, Any] = {"id": rec.id, "prompt": rec.prompt, "chosen": [rec.chosen], "rejected": [rec.rejected]}
+    if rec.margin is not None:
+        out["margin"] = rec.margin
+    return out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
 __all__ = [
+    "SkipRecord",
     "Conversation",
     "Comparison",
     "Record",
@@ -48,6 +49,13 @@ class RecordError(ValueError):
         self.line = line
         where = f"{path}:{line}: " if path is not None and line is not None else ""
         super().__init__(f"{where}{problem}")
+
+
+class SkipRecord(RecordError):
+    """A well-formed record that cannot be used (e.g. a preference pair whose answers are equal).
+
+    Readers that are given a counter count these by `problem` and go on; strict readers raise.
+    """
 
 
 def content_id(payload: Any) -> str:
@@ -191,6 +199,8 @@ def parse_record(obj: Any, kind: str = "auto") -> Record:
         margin = obj.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise RecordError(f"`margin`: expected a number or null, got {margin!r}")
+        if chosen["content"].strip() == rejected["content"].strip():
+            raise SkipRecord("chosen == rejected")
         return Comparison(prompt, chosen, rejected, None if margin is None else float(margin), rid, source, meta)
     raise ValueError(f"unknown record kind {kind!r}")
 

@@ -15,12 +15,15 @@ def register(sub: Any) -> None:
                        description="Convert, validate and summarise record files (JSONL).")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / datasets files to protege JSONL",
+    from ..formats import FORMATS
+
+    c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / preference (HH, TRL, UltraFeedback, "
+                        "WebGPT, ...) / datasets files to protege JSONL",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hub id")
     c.add_argument("out", help="output .jsonl")
-    c.add_argument("--from", dest="from_format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "protege"])
-    c.add_argument("--to", dest="to_format", default="protege", choices=["protege", "alpaca", "sharegpt", "openai"])
+    c.add_argument("--from", dest="from_format", default="auto", choices=["auto", *FORMATS])
+    c.add_argument("--to", dest="to_format", default="protege", choices=["protege", "alpaca", "sharegpt", "openai", "trl"])
     c.set_defaults(func=_convert)
 
     v = dsub.add_parser("validate", help="check every line; print FILE:LINE: problem for each bad one (exit 1)",
@@ -40,21 +43,27 @@ def register(sub: Any) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from ..data_tools import convert
 
-    n = convert(args.src, args.out, args.from_format, args.to_format)
-    print(f"wrote {n} records to {args.out}")
+    skipped: dict[str, int] = {}
+    n = convert(args.src, args.out, args.from_format, args.to_format, skipped)
+    note = f"; skipped {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
+    print(f"wrote {n} records to {args.out}{note}")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..records import validate_file
+    from ..formats import validate_source
 
     bad = 0
     for path in args.files:
-        good, errors = validate_file(path, args.kind)
+        good, errors, skipped = validate_source(path, kind=args.kind)
         for err in errors:
             print(err)
+        for err in skipped:
+            print(f"warning: {err}", file=sys.stderr)
         bad += len(errors)
         status = "ok" if not errors else f"{len(errors)} bad line(s)"
+        if skipped:
+            status += f", {len(skipped)} unusable pair(s) that training skips and counts"
         print(f"{path}: {good} valid records, {status}", file=sys.stderr)
     return 1 if bad else 0
 
@@ -74,6 +83,12 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"{args.file}: {s['records']} records ({s['conversations']} conversations, {s['comparisons']} comparisons), "
           f"{s['turns']} user turns")
     print(f"sources: {', '.join(f'{k}={v}' for k, v in s['sources'].items())}")
+    if s["skipped"]:
+        print(f"skipped (unusable pairs): {', '.join(f'{k}={v}' for k, v in s['skipped'].items())}")
+    if s.get("pairs"):
+        p = s["pairs"]
+        print(f"pairs: chosen longer than rejected in {p['chosen_longer_share']:.1%}; "
+              f"{p['with_margin']} with a margin (mean {p['mean_margin']})")
     head = f"{'role':<10} {'messages':>9} {'chars':>11} {'mean chars':>11}" + (f" {'tokens':>10} {'mean tok':>9}" if tok else "")
     print(head)
     for role, r in s["per_role"].items():

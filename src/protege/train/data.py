@@ -159,18 +159,24 @@ def plan_micro_batches(datasets: list[list[Example]], batch_size: int, max_lengt
     return plan
 
 
-def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[list[Example]], pad_id: int, with_seq_ids: bool = False) -> dict[str, torch.Tensor]:
     """Rows of examples -> right-padded `input_ids`, `position_ids`, `labels` (B, T).
 
     Positions restart at 0 for every conversation of a packed row; transformers (>= 4.54)
     turns restarting positions with `attention_mask=None` into a block-diagonal causal mask,
     so attention cannot cross conversations. Right padding needs no mask at all under causal
     attention: real tokens never look right, and padded positions carry no label.
+
+    `with_seq_ids` adds what per-sequence losses (RM, DPO) need: `seq_ids` (B, T), the index of
+    each position's example in row-major order (-1 on padding), and `last_index` (n_examples,),
+    the flat position (row * T + column) of each example's last token.
     """
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    last: list[int] = []
     for r, row in enumerate(rows):
         at = 0
         for e in row:
@@ -178,9 +184,14 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
             ids[r, at:at + n] = torch.tensor(e.input_ids)
             labels[r, at:at + n] = torch.tensor(e.labels)
             pos[r, at:at + n] = torch.arange(n)
+            seq[r, at:at + n] = len(last)
+            last.append(r * width + at + n - 1)
             at += n
         # Padding continues the last conversation's positions, so an unpacked batch keeps plain
         # increasing positions and transformers keeps its fast causal path.
-        last = pos[r, at - 1] if at else -1
-        pos[r, at:] = torch.arange(1, width - at + 1) + last
-    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+        last_pos = pos[r, at - 1] if at else -1
+        pos[r, at:] = torch.arange(1, width - at + 1) + last_pos
+    out = {"input_ids": ids, "position_ids": pos, "labels": labels}
+    if with_seq_ids:
+        out.update(seq_ids=seq, last_index=torch.tensor(last, dtype=torch.long))
+    return out

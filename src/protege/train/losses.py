@@ -8,6 +8,10 @@ Instead the hidden states of labelled positions are gathered and pushed through 
 LM head chunk by chunk by `linear_cross_entropy`, which also computes the gradient
 during the forward pass (the "fused linear cross-entropy" trick), so a chunk's
 logits are freed as soon as it is done.
+
+`reward_loss` and `dpo_loss` take per-sequence quantities (scores, summed log-probs) and
+contain no model, as torchtune's `rlhf/loss/dpo.py`: the same function serves LoRA and full
+fine-tuning, packed or padded batches, cached or live reference log-probs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy", "reward_loss",
+           "MARGIN_SCHEMES", "margin_values", "dpo_loss"]
 
 IGNORE_INDEX = -100
 RowOverride = tuple[torch.Tensor, torch.Tensor]  # (token ids (k,), their head rows (k, H))
@@ -142,3 +147,64 @@ def full_logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX)
+
+
+# LLaMA-2 (Touvron et al. 2023, Table 27): a margin per preference rating, "significantly better" (3),
+# "better" (2), "slightly better" (1), "negligibly better / unsure" (0). The small set helped most.
+MARGIN_SCHEMES: dict[str, tuple[float, float, float, float]] = {
+    "llama2-small": (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0),
+    "llama2-large": (0.0, 1.0, 2.0, 3.0),
+}
+
+
+def margin_values(margins: torch.Tensor, scheme: str, thresholds: tuple[float, float, float] = (0.5, 1.5, 2.5)) -> torch.Tensor:
+    """Per-pair margin m for `reward_loss` from the records' margins (B,) (NaN = no margin given).
+
+    "none": m = 0; "raw": the record's margin itself; "llama2-small" / "llama2-large": the margin
+    is bucketed into LLaMA-2's four rating levels by `thresholds` (level = how many it reaches)
+    and mapped to that scheme's value. Pairs without a margin get m = 0 in every scheme.
+    """
+    known = ~torch.isnan(margins)
+    if scheme == "none":
+        return torch.zeros_like(margins)
+    if scheme == "raw":
+        return torch.where(known, margins, torch.zeros_like(margins))
+    if scheme not in MARGIN_SCHEMES:
+        raise ValueError(f"unknown margin scheme {scheme!r}; expected none, raw or {', '.join(MARGIN_SCHEMES)}")
+    level = sum((margins >= t).long() for t in thresholds)  # 0..3; NaN compares False -> level 0
+    values = torch.tensor(MARGIN_SCHEMES[scheme], dtype=margins.dtype, device=margins.device)
+    return torch.where(known, values[level], torch.zeros_like(margins))
+
+
+def reward_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None,
+                center_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley-Terry ranking loss of a reward model, (B,) -> (B,).
+
+    -log sigmoid(r_chosen - r_rejected - m) (InstructGPT; the margin m is LLaMA-2's), plus
+    `center_coef * (r_chosen + r_rejected)^2`, the reward-centring term of Eisenstein et al.
+    (2023) as TRL's `center_rewards_coefficient`, which pins the free offset of the scores.
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (chosen_scores + rejected_scores) ** 2
+    return loss
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023) from per-sequence *summed* response log-probs, each (B,).
+
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the implicit rewards
+    beta * (log pi - log pi_ref) detached for logging. `label_smoothing` > 0 is conservative
+    DPO (cDPO: the label is flipped with that probability), as TRL's sigmoid loss.
+    """
+    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    losses = (-F.logsigmoid(beta * logits) * (1.0 - label_smoothing)
+              - F.logsigmoid(-beta * logits) * label_smoothing)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
