@@ -79,6 +79,8 @@ class _TokenLogprobs(torch.autograd.Function):
                 grad_w.addmm_(g.t().to(acc), h.to(acc))
             if need_r:
                 grad_r.addmm_(g[:, row_ids].t().to(acc), h.to(acc))
+        if grad_w is not None and rows is not None:
+            grad_w[row_ids] = 0.0  # those rows of `weight` are replaced by `rows`: they do not reach the logits
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None,
                 None if grad_r is None else grad_r.to(rows.dtype))
 

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from ..config import StageConfig
 
-__all__ = ["LoraSettings", "TrainSettings", "RESUME_NEUTRAL", "fingerprint"]
+__all__ = ["LoraSettings", "TrainSettings", "PreferenceSettings", "RESUME_NEUTRAL", "fingerprint"]
 
 
 class LoraSettings(StageConfig):
@@ -72,3 +72,11 @@ RESUME_NEUTRAL = frozenset({"resume", "save_merged", "tensorboard", "log_every",
 def fingerprint(config: TrainSettings) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: every key that changes what is trained."""
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_NEUTRAL}
+
+
+class PreferenceSettings(TrainSettings):
+    """Shared by the methods that learn from preference pairs (RM, DPO)."""
+
+    datasets: list[str] = Field(default_factory=list, description="preference files (protege comparisons, Anthropic HH, TRL, ShareGPT/LLaMA-Factory, UltraFeedback, WebGPT, summarize), trained in this order")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch per process (their 2 x batch_size sequences are packed)")
+    max_length: int = Field(512, ge=2, description="tokens per side (prompt + answer); longer pairs lose prompt tokens first, counted")
