@@ -136,6 +136,9 @@ async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.R
         content = _scripted(body["messages"], body.get("seed")) if model == "scripted" else f"echo: {last}"
         # A user turn containing "RAMBLE" plays an answer cut at the token limit.
         finish = "length" if "RAMBLE" in last else "stop"
+        if "COIN" in last and model == "scripted":  # seed-dependent: sampled answers differ, half end their turn
+            seed = int(body.get("seed") or 0)
+            content, finish = (f"Heads, short {seed}.", "stop") if seed % 2 else (f"Tails, rambling {seed} " * 4, "length")
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
     else:
         text = _scripted_completion(body["prompt"], body.get("seed")) if model == "scripted" else f"echo: {body['prompt']}"

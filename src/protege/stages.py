@@ -37,6 +37,9 @@ STAGE_KINDS: dict[str, StageKind] = {
     "generate.self-chat": StageKind(
         "protege.generate.selfchat:SelfChatConfig:run",
         "self-chat (Baize): the teacher plays user and assistant from seed topics"),
+    "generate.pairs": StageKind(
+        "protege.generate.pairs:PairsConfig:run",
+        "preference pairs: sample K answers per prompt from a policy, label them by a rule with a known truth"),
     "curate": StageKind("protege.curate:CurateConfig:run", "clean, dedup, filter and decontaminate conversations"),
     "train.sft": StageKind("protege.train.sft:SFTConfig:run",
                            "supervised fine-tuning on conversations (loss on assistant turns; LoRA or full)"),

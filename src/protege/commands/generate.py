@@ -14,7 +14,7 @@ ORDER = 20
 def register(sub: Any) -> None:
     from ..stages import kinds_under, stage_kind
 
-    p = sub.add_parser("generate", help="make imitation data with a teacher (self-instruct, distill, orca, self-chat)",
+    p = sub.add_parser("generate", help="make imitation data with a teacher (self-instruct, distill, orca, self-chat) or preference pairs",
                        description="Make imitation data with a teacher. Each writes OUT_DIR/records.jsonl + manifest.json; "
                                    "rerunning a killed run resumes from the teacher cache.")
     gsub = p.add_subparsers(dest="generator", metavar="KIND", required=True)

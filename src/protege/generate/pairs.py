@@ -1,0 +1,127 @@
+"""pairs: sample K answers per prompt from a policy, then label preference pairs.
+
+The policy is any teacher backend (the engine on a local model, or an OpenAI-compatible
+API); every sampled answer goes through the teacher cache, so a run killed mid-way resumes
+without generating an answer twice. Labelling, in this version, is by a declarative rule
+whose truth is known, so a trained RM or DPO policy can be checked against ground truth:
+
+- `ends_turn`:     the answer ended its turn (finish reason "stop") within `max_tokens` tokens;
+- `contains_gold`: the answer contains the record's gold answer (`meta[gold_field]`, e.g.
+                   protege's arithmetic items), compared on normalised text;
+- `shorter`:       the answer has at most `max_tokens` completion tokens (a length preference).
+
+For each prompt, answers that satisfy the rule are paired with answers that do not (up to
+`pairs_per_prompt` pairs, drawn from the seed); prompts whose K answers all pass or all fail
+carry no contrast and are counted, not written. Every sample is kept in `samples.jsonl`
+(rejection sampling and best-of-K curves reuse them).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..config import StageConfig
+from ..errors import StageError
+from ..manifest import Timer
+from ..records import Comparison, JsonlWriter
+from ..teachers import TeacherConfig, TeacherResponse
+from .common import GeneratorRun, clean_reply, sampling
+from .distill import load_prompts
+
+__all__ = ["PairsConfig", "rule_passes", "run"]
+
+
+class PairsConfig(StageConfig):
+    prompts: str | None = Field(None, description="prompt records (any supported format); only system + user turns are used")
+    prompts_format: str = Field("auto", description="format of `prompts`")
+    out_dir: str = Field("runs/pairs", description="where records.jsonl (pairs), samples.jsonl, manifest.json and the cache go")
+    policy: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="gemma-3-270m"), description="who samples the answers")
+    k: int = Field(4, ge=2, description="answers sampled per prompt")
+    max_new_tokens: int = Field(128, ge=1, description="token budget per answer")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (> 0: the K answers must differ)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    seed: int = Field(0, description="seeds sampling and the choice of pairs")
+    limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
+    rule: Literal["ends_turn", "contains_gold", "shorter"] = Field("ends_turn", description="the labelling rule (see module docs)")
+    max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
+    gold_field: str = Field("answer", description="contains_gold: the prompt record's meta field with the gold answer")
+    pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
+    chunk_size: int = Field(32, ge=1, description="prompts sampled together; each chunk is written when done")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.-]", " ", text.lower())).strip()
+
+
+def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str | None = None) -> bool:
+    """Whether one sampled answer satisfies the labelling rule."""
+    tokens = int(response.usage.get("completion_tokens", 0))
+    if rule == "ends_turn":
+        return response.finish_reason == "stop" and tokens <= max_tokens
+    if rule == "shorter":
+        return tokens <= max_tokens
+    if rule == "contains_gold":
+        if gold is None:
+            raise StageError("rule contains_gold needs a gold answer in every prompt record's meta")
+        g = _norm(str(gold))
+        # Whole-token match: gold "4" must not pass on "14" or "0.4".
+        return re.search(rf"(?<![\w.]){re.escape(g)}(?![\w]|\.\d)", _norm(response.text)) is not None
+    raise StageError(f"unknown rule {rule!r}")
+
+
+def run(config: PairsConfig) -> dict[str, Any]:
+    """Sample, label and write pairs; returns the manifest counts."""
+    cfg = config
+    prompts = load_prompts(cfg.prompts, cfg.prompts_format, cfg.limit)
+    gen = GeneratorRun("generate.pairs", cfg, cfg.out_dir, cfg.policy)
+    samples = JsonlWriter(gen.out_dir / "samples.jsonl")
+    stats: Counter[str] = Counter()
+    with gen.progress(len(prompts), "pairs", "prompt", show=cfg.progress) as bar, Timer() as timer:
+        for start in range(0, len(prompts), cfg.chunk_size):
+            chunk = prompts[start:start + cfg.chunk_size]
+            convs = [p for _, _, p, _ in chunk for _ in range(cfg.k)]
+            params = [sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                               seed=cfg.seed * 1_000_003 + (start + i) * 101 + j)
+                      for i in range(len(chunk)) for j in range(cfg.k)]
+            outs = gen.teacher.complete(convs, params)
+            for i, (pid, psource, prompt, meta) in enumerate(chunk):
+                answers = outs[i * cfg.k:(i + 1) * cfg.k]
+                gold = meta.get(cfg.gold_field) if cfg.rule == "contains_gold" else None
+                if cfg.rule == "contains_gold" and gold is None:
+                    raise StageError(f"prompt {pid}: rule contains_gold needs `meta.{cfg.gold_field}` (the gold answer)")
+                passed = [rule_passes(cfg.rule, a, cfg.max_tokens, gold) for a in answers]
+                texts = [clean_reply(a.text) for a in answers]
+                samples.write({"prompt_id": pid, "prompt": prompt, "answers": texts, "passed": passed,
+                               "finish_reasons": [a.finish_reason for a in answers],
+                               "completion_tokens": [int(a.usage.get("completion_tokens", 0)) for a in answers]})
+                stats["samples"] += len(answers)
+                stats["samples_passed"] += sum(passed)
+                good = [j for j, ok in enumerate(passed) if ok and texts[j]]
+                bad = [j for j, ok in enumerate(passed) if not ok and texts[j]]
+                combos = [(g, b) for g in good for b in bad if texts[g] != texts[b]]
+                if not combos:
+                    stats["no_contrast_all_pass" if not bad else "no_contrast_all_fail" if not good else "no_contrast_equal"] += 1
+                    continue
+                random.Random(f"{cfg.seed}/{pid}").shuffle(combos)
+                for g, b in combos[:cfg.pairs_per_prompt]:
+                    gen.writer.write(Comparison(prompt, {"role": "assistant", "content": texts[g]},
+                                                {"role": "assistant", "content": texts[b]}, None, source="pairs",
+                                                meta={**meta, "prompt_id": pid, "prompt_source": psource,
+                                                      "rule": cfg.rule, "k": cfg.k}))
+                    stats["records"] += 1
+            if bar is not None:
+                bar.update(len(chunk))
+    samples.close()
+    counts = {"records": stats["records"], "prompts": len(prompts), "samples": stats["samples"],
+              "pass_rate": round(stats["samples_passed"] / max(stats["samples"], 1), 4),
+              "skipped": {k: stats[k] for k in ("no_contrast_all_pass", "no_contrast_all_fail", "no_contrast_equal")
+                          if stats[k]},
+              "policy": gen.teacher_counts()}
+    gen.finish(counts, timer.seconds, inputs=[cfg.prompts], outputs=[gen.records_path, gen.out_dir / "samples.jsonl"])
+    return counts

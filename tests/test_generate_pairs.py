@@ -1,0 +1,78 @@
+"""generate pairs: K samples per prompt from a real (tiny) local policy, rule labels, counted skips, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from protege.generate.pairs import PairsConfig, rule_passes, run
+from protege.records import Comparison, read_records
+from protege.teachers import TeacherResponse
+
+
+def test_rules_hand_cases():
+    stop = TeacherResponse("The answer is 14.", {"completion_tokens": 5}, "stop")
+    cut = TeacherResponse("and so on and so on", {"completion_tokens": 90}, "length")
+    assert rule_passes("ends_turn", stop, 8) and not rule_passes("ends_turn", stop, 4) and not rule_passes("ends_turn", cut, 200)
+    assert rule_passes("shorter", cut, 90) and not rule_passes("shorter", cut, 89)
+    assert rule_passes("contains_gold", stop, 0, "14") and not rule_passes("contains_gold", stop, 0, "4")
+    assert not rule_passes("contains_gold", TeacherResponse("about 0.4 maybe"), 0, "4")
+    assert rule_passes("contains_gold", TeacherResponse("Paris, France"), 0, "paris")
+
+
+def test_pairs_from_tiny_policy_resume_without_resampling(tmp_path, tiny_llama_dir):
+    prompts = tmp_path / "p.jsonl"
+    with open(prompts, "w") as fh:
+        for i in range(6):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"Say something about {i}."}]}) + "\n")
+    cfg = PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "out"), k=4, max_new_tokens=12, rule="shorter",
+                      max_tokens=6, pairs_per_prompt=2, progress=False,
+                      policy={"model": str(tiny_llama_dir), "max_batch_size": 8})
+    counts = run(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(len(s["answers"]) == 4 for s in samples)
+    pairs = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert counts["records"] == len(pairs)
+    for p in pairs:  # chosen passes the rule, rejected does not
+        assert isinstance(p, Comparison) and p.chosen["content"] != p.rejected["content"]
+    assert counts["records"] + sum(counts["skipped"].values()) >= 6
+    again = run(cfg)  # every answer comes from the cache: nothing sampled twice
+    assert again["policy"]["cache_hits"] == 24 and again["records"] == counts["records"]
+
+
+def test_pairs_labelled_by_rule_against_a_scripted_policy(tmp_path):
+    from fake_openai_server import FakeServer
+
+    prompts = tmp_path / "p.jsonl"
+    with open(prompts, "w") as fh:
+        for i in range(5):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"Flip a COIN for {i}"}]}) + "\n")
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "Just answer"}]}) + "\n")  # K equal answers
+    server = FakeServer()
+    try:
+        counts = run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "out"), k=4, rule="ends_turn",
+                                 max_tokens=64, pairs_per_prompt=4, progress=False,
+                                 policy={"backend": "openai", "model": "scripted", "base_url": server.url,
+                                         "backoff_base": 0.01}))
+    finally:
+        server.close()
+    pairs = list(read_records(tmp_path / "out" / "records.jsonl"))
+    # 5 coin prompts: seeds alternate parity, so 2 stopping x 2 rambling answers = 4 pairs each
+    assert counts["records"] == len(pairs) == 20 and counts["skipped"] == {"no_contrast_all_pass": 1}
+    assert all(p.chosen["content"].startswith("Heads") and p.rejected["content"].startswith("Tails") for p in pairs)
+    assert counts["pass_rate"] == pytest.approx((10 + 4) / 24, abs=1e-4)
+
+
+def test_pairs_bad_input(tmp_path, tiny_llama_dir):
+    from protege.errors import StageError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}]}) + "\n")
+    with pytest.raises(StageError, match="gold"):
+        run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "o"), rule="contains_gold", max_new_tokens=4,
+                        progress=False, policy={"model": str(tiny_llama_dir)}))
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "generate", "pairs", "--k=1"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "k" in proc.stderr
