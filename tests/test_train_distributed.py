@@ -42,3 +42,37 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir):
     assert loss2 == pytest.approx(loss1, rel=1e-4)
     assert eval2 == pytest.approx(eval1, rel=1e-4)
     assert loss1[-1] < loss1[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "rm"])
+def test_preference_methods_two_processes_match_one(tmp_path, tiny_llama_dir, method):
+    """The shared fit loop gives RM and DPO the same 2-process == 1-process guarantee as SFT."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not installed")
+    from test_train_preference import write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=40)
+    common = [f"--model={tiny_llama_dir}", f"--datasets=[{data}]", "--max_length=64", "--batch_size=2",
+              "--max_steps=4", "--learning_rate=5e-3", "--lora.dropout=0.0", "--tensorboard=false",
+              "--eval_fraction=0.1", "--save_every=0", f"--reference_cache={tmp_path / 'ref'}"]
+    if method == "rm":
+        common = common[:-1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "protege.cli", "train", method, *common, "--grad_accum=2",
+                          f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "protege.cli", "train", method,
+                          *common, "--grad_accum=1", f"--out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def curve(name):
+        rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
+        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    (loss1, eval1), (loss2, eval2) = curve("one"), curve("two")
+    assert len(loss1) == len(loss2) == 4
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert eval2 == pytest.approx(eval1, rel=1e-4)
