@@ -50,6 +50,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),
     "eval.answer": StageKind("protege.evaluate.answer:AnswerConfig:run", "answer a prompt set with a model"),
     "eval.judge": StageKind("protege.evaluate.judge:JudgeConfig:run", "style: an LLM judge compares two answer sets"),
+    "eval.rm": StageKind("protege.evaluate.rm_score:RMScoreConfig:run", "score answer sets with a reward model"),
     "report": StageKind("protege.evaluate.report:ReportConfig:run", "style vs substance report (HTML + Markdown)"),
 }
 

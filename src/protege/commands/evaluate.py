@@ -26,9 +26,10 @@ def register(sub: Any) -> None:
     from ..evaluate.bench import BenchConfig
     from ..evaluate.judge import JudgeConfig
     from ..evaluate.report import ReportConfig
+    from ..evaluate.rm_score import RMScoreConfig
 
-    ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style)",
-                        description="Evaluate models. Subcommands: bench, answer, judge.")
+    ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style), reward model",
+                        description="Evaluate models. Subcommands: bench, answer, judge, rm.")
     evsub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     ev.set_defaults(func=lambda a: ev.print_help() or 0)
 
@@ -54,6 +55,11 @@ def register(sub: Any) -> None:
     j.add_argument("--mode", choices=["pairwise", "single", "reference"])
     j.add_argument("--out", help="output folder")
     j.add_argument("--limit", type=int, help="prompts to judge")
+
+    m = add_stage_parser(evsub, "rm", RMScoreConfig, "score answer sets with a reward model (from `train rm`)", _rm)
+    m.add_argument("answers_pos", nargs="*", metavar="ANSWERS", help="answer sets (`eval answer` folders)")
+    m.add_argument("--rm", help="reward model folder")
+    m.add_argument("--out", help="output folder")
 
     r = add_stage_parser(sub, "report", ReportConfig, "one HTML page (+ report.md): style vs substance of "
                          "base, students and teacher, imitation gap, plots, judge consistency", _report)
@@ -112,6 +118,19 @@ def _judge(args: argparse.Namespace) -> int:
             print(f"{name:<28} rating {m['mean_rating']:.2f} [{lo:.2f}, {hi:.2f}]  errors {m['error_rate']:.3f}  "
                   f"length~rating r={m['length_rating_corr']:.2f}")
     print(f"results: {cfg.out_dir}/judge_results.json")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..evaluate.rm_score import RMScoreConfig, run
+
+    if args.answers_pos:
+        args.answers = args.answers_pos
+    cfg = load_config(RMScoreConfig, args.config, _merge(args, {"answers": "answers", "rm": "rm", "out": "out_dir"}))
+    for name, mean in run(cfg).items():
+        print(f"{name:<28} mean reward {mean:.4f}")
+    print(f"scores: {cfg.out_dir}/<model>/rm_scores.json")
     return 0
 
 

@@ -52,6 +52,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     bench: dict[str, dict[str, Any]] = {}
     judges: list[dict[str, Any]] = []
     answers: dict[str, list[dict[str, Any]]] = {}
+    rm: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     for root in inputs:
         root_p = Path(root)
@@ -72,6 +73,10 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                 r["where"] = str(f.parent)
                 judges.append(r)
                 order.extend(r["models"])
+            elif f.name == "rm_scores.json":
+                r = _read_json(f)
+                rm[r["model"]] = r
+                order.append(r["model"])
             elif f.name == "answers.jsonl":
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
@@ -80,7 +85,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     models = list(dict.fromkeys(order))
     if not models:
         raise StageError(f"no results.json, judge_results.json or answers.jsonl under {', '.join(inputs)}")
-    return {"bench": bench, "judges": judges, "answers": answers, "models": models}
+    return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models}
 
 
 def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any] | None:
@@ -127,7 +132,7 @@ def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> 
                      "judge": judged, "mean_length": _nanmean([float(x) for x in lengths]),
                      "stop_rate": float("nan") if stops["stop_rate"] is None else stops["stop_rate"],
                      "stop_n": stops["stopped"] + stops["cut_at_max_tokens"],
-                     "format_adherence": _nanmean(fmt), "scores": scores,
+                     "format_adherence": _nanmean(fmt), "scores": scores, "rm": data.get("rm", {}).get(m),
                      "substance": _nanmean(list(scores.values())),
                      "style": judged["win_rate"] if judged else float("nan")})
     base_row = next((r for r in rows if r["role"] == "base"), None)
@@ -236,11 +241,20 @@ def _stop_cell(r: dict[str, Any]) -> str:
     return f"{_f(r['stop_rate'])} <span class=ci>n={r['stop_n']}</span>"
 
 
+def _rm_cell(r: dict[str, Any]) -> str:
+    rm = r.get("rm")
+    if not rm:
+        return "–"
+    lo, hi = rm["ci"]
+    return f"{_f(rm['mean'])} <span class=ci>[{_f(lo)}, {_f(hi)}] n={rm['n']}</span>"
+
+
 def _main_table(t: dict[str, Any]) -> str:
     e = html.escape
+    with_rm = any(r.get("rm") for r in t["rows"])
     head = ("<tr><th class=name>model</th><th>role</th><th class=style>judge win rate vs teacher</th>"
             "<th class=style>mean answer length (chars)</th><th class=style>stop rate</th>"
-            "<th class=style>format adherence</th>"
+            "<th class=style>format adherence</th>" + ("<th class=style>reward model score</th>" if with_rm else "")
             + "".join(f"<th class=substance>{e(x)}</th>" for x in t["tasks"])
             + "<th class=substance>substance (mean)</th><th class=gap>style gain</th><th class=gap>substance gain</th>"
             "<th class=gap>imitation gap</th></tr>")
@@ -248,7 +262,7 @@ def _main_table(t: dict[str, Any]) -> str:
     for r in t["rows"]:
         body += (f"<tr><td class=name><a href='#samples'>{e(r['model'])}</a></td><td>{r['role']}</td>"
                  f"<td>{_judge_cell(r['judge'])}</td><td>{_f(r['mean_length'], 0)}</td><td>{_stop_cell(r)}</td>"
-                 f"<td>{_f(r['format_adherence'])}</td>"
+                 f"<td>{_f(r['format_adherence'])}</td>" + (f"<td>{_rm_cell(r)}</td>" if with_rm else "")
                  + "".join(f"<td>{_f(r['scores'].get(x))}</td>" for x in t["tasks"])
                  + f"<td>{_f(r['substance'])}</td><td>{_signed(r['style_gain'])}</td>"
                  f"<td>{_signed(r['substance_gain'])}</td><td>{_signed(r['gap'])}</td></tr>")
@@ -314,14 +328,17 @@ def _samples(data: dict[str, Any], models: list[str], n: int) -> str:
 
 
 def _markdown(cfg: ReportConfig, t: dict[str, Any], judges: list[dict]) -> str:
-    cols = ["model", "role", "judge win rate vs teacher", "mean length", "stop rate (n)", "format adherence", *t["tasks"],
-            "substance", "imitation gap"]
+    with_rm = any(r.get("rm") for r in t["rows"])
+    cols = ["model", "role", "judge win rate vs teacher", "mean length", "stop rate (n)", "format adherence",
+            *(["RM score [95% CI]"] if with_rm else []), *t["tasks"], "substance", "imitation gap"]
     lines = [f"# {cfg.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in t["rows"]:
         jw = r["judge"]["win_rate"] if r["judge"] else float("nan")
         stop = f"{_f(r['stop_rate'])} ({r['stop_n']})" if r["stop_n"] else "–"
+        rm = ([f"{_f(r['rm']['mean'])} [{_f(r['rm']['ci'][0])}, {_f(r['rm']['ci'][1])}]" if r.get("rm") else "–"]
+              if with_rm else [])
         lines.append("| " + " | ".join([r["model"], r["role"], _f(jw), _f(r["mean_length"], 0), stop,
-                                        _f(r["format_adherence"]), *[_f(r["scores"].get(x)) for x in t["tasks"]],
+                                        _f(r["format_adherence"]), *rm, *[_f(r["scores"].get(x)) for x in t["tasks"]],
                                         _f(r["substance"]), _f(r["gap"])]) + " |")
     for j in judges:
         s = j["summary"]
