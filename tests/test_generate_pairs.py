@@ -66,6 +66,33 @@ def test_pairs_labelled_by_rule_against_a_scripted_policy(tmp_path):
     assert counts["pass_rate"] == pytest.approx((10 + 4) / 24, abs=1e-4)
 
 
+def test_pairs_labelled_by_a_reward_model(tmp_path, tiny_llama_dir):
+    from fake_openai_server import FakeServer
+    from test_train_preference import rm_cfg, write_pairs
+
+    from protege.train.rm import run as train_rm
+
+    train_rm(rm_cfg(tmp_path, tiny_llama_dir, write_pairs(tmp_path / "train.jsonl")))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Flip a COIN for {i}"}]}) + "\n"
+                               for i in range(3)))
+    server = FakeServer()
+    try:
+        counts = run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "out"), k=4, label="rm",
+                                 rm=str(tmp_path / "rm" / "model"), pairs_per_prompt=2, progress=False,
+                                 policy={"backend": "openai", "model": "scripted", "base_url": server.url,
+                                         "backoff_base": 0.01}))
+    finally:
+        server.close()
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    pairs = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert counts["records"] == len(pairs) == 6  # 4 distinct answers per prompt: best/worst, second/third
+    for s, (a, b) in zip(samples, zip(pairs[0::2], pairs[1::2])):
+        ranked = sorted(zip(s["scores"], s["answers"]), reverse=True)
+        assert a.chosen["content"] == ranked[0][1] and a.rejected["content"] == ranked[-1][1]
+        assert a.margin == pytest.approx(ranked[0][0] - ranked[-1][0], abs=1e-3) and a.margin >= b.margin > 0
+
+
 def test_pairs_bad_input(tmp_path, tiny_llama_dir):
     from protege.errors import StageError
 
@@ -74,5 +101,7 @@ def test_pairs_bad_input(tmp_path, tiny_llama_dir):
     with pytest.raises(StageError, match="gold"):
         run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "o"), rule="contains_gold", max_new_tokens=4,
                         progress=False, policy={"model": str(tiny_llama_dir)}))
+    with pytest.raises(StageError, match="label rm needs"):
+        run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "o2"), label="rm", progress=False))
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "generate", "pairs", "--k=1"], capture_output=True, text=True)
     assert proc.returncode != 0 and "k" in proc.stderr

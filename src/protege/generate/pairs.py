@@ -3,7 +3,9 @@
 The policy is any teacher backend (the engine on a local model, or an OpenAI-compatible
 API); every sampled answer goes through the teacher cache, so a run killed mid-way resumes
 without generating an answer twice. Labelling, in this version, is by a declarative rule
-whose truth is known, so a trained RM or DPO policy can be checked against ground truth:
+whose truth is known (`label: rule`), so a trained RM or DPO policy can be checked against ground
+truth, or by a reward model (`label: rm`: the best-scored answer against the worst, margin = the
+score difference, as LLaMA-2 built pairs from its RMs). Rules:
 
 - `ends_turn`:     the answer ended its turn (finish reason "stop") within `max_tokens` tokens;
 - `contains_gold`: the answer contains the record's gold answer (`meta[gold_field]`, e.g.
@@ -47,7 +49,10 @@ class PairsConfig(StageConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     seed: int = Field(0, description="seeds sampling and the choice of pairs")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
-    rule: Literal["ends_turn", "contains_gold", "shorter"] = Field("ends_turn", description="the labelling rule (see module docs)")
+    label: Literal["rule", "rm"] = Field("rule", description="who labels: a rule with a known truth, or a reward model")
+    rule: Literal["ends_turn", "contains_gold", "shorter"] = Field("ends_turn", description="label rule: the labelling rule (see module docs)")
+    rm: str | None = Field(None, description="label rm: reward model folder (from `train rm`)")
+    min_margin: float = Field(0.0, ge=0.0, description="label rm: drop pairs whose score difference is below this")
     max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
     gold_field: str = Field("answer", description="contains_gold: the prompt record's meta field with the gold answer")
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
@@ -75,10 +80,49 @@ def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str
     raise StageError(f"unknown rule {rule!r}")
 
 
+def _rule_pairs(passed: list[bool], texts: list[str], rng: random.Random, stats: Counter) -> list[tuple[int, int, None]]:
+    """(passing, failing, no margin) index pairs in a seeded order; a prompt without contrast is counted."""
+    good = [j for j, ok in enumerate(passed) if ok and texts[j]]
+    bad = [j for j, ok in enumerate(passed) if not ok and texts[j]]
+    combos = [(g, b, None) for g in good for b in bad if texts[g] != texts[b]]
+    if not combos:
+        stats["no_contrast_all_pass" if not bad else "no_contrast_all_fail" if not good else "no_contrast_equal"] += 1
+    rng.shuffle(combos)
+    return combos
+
+
+def _rm_pairs(scores: list[float], texts: list[str], min_margin: float, stats: Counter) -> list[tuple[int, int, float]]:
+    """Best-scored vs worst, then second best vs second worst, ...; margin = the score difference."""
+    order = sorted((j for j in range(len(texts)) if texts[j]), key=lambda j: -scores[j])
+    out, reason = [], "no_contrast_equal"
+    for g, b in zip(order, reversed(order)):
+        if scores[g] <= scores[b] or texts[g] == texts[b]:
+            break
+        if scores[g] - scores[b] < min_margin:
+            reason = "below_min_margin"
+            break
+        out.append((g, b, round(scores[g] - scores[b], 4)))
+    if not out:
+        stats[reason] += 1
+    return out
+
+
+def _rm_scorer(spec: str):
+    from ..chat import ChatFormat
+    from ..train.rm import load_reward_model, score
+
+    model, tok = load_reward_model(spec)
+    chat = ChatFormat.from_tokenizer(tok)
+    return lambda prompt, texts: score(model, chat, [prompt] * len(texts), texts)
+
+
 def run(config: PairsConfig) -> dict[str, Any]:
     """Sample, label and write pairs; returns the manifest counts."""
     cfg = config
+    if cfg.label == "rm" and not cfg.rm:
+        raise StageError("generate pairs: label rm needs `rm`, a reward model folder (from `train rm`)")
     prompts = load_prompts(cfg.prompts, cfg.prompts_format, cfg.limit)
+    scorer = _rm_scorer(cfg.rm) if cfg.label == "rm" else None
     gen = GeneratorRun("generate.pairs", cfg, cfg.out_dir, cfg.policy)
     samples = JsonlWriter(gen.out_dir / "samples.jsonl")
     stats: Counter[str] = Counter()
@@ -92,36 +136,34 @@ def run(config: PairsConfig) -> dict[str, Any]:
             outs = gen.teacher.complete(convs, params)
             for i, (pid, psource, prompt, meta) in enumerate(chunk):
                 answers = outs[i * cfg.k:(i + 1) * cfg.k]
-                gold = meta.get(cfg.gold_field) if cfg.rule == "contains_gold" else None
-                if cfg.rule == "contains_gold" and gold is None:
-                    raise StageError(f"prompt {pid}: rule contains_gold needs `meta.{cfg.gold_field}` (the gold answer)")
-                passed = [rule_passes(cfg.rule, a, cfg.max_tokens, gold) for a in answers]
                 texts = [clean_reply(a.text) for a in answers]
-                samples.write({"prompt_id": pid, "prompt": prompt, "answers": texts, "passed": passed,
-                               "finish_reasons": [a.finish_reason for a in answers],
-                               "completion_tokens": [int(a.usage.get("completion_tokens", 0)) for a in answers]})
+                sample = {"prompt_id": pid, "prompt": prompt, "answers": texts,
+                          "finish_reasons": [a.finish_reason for a in answers],
+                          "completion_tokens": [int(a.usage.get("completion_tokens", 0)) for a in answers]}
                 stats["samples"] += len(answers)
-                stats["samples_passed"] += sum(passed)
-                good = [j for j, ok in enumerate(passed) if ok and texts[j]]
-                bad = [j for j, ok in enumerate(passed) if not ok and texts[j]]
-                combos = [(g, b) for g in good for b in bad if texts[g] != texts[b]]
-                if not combos:
-                    stats["no_contrast_all_pass" if not bad else "no_contrast_all_fail" if not good else "no_contrast_equal"] += 1
-                    continue
-                random.Random(f"{cfg.seed}/{pid}").shuffle(combos)
-                for g, b in combos[:cfg.pairs_per_prompt]:
+                if scorer is None:
+                    gold = meta.get(cfg.gold_field) if cfg.rule == "contains_gold" else None
+                    if cfg.rule == "contains_gold" and gold is None:
+                        raise StageError(f"prompt {pid}: rule contains_gold needs `meta.{cfg.gold_field}` (the gold answer)")
+                    passed = sample["passed"] = [rule_passes(cfg.rule, a, cfg.max_tokens, gold) for a in answers]
+                    stats["samples_passed"] += sum(passed)
+                    chosen = _rule_pairs(passed, texts, random.Random(f"{cfg.seed}/{pid}"), stats)
+                else:
+                    scores = sample["scores"] = scorer(prompt, texts)
+                    chosen = _rm_pairs(scores, texts, cfg.min_margin, stats)
+                samples.write(sample)
+                for g, b, margin in chosen[:cfg.pairs_per_prompt]:
                     gen.writer.write(Comparison(prompt, {"role": "assistant", "content": texts[g]},
-                                                {"role": "assistant", "content": texts[b]}, None, source="pairs",
+                                                {"role": "assistant", "content": texts[b]}, margin, source="pairs",
                                                 meta={**meta, "prompt_id": pid, "prompt_source": psource,
-                                                      "rule": cfg.rule, "k": cfg.k}))
+                                                      "label": cfg.label if scorer else cfg.rule, "k": cfg.k}))
                     stats["records"] += 1
             if bar is not None:
                 bar.update(len(chunk))
     samples.close()
     counts = {"records": stats["records"], "prompts": len(prompts), "samples": stats["samples"],
-              "pass_rate": round(stats["samples_passed"] / max(stats["samples"], 1), 4),
-              "skipped": {k: stats[k] for k in ("no_contrast_all_pass", "no_contrast_all_fail", "no_contrast_equal")
-                          if stats[k]},
+              **({"pass_rate": round(stats["samples_passed"] / max(stats["samples"], 1), 4)} if scorer is None else {}),
+              "skipped": {k: v for k, v in stats.items() if k.startswith("no_contrast") or k.startswith("below")},
               "policy": gen.teacher_counts()}
     gen.finish(counts, timer.seconds, inputs=[cfg.prompts], outputs=[gen.records_path, gen.out_dir / "samples.jsonl"])
     return counts
