@@ -159,7 +159,7 @@ def test_dpo_reference_is_the_base_model_with_adapters_disabled(tiny_llama):
     import copy
 
     from protege.chat import ChatFormat
-    from protege.train.dpo import PolicyLogprobs
+    from protege.train.dpo import PolicyLogprobs, batch_args
     from protege.train.pairs import PairStats, collate_pairs, tokenize_pairs
     from protege.train.settings import TrainSettings
     from protege.train.model import prepare_model
@@ -177,13 +177,57 @@ def test_dpo_reference_is_the_base_model_with_adapters_disabled(tiny_llama):
         for n, p in policy.named_parameters():
             if p.requires_grad:
                 p.add_(0.5)  # move every adapter (LoRA and token rows) away from the base
-    args = (batch["input_ids"], batch["position_ids"], batch["labels"], batch["seq_ids"], 2)
+    args = batch_args(batch, 2)
     with torch.no_grad():
         want = PolicyLogprobs(base.eval())(*args)
         with policy.disable_adapter():
             got = PolicyLogprobs(policy.eval())(*args)
         moved = PolicyLogprobs(policy)(*args)
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(moved, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_shared_prompt_layout_gives_the_same_logprobs_scores_and_gradients(arch, request):
+    """[prompt, chosen, rejected] under one 4-D mask == prompt + each answer as separate sequences."""
+    import copy
+
+    from protege.chat import ChatFormat
+    from protege.records import Comparison
+    from protege.train.dpo import PolicyLogprobs, batch_args
+    from protege.train.pairs import PairStats, collate_pairs, tokenize_pairs
+    from protege.train.rm import RewardModule
+
+    model, tok = request.getfixturevalue(f"tiny_{arch}")
+    model = copy.deepcopy(model)
+    chat = ChatFormat.from_tokenizer(tok)
+    recs = [Comparison([{"role": "user", "content": q}], {"role": "assistant", "content": a},
+                       {"role": "assistant", "content": b})
+            for q, a, b in [("Hi", "Hello there", "Go"), ("What is two plus three?", "Five.", "Two plus three is six"),
+                            ("Name a sea", "Blue", "The sea")]]
+    pairs = tokenize_pairs(recs, chat, 16 if arch == "gemma" else 64, PairStats())  # gemma: inside its window
+    assert len(pairs) == 3
+    pol = PolicyLogprobs(model)
+    apart = collate_pairs(pairs, tok.pad_token_id, 64)
+    shared = collate_pairs(pairs, tok.pad_token_id, 64, share_prompt=True)
+    assert shared["input_ids"].numel() < apart["input_ids"].numel()
+    a, s = pol(*batch_args(apart, 6)), pol(*batch_args(shared, 6))
+    assert torch.allclose(a, s, atol=1e-5), (a, s)
+    params = [p for p in model.parameters()]
+    ga = torch.autograd.grad(a.sum(), params, allow_unused=True)
+    gs = torch.autograd.grad(s.sum(), params, allow_unused=True)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gs) if x is not None)
+    # the reward model reads each answer's last token: the same score either way
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.no_grad():
+        cfg = copy.deepcopy(model.config)
+        cfg.num_labels = 1
+        rm = AutoModelForSequenceClassification.from_config(cfg)
+        rm.load_state_dict(model.state_dict(), strict=False)
+        head = RewardModule(rm)
+        ra = head(apart["input_ids"], apart["position_ids"], apart["last_index"], apart["attention_mask"])
+        rs = head(shared["input_ids"], shared["position_ids"], shared["last_index"], shared["attention_mask"])
+    assert torch.allclose(ra, rs, atol=1e-5)
 
 
 def test_dpo_resume_is_exact(tmp_path, tiny_llama_dir, pairs):

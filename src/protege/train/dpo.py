@@ -32,11 +32,12 @@ from ..errors import StageError
 from ..lm_head import head_rows
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, run_logger
-from .logprobs import sequence_logprobs
+from .logprobs import token_logprobs
+from .pairs import additive_mask
 from .loop import set_seed
 from .losses import dpo_loss
 from .model import prepare_model, require_head_parts, save_model
-from .pairs import PairExample, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
+from .pairs import PairExample, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 
 __all__ = ["DPOConfig", "PolicyLogprobs", "run", "reference_logprobs", "read_reference_cache"]
@@ -48,6 +49,7 @@ class DPOConfig(PreferenceSettings):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="conservative DPO: probability that a label is flipped")
     learning_rate: float = Field(5e-5, gt=0.0, description="peak learning rate")
     reference_cache: str | None = Field(None, description="folder for cached reference log-probs (default: PROTEGE_HOME/reference_logps)")
+    share_prompt: bool = Field(True, description="encode each pair's prompt once for both answers (4-D mask; off automatically past a sliding window)")
 
 
 class PolicyLogprobs(torch.nn.Module):
@@ -59,15 +61,27 @@ class PolicyLogprobs(torch.nn.Module):
         self._parts = require_head_parts(model, "dpo")  # a plain object: not registered twice
         self.logits_chunk = logits_chunk
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                seq_ids: torch.Tensor, n_seqs: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                score_index: torch.Tensor, score_target: torch.Tensor, score_seq: torch.Tensor,
+                n_seqs: int) -> torch.Tensor:
+        """Batch from `collate_pairs` -> sum of log-probs of each sequence's scored tokens (n_seqs,)."""
         parts = self._parts
-        hidden = parts.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+        hidden = parts.decoder(input_ids=input_ids, position_ids=position_ids,
+                               attention_mask=additive_mask(attention_mask, self._dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
         weight, override = head_rows(parts.head)
-        sums, _ = sequence_logprobs(hidden, weight, labels, seq_ids, n_seqs, parts.softcap, self.logits_chunk,
-                                    override)
-        return sums
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # (N_scored, H)
+        lp = token_logprobs(h, weight, score_target, parts.softcap, self.logits_chunk, override)
+        return lp.new_zeros(n_seqs).index_add(0, score_seq, lp)
+
+    def _dtype(self) -> torch.dtype:
+        return head_rows(self._parts.head)[0].dtype
+
+
+def batch_args(b: dict[str, Any], n_seqs: int) -> tuple:
+    """The positional arguments of `PolicyLogprobs` from a `collate_pairs` batch (already on the device)."""
+    return (b["input_ids"], b["position_ids"], b["attention_mask"], b["score_index"], b["score_target"],
+            b["score_seq"], n_seqs)
 
 
 def _model_key(spec: str) -> str:
@@ -78,6 +92,10 @@ def _model_key(spec: str) -> str:
     files = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf", ".json")) if path.is_dir() else [path]
     return json.dumps([str(path.resolve()) if path.exists() else str(path),
                        [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files if p.exists()]])
+
+
+def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def read_reference_cache(cache: Path) -> dict[str, tuple[float, float]]:
@@ -95,7 +113,7 @@ def read_reference_cache(cache: Path) -> dict[str, tuple[float, float]]:
 
 @torch.no_grad()
 def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Path, pad_id: int, max_length: int,
-                       batch_size: int, device: Any, log: Any) -> dict[str, tuple[float, float]]:
+                       batch_size: int, device: Any, log: Any, share_prompt: bool = False) -> dict[str, tuple[float, float]]:
     """pair id -> (reference log-prob of chosen, of rejected), computed once and appended to `cache` as JSONL.
 
     Lines already in the cache are reused, so a killed computation resumes where it stopped.
@@ -113,8 +131,8 @@ def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Pat
     with cache.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="reference", unit="pair") as bar:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, max_length).items()}
-            sums = ref(batch["input_ids"], batch["position_ids"], batch["labels"], batch["seq_ids"], 2 * len(chunk))
+            batch = _to(collate_pairs(chunk, pad_id, max_length, share_prompt), device)
+            sums = ref(*batch_args(batch, 2 * len(chunk)))
             for i, p in enumerate(chunk):
                 done[p.id] = (float(sums[2 * i]), float(sums[2 * i + 1]))
                 fh.write(json.dumps({"id": p.id, "chosen": done[p.id][0], "rejected": done[p.id][1]}) + "\n")
@@ -155,6 +173,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length,
                                      pairs_hash(train + held)]).encode()).hexdigest()[:20]
     cache = Path(config.reference_cache or protege_home() / "reference_logps") / f"{key}.jsonl"
+    share = can_share_prompt(model, config)
     if main:
         if frozen is not None:
             ref_module, ctx = PolicyLogprobs(frozen.to(accelerator.device), config.logits_chunk), torch.no_grad()
@@ -162,7 +181,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
             ref_module, ctx = PolicyLogprobs(model, config.logits_chunk), model.disable_adapter()
         with ctx:
             reference_logprobs(ref_module, train + held, cache, pad_id, config.max_length, config.batch_size,
-                               accelerator.device, log)
+                               accelerator.device, log, share)
     accelerator.wait_for_everyone()
     ref = read_reference_cache(cache)
     del frozen
@@ -177,8 +196,8 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     module = accelerator.prepare_model(PolicyLogprobs(model, config.logits_chunk))
 
     def loss_fn(m: torch.nn.Module, pairs: list[PairExample]) -> LossOutput:
-        b = {k: v.to(accelerator.device) for k, v in collate_pairs(pairs, pad_id, config.max_length).items()}
-        logps = m(b["input_ids"], b["position_ids"], b["labels"], b["seq_ids"], 2 * len(pairs))
+        b = _to(collate_pairs(pairs, pad_id, config.max_length, share), accelerator.device)
+        logps = m(*batch_args(b, 2 * len(pairs)))
         pc, pr = logps[0::2], logps[1::2]
         rc = torch.tensor([ref[p.id][0] for p in pairs], dtype=logps.dtype, device=logps.device)
         rr = torch.tensor([ref[p.id][1] for p in pairs], dtype=logps.dtype, device=logps.device)

@@ -30,7 +30,7 @@ from .data import Example, collate
 from .losses import IGNORE_INDEX
 
 __all__ = ["PairExample", "PairStats", "load_comparisons", "tokenize_pairs", "plan_pair_batches", "collate_pairs",
-           "pairs_hash", "load_pair_sets"]
+           "pairs_hash", "load_pair_sets", "can_share_prompt", "additive_mask"]
 
 
 @dataclass
@@ -39,6 +39,7 @@ class PairExample:
     chosen: Example
     rejected: Example
     margin: float  # NaN when the record gives none
+    prompt_len: int = 0  # tokens of the (possibly cut) prompt both sides start with
 
     @property
     def tokens(self) -> int:
@@ -94,7 +95,7 @@ def tokenize_pairs(comparisons: list[Comparison], chat: ChatFormat, max_length: 
             keep = head + prompt_ids[len(prompt_ids) - (n_keep - len(head)):] if n_keep > len(head) else head
         room = max_length - len(keep)
         pair = PairExample(rec.id, *(_answer_example(prompt_ids, s, keep, room) for s in sides),
-                           math.nan if rec.margin is None else float(rec.margin))
+                           math.nan if rec.margin is None else float(rec.margin), len(keep))
         if pair.chosen.n_labels == 0 or pair.rejected.n_labels == 0:
             stats.skipped["no answer tokens left after truncation"] = stats.skipped.get(
                 "no answer tokens left after truncation", 0) + 1
@@ -120,32 +121,114 @@ def plan_pair_batches(n_pairs: int, batch_size: int, epochs: int, seed: int) -> 
     return plan
 
 
-def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Pack the 2B sequences of B pairs into rows of <= max(max_length, longest) tokens; see module docstring."""
-    seqs = [e for p in pairs for e in (p.chosen, p.rejected)]
-    width = max(max_length, max(len(e.input_ids) for e in seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))  # first-fit decreasing
+def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Bins of indices (first-fit decreasing), each summing to <= width."""
     rows: list[list[int]] = []
     free: list[int] = []
-    for i in order:
-        n = len(seqs[i].input_ids)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         for r, room in enumerate(free):
-            if n <= room:
+            if lengths[i] <= room:
                 rows[r].append(i)
-                free[r] -= n
+                free[r] -= lengths[i]
                 break
         else:
             rows.append([i])
-            free.append(width - n)
-    batch = collate([[seqs[i] for i in row] for row in rows], pad_id, with_seq_ids=True)
-    packed_order = torch.tensor([i for row in rows for i in row], dtype=torch.long)  # packed index -> pair order
-    seq = batch["seq_ids"]
-    batch["seq_ids"] = torch.where(seq >= 0, packed_order[seq.clamp(min=0)], seq)
-    last = torch.empty_like(batch["last_index"])
-    last[packed_order] = batch["last_index"]
-    batch["last_index"] = last
-    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    return batch
+            free.append(width - lengths[i])
+    return rows
+
+
+def _scored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """score_index / score_target / score_seq from a collated batch's shifted labels and seq_ids."""
+    flat = batch["labels"].reshape(-1)
+    keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    return {"score_index": keep, "score_target": flat[keep], "score_seq": batch["seq_ids"].reshape(-1)[keep]}
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """B pairs -> one packed batch for per-sequence scoring (sequence 2i = pair i's chosen, 2i + 1 its rejected).
+
+    Returns `input_ids`, `position_ids` (B', T); `attention_mask`: None (packed sequences, positions
+    restarting: transformers isolates them) or, with `share_prompt`, a boolean (B', 1, T, T) mask;
+    `score_index` / `score_target` / `score_seq` (N,): which flat hidden position predicts which
+    token of which sequence; `last_index` (2B,): flat position of each sequence's last token; `margin` (B,).
+
+    `share_prompt` lays each pair out once as [prompt, chosen answer, rejected answer]: both answers
+    continue the prompt's positions, the rejected answer's rows of the mask see the prompt but not
+    the chosen answer, and the prompt's last position predicts the first token of both answers, so
+    the prompt is encoded once instead of twice (the mask replaces transformers' own causal and
+    sliding-window masks, so callers use it only where no sequence exceeds the sliding window).
+    """
+    margin = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    if not share_prompt:
+        seqs = [e for p in pairs for e in (p.chosen, p.rejected)]
+        width = max(max_length, max(len(e.input_ids) for e in seqs))
+        rows = _first_fit([len(e.input_ids) for e in seqs], width)
+        batch = collate([[seqs[i] for i in row] for row in rows], pad_id, with_seq_ids=True)
+        packed_order = torch.tensor([i for row in rows for i in row], dtype=torch.long)  # packed index -> pair order
+        seq = batch["seq_ids"]
+        batch["seq_ids"] = torch.where(seq >= 0, packed_order[seq.clamp(min=0)], seq)
+        last = torch.empty_like(batch["last_index"])
+        last[packed_order] = batch["last_index"]
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
+                **_scored(batch), "last_index": last, "labels": batch["labels"], "seq_ids": batch["seq_ids"],
+                "margin": margin}
+
+    prompt_len = [p.prompt_len for p in pairs]
+    seg = [len(p.chosen.input_ids) + len(p.rejected.input_ids) - n for p, n in zip(pairs, prompt_len)]
+    width = max(2 * max_length, max(seg))
+    rows = _first_fit(seg, width)
+    T = max(sum(seg[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, T, T), dtype=torch.bool)
+    idx, tgt, sq, last = [], [], [], [0] * (2 * len(pairs))
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            p, n = pairs[i], prompt_len[i]
+            c_ans, r_ans = p.chosen.input_ids[n:], p.rejected.input_ids[n:]
+            c0, r0 = at + n, at + n + len(c_ans)  # where each answer starts in the row
+            ids[r, at:at + n] = torch.tensor(p.chosen.input_ids[:n])
+            ids[r, c0:r0] = torch.tensor(c_ans)
+            ids[r, r0:r0 + len(r_ans)] = torch.tensor(r_ans)
+            pos[r, at:r0] = torch.arange(n + len(c_ans))
+            pos[r, r0:r0 + len(r_ans)] = torch.arange(n, n + len(r_ans))
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            for lo, hi in ((at, c0), (c0, r0), (r0, r0 + len(r_ans))):
+                mask[r, 0, lo:hi, lo:hi] = causal[lo:hi, lo:hi]
+            mask[r, 0, c0:r0 + len(r_ans), at:c0] = True  # both answers see the whole prompt
+            for side, (ex, start) in enumerate(((p.chosen, c0), (p.rejected, r0))):
+                for t, y in enumerate(ex.labels):
+                    if y != IGNORE_INDEX:
+                        idx.append(r * T + (at + t if t < n else start + t - n))
+                        tgt.append(y)
+                        sq.append(2 * i + side)
+                last[2 * i + side] = r * T + start + len(ex.input_ids) - n - 1
+            at = r0 + len(r_ans)
+        pos[r, at:] = torch.arange(1, T - at + 1) + (pos[r, at - 1] if at else -1)
+        for t in range(at, T):  # padding attends to itself only (no all-masked softmax rows)
+            mask[r, 0, t, t] = True
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask,
+            "score_index": torch.tensor(idx, dtype=torch.long), "score_target": torch.tensor(tgt, dtype=torch.long),
+            "score_seq": torch.tensor(sq, dtype=torch.long), "last_index": torch.tensor(last, dtype=torch.long),
+            "margin": margin}
+
+
+def can_share_prompt(model: Any, config: Any) -> bool:
+    """`share_prompt` is safe: the custom mask replaces transformers' sliding-window mask, so no sequence
+    (prompt + one answer <= max_length) may be longer than the model's sliding window."""
+    if not getattr(config, "share_prompt", False):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    window = getattr(base.config, "sliding_window", None)
+    return window is None or config.max_length <= window
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Boolean (B, 1, T, T) "may attend" mask -> the additive float mask every attention backend accepts."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def pairs_hash(pairs: list[PairExample]) -> str:

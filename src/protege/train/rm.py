@@ -30,7 +30,7 @@ from .fit import LossOutput, fit, run_logger
 from .loop import set_seed
 from .losses import margin_values, reward_loss
 from .model import prepare_model
-from .pairs import PairExample, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
+from .pairs import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 
 __all__ = ["RMConfig", "RewardModule", "run", "rm_report", "llama2_reward", "load_reward_model", "score"]
@@ -46,6 +46,7 @@ class RMConfig(PreferenceSettings):
         (0.5, 1.5, 2.5), description="record margins at or above these reach rating levels 1, 2, 3 (llama2-* schemes)")
     center_coef: float = Field(0.0, ge=0.0, description="reward centring: + coef * (r_c + r_r)^2 (TRL's center_rewards_coefficient; 0.01 typical)")
     calibration_bins: int = Field(10, ge=2, description="bins of the held-out reliability table")
+    share_prompt: bool = Field(True, description="encode each pair's prompt once for both answers (4-D mask; off automatically past a sliding window)")
 
 
 class RewardModule(torch.nn.Module):
@@ -58,11 +59,16 @@ class RewardModule(torch.nn.Module):
         self._body = (getattr(base, base.base_model_prefix),)  # tuple: not registered twice
         self._score = base.score
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        hidden = self._body[0](input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self._body[0](input_ids=input_ids, position_ids=position_ids,
+                               attention_mask=additive_mask(attention_mask, self._score_dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (n_seqs, H)
         return self._score(last).squeeze(-1).float()
+
+    def _score_dtype(self) -> torch.dtype:
+        return next(self._score.parameters()).dtype
 
 
 def rm_report(chosen: list[float], rejected: list[float], margins: list[float], bins: int = 10,
@@ -206,10 +212,12 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
         f"{len(plan)} micro-batches -> {config.max_steps or -(-len(plan) // (config.grad_accum * world))} steps on "
         f"{world} process(es); eval on {len(held)} pairs")
     module = accelerator.prepare_model(RewardModule(model))
+    share = can_share_prompt(model, config)
 
     def scores(m: torch.nn.Module, pairs: list[PairExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = {k: v.to(accelerator.device) for k, v in collate_pairs(pairs, pad_id, config.max_length).items()}
-        r = m(b["input_ids"], b["position_ids"], b["last_index"])
+        b = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+             for k, v in collate_pairs(pairs, pad_id, config.max_length, share).items()}
+        r = m(b["input_ids"], b["position_ids"], b["last_index"], b["attention_mask"])
         return r[0::2], r[1::2], b["margin"]
 
     def loss_fn(m: torch.nn.Module, pairs: list[PairExample]) -> LossOutput:
