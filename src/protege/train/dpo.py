@@ -31,10 +31,9 @@ from ..config import save_config
 from ..errors import StageError
 from ..lm_head import head_rows
 from ..manifest import write_manifest
-from .fit import LossOutput, fit, run_logger
+from .fit import LossOutput, fit, pad_id, start_run
 from .logprobs import token_logprobs
 from .pairs import additive_mask
-from .loop import set_seed
 from .losses import dpo_loss
 from .model import prepare_model, require_head_parts, save_model
 from .pairs import PairExample, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
@@ -112,7 +111,7 @@ def read_reference_cache(cache: Path) -> dict[str, tuple[float, float]]:
 
 
 @torch.no_grad()
-def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Path, pad_id: int, max_length: int,
+def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Path, pad: int, max_length: int,
                        batch_size: int, device: Any, log: Any, share_prompt: bool = False) -> dict[str, tuple[float, float]]:
     """pair id -> (reference log-prob of chosen, of rejected), computed once and appended to `cache` as JSONL.
 
@@ -131,7 +130,7 @@ def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Pat
     with cache.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="reference", unit="pair") as bar:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
-            batch = _to(collate_pairs(chunk, pad_id, max_length, share_prompt), device)
+            batch = _to(collate_pairs(chunk, pad, max_length, share_prompt), device)
             sums = ref(*batch_args(batch, 2 * len(chunk)))
             for i, p in enumerate(chunk):
                 done[p.id] = (float(sums[2 * i]), float(sums[2 * i + 1]))
@@ -144,22 +143,16 @@ def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Pat
 
 def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Compute (or reuse) reference log-probs, then train with DPO through `fit`; returns summary counts."""
-    from accelerate import Accelerator
-
     from ..chat import ChatFormat
     from ..models import load, protege_home
 
     t_start = time.time()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = run_logger("dpo", out_dir, main)
-    set_seed(config.seed)
+    ctx = start_run("dpo", config)
+    accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     model, tok = load(config.model, device="cpu")
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     try:
         train, held, stats, eval_stats = load_pair_sets(config, chat)
     except StageError as err:
@@ -176,11 +169,11 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     share = can_share_prompt(model, config)
     if main:
         if frozen is not None:
-            ref_module, ctx = PolicyLogprobs(frozen.to(accelerator.device), config.logits_chunk), torch.no_grad()
+            ref_module, reference_mode = PolicyLogprobs(frozen.to(accelerator.device), config.logits_chunk), torch.no_grad()
         else:  # LoRA: the reference is the base model, i.e. the policy with its adapters switched off
-            ref_module, ctx = PolicyLogprobs(model, config.logits_chunk), model.disable_adapter()
-        with ctx:
-            reference_logprobs(ref_module, train + held, cache, pad_id, config.max_length, config.batch_size,
+            ref_module, reference_mode = PolicyLogprobs(model, config.logits_chunk), model.disable_adapter()
+        with reference_mode:
+            reference_logprobs(ref_module, train + held, cache, pad, config.max_length, config.batch_size,
                                accelerator.device, log, share)
     accelerator.wait_for_everyone()
     ref = read_reference_cache(cache)
@@ -191,12 +184,12 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         save_config(config, out_dir)
     log(f"{stats.pairs} pairs ({stats.truncated} truncated, skipped: {stats.skipped or 'none'}), {stats.tokens} tokens "
         f"({stats.scored_tokens} scored); {len(plan)} micro-batches -> "
-        f"{config.max_steps or -(-len(plan) // (config.grad_accum * world))} steps on {world} process(es); "
+        f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
         f"eval on {len(held)} pairs; reference cache {cache}")
     module = accelerator.prepare_model(PolicyLogprobs(model, config.logits_chunk))
 
     def loss_fn(m: torch.nn.Module, pairs: list[PairExample]) -> LossOutput:
-        b = _to(collate_pairs(pairs, pad_id, config.max_length, share), accelerator.device)
+        b = _to(collate_pairs(pairs, pad, config.max_length, share), accelerator.device)
         logps = m(*batch_args(b, 2 * len(pairs)))
         pc, pr = logps[0::2], logps[1::2]
         rc = torch.tensor([ref[p.id][0] for p in pairs], dtype=logps.dtype, device=logps.device)

@@ -35,7 +35,7 @@ from .loop import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optim
                    save_checkpoint)
 from .settings import TrainSettings
 
-__all__ = ["LossOutput", "FitResult", "fit", "evaluate", "run_logger"]
+__all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
 
 
 @dataclass
@@ -71,6 +71,38 @@ def run_logger(name: str, out_dir: Path, main: bool) -> Callable[[str], None]:
             fh.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
 
     return log
+
+
+@dataclass
+class RunContext:
+    accelerator: Any
+    main: bool  # this process writes files and logs
+    world: int  # number of processes
+    out_dir: Path
+    log: Callable[[str], None]
+
+    def steps(self, config: TrainSettings, n_micro_batches: int) -> int:
+        """Optimizer steps `fit` will take for this many planned micro-batches."""
+        return config.max_steps or -(-n_micro_batches // (config.grad_accum * self.world))
+
+
+def start_run(name: str, config: TrainSettings) -> RunContext:
+    """What every method does first: accelerator (CPU unless CUDA is present), out_dir, logger, seed."""
+    from accelerate import Accelerator
+
+    from .loop import set_seed
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+    return RunContext(accelerator, main, accelerator.num_processes, out_dir, run_logger(name, out_dir, main))
+
+
+def pad_id(tok: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else EOS, else 0 (padding is never scored)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
 def _as_float(x: torch.Tensor | float) -> float:

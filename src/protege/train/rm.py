@@ -26,8 +26,7 @@ from pydantic import Field
 from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
-from .fit import LossOutput, fit, run_logger
-from .loop import set_seed
+from .fit import LossOutput, fit, pad_id, start_run
 from .losses import margin_values, reward_loss
 from .model import prepare_model
 from .pairs import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
@@ -157,7 +156,7 @@ def score(model: Any, chat: Any, prompts: list[list[dict[str, str]]], answers: l
     return out
 
 
-def _load_classifier(config: RMConfig, pad_id: int) -> Any:
+def _load_classifier(config: RMConfig, pad: int) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     from ..models import resolve
@@ -176,47 +175,41 @@ def _load_classifier(config: RMConfig, pad_id: int) -> Any:
         raise StageError(f"rm: cannot load {config.model!r} as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(level)
-    model.config.pad_token_id = pad_id  # HF's own forward finds the last token by it
+    model.config.pad_token_id = pad  # HF's own forward finds the last token by it
     return model
 
 
 def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train a reward model through `fit`, then score the held-out pairs; returns summary counts."""
-    from accelerate import Accelerator
-
     from ..chat import ChatFormat
     from ..models import load_tokenizer
 
     t_start = time.time()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = run_logger("rm", out_dir, main)
-    set_seed(config.seed)
+    ctx = start_run("rm", config)
+    accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     tok = load_tokenizer(config.model)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     try:
         train, held, stats, eval_stats = load_pair_sets(config, chat)
     except StageError as err:
         raise StageError(f"rm: {err}") from None
     plan = plan_pair_batches(len(train), config.batch_size, config.epochs, config.seed)
-    model = _load_classifier(config, pad_id)
+    model = _load_classifier(config, pad)
     model = prepare_model(config, model, chat, task_type="SEQ_CLS").to(accelerator.device)
     model.train()
     if main:
         save_config(config, out_dir)
     log(f"{stats.pairs} pairs ({stats.truncated} truncated, skipped: {stats.skipped or 'none'}), {stats.tokens} tokens; "
-        f"{len(plan)} micro-batches -> {config.max_steps or -(-len(plan) // (config.grad_accum * world))} steps on "
+        f"{len(plan)} micro-batches -> {ctx.steps(config, len(plan))} steps on "
         f"{world} process(es); eval on {len(held)} pairs")
     module = accelerator.prepare_model(RewardModule(model))
     share = can_share_prompt(model, config)
 
     def scores(m: torch.nn.Module, pairs: list[PairExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-             for k, v in collate_pairs(pairs, pad_id, config.max_length, share).items()}
+             for k, v in collate_pairs(pairs, pad, config.max_length, share).items()}
         r = m(b["input_ids"], b["position_ids"], b["last_index"], b["attention_mask"])
         return r[0::2], r[1::2], b["margin"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,9 +26,8 @@ from ..errors import StageError
 from ..lm_head import head_rows
 from ..manifest import write_manifest
 from .data import Example, TokenStats, collate, load_conversations, plan_micro_batches, split_held_out, tokenize
-from .fit import LossOutput, fit, run_logger
+from .fit import LossOutput, fit, pad_id, start_run
 from .losses import IGNORE_INDEX, sft_loss
-from .loop import set_seed
 from .model import chat_special_tokens, prepare_model, require_head_parts, save_model
 from .settings import LoraSettings, TrainSettings, fingerprint
 
@@ -77,25 +75,19 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     `stop_after_steps` ends the run early (after a checkpoint) as if it had been killed; rerunning
     resumes. Tests use it; users interrupt with Ctrl-C or kill.
     """
-    from accelerate import Accelerator
-
     from ..chat import ChatFormat
     from ..models import load
 
     t_start = time.time()
     if not config.datasets:
         raise StageError("sft: `datasets` is empty; give one or more conversation files (datasets: [a.jsonl])")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = run_logger("sft", out_dir, main)
-    set_seed(config.seed)
+    ctx = start_run("sft", config)
+    accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     # ---- data -----------------------------------------------------------------------------
     model, tok = load(config.model, device="cpu")
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     stats, eval_stats = TokenStats(), TokenStats()
     train_sets, eval_convs = [], []
     for path in config.datasets:
@@ -127,12 +119,12 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
         save_config(config, out_dir)
     log(f"{stats.conversations} conversations ({stats.truncated} truncated, {stats.dropped_no_labels} without "
         f"labels), {stats.tokens} tokens ({stats.label_tokens} learned); {len(plan)} micro-batches -> "
-        f"{config.max_steps or -(-len(plan) // (config.grad_accum * world))} steps on {world} process(es); "
+        f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
         f"eval on {len(eval_examples)} conversations")
     module = accelerator.prepare_model(SFTModule(model, config.logits_chunk))
 
     def loss_fn(m: torch.nn.Module, rows: list[list[Example]]) -> LossOutput:
-        b = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id).items()}
+        b = {k: v.to(accelerator.device) for k, v in collate(rows, pad).items()}
         n = int((b["labels"] != IGNORE_INDEX).sum())
         return LossOutput(m(b["input_ids"], b["position_ids"], b["labels"], normalizer=1.0), n)
 
