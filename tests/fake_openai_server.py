@@ -134,6 +134,13 @@ async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.R
     if path.endswith("/chat/completions"):
         last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         content = _scripted(body["messages"], body.get("seed")) if model == "scripted" else f"echo: {last}"
+        if model == "always-a":  # a judge with nothing but position bias
+            content = "Verdict: A\nIt is better."
+        if model == "prefers-heads":  # a judge with a content preference: the answer that says Heads
+            a_part = last.split("[Answer A]")[-1].split("[End of answer A]")[0]
+            b_part = last.split("[Answer B]")[-1].split("[End of answer B]")[0]
+            content = "Verdict: " + ("A" if "Heads" in a_part and "Heads" not in b_part else
+                                     "B" if "Heads" in b_part and "Heads" not in a_part else "tie")
         # A user turn containing "RAMBLE" plays an answer cut at the token limit.
         finish = "length" if "RAMBLE" in last else "stop"
         if "COIN" in last and model == "scripted":  # seed-dependent: sampled answers differ, half end their turn

@@ -55,12 +55,12 @@ def test_eval_rm_bad_input(tmp_path):
 
 
 def test_bootstrap_interval_covers_the_true_mean():
-    from protege.evaluate.rm_score import bootstrap_ci
+    from protege.evaluate.judge import bootstrap_ci
 
     covered = 0
     for seed in range(40):
         rng = random.Random(seed)
         values = [rng.gauss(1.0, 2.0) for _ in range(60)]
-        lo, hi = bootstrap_ci(values, rounds=400, seed=seed)
+        lo, hi = bootstrap_ci(values, iters=400, seed=seed)
         covered += lo <= 1.0 <= hi
     assert covered >= 34  # nominal 95%: >= 85% of 40 seeds

@@ -93,6 +93,35 @@ def test_pairs_labelled_by_a_reward_model(tmp_path, tiny_llama_dir):
         assert a.margin == pytest.approx(ranked[0][0] - ranked[-1][0], abs=1e-3) and a.margin >= b.margin > 0
 
 
+def test_pairs_labelled_by_a_judge_in_both_orders(tmp_path):
+    """The scripted judge answers "Verdict: A" whatever it sees: a pure position bias, so every pair is a
+    tie (orders disagree) and nothing is written; a judge that prefers one content labels every duo."""
+    from fake_openai_server import FakeServer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Flip a COIN for {i}"}]}) + "\n"
+                               for i in range(3)))
+    server = FakeServer()
+    try:
+        policy = {"backend": "openai", "model": "scripted", "base_url": server.url, "backoff_base": 0.01}
+        counts = run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "out"), k=4, label="judge",
+                                 progress=False, policy=policy,
+                                 judge={"backend": "openai", "model": "always-a", "base_url": server.url,
+                                        "backoff_base": 0.01}))
+        fair = run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "fair"), k=4, label="judge",
+                               pairs_per_prompt=2, progress=False, policy=policy,
+                               judge={"backend": "openai", "model": "prefers-heads", "base_url": server.url,
+                                      "backoff_base": 0.01}))
+    finally:
+        server.close()
+    assert counts["records"] == 0 and counts["skipped"] == {"judge_tie": 6}
+    assert (tmp_path / "out" / "judge").is_dir()  # the judge's own cache: a rerun asks nothing twice
+    # seeds alternate parity, so each of the 2 duos per prompt is one Heads and one Tails answer
+    pairs = list(read_records(tmp_path / "fair" / "records.jsonl"))
+    assert fair["records"] == len(pairs) == 6 and not fair["skipped"]
+    assert all("Heads" in p.chosen["content"] and "Tails" in p.rejected["content"] for p in pairs)
+
+
 def test_pairs_bad_input(tmp_path, tiny_llama_dir):
     from protege.errors import StageError
 

@@ -11,7 +11,6 @@ models under the same RM only.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from ..config import StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from .answer import display_name, read_answers
+from .judge import bootstrap_ci
 
-__all__ = ["RMScoreConfig", "run", "bootstrap_ci", "RM_SCORES_FILE"]
+__all__ = ["RMScoreConfig", "run", "RM_SCORES_FILE"]
 
 RM_SCORES_FILE = "rm_scores.json"
 
@@ -35,16 +35,6 @@ class RMScoreConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="conversations scored together")
     max_length: int = Field(1024, ge=2, description="tokens kept per conversation (its end, where the score is read)")
     seed: int = Field(0, description="bootstrap seed")
-
-
-def bootstrap_ci(values: list[float], rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of the mean by resampling `values` with replacement."""
-    if not values:
-        return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-    return (means[int(0.025 * rounds)], means[min(rounds - 1, int(0.975 * rounds))])
 
 
 def run(cfg: RMScoreConfig) -> dict[str, Any]:

@@ -5,7 +5,9 @@ API); every sampled answer goes through the teacher cache, so a run killed mid-w
 without generating an answer twice. Labelling, in this version, is by a declarative rule
 whose truth is known (`label: rule`), so a trained RM or DPO policy can be checked against ground
 truth, or by a reward model (`label: rm`: the best-scored answer against the worst, margin = the
-score difference, as LLaMA-2 built pairs from its RMs). Rules:
+score difference, as LLaMA-2 built pairs from its RMs), or by an LLM judge (`label: judge`: samples
+are paired off, each pair judged in both orders; orders that disagree are a tie, dropped and
+counted, as a position-biased judge must not make labels). Rules:
 
 - `ends_turn`:     the answer ended its turn (finish reason "stop") within `max_tokens` tokens;
 - `contains_gold`: the answer contains the record's gold answer (`meta[gold_field]`, e.g.
@@ -31,7 +33,7 @@ from ..config import StageConfig
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Comparison, JsonlWriter
-from ..teachers import TeacherConfig, TeacherResponse
+from ..teachers import TeacherConfig, TeacherResponse, make_teacher
 from .common import GeneratorRun, clean_reply, sampling
 from .distill import load_prompts
 
@@ -49,10 +51,12 @@ class PairsConfig(StageConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     seed: int = Field(0, description="seeds sampling and the choice of pairs")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
-    label: Literal["rule", "rm"] = Field("rule", description="who labels: a rule with a known truth, or a reward model")
+    label: Literal["rule", "rm", "judge"] = Field("rule", description="who labels: a rule with a known truth, a reward model, or an LLM judge")
     rule: Literal["ends_turn", "contains_gold", "shorter"] = Field("ends_turn", description="label rule: the labelling rule (see module docs)")
     rm: str | None = Field(None, description="label rm: reward model folder (from `train rm`)")
     min_margin: float = Field(0.0, ge=0.0, description="label rm: drop pairs whose score difference is below this")
+    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="label judge: who judges (asked in both orders)")
+    judge_max_new_tokens: int = Field(64, ge=1, description="label judge: verdict length budget")
     max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
     gold_field: str = Field("answer", description="contains_gold: the prompt record's meta field with the gold answer")
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
@@ -107,6 +111,31 @@ def _rm_pairs(scores: list[float], texts: list[str], min_margin: float, stats: C
     return out
 
 
+def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], max_new_tokens: int,
+                 stats: Counter) -> list[tuple[int, int, None]]:
+    """Samples paired off (0, 1), (2, 3), ...; each pair judged in both orders; a consistent verdict labels it."""
+    from ..evaluate.judge import combine_orders, pairwise_messages, parse_pairwise
+
+    question = [next(m["content"] for m in reversed(prompt) if m["role"] == "user")]
+    duos = [(a, b) for a, b in zip(range(0, len(texts) - 1, 2), range(1, len(texts), 2))
+            if texts[a] and texts[b] and texts[a] != texts[b]]
+    if not duos:
+        stats["no_contrast_equal"] += 1
+        return []
+    convs = [pairwise_messages(question, [texts[x]], [texts[y]]) for a, b in duos for x, y in ((a, b), (b, a))]
+    replies = judge.complete(convs, sampling(max_new_tokens, 0.0, 1.0))
+    out = []
+    for n, (a, b) in enumerate(duos):
+        outcome = combine_orders(parse_pairwise(replies[2 * n].text), parse_pairwise(replies[2 * n + 1].text))
+        if outcome == "win":
+            out.append((a, b, None))
+        elif outcome == "loss":
+            out.append((b, a, None))
+        else:
+            stats[f"judge_{outcome}"] += 1  # judge_tie (incl. orders that disagree) or judge_error
+    return out
+
+
 def _rm_scorer(spec: str):
     from ..chat import ChatFormat
     from ..train.rm import load_reward_model, score
@@ -124,6 +153,7 @@ def run(config: PairsConfig) -> dict[str, Any]:
     prompts = load_prompts(cfg.prompts, cfg.prompts_format, cfg.limit)
     scorer = _rm_scorer(cfg.rm) if cfg.label == "rm" else None
     gen = GeneratorRun("generate.pairs", cfg, cfg.out_dir, cfg.policy)
+    judge = make_teacher(cfg.judge, gen.out_dir / "judge") if cfg.label == "judge" else None
     samples = JsonlWriter(gen.out_dir / "samples.jsonl")
     stats: Counter[str] = Counter()
     with gen.progress(len(prompts), "pairs", "prompt", show=cfg.progress) as bar, Timer() as timer:
@@ -141,7 +171,9 @@ def run(config: PairsConfig) -> dict[str, Any]:
                           "finish_reasons": [a.finish_reason for a in answers],
                           "completion_tokens": [int(a.usage.get("completion_tokens", 0)) for a in answers]}
                 stats["samples"] += len(answers)
-                if scorer is None:
+                if judge is not None:
+                    chosen = _judge_pairs(judge, prompt, texts, cfg.judge_max_new_tokens, stats)
+                elif scorer is None:
                     gold = meta.get(cfg.gold_field) if cfg.rule == "contains_gold" else None
                     if cfg.rule == "contains_gold" and gold is None:
                         raise StageError(f"prompt {pid}: rule contains_gold needs `meta.{cfg.gold_field}` (the gold answer)")
@@ -156,14 +188,18 @@ def run(config: PairsConfig) -> dict[str, Any]:
                     gen.writer.write(Comparison(prompt, {"role": "assistant", "content": texts[g]},
                                                 {"role": "assistant", "content": texts[b]}, margin, source="pairs",
                                                 meta={**meta, "prompt_id": pid, "prompt_source": psource,
-                                                      "label": cfg.label if scorer else cfg.rule, "k": cfg.k}))
+                                                      "label": cfg.rule if cfg.label == "rule" else cfg.label,
+                                                      "k": cfg.k}))
                     stats["records"] += 1
             if bar is not None:
                 bar.update(len(chunk))
     samples.close()
+    if judge is not None:
+        judge.close()
     counts = {"records": stats["records"], "prompts": len(prompts), "samples": stats["samples"],
-              **({"pass_rate": round(stats["samples_passed"] / max(stats["samples"], 1), 4)} if scorer is None else {}),
-              "skipped": {k: v for k, v in stats.items() if k.startswith("no_contrast") or k.startswith("below")},
+              **({"pass_rate": round(stats["samples_passed"] / max(stats["samples"], 1), 4)}
+                 if cfg.label == "rule" else {}),
+              "skipped": {k: v for k, v in stats.items() if k.startswith(("no_contrast", "below", "judge_"))},
               "policy": gen.teacher_counts()}
     gen.finish(counts, timer.seconds, inputs=[cfg.prompts], outputs=[gen.records_path, gen.out_dir / "samples.jsonl"])
     return counts
