@@ -133,8 +133,11 @@ def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[
     weights = [1.0] * len(mine)
     if not mine:  # every rank must contribute a tensor of the same shape to the reduce
         mine, weights = [batches[0]], [0.0]
+    from tqdm.auto import tqdm
+
     total, keys = None, None
-    for mb, w in zip(mine, weights):
+    for mb, w in tqdm(list(zip(mine, weights)), desc="eval", unit="batch", leave=False,
+                      disable=not accelerator.is_main_process, dynamic_ncols=True):
         out = loss_fn(module, mb)
         keys = keys if keys is not None else sorted(out.metrics)
         s = _sums(out, keys, w, accelerator.device)

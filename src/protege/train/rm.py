@@ -233,8 +233,10 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     if main and held:
         m = accelerator.unwrap_model(module).eval()
         c, r, margins = [], [], []
+        from tqdm.auto import tqdm
+
         with torch.no_grad():
-            for batch in eval_batches:
+            for batch in tqdm(eval_batches, desc="rm report", unit="batch", leave=False, dynamic_ncols=True):
                 rc, rr, mg = scores(m, batch)
                 c += rc.tolist()
                 r += rr.tolist()
