@@ -118,3 +118,18 @@ def test_real_hh_and_llamafactory_files(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "stats", str(tmp_path / "hh.jsonl")],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "chosen longer than rejected" in proc.stdout
+
+
+def test_a_mistyped_path_is_no_such_file_never_a_hub_request(tmp_path, monkeypatch):
+    import datasets
+
+    def no_network(*a, **k):
+        raise AssertionError("reached datasets.load_dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    with pytest.raises(RecordError, match="no such file"):
+        list(iter_source(tmp_path / "typo.jsonl"))
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "convert", str(tmp_path / "typo.jsonl"),
+                           str(tmp_path / "out.jsonl")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -5,7 +5,8 @@
 - OpenAI:   {"messages": [{"role", "content"}]}
 - preference sets (Anthropic HH, TRL, ShareGPT/LLaMA-Factory, UltraFeedback, WebGPT, summarize-from-feedback):
   see `preference_formats`
-- anything `datasets` can load (parquet, csv, arrow, a saved dataset folder, a hub id when online)
+- anything `datasets` can load (parquet, csv, arrow, a saved dataset folder), and a hub dataset only when
+  asked for explicitly as `hf:org/name` (a mistyped local path is a "no such file" error, never a download)
 """
 
 from __future__ import annotations
@@ -189,6 +190,8 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
     """
     path = Path(src)
     label = source or path.stem
+    if not path.exists() and not str(src).startswith("hf:"):
+        raise RecordError(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         for lineno, obj in _iter_json_objects(path):
             try:
@@ -213,8 +216,10 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
         if builder is None:
             raise RecordError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet, .csv, .arrow)")
         ds = datasets.load_dataset(builder, data_files=str(path), split=split)
+    elif str(src).startswith("hf:"):
+        ds = datasets.load_dataset(str(src)[3:], split=split)
     else:
-        ds = datasets.load_dataset(str(src), split=split)
+        raise RecordError(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
     for i, row in enumerate(ds):
         try:
             rec = convert_obj(dict(row), fmt, label)

@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
     c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / preference (HH, TRL, UltraFeedback, "
                         "WebGPT, ...) / datasets files to protege JSONL",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hub id")
+    c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hf:org/name for a hub dataset")
     c.add_argument("out", help="output .jsonl")
     c.add_argument("--from", dest="from_format", default="auto", choices=["auto", *FORMATS])
     c.add_argument("--to", dest="to_format", default="protege", choices=["protege", "alpaca", "sharegpt", "openai", "trl"])
