@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
-from .records import Comparison, Conversation, Record, RecordError, SkipRecord, check_messages, parse_record
+from .records import (Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord, check_messages,
+                      parse_record)
 
 __all__ = [
     "FORMATS",
@@ -191,7 +192,7 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
     path = Path(src)
     label = source or path.stem
     if not path.exists() and not str(src).startswith("hf:"):
-        raise RecordError(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
+        raise MissingSource(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         for lineno, obj in _iter_json_objects(path):
             try:

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Union
 
 __all__ = [
     "SkipRecord",
+    "MissingSource",
     "Conversation",
     "Comparison",
     "Record",
@@ -49,6 +50,10 @@ class RecordError(ValueError):
         self.line = line
         where = f"{path}:{line}: " if path is not None and line is not None else ""
         super().__init__(f"{where}{problem}")
+
+
+class MissingSource(RecordError, FileNotFoundError):
+    """A record source that does not exist (a RecordError for the CLI, a FileNotFoundError for callers)."""
 
 
 class SkipRecord(RecordError):

@@ -25,7 +25,7 @@ from ..records import Conversation, RecordError
 from .losses import IGNORE_INDEX
 
 __all__ = ["Example", "TokenStats", "split_held_out", "tokenize", "load_conversations", "pack_rows", "length_grouped_rows",
-           "plan_micro_batches", "collate"]
+           "plan_micro_batches", "collate", "first_fit_decreasing"]
 
 
 @dataclass
@@ -97,6 +97,22 @@ def load_conversations(path: str | Path) -> list[Conversation]:
     return convs
 
 
+def first_fit_decreasing(items: list[int], lengths: list[int], width: int) -> list[list[int]]:
+    """Bins of `items` (indices into `lengths`), longest first, each into the first bin with room (<= width)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):
+        for b, room in enumerate(free):
+            if lengths[i] <= room:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(width - lengths[i])
+    return bins
+
+
 def pack_rows(lengths: list[int], max_length: int, rng: random.Random, window: int = 2048) -> list[list[int]]:
     """Bins of example indices, each summing to <= max_length (first-fit decreasing in shuffled windows).
 
@@ -107,19 +123,7 @@ def pack_rows(lengths: list[int], max_length: int, rng: random.Random, window: i
     rng.shuffle(order)
     rows: list[list[int]] = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: -lengths[i])
-        bins: list[list[int]] = []
-        free: list[int] = []
-        for i in chunk:
-            for b, room in enumerate(free):
-                if lengths[i] <= room:
-                    bins[b].append(i)
-                    free[b] -= lengths[i]
-                    break
-            else:
-                bins.append([i])
-                free.append(max_length - lengths[i])
-        rows.extend(bins)
+        rows.extend(first_fit_decreasing(order[w:w + window], lengths, max_length))
     rng.shuffle(rows)
     return rows
 

@@ -28,7 +28,6 @@ import torch
 from pydantic import Field
 
 from ..config import save_config
-from ..errors import StageError
 from ..lm_head import head_rows
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
@@ -153,10 +152,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     model, tok = load(config.model, device="cpu")
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     pad = pad_id(tok)
-    try:
-        train, held, stats, eval_stats = load_pair_sets(config, chat)
-    except StageError as err:
-        raise StageError(f"dpo: {err}") from None
+    train, held, stats, eval_stats = load_pair_sets(config, chat, "dpo")
     plan = plan_pair_batches(len(train), config.batch_size, config.epochs, config.seed)
     data_hash = pairs_hash(train) + pairs_hash(held)
 

@@ -26,7 +26,7 @@ import torch
 from ..chat import ChatFormat
 from ..formats import iter_source
 from ..records import Comparison, RecordError
-from .data import Example, collate
+from .data import Example, collate, first_fit_decreasing
 from .losses import IGNORE_INDEX
 
 __all__ = ["PairExample", "PairStats", "load_comparisons", "tokenize_pairs", "plan_pair_batches", "collate_pairs",
@@ -121,22 +121,6 @@ def plan_pair_batches(n_pairs: int, batch_size: int, epochs: int, seed: int) -> 
     return plan
 
 
-def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
-    """Bins of indices (first-fit decreasing), each summing to <= width."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(width - lengths[i])
-    return rows
-
-
 def _scored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """score_index / score_target / score_seq from a collated batch's shifted labels and seq_ids."""
     flat = batch["labels"].reshape(-1)
@@ -162,7 +146,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
     if not share_prompt:
         seqs = [e for p in pairs for e in (p.chosen, p.rejected)]
         width = max(max_length, max(len(e.input_ids) for e in seqs))
-        rows = _first_fit([len(e.input_ids) for e in seqs], width)
+        rows = first_fit_decreasing(list(range(len(seqs))), [len(e.input_ids) for e in seqs], width)
         batch = collate([[seqs[i] for i in row] for row in rows], pad_id, with_seq_ids=True)
         packed_order = torch.tensor([i for row in rows for i in row], dtype=torch.long)  # packed index -> pair order
         seq = batch["seq_ids"]
@@ -176,7 +160,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
     prompt_len = [p.prompt_len for p in pairs]
     seg = [len(p.chosen.input_ids) + len(p.rejected.input_ids) - n for p, n in zip(pairs, prompt_len)]
     width = max(2 * max_length, max(seg))
-    rows = _first_fit(seg, width)
+    rows = first_fit_decreasing(list(range(len(seg))), seg, width)
     T = max(sum(seg[i] for i in row) for row in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
@@ -239,13 +223,13 @@ def pairs_hash(pairs: list[PairExample]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pair_sets(config: Any, chat: ChatFormat) -> tuple[list[PairExample], list[PairExample], PairStats, PairStats]:
+def load_pair_sets(config: Any, chat: ChatFormat, method: str) -> tuple[list[PairExample], list[PairExample], PairStats, PairStats]:
     """(train pairs, held-out pairs, their stats) from `config.datasets` / `eval_dataset` (PreferenceSettings)."""
     from ..errors import StageError
     from .data import split_held_out
 
     if not config.datasets:
-        raise StageError("`datasets` is empty; give one or more preference files (datasets: [pairs.jsonl])")
+        raise StageError(f"{method}: `datasets` is empty; give one or more preference files (datasets: [pairs.jsonl])")
     stats, eval_stats = PairStats(), PairStats()
     train, held = [], []
     for path in config.datasets:
@@ -259,5 +243,5 @@ def load_pair_sets(config: Any, chat: ChatFormat) -> tuple[list[PairExample], li
         held = load_comparisons(config.eval_dataset, eval_stats.skipped)[: config.eval_max_examples]
     eval_pairs = tokenize_pairs(held, chat, config.max_length, eval_stats)
     if not train:
-        raise StageError(f"no usable training pair (skipped: {stats.skipped or 'none'})")
+        raise StageError(f"{method}: no usable training pair (skipped: {stats.skipped or 'none'})")
     return train, eval_pairs, stats, eval_stats

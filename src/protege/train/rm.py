@@ -191,10 +191,7 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     tok = load_tokenizer(config.model)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     pad = pad_id(tok)
-    try:
-        train, held, stats, eval_stats = load_pair_sets(config, chat)
-    except StageError as err:
-        raise StageError(f"rm: {err}") from None
+    train, held, stats, eval_stats = load_pair_sets(config, chat, "rm")
     plan = plan_pair_batches(len(train), config.batch_size, config.epochs, config.seed)
     model = _load_classifier(config, pad)
     model = prepare_model(config, model, chat, task_type="SEQ_CLS").to(accelerator.device)
