@@ -64,3 +64,10 @@ def test_bootstrap_interval_covers_the_true_mean():
         lo, hi = bootstrap_ci(values, iters=400, seed=seed)
         covered += lo <= 1.0 <= hi
     assert covered >= 34  # nominal 95%: >= 85% of 40 seeds
+
+
+def test_model_names_from_answer_files_cannot_leave_out_dir():
+    from protege.evaluate.rm_score import _folder_name
+
+    assert _folder_name("../../etc", 0) == "etc" and _folder_name("..", 3) == "model-3"
+    assert _folder_name("runs/dpo/merged", 0) == "runs_dpo_merged"

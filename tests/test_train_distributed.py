@@ -21,23 +21,7 @@ def test_two_processes_match_one(tmp_path, tiny_llama_dir):
     common = [f"--model={tiny_llama_dir}", f"--datasets=[{data}]", "--max_length=96", "--batch_size=2",
               "--max_steps=5", "--learning_rate=5e-3", "--lora.dropout=0.0", "--tensorboard=false",
               "--eval_fraction=0.1", "--save_every=0"]
-    # No GPU here: `--multi_gpu` only picks the torchrun launcher; accelerate then runs DDP over gloo on CPU.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "protege.cli", "train", "sft", *common, "--grad_accum=2",
-                          f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "protege.cli", "train", "sft",
-                          *common, "--grad_accum=1", f"--out_dir={tmp_path / 'two'}"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "on 2 process(es)" in two.stderr
-
-    def curve(name):
-        rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
-        return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
-
-    (loss1, eval1), (loss2, eval2) = curve("one"), curve("two")
+    (loss1, eval1), (loss2, eval2) = _one_vs_two(tmp_path, "sft", common)
     assert len(loss1) == len(loss2) == 5
     assert loss2 == pytest.approx(loss1, rel=1e-4)
     assert eval2 == pytest.approx(eval1, rel=1e-4)
@@ -58,21 +42,28 @@ def test_preference_methods_two_processes_match_one(tmp_path, tiny_llama_dir, me
               "--eval_fraction=0.1", "--save_every=0", f"--reference_cache={tmp_path / 'ref'}"]
     if method == "rm":
         common = common[:-1]
+    (loss1, eval1), (loss2, eval2) = _one_vs_two(tmp_path, method, common)
+    assert len(loss1) == len(loss2) == 4
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert eval2 == pytest.approx(eval1, rel=1e-4)
+
+
+def _one_vs_two(tmp_path, method, common):
+    """Loss and eval-loss curves of one process with grad_accum=2 and two gloo processes with grad_accum=1."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "protege.cli", "train", method, *common, "--grad_accum=2",
                           f"--out_dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
+    # No GPU here: `--multi_gpu` only picks the torchrun launcher; accelerate then runs DDP over gloo on CPU.
     two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "protege.cli", "train", method,
                           *common, "--grad_accum=1", f"--out_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stderr
 
     def curve(name):
         rows = [json.loads(x) for x in open(tmp_path / name / "metrics.jsonl")]
         return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
 
-    (loss1, eval1), (loss2, eval2) = curve("one"), curve("two")
-    assert len(loss1) == len(loss2) == 4
-    assert loss2 == pytest.approx(loss1, rel=1e-4)
-    assert eval2 == pytest.approx(eval1, rel=1e-4)
+    return curve("one"), curve("two")

@@ -11,6 +11,7 @@ models under the same RM only.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class RMScoreConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="conversations scored together")
     max_length: int = Field(1024, ge=2, description="tokens kept per conversation (its end, where the score is read)")
     seed: int = Field(0, description="bootstrap seed")
+
+
+def _folder_name(model: str, index: int) -> str:
+    """A folder name from a model name read out of an answers file (user data): it must stay inside out_dir."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._") or f"model-{index}"
+    return safe
 
 
 def run(cfg: RMScoreConfig) -> dict[str, Any]:
@@ -71,7 +78,7 @@ def run(cfg: RMScoreConfig) -> dict[str, Any]:
         result = {"model": name, "rm": str(cfg.rm), "n": len(scores), "mean": round(mean, 4),
                   "ci": [round(x, 4) for x in bootstrap_ci(scores, seed=cfg.seed)], "std": round(std, 4),
                   "scores": [{"id": r.get("id"), "score": round(s, 4)} for r, s in zip(recs, scores)]}
-        target = out / name.replace("/", "_") / RM_SCORES_FILE
+        target = out / _folder_name(name, len(outputs)) / RM_SCORES_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(result, indent=2))
         outputs.append(target)
