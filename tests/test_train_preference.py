@@ -445,3 +445,34 @@ def test_pairs_truncate_with_one_prompt_cut_and_count(tiny_llama):
         # both sides keep the same prompt tokens
         assert p.chosen.input_ids[:10] == p.rejected.input_ids[:10]
     assert stats.skipped.get("chosen == rejected after truncation", 0) == 1  # the answers differed only past the cut
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_embed_inputs_equals_peft_trainable_tokens_values_and_gradients(arch, request):
+    """Our sparse lookup == PEFT's index_copy embedding (Gemma's sqrt(H) scale included), gradient included."""
+    import copy
+
+    from protege.chat import ChatFormat
+    from protege.lm_head import embed_inputs
+    from protege.train.model import prepare_model
+    from protege.train.settings import TrainSettings
+
+    model, tok = request.getfixturevalue(f"tiny_{arch}")
+    chat = ChatFormat.from_tokenizer(tok)
+    policy = prepare_model(TrainSettings(lora={"dropout": 0.0}), copy.deepcopy(model), chat)
+    layer = policy.get_base_model().get_input_embeddings().token_adapter
+    name = layer.active_adapters[0]
+    delta = layer.trainable_tokens_delta[name]
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta))  # trainable rows now differ from the frozen ones
+    ids = torch.tensor([chat.encode([{"role": "user", "content": "Hi there"},
+                                     {"role": "assistant", "content": "Hello"}]).input_ids])
+    assert any(int(i) in layer.token_indices[name] for i in ids[0])
+    ours = embed_inputs(policy, ids)
+    theirs = policy.get_base_model().get_input_embeddings()(ids)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    g_ours = torch.autograd.grad(ours.square().sum(), delta)[0]
+    g_theirs = torch.autograd.grad(theirs.square().sum(), delta)[0]
+    assert torch.allclose(g_ours, g_theirs, atol=1e-5) and g_ours.abs().sum() > 0
+    with policy.disable_adapter():
+        assert embed_inputs(policy, ids) is None  # the reference embeds through the frozen base

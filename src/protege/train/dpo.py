@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from ..config import save_config
-from ..lm_head import head_rows
+from ..lm_head import embed_inputs, head_rows
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .logprobs import token_logprobs
@@ -64,7 +64,9 @@ class PolicyLogprobs(torch.nn.Module):
                 n_seqs: int) -> torch.Tensor:
         """Batch from `collate_pairs` -> sum of log-probs of each sequence's scored tokens (n_seqs,)."""
         parts = self._parts
-        hidden = parts.decoder(input_ids=input_ids, position_ids=position_ids,
+        emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
+        hidden = parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
+                               position_ids=position_ids,
                                attention_mask=additive_mask(attention_mask, self._dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
         weight, override = head_rows(parts.head)

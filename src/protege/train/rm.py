@@ -25,6 +25,7 @@ from pydantic import Field
 
 from ..config import save_config
 from ..errors import StageError
+from ..lm_head import embed_inputs
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import margin_values, reward_loss
@@ -60,7 +61,9 @@ class RewardModule(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self._body[0](input_ids=input_ids, position_ids=position_ids,
+        emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
+        hidden = self._body[0](input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
+                               position_ids=position_ids,
                                attention_mask=additive_mask(attention_mask, self._score_dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (n_seqs, H)

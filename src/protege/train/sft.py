@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..config import save_config
 from ..errors import StageError
-from ..lm_head import head_rows
+from ..lm_head import embed_inputs, head_rows
 from ..manifest import write_manifest
 from .data import Example, TokenStats, collate, load_conversations, plan_micro_batches, split_held_out, tokenize
 from .fit import LossOutput, fit, pad_id, start_run
@@ -62,7 +62,9 @@ class SFTModule(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 normalizer: float | None = None) -> torch.Tensor:
         parts = self._parts
-        hidden = parts.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+        emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
+        hidden = parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
+                               position_ids=position_ids, attention_mask=None,
                                use_cache=False).last_hidden_state  # (B, T, H)
         weight, override = head_rows(parts.head)
         return sft_loss(hidden, weight, labels, normalizer=normalizer, softcap=parts.softcap,
