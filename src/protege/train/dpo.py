@@ -162,7 +162,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     frozen = copy.deepcopy(model) if config.method == "full" else None
     model = prepare_model(config, model, chat).to(accelerator.device)
     key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length,
-                                     pairs_hash(train + held)]).encode()).hexdigest()[:20]
+                                     data_hash]).encode()).hexdigest()[:20]
     cache = Path(config.reference_cache or protege_home() / "reference_logps") / f"{key}.jsonl"
     share = can_share_prompt(model, config)
     if main:

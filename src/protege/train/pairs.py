@@ -154,8 +154,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
         last = torch.empty_like(batch["last_index"])
         last[packed_order] = batch["last_index"]
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
-                **_scored(batch), "last_index": last, "labels": batch["labels"], "seq_ids": batch["seq_ids"],
-                "margin": margin}
+                **_scored(batch), "last_index": last, "margin": margin}
 
     prompt_len = [p.prompt_len for p in pairs]
     seg = [len(p.chosen.input_ids) + len(p.rejected.input_ids) - n for p, n in zip(pairs, prompt_len)]
@@ -166,6 +165,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
     pos = torch.zeros((len(rows), T), dtype=torch.long)
     mask = torch.zeros((len(rows), 1, T, T), dtype=torch.bool)
     idx, tgt, sq, last = [], [], [], [0] * (2 * len(pairs))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -177,7 +177,6 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
             ids[r, r0:r0 + len(r_ans)] = torch.tensor(r_ans)
             pos[r, at:r0] = torch.arange(n + len(c_ans))
             pos[r, r0:r0 + len(r_ans)] = torch.arange(n, n + len(r_ans))
-            causal = torch.ones(T, T, dtype=torch.bool).tril()
             for lo, hi in ((at, c0), (c0, r0), (r0, r0 + len(r_ans))):
                 mask[r, 0, lo:hi, lo:hi] = causal[lo:hi, lo:hi]
             mask[r, 0, c0:r0 + len(r_ans), at:c0] = True  # both answers see the whole prompt
