@@ -181,6 +181,22 @@ def _iter_json_objects(path: Path, keep_going: bool = False) -> Iterator[tuple[i
             yield lineno, bad
 
 
+def _convert_all(objects: Iterator[tuple[int, Any]], fmt: str, label: str, where: str,
+                 skipped: dict[str, int] | None) -> Iterator[Record]:
+    """Records from (line, object) pairs; errors get `where:line`; SkipRecords counted into `skipped` (or raised)."""
+    for lineno, obj in objects:
+        try:
+            rec = convert_obj(obj, fmt, label)
+        except SkipRecord as err:
+            if skipped is None:
+                raise RecordError(err.problem, where, lineno) from None
+            skipped[err.problem] = skipped.get(err.problem, 0) + 1
+            continue
+        except RecordError as err:
+            raise RecordError(err.problem, where, lineno) from None
+        yield rec
+
+
 def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str = "train",
                 skipped: dict[str, int] | None = None) -> Iterator[Record]:
     """Records from a JSON/JSONL file in any known format, or anything `datasets.load_dataset` reads.
@@ -194,17 +210,7 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
     if not path.exists() and not str(src).startswith("hf:"):
         raise MissingSource(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        for lineno, obj in _iter_json_objects(path):
-            try:
-                rec = convert_obj(obj, fmt, label)
-            except SkipRecord as err:
-                if skipped is None:
-                    raise RecordError(err.problem, str(path), lineno) from None
-                skipped[err.problem] = skipped.get(err.problem, 0) + 1
-                continue
-            except RecordError as err:
-                raise RecordError(err.problem, str(path), lineno) from None
-            yield rec
+        yield from _convert_all(_iter_json_objects(path), fmt, label, str(path), skipped)
         return
     import datasets  # heavy import, only when a non-JSON source is used
 
@@ -221,17 +227,7 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
         ds = datasets.load_dataset(str(src)[3:], split=split)
     else:
         raise RecordError(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
-    for i, row in enumerate(ds):
-        try:
-            rec = convert_obj(dict(row), fmt, label)
-        except SkipRecord as err:
-            if skipped is None:
-                raise RecordError(err.problem, str(src), i + 1) from None
-            skipped[err.problem] = skipped.get(err.problem, 0) + 1
-            continue
-        except RecordError as err:
-            raise RecordError(err.problem, str(src), i + 1) from None
-        yield rec
+    yield from _convert_all(((i + 1, dict(row)) for i, row in enumerate(ds)), fmt, label, str(src), skipped)
 
 
 def validate_source(src: str | Path, fmt: str = "auto", kind: str = "auto") -> tuple[int, list[RecordError], list[RecordError]]:
