@@ -59,7 +59,14 @@ def test_missing_file_and_bad_override():
     with pytest.raises(ConfigError, match="not found"):
         load_config(Demo, "/nonexistent/x.yaml")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        parse_overrides(["--batch_size"])
+        parse_overrides(["batch_size"])
+
+
+def test_overrides_take_space_separated_values():
+    # `--help` shows `--key`; users type `--key value` as with any argparse tool.
+    assert parse_overrides(["--batch_size", "4", "--optim.learning_rate=0.5", "--flag"]) == \
+        {"batch_size": 4, "optim": {"learning_rate": 0.5}, "flag": True}
+    assert parse_overrides(["--prompts", "a b.jsonl", "--x", "-1"]) == {"prompts": "a b.jsonl", "x": -1}
 
 
 def test_save_config_round_trip(tmp_path):

@@ -82,7 +82,7 @@ def test_cli_validate_exit_codes(tmp_path):
     reported = [int(line.split(":")[1]) for line in proc.stdout.splitlines()]
     assert reported == bad_lines
     clean = tmp_path / "clean.jsonl"
-    write_records(clean, [parse_record(GOOD)] * 2)
+    write_records(clean, [parse_record(GOOD), parse_record({**GOOD, "id": "second"})])
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "validate", str(clean)], capture_output=True, text=True)
     assert proc.returncode == 0 and "2 valid records" in proc.stderr
 

@@ -112,12 +112,25 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["--a.b=3", "c=[1,2]"]` -> `{"a": {"b": 3}, "c": [1, 2]}` (values parsed as YAML scalars)."""
+    """`["--a.b=3", "--c", "[1,2]", "--flag"]` -> `{"a": {"b": 3}, "c": [1, 2], "flag": True}`.
+
+    Values are parsed as YAML scalars. `--key value` works as well as `--key=value` (what `--help`
+    shows and what argparse users type); a bare `--key` before another option or at the end is `true`.
+    """
     out: dict[str, Any] = {}
-    for arg in args:
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
         text = arg[2:] if arg.startswith("--") else arg
         if "=" not in text:
-            raise ConfigError(f"override `{arg}`: expected KEY=VALUE, e.g. --train.learning_rate=1e-4")
+            if not arg.startswith("--"):
+                raise ConfigError(f"override `{arg}`: expected KEY=VALUE, e.g. --train.learning_rate=1e-4")
+            if i < len(args) and not args[i].startswith("--"):
+                text, i = f"{text}={args[i]}", i + 1
+            else:
+                text = f"{text}=true"
         key, raw = text.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""

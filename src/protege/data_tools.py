@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageConfig
+from .errors import StageError
+from .outputs import publish, refuse_clobber
 from .formats import iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
 from .records import RecordError
 from .records import Comparison, Conversation, JsonlWriter, read_records
@@ -36,6 +38,9 @@ def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_form
     Unusable preference pairs (equal answers, differing prompts, ties) are counted by reason into `skipped`.
     """
     out = Path(out)
+    refuse_clobber([src] if Path(src).exists() else [], [out], "data convert")
+    if out.is_dir():
+        raise StageError(f"{out}: is a folder; give the output file's path (e.g. {out}/records.jsonl)")
     tmp = out.with_name(out.name + ".tmp")
     write = _WRITERS[to_format]
     if to_format in ("alpaca", "sharegpt", "openai"):
@@ -111,25 +116,28 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
     With `write_rest` the records not kept go to rest.jsonl, so one stage makes a held-out split."""
     import random
 
-    from .manifest import Timer, write_manifest
+    import time
+
+    from .manifest import write_manifest
     from .records import write_records
 
-    with Timer() as t:
+    refuse_clobber([config.src], [config.out_dir], "data.sample")
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with publish(config.out_dir) as staged:
         records = list(read_records(config.src))
         order = list(range(len(records)))
         random.Random(config.seed).shuffle(order)
         kept = [records[i] for i in order[: config.n]]
-        out = Path(config.out_dir) / "records.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_records(out, kept)
-        outputs = [out]
+        write_records(staged / "records.jsonl", kept)
+        names = ["records.jsonl"]
         if config.write_rest:  # the complement, in file order: sample = eval set, rest = training set
             rest_ids = set(order[config.n:])
-            outputs.append(out.with_name("rest.jsonl"))
-            write_records(outputs[-1], [r for i, r in enumerate(records) if i in rest_ids])
-    counts = {"in": len(records), "kept": len(kept)}
-    if config.write_rest:
-        counts["rest"] = len(records) - len(kept)
-    write_manifest(config.out_dir, "data.sample", config, inputs=[config.src], outputs=outputs, counts=counts,
-                   seconds=t.seconds)
+            names.append("rest.jsonl")
+            write_records(staged / "rest.jsonl", [r for i, r in enumerate(records) if i in rest_ids])
+        counts = {"in": len(records), "kept": len(kept)}
+        if config.write_rest:
+            counts["rest"] = len(records) - len(kept)
+        write_manifest(staged, "data.sample", config, inputs=[config.src],
+                       outputs=[Path(config.out_dir) / n for n in names], counts=counts, seconds=time.perf_counter() - t0)
     return counts

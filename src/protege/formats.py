@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
 from .records import (Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord, check_messages,
-                      parse_record)
+                      parse_record, check_file, record_id)
 
 __all__ = [
     "FORMATS",
@@ -53,7 +53,7 @@ def from_alpaca(obj: dict[str, Any], source: str = "alpaca") -> Conversation:
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     if obj.get("system"):
         messages.insert(0, {"role": "system", "content": obj["system"]})
-    return Conversation(check_messages(messages), id=str(obj.get("id") or ""), source=source,
+    return Conversation(check_messages(messages), id=record_id(obj), source=source,
                         meta={k: v for k, v in obj.items() if k not in ("instruction", "input", "output", "id", "system")})
 
 
@@ -83,7 +83,7 @@ def from_sharegpt(obj: dict[str, Any], source: str = "sharegpt") -> Conversation
             raise RecordError(f"`conversations[{i}].from`: unknown speaker {turn['from']!r} (expected human, gpt or system)")
         messages.append({"role": role, "content": turn["value"]})
     meta = {k: v for k, v in obj.items() if k not in ("conversations", "conversation", "id")}
-    return Conversation(check_messages(messages, "conversations"), id=str(obj.get("id") or ""), source=source, meta=meta)
+    return Conversation(check_messages(messages, "conversations"), id=record_id(obj), source=source, meta=meta)
 
 
 def to_sharegpt(conv: Conversation) -> dict[str, Any]:
@@ -93,14 +93,34 @@ def to_sharegpt(conv: Conversation) -> dict[str, Any]:
 def from_openai(obj: dict[str, Any], source: str = "openai") -> Conversation:
     if "messages" not in obj:
         raise RecordError("missing field `messages`")
+    if not isinstance(obj["messages"], list):
+        raise RecordError(f"`messages`: expected a list of messages, got {type(obj['messages']).__name__}")
     messages = []
-    for i, m in enumerate(obj["messages"] if isinstance(obj["messages"], list) else []):
+    for i, m in enumerate(obj["messages"]):
         if isinstance(m, dict) and isinstance(m.get("content"), list):
-            # OpenAI content parts: keep the text parts, which is all a text model can use.
-            m = {**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
+            m = {**m, "content": _text_parts(m["content"], f"messages[{i}]")}
         messages.append({"role": m.get("role"), "content": m.get("content")} if isinstance(m, dict) else m)
     meta = {k: v for k, v in obj.items() if k not in ("messages", "id")}
-    return Conversation(check_messages(messages), id=str(obj.get("id") or ""), source=source, meta=meta)
+    return Conversation(check_messages(messages), id=record_id(obj), source=source, meta=meta)
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    """OpenAI content parts joined into one text; a record with image/audio parts is skipped and counted.
+
+    Dropping an image and keeping the question about it would train the model to answer about a picture
+    it never saw, so such records are left out, loudly (convert prints the count, validate warns).
+    """
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if kind != "text":
+            if kind is None:
+                raise RecordError(f"`{where}.content[{j}]`: expected a content part object, got {type(part).__name__}")
+            raise SkipRecord(f"non-text content part ({kind})")
+        if not isinstance(part.get("text"), str):
+            raise RecordError(f"`{where}.content[{j}].text`: expected a string")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def to_openai(conv: Conversation) -> dict[str, Any]:
@@ -225,6 +245,8 @@ def iter_source(src: str | Path, fmt: str = "auto", source: str = "", split: str
         ds = datasets.load_dataset(builder, data_files=str(path), split=split)
     elif str(src).startswith("hf:"):
         ds = datasets.load_dataset(str(src)[3:], split=split)
+    elif path.is_dir():
+        raise RecordError(f"{src}: is a folder but not a saved dataset (no dataset_info.json); give a record file")
     else:
         raise RecordError(f"{src}: no such file or folder (a hub dataset is read only when named hf:org/name)")
     yield from _convert_all(((i + 1, dict(row)) for i, row in enumerate(ds)), fmt, label, str(src), skipped)
@@ -237,11 +259,10 @@ def validate_source(src: str | Path, fmt: str = "auto", kind: str = "auto") -> t
     preference pairs that readers skip and count, e.g. equal answers). `kind` "conversation"
     or "comparison" also flags records of the other kind.
     """
-    path = Path(src)
-    if not path.is_file():
-        raise RecordError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    path = check_file(src)
     good, errors, skipped = 0, [], []
     want = {"conversation": Conversation, "comparison": Comparison}.get(kind)
+    first_line: dict[str, int] = {}  # explicit id -> line it first appeared on
     try:
         for lineno, obj in _iter_json_objects(path, keep_going=True):
             if isinstance(obj, RecordError):
@@ -258,6 +279,12 @@ def validate_source(src: str | Path, fmt: str = "auto", kind: str = "auto") -> t
             if want is not None and not isinstance(rec, want):
                 errors.append(RecordError(f"expected a {kind}, got a {type(rec).__name__.lower()}", str(path), lineno))
                 continue
+            if isinstance(obj, dict) and obj.get("id") not in (None, ""):  # ids given (not content hashes) must be unique
+                if rec.id in first_line:
+                    errors.append(RecordError(f"duplicate id {rec.id!r}, first used at {path}:{first_line[rec.id]}",
+                                              str(path), lineno))
+                    continue
+                first_line[rec.id] = lineno
             good += 1
     except RecordError as err:  # a JSON-array file that does not decode: nothing in it can be located
         errors.append(err)

@@ -21,22 +21,31 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .config import ConfigError, StageConfig, parse_overrides, read_yaml, validate_dict
 from .manifest import sha256_file
+from .outputs import inside, remove_tree
 from .stages import STAGE_KINDS, StageKind, stage_kind
 
 __all__ = ["Recipe", "StageSpec", "STAGE_KINDS", "StageKind", "run_recipe", "load_recipe", "stage_kind"]
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _HASH_LIMIT = 256 << 20  # inputs larger than this are fingerprinted by size + mtime, not content
+# Stage and recipe names become folder names: no separators, no `..`, nothing a shell must quote.
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME.fullmatch(value) or set(value) == {"."}:
+        raise ValueError(f"{what} {value!r} must be letters, digits, `.`, `_` or `-` (it names a folder), "
+                         "and not `.` or `..`")
+    return value
 
 
 class PullConfig(StageConfig):
@@ -61,12 +70,22 @@ class StageSpec(StageConfig):
     kind: str = Field(..., description=f"what runs: one of {', '.join(STAGE_KINDS)}")
     config: dict[str, Any] = Field(default_factory=dict, description="the stage's own config (see `protege <stage> --help`)")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "stage name")
+
 
 class Recipe(StageConfig):
     name: str = Field(..., description="run name: outputs go to <runs_dir>/<name>/")
     description: str = Field("", description="what this recipe does")
     runs_dir: str = Field("runs", description="parent folder of all runs")
     stages: list[StageSpec] = Field(..., description="stages, run in order")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "recipe name")
 
 
 def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
@@ -154,8 +173,14 @@ def _stage_config(config_cls: type[StageConfig], resolved: dict[str, Any], stage
     data = dict(resolved)
     if "out_dir" in fields:
         data["out_dir"] = str(stage_dir)
-    elif "output" in fields and "output" not in data:
-        data["output"] = str(stage_dir / Path(str(fields["output"].default or "output")).name)
+    elif "output" in fields:
+        # A relative `output` lives in the stage folder; no stage writes outside its run (a recipe
+        # from someone else must not be able to replace ~/.bashrc).
+        name = data.get("output") or Path(str(fields["output"].default or "output")).name
+        target = stage_dir / str(name)
+        if Path(str(name)).is_absolute() or not inside(target, stage_dir):
+            raise ConfigError(f"{where}: output {name!r} must be a relative path inside the stage folder")
+        data["output"] = str(target)
     return validate_dict(config_cls, data, where)
 
 
@@ -167,13 +192,18 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
     run_dir = Path(recipe.runs_dir) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not inside(run_dir, recipe.runs_dir) or run_dir.resolve() == Path(recipe.runs_dir).resolve():
+        raise ConfigError(f"recipe {recipe.name}: run folder {run_dir} is not inside {recipe.runs_dir}")
+    if not dry_run:  # a dry run plans; it writes nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
     dirs: dict[str, Path] = {}
     fingerprints: dict[str, str] = {}
     forced = False
     rows: list[dict[str, Any]] = []
     for index, spec in enumerate(recipe.stages, start=1):
         stage_dir = run_dir / f"{index:02d}-{spec.name}"
+        if not inside(stage_dir, run_dir) or stage_dir.is_symlink():
+            raise ConfigError(f"recipe {recipe.name}: stage folder {stage_dir} is not inside {run_dir}")
         refs: set[str] = set()
         where = f"recipe {recipe.name}, stage {spec.name}"
         resolved = _substitute(spec.config, dirs, refs, where)
@@ -198,7 +228,7 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
             continue
         if stage_dir.exists() and (forced or (started or done or {}).get("fingerprint") != fp):
             _log(f"{spec.name}: config or inputs changed; clearing {stage_dir}")
-            shutil.rmtree(stage_dir)
+            remove_tree(stage_dir, run_dir)
         elif started:
             _log(f"{spec.name}: resuming an interrupted run in {stage_dir}")
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .records import Comparison, RecordError, SkipRecord, check_messages
+from .records import Comparison, RecordError, SkipRecord, check_messages, record_id
 
 __all__ = ["PREFERENCE_FORMATS", "detect_preference_format", "convert_preference", "parse_transcript"]
 
@@ -83,7 +83,7 @@ def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str, margin: floa
         raise RecordError("`prompt`: last message must be from the user")
     meta = {k: v for k, v in obj.items() if k not in used and k != "id"}
     return Comparison(prompt, {"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected},
-                      margin, str(obj.get("id") or ""), source, meta)
+                      margin, record_id(obj), source, meta)
 
 
 def _split_shared(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> tuple[list, str, str]:
@@ -124,7 +124,7 @@ def _from_trl(obj: dict[str, Any], source: str) -> Comparison:
     chosen, rejected = _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
     if "prompt" in obj:
         prompt = _messages(obj["prompt"], "prompt")
-        if prompt and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"].strip():
+        if prompt and prompt[-1]["role"] == "assistant" and not str(prompt[-1]["content"] or "").strip():
             prompt = prompt[:-1]  # an HH-style prompt string ends with an empty "Assistant:" cue
         if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
             raise RecordError("`chosen` / `rejected`: expected one assistant answer each after an explicit `prompt`")
@@ -223,6 +223,16 @@ _IMPORTERS = {"hh": _from_hh, "trl": _from_trl, "sharegpt-pref": _from_sharegpt_
               "ultrafeedback": _from_ultrafeedback, "webgpt": _from_webgpt, "summarize": _from_summarize}
 
 
+_REQUIRED = {"hh": ("chosen", "rejected"), "trl": ("chosen", "rejected"),
+             "sharegpt-pref": ("conversations", "chosen", "rejected"), "ultrafeedback": ("completions",),
+             "webgpt": ("answer_0", "answer_1"), "summarize": ("summaries", "choice")}
+
+
 def convert_preference(obj: dict[str, Any], fmt: str, source: str = "") -> Comparison:
     """One decoded object in preference format `fmt` -> a validated Comparison (or SkipRecord)."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in _REQUIRED[fmt] if k not in obj]
+    if missing:
+        raise RecordError(f"missing field `{missing[0]}` (a {fmt} record needs {', '.join(_REQUIRED[fmt])})")
     return _IMPORTERS[fmt](obj, source or fmt)

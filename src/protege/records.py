@@ -36,6 +36,8 @@ __all__ = [
     "write_records",
     "JsonlWriter",
     "validate_file",
+    "check_file",
+    "record_id",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -160,19 +162,25 @@ def check_messages(messages: Any, field_name: str = "messages", require_assistan
     return out
 
 
-def _check_meta(obj: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def record_id(obj: dict[str, Any]) -> str:
+    """The record's `id` as a string ("" if absent or null); a bool, float, list or object is an error."""
     rid = obj.get("id", "")
     if rid is None:
-        rid = ""
-    if not isinstance(rid, (str, int)):
-        raise RecordError(f"`id`: expected a string, got {type(rid).__name__}")
+        return ""
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):  # bool is an int to Python; `true` is no id
+        raise RecordError(f"`id`: expected a string or an integer, got {json.dumps(rid, default=str)[:40]}")
+    return str(rid)
+
+
+def _check_meta(obj: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    rid = record_id(obj)
     source = obj.get("source", "") or ""
     if not isinstance(source, str):
         raise RecordError(f"`source`: expected a string, got {type(source).__name__}")
     meta = obj.get("meta", {}) or {}
     if not isinstance(meta, dict):
         raise RecordError(f"`meta`: expected an object, got {type(meta).__name__}")
-    return str(rid), source, meta
+    return rid, source, meta
 
 
 def parse_record(obj: Any, kind: str = "auto") -> Record:
@@ -208,6 +216,16 @@ def parse_record(obj: Any, kind: str = "auto") -> Record:
             raise SkipRecord("chosen == rejected")
         return Comparison(prompt, chosen, rejected, None if margin is None else float(margin), rid, source, meta)
     raise ValueError(f"unknown record kind {kind!r}")
+
+
+def check_file(path: str | Path) -> Path:
+    """`path` as a Path if it is a readable file; otherwise a "no such file" / "is a folder" error."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingSource(f"{p}: no such file")
+    if p.is_dir():
+        raise RecordError(f"{p}: is a folder, expected a record file (.jsonl)")
+    return p
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -246,9 +264,7 @@ class RecordReader:
         skip_invalid: bool = False,
         rejected_path: str | Path | None = None,
     ):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: no such file")
+        self.path = check_file(path)
         self.kind = kind
         self.skip_invalid = skip_invalid
         self.rejected_path = Path(rejected_path) if rejected_path else None
@@ -290,7 +306,7 @@ def read_records(path: str | Path, kind: str = "auto", skip_invalid: bool = Fals
 def validate_file(path: str | Path, kind: str = "auto") -> tuple[int, list[RecordError]]:
     """Check every line; return (number of good records, errors with file:line)."""
     good, errors = 0, []
-    for lineno, raw in _iter_lines(Path(path)):
+    for lineno, raw in _iter_lines(check_file(path)):
         try:
             if _decode_line(raw, kind) is not None:
                 good += 1

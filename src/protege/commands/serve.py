@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 ORDER = 95
@@ -23,6 +24,17 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: %(default)s)")
     p.add_argument("--name", default=None, help="model name reported by /v1/models (default: MODEL)")
+    p.add_argument("--allow-no-key", action="store_true",
+                   help="allow binding beyond loopback without --api-key-env (anyone who can reach the port can use it)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (repeatable; loopback names always)")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="URL",
+                   help="let browser pages from URL call the API (repeatable; default: only the chat page itself)")
+    p.add_argument("--max-body-mb", type=float, default=2.0, help="largest request body in MiB (default: %(default)s)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait for a batch slot; more get 429 + Retry-After (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="cancel a request unanswered after this long (default: %(default)s)")
     p.set_defaults(func=_serve)
 
 
@@ -33,16 +45,29 @@ def _serve(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from ..models import load
     from ..serve import create_app
+    from ..serve.guard import Guard, is_loopback
 
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise StageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    if not is_loopback(args.host) and not api_key:
+        if not args.allow_no_key:
+            raise StageError(f"--host {args.host} exposes the model to every machine that can reach this one, "
+                             "and no API key is set: add --api-key-env VAR (clients send `Authorization: Bearer "
+                             "$VAR`), or --allow-no-key if that is what you want")
+        print(f"warning: serving on {args.host} without an API key; anyone who can reach port {args.port} "
+              "can use this model", file=sys.stderr, flush=True)
+    if args.max_body_mb <= 0 or args.max_waiting < 1 or args.request_timeout <= 0:
+        raise StageError("--max-body-mb, --max-waiting and --request-timeout must be positive")
+    guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
+                  max_body_bytes=int(args.max_body_mb * (1 << 20)))
     model, tok = load(args.model, dtype=args.dtype)
     engine = Engine(model, tok, max_batch_size=args.max_batch)
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
-    app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch)
+    app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,
+                     max_waiting=args.max_waiting, request_timeout_s=args.request_timeout)
     print(f"serving {name} on http://{args.host}:{args.port}  (chat page: /, API: /v1/chat/completions"
           f"{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

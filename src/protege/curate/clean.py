@@ -139,6 +139,10 @@ def _roles_ok(messages: list[dict[str, str]]) -> bool:
 
 
 def _clean_conversation(rec: Conversation, opts: CleanStep, teacher: PhraseMatcher | None) -> dict[str, Any] | None:
+    for i, m in enumerate(rec.messages if isinstance(rec.messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        if content is not None and not isinstance(content, str):  # 42 is not an empty turn to repair
+            return removal(rec, "invalid", f"messages[{i}].content: expected a string, got {type(content).__name__}")
     msgs = [{"role": m.get("role") if isinstance(m, dict) else None,
              "content": _clean_text(m.get("content") if isinstance(m, dict) else None, opts)}
             for m in (rec.messages if isinstance(rec.messages, list) else [])]

@@ -26,6 +26,7 @@ from ..config import save_config
 from ..errors import StageError
 from ..formats import convert_obj, iter_source
 from ..manifest import write_manifest
+from ..outputs import publish, refuse_clobber
 from ..records import Comparison, Conversation, Record, RecordError, check_messages, write_records
 from . import clean, decontam, dedup, langid, mix, quality, split, tag
 from .common import StepResult, messages_of, progress, removal, words
@@ -99,17 +100,55 @@ def _loose_conversation(obj: Any, source: str) -> Conversation | None:
     return Conversation(msgs, id=str(obj.get("id") or ""), source=str(obj.get("source") or source), meta=meta)
 
 
-def read_inputs(cfg: CurateConfig, ctx: Context) -> tuple[list[Record], list[dict[str, Any]]]:
-    """All input records in order, and removal entries for unreadable ones (with skip_invalid)."""
+def unique_ids(records: list[Record], origins: list[str]) -> int:
+    """Rename repeated ids in place (`x`, `x~dup2`, ...) so removed.jsonl and provenance name one record.
+
+    Two inputs often reuse ids (two generation runs both start at `selfinstruct-0000`); refusing them
+    would block an ordinary mix, and keeping them would make every later reference ambiguous. The new
+    id keeps the old one in `meta.id_renamed_from`; each rename is logged with both locations.
+    Returns the number renamed.
+    """
+    first: dict[str, str] = {}
+    taken = {r.id for r in records}
+    renamed = 0
+    for rec, where in zip(records, origins):
+        if rec.id not in first:
+            first[rec.id] = where
+            continue
+        k = 2
+        while f"{rec.id}~dup{k}" in taken:
+            k += 1
+        new = f"{rec.id}~dup{k}"
+        if renamed < 5:
+            _log(f"{where}: id {rec.id!r} already used at {first[rec.id]}; renamed to {new!r}")
+        rec.meta = {**rec.meta, "id_renamed_from": rec.id}
+        rec.id = new
+        taken.add(new)
+        first[new] = where
+        renamed += 1
+    if renamed > 5:
+        _log(f"... {renamed} repeated ids renamed in all (meta.id_renamed_from keeps the original)")
+    return renamed
+
+
+def read_inputs(cfg: CurateConfig, ctx: Context) -> tuple[list[Record], list[dict[str, Any]], int]:
+    """All input records in order (ids made unique), removal entries for unreadable ones (with
+    skip_invalid), and how many ids were renamed."""
     repairable = bool(cfg.steps) and cfg.steps[0].step == "clean"
     records: list[Record] = []
+    origins: list[str] = []
     removed: list[dict[str, Any]] = []
     for src in cfg.inputs:
         path = Path(src)
         if not path.exists():
             raise FileNotFoundError(f"{path}: input not found")
+        if path.is_dir() and not (path / "dataset_info.json").exists():
+            raise StageError(f"{path}: is a folder; curate reads record files (.jsonl, .json, .parquet, ...) "
+                             "or a saved `datasets` folder")
         if path.suffix not in (".jsonl", ".json"):
-            records.extend(iter_source(path, cfg.format))   # datasets-readable files: validated rows
+            rows = list(iter_source(path, cfg.format))   # datasets-readable files: validated rows
+            records.extend(rows)
+            origins.extend(f"{path} row {i}" for i in range(1, len(rows) + 1))
             continue
         for lineno, obj, problem in progress(_json_objects(path), f"read {path.name}"):
             rec = None
@@ -123,13 +162,14 @@ def read_inputs(cfg: CurateConfig, ctx: Context) -> tuple[list[Record], list[dic
                         ctx.unchecked[id(rec)] = problem
             if rec is not None:
                 records.append(rec)
+                origins.append(f"{path}:{lineno}")
                 continue
             if not cfg.skip_invalid:
                 raise RecordError(f"{problem} (set skip_invalid: true to list such lines in removed.jsonl)", str(path), lineno)
             rid = str(obj.get("id")) if isinstance(obj, dict) and obj.get("id") else f"{path.name}:{lineno}"
             removed.append({**removal(None, "invalid", f"{path}:{lineno}: {problem}", rid=rid, source=path.stem),
                             "step": "read"})
-    return records, removed
+    return records, removed, unique_ids(records, origins)
 
 
 def _validate(records: list[Record], ctx: Context) -> tuple[list[Record], list[dict[str, Any]]]:
@@ -213,6 +253,7 @@ def run(config: CurateConfig) -> dict[str, Any]:
         raise StageError("curate: no inputs (give record files: `protege curate IN... --out DIR`)")
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
+    refuse_clobber(cfg.inputs, [out], "curate")
     work = out / ".steps"
     ctx = Context(seed=cfg.seed)
     resumed = None
@@ -221,12 +262,13 @@ def run(config: CurateConfig) -> dict[str, Any]:
         if resumed is not None:
             records, removed, state = resumed
             start, summaries, inputs = i + 1, state["steps"], state["inputs"]
+            renamed = inputs.get("renamed_ids", 0)
             _log(f"resuming after step {i + 1} ({cfg.steps[i].step}) from {work}")
             break
     if resumed is None:
-        records, removed = read_inputs(cfg, ctx)
+        records, removed, renamed = read_inputs(cfg, ctx)
         inputs = {"records": len(records) + len(removed), "per_source": dict(Counter(r.source for r in records)),
-                  "unreadable": len(removed), "lengths": length_histogram(records)}
+                  "unreadable": len(removed), "lengths": length_histogram(records), "renamed_ids": renamed}
         for entry in removed:
             inputs["per_source"][entry["source"]] = inputs["per_source"].get(entry["source"], 0) + 1
         start, summaries = 0, []
@@ -253,30 +295,37 @@ def run(config: CurateConfig) -> dict[str, Any]:
     added = sum(s["added"] for s in summaries)
     if inputs["records"] + added != len(records) + len(removed):
         raise RuntimeError(f"curate bug: {inputs['records']} in + {added} created != {len(records)} out + {len(removed)} removed")
+    if len({r.id for r in records}) != len(records):
+        raise RuntimeError("curate bug: ids in records.jsonl are not unique")
 
     out.mkdir(parents=True, exist_ok=True)
-    write_records(out / "records.jsonl", records)
-    write_records(out / "removed.jsonl", removed)
-    save_config(cfg, out)
-    per_source_out = dict(Counter(r.source for r in records))
-    report = {"inputs": inputs, "input_paths": list(cfg.inputs), "steps": summaries, "per_source_out": per_source_out,
-              "removed_by": dict(Counter(f"{e['step']}:{e['reason']}" for e in removed)),
-              "removed_per_source": dict(Counter(e["source"] for e in removed)),
-              "removed_examples": {f"{e['step']}:{e['reason']}": e["detail"] for e in reversed(removed)},
-              "lengths_out": length_histogram(records), "length_bins": LENGTH_BINS}
-    outputs = [out / "records.jsonl", out / "removed.jsonl"]
-    if cfg.card:
-        outputs += write_card(out, report)
-    counts = {"in": inputs["records"], "out": len(records), "removed": len(removed), "added": added}
-    markers = next((s["stats"]["markers"] for s in summaries if s["step"] == "tag"), None)
-    extra: dict[str, Any] = {"steps": [{k: v for k, v in s.items() if k != "stats"} for s in summaries]}
-    if markers:
-        extra["markers"] = markers
-    hits = [h for s in summaries for h in s["stats"].get("contamination_hits", [])]
-    if any("eval_sets" in s["stats"] for s in summaries):
-        extra["contamination"] = {"eval_sets": {k: v for s in summaries for k, v in s["stats"].get("eval_sets", {}).items()},
-                                  "eval_items_hit": sorted({f"{h['eval_set']}:{h['eval_id']}" for h in hits})}
-    write_manifest(out, "curate", cfg, inputs=cfg.inputs, outputs=outputs, counts=counts,
-                   seconds=time.perf_counter() - t_start, extra=extra)
+    with publish(out) as staged:  # all or nothing: a failure here leaves the previous outputs intact
+        write_records(staged / "records.jsonl", records)
+        write_records(staged / "removed.jsonl", removed)
+        save_config(cfg, staged)
+        per_source_out = dict(Counter(r.source for r in records))
+        report = {"inputs": inputs, "input_paths": list(cfg.inputs), "steps": summaries,
+                  "per_source_out": per_source_out,
+                  "removed_by": dict(Counter(f"{e['step']}:{e['reason']}" for e in removed)),
+                  "removed_per_source": dict(Counter(e["source"] for e in removed)),
+                  "removed_examples": {f"{e['step']}:{e['reason']}": e["detail"] for e in reversed(removed)},
+                  "lengths_out": length_histogram(records), "length_bins": LENGTH_BINS,
+                  "renamed_ids": renamed}
+        outputs = ["records.jsonl", "removed.jsonl"]
+        if cfg.card:
+            outputs += [Path(p).name for p in write_card(staged, report)]
+        counts = {"in": inputs["records"], "out": len(records), "removed": len(removed), "added": added}
+        if renamed:
+            counts["renamed_ids"] = renamed
+        markers = next((s["stats"]["markers"] for s in summaries if s["step"] == "tag"), None)
+        extra: dict[str, Any] = {"steps": [{k: v for k, v in s.items() if k != "stats"} for s in summaries]}
+        if markers:
+            extra["markers"] = markers
+        hits = [h for s in summaries for h in s["stats"].get("contamination_hits", [])]
+        if any("eval_sets" in s["stats"] for s in summaries):
+            extra["contamination"] = {"eval_sets": {k: v for s in summaries for k, v in s["stats"].get("eval_sets", {}).items()},
+                                      "eval_items_hit": sorted({f"{h['eval_set']}:{h['eval_id']}" for h in hits})}
+        write_manifest(staged, "curate", cfg, inputs=cfg.inputs, outputs=[out / name for name in outputs],
+                       counts=counts, seconds=time.perf_counter() - t_start, extra=extra)
     shutil.rmtree(work, ignore_errors=True)
     return {**counts, "steps": [{"step": s["step"], "in": s["in"], "out": s["out"], "removed": s["removed"]} for s in summaries]}

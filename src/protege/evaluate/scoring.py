@@ -152,7 +152,21 @@ def open_sqlite(script: str) -> sqlite3.Connection:
     con.executescript(script)
     con.commit()
     con.execute("PRAGMA query_only = ON")
+    # Model-written SQL may try more than reading: ATTACH would open (or create) any file the user can
+    # reach, PRAGMA could turn query_only off. An authorizer lets through only what a SELECT needs.
+    con.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    con.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000_000)  # zeroblob(1e12) must fail, not eat the RAM
+    con.set_authorizer(_select_only)
     return con
+
+
+_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+
+def _select_only(action: int, arg1: Any, arg2: Any, db: Any, trigger: Any) -> int:
+    if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() == "load_extension":
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK if action in _ALLOWED else sqlite3.SQLITE_DENY
 
 
 def run_sql(con: sqlite3.Connection, sql: str, timeout_s: float = 5.0, max_rows: int = 10_000) -> SqlResult:

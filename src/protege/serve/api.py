@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -23,15 +25,19 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .guard import SECURITY_HEADERS, Guard
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
 __all__ = ["create_app", "APIError", "ChatCompletionRequest"]
 
+log = logging.getLogger("protege.serve")
+
 WEB_DIR = Path(__file__).parent / "web"
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
 MAX_STOP = 16
+INT64 = 1 << 63  # OpenAI's seed is an int64; a bigger one is a 400, not an overflow deep in torch
 # The page may only run our own script and style files: model output that slipped past the escaping
 # would still not execute (defence in depth; the escaping in app.js is the first line).
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -42,15 +48,16 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers={**SECURITY_HEADERS, **self.headers})
 
 
 class StreamOptions(BaseModel):
@@ -102,14 +109,33 @@ def _message_text(msg: Message, i: int) -> str:
     if msg.content is None:
         return ""
     if isinstance(msg.content, str):
-        return msg.content
+        return _unicode(msg.content, f"messages[{i}].content")
     texts = []
     for part in msg.content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise APIError(400, f"messages[{i}].content: only text parts are supported, got type "
                                 f"{part.get('type')!r}", param=f"messages[{i}].content")
         texts.append(part["text"])
-    return "".join(texts)
+    return _unicode("".join(texts), f"messages[{i}].content")
+
+
+def _unicode(text: str, param: str) -> str:
+    """JSON can carry a lone surrogate (`"\\ud800"`) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{param}: invalid Unicode at character {err.start} (a lone surrogate "
+                            f"{text[err.start]!r}); send well-formed UTF-8 text", param=param) from None
+    return text
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """The longest token's text: no prompt of c characters can be fewer than c / this many tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 — an unusual tokenizer: no pre-check, tokenisation decides
+        return 0
+    return max((len(t) for t in vocab), default=0)
 
 
 def _context_length(engine: Any) -> int:
@@ -126,13 +152,19 @@ class _Server:
     """Request handling shared by the routes; holds the engine's scheduler."""
 
     def __init__(self, engine: Any, model_name: str, max_batch: int, context_length: int | None,
-                 default_max_tokens: int):
+                 default_max_tokens: int, max_waiting: int, request_timeout_s: float):
         self.engine = engine
         self.model_name = model_name
-        self.scheduler = Scheduler(engine, max_batch=max_batch)
+        self.scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
         self.context_length = context_length or _context_length(engine)
         self.default_max_tokens = default_max_tokens
+        self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
+        tok = getattr(engine, "tokenizer", None) or getattr(getattr(engine, "chat_format", None), "tokenizer", None)
+        self.max_token_chars = _max_token_chars(tok) if tok is not None else 0
+        # Parsing and tokenising a large body takes a second of CPU: never on the event loop (it
+        # would stall every other client and /health), and at most two at a time.
+        self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-prepare")
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -165,6 +197,14 @@ class _Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOP}", param="stop")
+        stop = [_unicode(s, "stop") for s in stop]
+        if req.seed is not None and not -INT64 <= req.seed < INT64:
+            raise APIError(400, f"seed is {req.seed}; expected a 64-bit signed integer", param="seed")
+        chars = sum(len(m["content"]) for m in messages)
+        if self.max_token_chars and chars > self.context_length * self.max_token_chars:
+            raise APIError(400, f"the messages hold {chars:,} characters, more than this model's context of "
+                                f"{self.context_length} tokens can hold; shorten the messages.",
+                           param="messages", code="context_length_exceeded")
         try:
             prompt_ids = self.engine.chat_format.encode_prompt(messages)
         except ChatTemplateError as err:
@@ -187,15 +227,26 @@ class _Server:
         return req, prompt_ids, params
 
     def submit(self, prompt_ids: list[int], params: Any, n: int) -> tuple[list[GenRequest], asyncio.Queue]:
-        """Submit the n choices sharing one event queue; choice i gets seed + i so they differ."""
+        """Submit the n choices sharing one event queue; choice i gets seed + i so they differ.
+
+        A full wait queue is a 429 with Retry-After, as OpenAI's rate limits are: clients retry."""
         from dataclasses import replace
 
+        if not self.scheduler.reserve(n):
+            raise APIError(429, f"the server is busy: {self.scheduler.queued} requests are waiting "
+                                f"(at most {self.scheduler.max_waiting}); retry shortly",
+                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
         events: asyncio.Queue = asyncio.Queue()
         reqs = []
         for i in range(n):
             p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
-            reqs.append(self.scheduler.submit(prompt_ids, p, events))
+            reqs.append(self.scheduler.submit(prompt_ids, p, events, reserved=True))
         return reqs, events
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the answer took longer than this server's limit of {self.request_timeout_s:g} s "
+                             "per request; ask for fewer tokens (max_tokens) or retry", type="timeout",
+                        code="request_timeout")
 
     # ---- responses -----------------------------------------------------------------------------
 
@@ -206,8 +257,11 @@ class _Server:
         texts = [""] * req.n
         finals: list[Any] = [None] * req.n
         open_ = req.n
+        deadline = time.monotonic() + self.request_timeout_s
         try:
             while open_:
+                if time.monotonic() > deadline:
+                    raise self._timeout()
                 try:
                     r, item = await asyncio.wait_for(events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
@@ -251,12 +305,17 @@ class _Server:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         completion_tokens, open_ = 0, req.n
+        deadline = time.monotonic() + self.request_timeout_s
         try:
             for i in range(req.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             while open_:
-                r, item = await events.get()
+                try:
+                    r, item = await asyncio.wait_for(events.get(), timeout=max(0.01, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    yield f"data: {json.dumps(self._timeout().body())}\n\n"
+                    break
                 i = index[r.id]
                 if isinstance(item, Exception):
                     err = APIError(500, f"generation failed: {item}", type="server_error")
@@ -285,24 +344,42 @@ class _Server:
                 "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionRequest, list[int], Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"could not parse the request body as JSON: {err}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply to parse") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return server.prepare(body)
+
+
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 16,
-               context_length: int | None = None, default_max_tokens: int = 1024) -> FastAPI:
+               context_length: int | None = None, default_max_tokens: int = 1024, *,
+               guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`.
 
     `api_key`: when set, /v1/* requires `Authorization: Bearer <key>` (401 otherwise); /health and the
-    page stay open. `max_batch`: most requests decoded together (continuous batching); more wait.
-    `context_length`: defaults to the model config's max_position_embeddings.
+    page stay open. `max_batch`: most requests decoded together (continuous batching); more wait, up
+    to `max_waiting` (then 429). `context_length`: defaults to the model config's
+    max_position_embeddings. `guard`: Host/Origin/Content-Type checks and the body limit (default:
+    loopback names only, 2 MiB). `request_timeout_s`: a request still unanswered after this is cancelled.
     """
     engine_cap = getattr(engine, "max_batch_size", None)
     if isinstance(engine_cap, int) and engine_cap > 0:
         max_batch = min(max_batch, engine_cap)
-    server = _Server(engine, model_name, max_batch, context_length, default_max_tokens)
+    server = _Server(engine, model_name, max_batch, context_length, default_max_tokens, max_waiting,
+                     request_timeout_s)
+    guard = guard or Guard()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.scheduler.start()
         yield
         await asyncio.to_thread(server.scheduler.stop)
+        server.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="protege", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -321,8 +398,26 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         return APIError(err.status_code, str(err.detail), type=kind).response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        # Anything not foreseen still answers in OpenAI's shape (clients show `message`), and is logged.
+        log.error("unexpected error serving a request", exc_info=err)
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
+
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
+        refused = guard.check(request.headers, request.url.path, request.method)
+        if refused is not None:
+            status, message, code = refused
+            return APIError(status, message, code=code).response()
+        response = await _authorised(request, call_next)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if not request.url.path.startswith("/v1/"):  # the page and its files: our own scripts only
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+    async def _authorised(request: Request, call_next: Any) -> Any:
         if api_key and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
@@ -346,14 +441,9 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"could not parse the request body as JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        req, prompt_ids, params = server.prepare(body)
+        raw = await guard.read_body(request)
+        loop = asyncio.get_running_loop()
+        req, prompt_ids, params = await loop.run_in_executor(server.prepare_pool, _parse_and_prepare, server, raw)
         if req.stream:
             return StreamingResponse(server.stream(req, prompt_ids, params), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -361,7 +451,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+        return FileResponse(WEB_DIR / "index.html")
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app

@@ -36,6 +36,7 @@ class Request:
     id: int = 0
     engine_id: int | None = None
     done: bool = False
+    queued: bool = True  # counted in the scheduler's wait queue until admitted or cancelled
 
     def _emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (self, item))
@@ -54,11 +55,19 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Owns `engine` on a background thread; `submit` from the event loop, `cancel` from anywhere."""
+    """Owns `engine` on a background thread; `submit` from the event loop, `cancel` from anywhere.
 
-    def __init__(self, engine: Any, max_batch: int = 16):
+    `max_waiting` bounds the requests waiting for a batch slot: past it `reserve` says no and the
+    server answers 429, instead of queueing without end (each waiting request holds its prompt, and
+    its client's patience runs out long before the queue does).
+    """
+
+    def __init__(self, engine: Any, max_batch: int = 16, max_waiting: int = 256):
         self.engine = engine
         self.max_batch = max(1, int(max_batch))
+        self.max_waiting = max(1, int(max_waiting))
+        self._queued = 0
+        self._lock = threading.Lock()
         self.stats = SchedulerStats()
         self._ids = itertools.count(1)
         self._inbox: queue.Queue[tuple[str, Request]] = queue.Queue()
@@ -82,14 +91,38 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, prompt_ids: list[int], params: Any, events: asyncio.Queue | None = None) -> Request:
-        """Queue a generation; read `events` until this request's None. Must be called on the event loop."""
+    def reserve(self, n: int) -> bool:
+        """Room for `n` more waiting requests? If so they are counted now (submit them next)."""
+        with self._lock:
+            if self._queued + n > self.max_waiting:
+                return False
+            self._queued += n
+            return True
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def submit(self, prompt_ids: list[int], params: Any, events: asyncio.Queue | None = None,
+               reserved: bool = False) -> Request:
+        """Queue a generation; read `events` until this request's None. Must be called on the event loop.
+
+        `reserved`: its wait-queue place was taken by `reserve`; otherwise it is counted here."""
         self.start()
+        if not reserved:
+            with self._lock:
+                self._queued += 1
         req = Request(list(prompt_ids), params, asyncio.get_running_loop(), id=next(self._ids))
         if events is not None:
             req.events = events
         self._inbox.put(("add", req))
         return req
+
+    def _dequeue(self, req: Request) -> None:
+        if req.queued:
+            req.queued = False
+            with self._lock:
+                self._queued -= 1
 
     def cancel(self, req: Request) -> None:
         """Drop a request (client went away): its slot is free before the engine's next step."""
@@ -122,13 +155,15 @@ class Scheduler:
         else:
             try:
                 self._waiting.remove(req)
+                self._dequeue(req)
             except ValueError:
-                pass  # still in the inbox behind this cancel: skipped on admission (done=True)
+                pass  # still in the inbox behind this cancel: skipped (and dequeued) on admission
         req._emit(None)
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting.popleft()
+            self._dequeue(req)
             if req.done:
                 continue
             try:
@@ -179,5 +214,6 @@ class Scheduler:
             if self._running:
                 self._step()
                 self._update_counts()
+        self._drain_inbox(block=False)
         for req in list(self._running.values()) + list(self._waiting):
             self._cancel_now(req)

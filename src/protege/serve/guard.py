@@ -1,0 +1,129 @@
+"""What stands between the network and the engine: who may call, how big a request may be, headers.
+
+A model server on 127.0.0.1 without a key is reachable by every web page the user opens: a page can
+POST a `text/plain` body cross-origin without a CORS preflight, and with DNS rebinding
+(`evil.example` resolving to 127.0.0.1) it can read the reply too. Three checks close that:
+
+- `Host` must name this server: loopback names by default, the bound address, and `allowed_hosts`.
+  A rebinding page's requests carry `Host: evil.example` and are refused.
+- `Origin`, when a browser sends one, must be this server's own origin or one of `allowed_origins`.
+- API bodies must be `Content-Type: application/json`: a browser cannot send that cross-origin
+  without a preflight, which this server never approves.
+
+`read_body` enforces the body limit before a byte is parsed (Content-Length first, then a running
+count for chunked bodies), so one 20 MB request cannot stall everyone's tokenisation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["Guard", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS"]
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback names and addresses (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(value: str) -> str:
+    """`Host` header value -> the name without port (`[::1]:8000` -> `::1`)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+@dataclass
+class Guard:
+    """Request checks for one server. `bind` is the address it listens on."""
+
+    bind: str = "127.0.0.1"
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 2 << 20
+
+    def __post_init__(self) -> None:
+        self._hosts = {h.lower().strip("[]") for h in (*LOOPBACK_NAMES, *self.allowed_hosts)}
+        wildcard = self.bind in ("0.0.0.0", "::", "")
+        if not wildcard:
+            self._hosts.add(self.bind.lower().strip("[]"))
+        # Bound to every interface, the server cannot know the names it is reached by; then the API
+        # key (required beyond loopback unless the user opts out) is the protection, and Host is open
+        # unless the user lists the names.
+        self._any_host = wildcard and not self.allowed_hosts
+        self._origins = {o.rstrip("/").lower() for o in self.allowed_origins}
+
+    def host_ok(self, host_header: str | None) -> bool:
+        if self._any_host:
+            return True
+        if not host_header:
+            return False
+        name = _hostname(host_header)
+        return name in self._hosts or (is_loopback(name) and is_loopback(self.bind))
+
+    def origin_ok(self, origin: str | None, host_header: str | None) -> bool:
+        """No Origin (curl, SDKs) is fine; a browser's Origin must be our own or allowed."""
+        if origin is None:
+            return True
+        origin = origin.rstrip("/").lower()
+        if origin in self._origins or "*" in self._origins:
+            return True
+        parts = urlsplit(origin)
+        return bool(host_header) and parts.scheme in ("http", "https") and parts.netloc == host_header.strip().lower()
+
+    def check(self, headers: Any, path: str, method: str) -> tuple[int, str, str] | None:
+        """(status, message, code) if the request must be refused before routing, else None."""
+        host = headers.get("host")
+        if not self.host_ok(host):
+            return (421 if host else 400,
+                    f"Host {host!r} is not one this server answers to (loopback names and "
+                    f"{self.bind}; add names with --allowed-host)", "host_not_allowed")
+        if not self.origin_ok(headers.get("origin"), host):
+            return (403, f"Origin {headers.get('origin')!r} may not call this server (add it with "
+                         "--allowed-origin)", "origin_not_allowed")
+        if method == "POST" and path.startswith("/v1/"):
+            ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return (415, f"Content-Type is {ctype or 'missing'!r}; send the body as JSON with "
+                             "`Content-Type: application/json`", "unsupported_media_type")
+        return None
+
+    async def read_body(self, request: Any) -> bytes:
+        """The request body, or APIError(413) as soon as it is known to exceed the limit."""
+        from .api import APIError
+
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = APIError(413, f"the request body is larger than this server's limit of {limit:,} bytes "
+                                "(serve with --max-body-mb to change it)", code="request_too_large")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise too_big
+            except ValueError:
+                raise APIError(400, f"Content-Length {declared!r} is not a number") from None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
