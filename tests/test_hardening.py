@@ -451,3 +451,18 @@ def test_curate_reports_a_number_as_a_wrong_type_not_an_empty_turn(tmp_path):
     run(CurateConfig(inputs=[str(src)], out_dir=str(tmp_path / "o")))
     removed = [json.loads(x) for x in (tmp_path / "o" / "removed.jsonl").read_text().splitlines()]
     assert [(r["reason"], r["detail"]) for r in removed] == [("invalid", "messages[0].content: expected a string, got int")]
+
+
+def test_every_stage_refuses_an_out_dir_that_holds_its_inputs(tmp_path):
+    from protege.stages import stage_kind
+
+    out = tmp_path / "run"
+    out.mkdir()
+    prompts = out / "records.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    config_cls, run = stage_kind("generate.distill")
+    with pytest.raises(StageError, match="would overwrite the input"):
+        run(config_cls(prompts=str(prompts), out_dir=str(out)))
+    proc = cli("eval", "answer", "--prompts", prompts, "--out", out)
+    assert proc.returncode == 1 and "would overwrite the input" in proc.stderr
+    assert prompts.read_text() == json.dumps({"prompt": "Hi"}) + "\n"

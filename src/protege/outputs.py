@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 from .errors import StageError
 
-__all__ = ["inside", "remove_tree", "refuse_clobber", "publish", "begin", "STAGING"]
+__all__ = ["inside", "remove_tree", "refuse_clobber", "refuse_config_clobber", "publish", "begin", "STAGING"]
 
 STAGING = ".partial"
 MANIFEST = "manifest.json"
@@ -67,6 +67,35 @@ def refuse_clobber(inputs: Iterable[str | Path], outputs: Iterable[str | Path], 
         for f, src in input_files.items():
             if f == o or o in f.parents:
                 raise StageError(f"{prefix}output {out} would overwrite the input {src}; choose another output path")
+
+
+_OUTPUT_FIELDS = ("out_dir", "output")
+
+
+def _named_paths(value: object, skip: tuple[str, ...] = _OUTPUT_FIELDS) -> list[str]:
+    """Every string in a config (nested models, lists, dicts) that names an existing file."""
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        return [p for name in type(value).model_fields if name not in skip
+                for p in _named_paths(getattr(value, name), ())]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _named_paths(v, ())]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _named_paths(v, ())]
+    if isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
+        try:
+            return [value] if Path(value).is_file() else []
+        except OSError:
+            return []
+    return []
+
+
+def refuse_config_clobber(config: object, kind: str) -> None:
+    """Every stage, before it runs: no input file it names may be its output file or lie in its out_dir."""
+    outputs = [str(getattr(config, f)) for f in _OUTPUT_FIELDS if getattr(config, f, None)]
+    if outputs:
+        refuse_clobber(_named_paths(config), outputs, kind)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Adding a training method or a generator is one entry here.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 from typing import Any, Callable, NamedTuple
 
@@ -64,9 +65,18 @@ def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
     module, cls_name, fn_name = STAGE_KINDS[kind].target.split(":")
     mod = importlib.import_module(module)
     try:
-        return getattr(mod, cls_name), getattr(mod, fn_name)
+        config_cls, run = getattr(mod, cls_name), getattr(mod, fn_name)
     except AttributeError as err:  # a registry entry out of step with its module: a bug in protege
         raise RuntimeError(f"stage kind {kind}: {STAGE_KINDS[kind].target} is broken: {err}") from None
+
+    @functools.wraps(run)
+    def guarded(config: Any) -> dict:
+        from .outputs import refuse_config_clobber
+
+        refuse_config_clobber(config, kind)  # checked here once, for the CLI and recipes alike
+        return run(config)
+
+    return config_cls, guarded
 
 
 def kinds_under(prefix: str) -> dict[str, StageKind]:

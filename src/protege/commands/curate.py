@@ -47,7 +47,9 @@ def _help_epilog() -> str:
 
 def _curate(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..curate import CurateConfig, run
+    from ..stages import stage_kind
+
+    CurateConfig, run = stage_kind("curate")
 
     overrides = list(args.overrides)
     cfg = load_config(CurateConfig, args.config, overrides)

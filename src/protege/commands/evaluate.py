@@ -71,7 +71,9 @@ def register(sub: Any) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..evaluate.bench import BenchConfig, run
+    from ..stages import stage_kind
+
+    BenchConfig, run = stage_kind("eval.bench")
 
     cfg = load_config(BenchConfig, args.config, _merge(args, {"model": "model", "tasks": "tasks", "out": "out_dir",
                                                                 "limit": "limit"}))
@@ -83,7 +85,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _answer(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..evaluate.answer import AnswerConfig, run
+    from ..stages import stage_kind
+
+    AnswerConfig, run = stage_kind("eval.answer")
 
     cfg = load_config(AnswerConfig, args.config, _merge(args, {"model": "model", "prompts": "prompts",
                                                                  "out": "out_dir", "limit": "limit"}))
@@ -96,7 +100,9 @@ def _answer(args: argparse.Namespace) -> int:
 
 def _judge(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..evaluate.judge import JudgeConfig, run
+    from ..stages import stage_kind
+
+    JudgeConfig, run = stage_kind("eval.judge")
 
     cfg = load_config(JudgeConfig, args.config, _merge(args, {"answers": "answers", "prompts": "prompts",
                                                                 "judge_model": "judge.model", "mode": "mode",
@@ -123,7 +129,9 @@ def _judge(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..evaluate.rm_score import RMScoreConfig, run
+    from ..stages import stage_kind
+
+    RMScoreConfig, run = stage_kind("eval.rm")
 
     if args.answers_pos:
         args.answers = args.answers_pos
@@ -136,7 +144,9 @@ def _rm(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..evaluate.report import ReportConfig, run
+    from ..stages import stage_kind
+
+    ReportConfig, run = stage_kind("report")
 
     if args.inputs_pos:
         args.inputs = args.inputs_pos
