@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import SECURITY_HEADERS, Guard
+from .guard import SECURITY_HEADERS, Guard, GuardMiddleware
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -406,18 +406,6 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
-        refused = guard.check(request.headers, request.url.path, request.method)
-        if refused is not None:
-            status, message, code = refused
-            return APIError(status, message, code=code).response()
-        response = await _authorised(request, call_next)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if not request.url.path.startswith("/v1/"):  # the page and its files: our own scripts only
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
-        return response
-
-    async def _authorised(request: Request, call_next: Any) -> Any:
         if api_key and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
@@ -454,4 +442,5 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
         return FileResponse(WEB_DIR / "index.html")
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    app.add_middleware(GuardMiddleware, guard=guard, csp=PAGE_CSP)  # added last = outermost
     return app
