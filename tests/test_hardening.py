@@ -466,3 +466,15 @@ def test_every_stage_refuses_an_out_dir_that_holds_its_inputs(tmp_path):
     proc = cli("eval", "answer", "--prompts", prompts, "--out", out)
     assert proc.returncode == 1 and "would overwrite the input" in proc.stderr
     assert prompts.read_text() == json.dumps({"prompt": "Hi"}) + "\n"
+
+
+def test_a_stage_that_fails_leaves_no_manifest_describing_its_partial_outputs(tmp_path):
+    from protege.stages import stage_kind
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"stage": "old"}')
+    config_cls, run = stage_kind("generate.distill")
+    with pytest.raises(Exception):
+        run(config_cls(prompts=str(tmp_path / "missing.jsonl"), out_dir=str(out)))
+    assert not (out / "manifest.json").exists()

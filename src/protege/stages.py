@@ -56,6 +56,11 @@ STAGE_KINDS: dict[str, StageKind] = {
 }
 
 
+# Kinds that stage their outputs and publish them with the manifest last (`outputs.publish`): their
+# previous outputs, manifest included, stay valid until the new ones are complete.
+PUBLISHED = frozenset({"curate", "data.sample"})
+
+
 def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
     """(config class, run function) of a registered kind; unknown kinds get a "did you mean"."""
     if kind not in STAGE_KINDS:
@@ -71,9 +76,14 @@ def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
 
     @functools.wraps(run)
     def guarded(config: Any) -> dict:
-        from .outputs import refuse_config_clobber
+        from pathlib import Path
+
+        from .outputs import begin, refuse_config_clobber
 
         refuse_config_clobber(config, kind)  # checked here once, for the CLI and recipes alike
+        out_dir = getattr(config, "out_dir", None)
+        if out_dir and kind not in PUBLISHED and Path(out_dir).is_dir():
+            begin(out_dir)  # resumes in place: no old manifest may describe half-rewritten outputs
         return run(config)
 
     return config_cls, guarded
