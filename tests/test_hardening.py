@@ -478,3 +478,11 @@ def test_a_stage_that_fails_leaves_no_manifest_describing_its_partial_outputs(tm
     with pytest.raises(Exception):
         run(config_cls(prompts=str(tmp_path / "missing.jsonl"), out_dir=str(out)))
     assert not (out / "manifest.json").exists()
+
+
+def test_a_mistyped_model_path_is_not_found_without_a_hub_request(tmp_path):
+    from protege.models import ModelError, load
+
+    for spec in (str(tmp_path / "runs" / "sft"), "runs/typo/sft", "./sft", "typo"):
+        with pytest.raises(ModelError, match="not found"):
+            load(spec)

@@ -176,6 +176,8 @@ def gguf_path(name: str) -> Path:
 def resolve(spec: str | os.PathLike) -> str:
     """Alias -> pulled HF folder; folders, .gguf files and hub ids pass through."""
     spec = str(spec)
+    if spec.startswith("hf:"):  # explicit hub id, as data sources spell it
+        return spec[3:]
     if spec in ALIASES:
         if not is_pulled(spec):
             _log(f"model {spec} is not pulled yet; pulling it now")
@@ -208,9 +210,10 @@ def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = N
     path = resolve(spec)
     p = Path(path)
     torch_dtype = getattr(torch, dtype)
-    if p.suffix != ".gguf" and not p.exists() and ("/" not in path or path.startswith((".", "/"))):
+    hub_like = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not str(spec).startswith("hf:")
+    if p.suffix != ".gguf" and not p.exists() and not (hub_like or str(spec).startswith("hf:")):
         raise ModelError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), "
-                         "not an existing folder or .gguf file")
+                         "not an existing folder or .gguf file (a hub model is named org/name or hf:org/name)")
     try:
         if p.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch_dtype)
@@ -221,7 +224,8 @@ def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = N
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as err:
-        raise ModelError(f"cannot load model {spec!r}: {err}") from None
+        where = "" if p.exists() else f" (there is no local folder {path}, so it was looked up on the hub)"
+        raise ModelError(f"cannot load model {spec!r}{where}: {err}") from None
     tok = load_tokenizer(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
