@@ -42,9 +42,9 @@ class LocalBackend:
 
     @classmethod
     def load(cls, spec: str) -> "LocalBackend":
-        from .engine import Engine
+        from .engine import engine_for
 
-        return cls(Engine.from_spec(spec), str(spec))
+        return cls(engine_for(str(spec)), str(spec))
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         from .engine import SamplingParams

@@ -52,6 +52,8 @@ STAGE_KINDS: dict[str, StageKind] = {
     "eval.answer": StageKind("protege.evaluate.answer:AnswerConfig:run", "answer a prompt set with a model"),
     "eval.judge": StageKind("protege.evaluate.judge:JudgeConfig:run", "style: an LLM judge compares two answer sets"),
     "eval.rm": StageKind("protege.evaluate.rm_score:RMScoreConfig:run", "score answer sets with a reward model"),
+    "export": StageKind("protege.export:ExportConfig:run",
+                        "merged HF folder + GGUF files (llama.cpp converter/quantizer), verified in llama.cpp"),
     "report": StageKind("protege.evaluate.report:ReportConfig:run", "style vs substance report (HTML + Markdown)"),
 }
 

@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp"],
+                   help="auto: llama.cpp for .gguf files when llama-cpp-python is installed, else protege's engine")
     p.add_argument("--name", default=None, help="model name reported by /v1/models (default: MODEL)")
     p.add_argument("--allow-no-key", action="store_true",
                    help="allow binding beyond loopback without --api-key-env (anyone who can reach the port can use it)")
@@ -42,8 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..errors import StageError
-    from ..engine import Engine
-    from ..models import load
+    from ..engine import engine_for
     from ..serve import create_app
     from ..serve.guard import Guard, is_loopback
 
@@ -63,8 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise StageError("--max-body-mb, --max-waiting and --request-timeout must be positive")
     guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                   max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    model, tok = load(args.model, dtype=args.dtype)
-    engine = Engine(model, tok, max_batch_size=args.max_batch)
+    engine = engine_for(args.model, args.backend, args.dtype, args.max_batch)
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,
                      max_waiting=args.max_waiting, request_timeout_s=args.request_timeout)

@@ -16,7 +16,29 @@ also turns the decoder's Linear layers into SmoothQuant int8 ones in place (see 
 bytes per token, greedy output close to but not identical with fp32.
 """
 
+from typing import Any
+
 from .core import Completion, Engine, StepOutput
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "Completion", "StepOutput"]
+__all__ = ["Engine", "SamplingParams", "Completion", "StepOutput", "engine_for"]
+
+
+def engine_for(spec: str, backend: str = "auto", dtype: str = "float32", max_batch: int = 16) -> Any:
+    """The engine for a model spec: llama.cpp for a `.gguf` when llama-cpp-python is installed (or
+    `backend="llama.cpp"`), protege's torch engine otherwise (`backend="torch"` forces it)."""
+    is_gguf = str(spec).endswith(".gguf")
+    if backend == "auto":
+        try:
+            import llama_cpp  # noqa: F401
+
+            backend = "llama.cpp" if is_gguf else "torch"
+        except ImportError:
+            backend = "torch"
+    if backend == "llama.cpp":
+        from .llamacpp import LlamaCppEngine
+
+        if not is_gguf:
+            raise ValueError(f"the llama.cpp backend runs .gguf files; {spec} is not one")
+        return LlamaCppEngine(spec)
+    return Engine.from_spec(spec, dtype=dtype, max_batch_size=max_batch)

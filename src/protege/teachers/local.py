@@ -27,9 +27,10 @@ class LocalTeacher(Teacher):
     @property
     def engine(self) -> Any:
         if self._engine is None:
-            from ..engine import Engine
+            from ..engine import engine_for
 
-            self._engine = Engine.from_spec(self.config.model, max_batch_size=self.config.max_batch_size)
+            # A .gguf runs in llama.cpp when it is installed (teacher, judge and `eval answer` alike).
+            self._engine = engine_for(self.config.model, max_batch=self.config.max_batch_size)
         return self._engine
 
     @property

@@ -1,0 +1,144 @@
+"""The engine interface over llama.cpp, so `protege serve FILE.gguf` and `protege chat FILE.gguf` run
+quantized files at llama.cpp's speed with the same API, streaming, stop strings and errors.
+
+One llama.cpp context decodes one sequence: `max_batch_size` is 1 and the server's scheduler queues
+the rest (protege's own engine is the one that batches). Each request is a llama-cpp-python
+`generate()` iterator advanced one token per `step()`, so cancellation and streaming work as with
+the torch engine. Prompts are rendered by protege's ChatFormat with the HF tokenizer the model was
+exported with (the `hf/` folder `protege export` writes next to the GGUF), so the ids are exactly
+those training saw; llama.cpp only evaluates them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..chat import ChatFormat
+from .core import Completion, StepOutput
+from .sampling import SamplingParams
+from .text import TextTracker
+
+__all__ = ["LlamaCppEngine", "gguf_tokenizer"]
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The HF tokenizer for a GGUF: `hf/` beside it (protege export), else read from the GGUF itself."""
+    from ..models import load_tokenizer
+
+    for cand in (path.parent / "hf", path.parent.parent / "hf"):
+        if (cand / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(cand))
+    return load_tokenizer(str(path))  # transformers converts the GGUF vocabulary (slow for large vocabs)
+
+
+class _Req:
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
+                 tracker: TextTracker):
+        self.id, self.prompt, self.params, self.stop_ids, self.tracker = rid, prompt, params, stop_ids, tracker
+        self.it: Iterator[int] | None = None
+        self.tokens: list[int] = []
+
+
+class LlamaCppEngine:
+    """`add_request` / `step` / `cancel` / `generate` over one llama.cpp context."""
+
+    max_batch_size = 1
+
+    def __init__(self, gguf: str | Path, tokenizer: Any = None, n_ctx: int = 4096, threads: int | None = None):
+        from ..export.verify import open_gguf
+
+        self.path = Path(gguf)
+        self.llm = open_gguf(self.path, n_ctx=n_ctx, threads=threads)
+        self.tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(self.path)
+        self.chat_format = ChatFormat.from_tokenizer(self.tokenizer)
+        self.max_positions = self.llm.n_ctx()
+        self._ids = itertools.count()
+        self._waiting: deque[_Req] = deque()
+        self._active: _Req | None = None
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
+        if len(prompt) >= self.max_positions:
+            raise ValueError(f"prompt has {len(prompt)} tokens; this context holds {self.max_positions}")
+        fmt = self.chat_format
+        stop_ids = fmt.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        stops = list(params.stop) + (list(fmt.stop_strings) if params.stop_token_ids is None else [])
+        req = _Req(next(self._ids), prompt, params, frozenset(stop_ids), TextTracker(self.tokenizer, stops))
+        self._waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        if self._active is not None and self._active.id == request_id:
+            self._active = None
+            return
+        for req in list(self._waiting):
+            if req.id == request_id:
+                self._waiting.remove(req)
+
+    def has_pending(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def _start(self, req: _Req) -> None:
+        p = req.params
+        if not p.greedy and p.seed is not None:
+            self.llm.set_seed(int(p.seed) % (1 << 32))
+        greedy = p.greedy
+        req.it = iter(self.llm.generate(req.prompt, top_k=1 if greedy else (p.top_k or 0),
+                                        top_p=1.0 if greedy else p.top_p, min_p=0.0,
+                                        temp=0.0 if greedy else p.temperature, repeat_penalty=1.0, reset=True))
+
+    def step(self) -> list[StepOutput]:
+        if self._active is None:
+            if not self._waiting:
+                return []
+            self._active = self._waiting.popleft()
+            self._start(self._active)
+        req = self._active
+        assert req.it is not None
+        token = int(next(req.it))
+        req.tokens.append(token)
+        limit = min(req.params.max_new_tokens, self.max_positions - len(req.prompt))
+        if token in req.stop_ids:
+            return [self._finish(req, [token], "", "stop")]
+        delta, hit = req.tracker.push(token)
+        if hit:
+            return [self._finish(req, [token], delta, "stop")]
+        if len(req.tokens) >= limit:
+            return [self._finish(req, [token], delta + req.tracker.flush(), "length")]
+        return [StepOutput(req.id, [token], delta)]
+
+    def _finish(self, req: _Req, ids: list[int], delta: str, reason: str) -> StepOutput:
+        self._active = None
+        done = Completion(req.tracker.text, list(req.tokens), len(req.prompt), len(req.tokens), reason)
+        return StepOutput(req.id, ids, delta, done)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[int, Completion] = {}
+        while self.has_pending():
+            for out in self.step():
+                if out.finished is not None:
+                    done[out.request_id] = out.finished
+        return [done[i] for i in ids]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while self.has_pending():
+                for out in self.step():
+                    if out.request_id == rid and out.text_delta:
+                        yield out.text_delta
+        finally:
+            self.cancel(rid)
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False) -> list[Completion]:
+        return self.generate([self.chat_format.encode_prompt(c) for c in conversations], params, progress)

@@ -1,0 +1,211 @@
+"""HF folder -> GGUF files, with llama.cpp's own converter and quantizer.
+
+Why llama.cpp's `convert_hf_to_gguf.py` and not a writer of our own on the `gguf` package: the
+converter is where llama.cpp keeps, per architecture, every detail its runtime depends on (Gemma-3's
++1 norm shift and out-of-vocabulary row trim, LLaMA's q/k permutation for its RoPE layout, Qwen2's
+biases, the tokenizer's pre-tokenizer id found by hashing a probe string, special-token ids). A
+converter of our own would re-derive each of those and drift as llama.cpp changes; the upstream one
+is versioned together with the runtime that reads its files. It is not in the llama-cpp-python
+wheel, so the first export fetches the source distribution of the *installed* llama-cpp-python
+version from PyPI (~77 MB, once) and keeps `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`
+under PROTEGE_HOME. `PROTEGE_LLAMA_CPP` may point at a llama.cpp checkout instead (offline use).
+
+The converter runs in a subprocess: it imports its own `gguf` (from `gguf-py/`), which must not
+replace the `gguf` package transformers uses in this process. Quantized types other than the
+converter's (Q4_0, Q4_K_M, ...) are made from the F32 file by llama.cpp's quantizer, through the
+binding in llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import StageError
+
+__all__ = ["GGUF_TYPES", "converter_dir", "convert", "quantize", "read_metadata", "require_llama_cpp"]
+
+# Output types: (written by the converter, or quantized from the F32 file by llama.cpp).
+GGUF_TYPES = {"f32": "convert", "f16": "convert", "bf16": "convert", "q8_0": "quantize", "q4_0": "quantize",
+              "q4_1": "quantize", "q4_k_m": "quantize", "q5_k_m": "quantize", "q6_k": "quantize"}
+_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+# Runs inside the converter's subprocess. A tokenizer whose pre-tokenizer hash llama.cpp does not
+# know is refused by the converter; when it is plain GPT-2 byte-level BPE (the regex llama.cpp calls
+# "gpt-2"), that is what we declare, and the round-trip checks then prove the tokens agree.
+_DRIVER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/gguf-py")
+import conversion.base as base
+
+_orig = base.TextModel.get_vocab_base_pre
+
+def _pre(self, tokenizer):
+    try:
+        return _orig(self, tokenizer)
+    except NotImplementedError:
+        tj = json.loads((self.dir_model / "tokenizer.json").read_text(encoding="utf-8"))
+        pre = tj.get("pre_tokenizer") or {}
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+            return "gpt-2"
+        raise
+
+base.TextModel.get_vocab_base_pre = _pre
+
+# Gemma-3: llama.cpp assumes every 6th layer is global unless the file lists the layers; the converter
+# does not list them, so a model with another layer pattern would load with the wrong attention.
+import conversion.gemma as gemma
+
+_orig_params = gemma.Gemma3Model.set_gguf_parameters
+
+def _params(self):
+    _orig_params(self)
+    types = self.hparams.get("layer_types")
+    if types and self.hparams.get("sliding_window"):
+        self.gguf_writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+
+gemma.Gemma3Model.set_gguf_parameters = _params
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def require_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise StageError("this needs llama.cpp's Python binding: pip install 'protege[llamacpp]' "
+                         "(builds llama-cpp-python from source, a few minutes)") from None
+    return llama_cpp
+
+
+def _home() -> Path:
+    from ..models import protege_home
+
+    return protege_home() / "llama.cpp"
+
+
+def converter_dir() -> Path:
+    """A folder holding llama.cpp's `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/`."""
+    env = os.environ.get("PROTEGE_LLAMA_CPP")
+    if env:
+        if not (Path(env) / "convert_hf_to_gguf.py").is_file():
+            raise StageError(f"PROTEGE_LLAMA_CPP={env}: no convert_hf_to_gguf.py there (point it at a llama.cpp checkout)")
+        return Path(env)
+    version = require_llama_cpp().__version__
+    target = _home() / version
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    print(f"[export] fetching llama.cpp's converter: the llama-cpp-python {version} source distribution "
+          "from PyPI (~77 MB, once)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+               f"llama-cpp-python=={version}", "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            raise StageError(f"could not fetch llama.cpp's converter ({' '.join(cmd)}): {proc.stderr[-500:]}; "
+                             "offline, set PROTEGE_LLAMA_CPP to a llama.cpp checkout")
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/vendor/llama.cpp/", 1)
+                if len(parts) != 2 or not parts[1].startswith(_MEMBERS) or not (member.isfile() or member.isdir()):
+                    continue
+                rel = Path(parts[1])
+                if rel.is_absolute() or ".." in rel.parts:
+                    continue
+                dest = partial / rel
+                if member.isdir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as src, dest.open("wb") as out:  # type: ignore[union-attr]
+                    shutil.copyfileobj(src, out)
+        if not (partial / "convert_hf_to_gguf.py").is_file():
+            raise StageError(f"{archives[0].name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
+        partial.replace(target)
+    return target
+
+
+def convert(hf_dir: Path, out: Path, outtype: str) -> Path:
+    """Run llama.cpp's converter on an HF folder; `outtype` f32, f16, bf16 or q8_0."""
+    conv = converter_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    cmd = [sys.executable, "-c", _DRIVER, str(conv), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(line for line in proc.stderr.splitlines()[-15:])
+        if "is not supported" in proc.stderr or "NotImplementedError" in proc.stderr:
+            raise StageError(f"llama.cpp's converter cannot convert {hf_dir}: {tail}")
+        raise StageError(f"llama.cpp's converter failed on {hf_dir} (exit {proc.returncode}):\n{tail}")
+    tmp.replace(out)
+    return out
+
+
+def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Path:
+    """llama.cpp's quantizer (`llama_model_quantize`): `src` (F32/F16 GGUF) -> `qtype`."""
+    llama_cpp = require_llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise StageError(f"llama.cpp {llama_cpp.__version__} has no quantization type {qtype}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or (os.cpu_count() or 1)
+    tmp = out.with_name(out.name + ".partial")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise StageError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
+    tmp.replace(out)
+    return out
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The scalar and string key/values of a GGUF header (arrays left out), via the `gguf` reader."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # noqa: BLE001 — any parse failure: the file is not a usable GGUF
+        raise StageError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or len(field.types) != 1:
+            continue
+        try:
+            value = field.contents()
+        except Exception:  # noqa: BLE001
+            continue
+        out[key] = value
+    return out
+
+
+def conversion_input(hf_dir: Path, work: Path, template: str, add_bos: bool) -> Path:
+    """A view of `hf_dir` for the converter whose tokenizer config carries the GGUF's template and BOS rule.
+
+    Files are symlinked; only the tokenizer config and template files are rewritten.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    for p in hf_dir.iterdir():
+        if p.name in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json") or p.is_dir():
+            continue
+        (work / p.name).symlink_to(p.resolve())
+    cfg_path = hf_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template
+    cfg["add_bos_token"] = add_bos
+    (work / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    (work / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return work
