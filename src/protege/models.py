@@ -192,6 +192,11 @@ def load_tokenizer(spec: str | os.PathLike) -> Any:
     p = Path(path)
     try:
         if p.suffix == ".gguf":
+            # `protege export` writes the HF tokenizer next to its GGUF files: exact, and seconds instead of
+            # the minute transformers takes to rebuild a 262k vocabulary from GGUF metadata.
+            sibling = p.parent / "hf"
+            if (sibling / "tokenizer_config.json").is_file():
+                return AutoTokenizer.from_pretrained(str(sibling))
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         return AutoTokenizer.from_pretrained(path)
     except OSError as err:

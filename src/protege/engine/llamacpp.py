@@ -28,10 +28,7 @@ def gguf_tokenizer(path: Path) -> Any:
     """The HF tokenizer for a GGUF: `hf/` beside it (protege export), else read from the GGUF itself."""
     from ..models import load_tokenizer
 
-    for cand in (path.parent / "hf", path.parent.parent / "hf"):
-        if (cand / "tokenizer_config.json").is_file():
-            return load_tokenizer(str(cand))
-    return load_tokenizer(str(path))  # transformers converts the GGUF vocabulary (slow for large vocabs)
+    return load_tokenizer(str(path))
 
 
 class _Req:
