@@ -158,3 +158,28 @@ def test_an_unsupported_architecture_lists_the_supported_ones(tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(StageError, match="LlamaForCausalLM"):
         save_hf(str(tmp_path / "gpt2"), tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alias", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_builtin_models_export_and_match_in_llama_cpp(alias, tmp_path):
+    from conftest import builtin_model
+
+    _converter_or_skip()
+    spec = builtin_model(alias)
+    run(ExportConfig(model=spec, out_dir=str(tmp_path / "out"), gguf=["f16"], ppl_n=8))
+    report = json.loads((tmp_path / "out" / "verify.json").read_text())
+    assert report["parity"]["equal"] == report["parity"]["prompts"] == 16, report["parity"]["rows"]
+    assert report["template"]["ok"] and not report["template"]["double_bos"], report["template"]
+    if alias == "smollm2-135m-instruct":  # an instruct model ends its turn; llama.cpp must stop there
+        assert report["template"]["stops_at_end_of_turn"], report["template"]
+    # The exported GGUF loads back through protege.models.load (transformers' GGUF reader) and gives the
+    # engine's greedy tokens of the fp32 model.
+    from protege.models import load
+
+    gguf = next((tmp_path / "out").glob("*-f16.gguf"))
+    back, tok = load(str(gguf))
+    ref, _ = load(spec)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    assert Engine(back, tok).chat([messages], params)[0].token_ids == Engine(ref, tok).chat([messages], params)[0].token_ids
