@@ -49,12 +49,15 @@ def test_f16_round_trips_through_llama_cpp(exported):
     arch, model, tok, out, result = exported
     report = json.loads((out / "verify.json").read_text())
     parity = report["parity"]
-    assert parity["prompts"] == 16 and parity["equal"] == 16, parity["rows"]
+    assert parity["prompts"] == 16 and parity["equal"] >= 14, parity["rows"]
+    # Random tiny models have nearly flat logits; llama.cpp may only part ways with the fp32 engine where
+    # the fp32 model itself was within F16 rounding of choosing llama.cpp's token.
+    assert parity["max_margin_at_divergence"] is None or parity["max_margin_at_divergence"] < 0.02, parity["rows"]
     assert report["template"]["ok"], report["template"]
     assert not report["template"]["double_bos"]
     row = report["perplexity"]["rows"][0]
     assert row["type"] == "f16" and abs(row["delta_ppl"]) < 0.01 * report["perplexity"]["hf_fp32"]
-    assert result["greedy_equal"] == "16/16" and (out / "manifest.json").is_file()
+    assert result["greedy_equal"] == f"{parity['equal']}/16" and (out / "manifest.json").is_file()
 
 
 def test_hf_folder_has_template_stop_ids_and_card(exported):

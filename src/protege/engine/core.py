@@ -63,7 +63,82 @@ class _Request:
     next_token: int = -1  # sampled, not yet fed to the model
 
 
-class Engine:
+def request_stops(fmt: ChatFormat, params: SamplingParams) -> tuple[frozenset[int], list[str]]:
+    """(stop ids, stop strings) of one request: the chat format's, unless the caller gave its own ids."""
+    stop_ids = fmt.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
+    stops = list(params.stop) + (list(fmt.stop_strings) if params.stop_token_ids is None else [])
+    return frozenset(stop_ids), stops
+
+
+class RequestDriver:
+    """`generate` / `chat` / `stream` for any engine with add_request / step / has_pending / cancel."""
+
+    chat_format: ChatFormat
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        """Complete every prompt (token ids); results come back in prompt order."""
+        if self.has_pending():
+            raise RuntimeError("generate() needs an idle engine; this one has requests from add_request()")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[int, Completion] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="seq")
+        try:
+            while self.has_pending():
+                for out in self.step():
+                    if out.finished is not None:
+                        done[out.request_id] = out.finished
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in ids:  # interrupted (e.g. KeyboardInterrupt): leave the engine idle
+                if rid not in done:
+                    self.cancel(rid)
+        return [done[i] for i in ids]
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False) -> list[Completion]:
+        """Answer each conversation (a list of {"role", "content"} ending with a user turn)."""
+        prompts = [self.chat_format.encode_prompt(c) for c in conversations]
+        return self.generate(prompts, params, progress)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are decoded (their concatenation is the full text)."""
+        if self.has_pending():
+            raise RuntimeError("stream() needs an idle engine; this one has requests from add_request()")
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while self.has_pending():
+                for out in self.step():
+                    if out.request_id == rid and out.text_delta:
+                        yield out.text_delta
+        finally:
+            self.cancel(rid)
+
+    # implemented by engines
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
+        raise NotImplementedError
+
+    def step(self) -> list[StepOutput]:
+        raise NotImplementedError
+
+    def has_pending(self) -> bool:
+        raise NotImplementedError
+
+    def cancel(self, request_id: int) -> None:
+        raise NotImplementedError
+
+
+class Engine(RequestDriver):
     """Batched generation with a KV cache (see the package docstring for the API).
 
     model/tokenizer: any transformers causal LM and its tokenizer, on any device (the model's).
@@ -121,11 +196,9 @@ class Engine:
             raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
         if len(prompt) >= self.max_positions:
             raise ValueError(f"prompt has {len(prompt)} tokens; the model takes at most {self.max_positions}")
-        fmt = self.chat_format
-        stop_ids = fmt.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
-        stops = list(params.stop) + (list(fmt.stop_strings) if params.stop_token_ids is None else [])
+        stop_ids, stops = request_stops(self.chat_format, params)
         gen = None if params.greedy else make_generator(params.seed, self.device)
-        req = _Request(next(self._ids), prompt, params, frozenset(stop_ids), TextTracker(self.tokenizer, stops), gen)
+        req = _Request(next(self._ids), prompt, params, stop_ids, TextTracker(self.tokenizer, stops), gen)
         self._waiting.append(req)
         return req.id
 
@@ -158,57 +231,6 @@ class Engine:
             logits = self._decode(old)
             outputs += self._accept(old, logits)
         return outputs
-
-    # ---- high-level calls -----------------------------------------------------------------------
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[Completion]:
-        """Complete every prompt (token ids); results come back in prompt order."""
-        if self.has_pending():
-            raise RuntimeError("generate() needs an idle engine; this one has requests from add_request()")
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        done: dict[int, Completion] = {}
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(ids), desc="generate", unit="seq")
-        try:
-            while self.has_pending():
-                for out in self.step():
-                    if out.finished is not None:
-                        done[out.request_id] = out.finished
-                        if bar is not None:
-                            bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-            for rid in ids:  # interrupted (e.g. KeyboardInterrupt): leave the engine idle
-                if rid not in done:
-                    self.cancel(rid)
-        return [done[i] for i in ids]
-
-    def chat(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-             progress: bool = False) -> list[Completion]:
-        """Answer each conversation (a list of {"role", "content"} ending with a user turn)."""
-        prompts = [self.chat_format.encode_prompt(c) for c in conversations]
-        return self.generate(prompts, params, progress)
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one completion as they are decoded (their concatenation is the full text)."""
-        if self.has_pending():
-            raise RuntimeError("stream() needs an idle engine; this one has requests from add_request()")
-        rid = self.add_request(prompt_ids, params)
-        try:
-            while self.has_pending():
-                for out in self.step():
-                    if out.request_id == rid and out.text_delta:
-                        yield out.text_delta
-        finally:
-            self.cancel(rid)
 
     # ---- internals ------------------------------------------------------------------------------
 

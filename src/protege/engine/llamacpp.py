@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..chat import ChatFormat
-from .core import Completion, StepOutput
+from .core import Completion, RequestDriver, StepOutput, request_stops
 from .sampling import SamplingParams
 from .text import TextTracker
 
@@ -39,7 +39,7 @@ class _Req:
         self.tokens: list[int] = []
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(RequestDriver):
     """`add_request` / `step` / `cancel` / `generate` over one llama.cpp context."""
 
     max_batch_size = 1
@@ -63,10 +63,8 @@ class LlamaCppEngine:
             raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
         if len(prompt) >= self.max_positions:
             raise ValueError(f"prompt has {len(prompt)} tokens; this context holds {self.max_positions}")
-        fmt = self.chat_format
-        stop_ids = fmt.stop_token_ids if params.stop_token_ids is None else params.stop_token_ids
-        stops = list(params.stop) + (list(fmt.stop_strings) if params.stop_token_ids is None else [])
-        req = _Req(next(self._ids), prompt, params, frozenset(stop_ids), TextTracker(self.tokenizer, stops))
+        stop_ids, stops = request_stops(self.chat_format, params)
+        req = _Req(next(self._ids), prompt, params, stop_ids, TextTracker(self.tokenizer, stops))
         self._waiting.append(req)
         return req.id
 
@@ -114,28 +112,3 @@ class LlamaCppEngine:
         self._active = None
         done = Completion(req.tracker.text, list(req.tokens), len(req.prompt), len(req.tokens), reason)
         return StepOutput(req.id, ids, delta, done)
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[Completion]:
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        done: dict[int, Completion] = {}
-        while self.has_pending():
-            for out in self.step():
-                if out.finished is not None:
-                    done[out.request_id] = out.finished
-        return [done[i] for i in ids]
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
-        rid = self.add_request(prompt_ids, params)
-        try:
-            while self.has_pending():
-                for out in self.step():
-                    if out.request_id == rid and out.text_delta:
-                        yield out.text_delta
-        finally:
-            self.cancel(rid)
-
-    def chat(self, conversations: list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
-             progress: bool = False) -> list[Completion]:
-        return self.generate([self.chat_format.encode_prompt(c) for c in conversations], params, progress)

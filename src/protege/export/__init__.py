@@ -173,7 +173,10 @@ def _verify_markdown(report: dict[str, Any]) -> str:
     return "\n".join([
         f"# Export check: {report['model']['source']}", "",
         f"Greedy parity ({p['reference_file']} in llama.cpp vs protege's engine on the fp32 HF folder): "
-        f"{p['equal']}/{p['prompts']} prompts equal over the first {p['tokens']} tokens.", "",
+        f"{p['equal']}/{p['prompts']} prompts equal over the first {p['tokens']} tokens"
+        + ("." if p.get("max_margin_at_divergence") is None else
+           f"; where they differ, the fp32 model's logit margin between the two choices was at most "
+           f"{p['max_margin_at_divergence']:.4f} (a near-tie that F16 rounding flips)."), "",
         f"Template: llama.cpp's prompt for a 3-turn conversation {'equals' if t['ok'] else 'DIFFERS from'} "
         f"ChatFormat's ({t.get('expected_tokens')} tokens; add_bos_token {t.get('add_bos_token')}, double BOS "
         f"{t.get('double_bos')}); generation stops at end of turn: {t.get('stops_at_end_of_turn')}.", "",

@@ -67,9 +67,17 @@ def greedy_parity(llm: Any, engine: Any, chat: Any, n_prompts: int, n_tokens: in
         expect = mine.token_ids[:n_tokens]
         theirs = _llama_greedy(llm, prompt, len(expect), stop)
         same = next((i for i, (a, b) in enumerate(zip(expect, theirs)) if a != b), min(len(expect), len(theirs)))
-        rows.append({"prompt_tokens": len(prompt), "compared": len(expect), "agree_prefix": same,
-                     "equal": theirs == expect})
-    return {"prompts": len(rows), "equal": sum(r["equal"] for r in rows), "tokens": n_tokens, "rows": rows}
+        row = {"prompt_tokens": len(prompt), "compared": len(expect), "agree_prefix": same, "equal": theirs == expect}
+        if not row["equal"] and same < min(len(expect), len(theirs)):
+            # How close was the fp32 model to llama.cpp's choice there? A flip at a near-tie is rounding
+            # (F16 weights); a flip at a wide margin is a conversion bug.
+            with torch.no_grad():
+                logits = engine.model(input_ids=torch.tensor([prompt + expect[:same]])).logits[0, -1].float()
+            row["fp32_margin_at_divergence"] = float(logits[expect[same]] - logits[theirs[same]])
+        rows.append(row)
+    margins = [r["fp32_margin_at_divergence"] for r in rows if "fp32_margin_at_divergence" in r]
+    return {"prompts": len(rows), "equal": sum(r["equal"] for r in rows), "tokens": n_tokens,
+            "max_margin_at_divergence": max(margins) if margins else None, "rows": rows}
 
 
 def template_check(llm: Any, gguf_path: Path, chat: Any) -> dict[str, Any]:
