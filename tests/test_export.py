@@ -186,3 +186,31 @@ def test_builtin_models_export_and_match_in_llama_cpp(alias, tmp_path):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     params = SamplingParams(max_new_tokens=16, temperature=0.0)
     assert Engine(back, tok).chat([messages], params)[0].token_ids == Engine(ref, tok).chat([messages], params)[0].token_ids
+
+
+def test_openai_client_against_a_served_gguf(exported):
+    openai = pytest.importorskip("openai")
+    from protege.engine.llamacpp import LlamaCppEngine
+    from protege.serve import background_server, create_app
+
+    arch, model, tok, out, _ = exported
+    eng = LlamaCppEngine(next(out.glob("*-f16.gguf")))
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    expected = eng.chat([messages], SamplingParams(max_new_tokens=20, temperature=0.0))[0]
+    app = create_app(eng, "tiny-gguf")
+    with background_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        full = client.chat.completions.create(model="tiny-gguf", messages=messages, temperature=0, max_tokens=20)
+        assert full.choices[0].message.content == expected.text
+        assert full.usage.completion_tokens == expected.completion_tokens
+        chunks = list(client.chat.completions.create(model="tiny-gguf", messages=messages, temperature=0,
+                                                     max_tokens=20, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+        if len(expected.text) > 4:  # a stop string cuts the reply where it first appears
+            cut = expected.text[2:4]
+            stopped = client.chat.completions.create(model="tiny-gguf", messages=messages, temperature=0,
+                                                     max_tokens=20, stop=[cut])
+            assert stopped.choices[0].message.content == expected.text.split(cut, 1)[0]
+            assert stopped.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.chat.completions.create(model="tiny-gguf", messages=messages, max_tokens=10**6)
