@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| file | type | size (MB) | ppl | Δppl vs HF fp32 | prompt tok/s | generate tok/s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['file']} | {r['type']} | {r['size_mb']:.1f} | {r.get('ppl', float('nan')):.3f} | "
+        flag = " **unusable**" if r.get("unusable") else ""
+        lines.append(f"| {r['file']}{flag} | {r['type']} | {r['size_mb']:.1f} | {r.get('ppl', float('nan')):.3f} | "
                      f"{r.get('delta_ppl', float('nan')):+.3f} | {r.get('prompt_tok_s', 0):.0f} | "
                      f"{r.get('gen_tok_s', 0):.1f} |")
     return "\n".join(lines)
@@ -159,8 +161,13 @@ def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[s
         llm.close()
         fast = open_gguf(path, threads=config.threads)  # without logits_all: what a user's decode runs at
         rows.append({"type": t, "file": path.name, "size_mb": path.stat().st_size / 2**20, "ppl": ppl,
-                     "delta_ppl": ppl - ppl_ref, "prompt_tok_s": prompt_speed, "gen_tok_s": decode_speed(fast, prompt)})
+                     "delta_ppl": ppl - ppl_ref, "prompt_tok_s": prompt_speed, "gen_tok_s": decode_speed(fast, prompt),
+                     "unusable": ppl > 1.5 * ppl_ref})
         fast.close()
+        if rows[-1]["unusable"]:
+            # Measured: Q4_0 of a LoRA-SFT gemma-3-270m went from ppl 20.2 to 2,279 while Q4_1 gave 25.1.
+            print(f"[export] WARNING: {path.name} is unusable: perplexity {ppl:.1f} vs {ppl_ref:.1f} for the fp32 "
+                  "model; try another type (q4_1, q4_k_m, q8_0)", file=sys.stderr, flush=True)
     return {"parity": {**parity, "reference_file": files[ref_type].name}, "template": template,
             "perplexity": {"texts": len(ids), "tokens": sum(len(s) for s in ids), "hf_fp32": ppl_ref, "rows": rows}}
 

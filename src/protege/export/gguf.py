@@ -164,6 +164,9 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Pa
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
     tmp = out.with_name(out.name + ".partial")
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp prints a line per tensor otherwise; errors still come through
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
