@@ -172,7 +172,10 @@ def test_builtin_models_export_and_match_in_llama_cpp(alias, tmp_path):
     spec = builtin_model(alias)
     run(ExportConfig(model=spec, out_dir=str(tmp_path / "out"), gguf=["f16"], ppl_n=8))
     report = json.loads((tmp_path / "out" / "verify.json").read_text())
-    assert report["parity"]["equal"] == report["parity"]["prompts"] == 16, report["parity"]["rows"]
+    parity = report["parity"]
+    # F16 weights: a prompt may part ways only where the fp32 model itself had a near-tie.
+    assert parity["prompts"] == 16 and parity["equal"] >= 14, parity["rows"]
+    assert parity["max_margin_at_divergence"] is None or parity["max_margin_at_divergence"] < 0.05, parity["rows"]
     assert report["template"]["ok"] and not report["template"]["double_bos"], report["template"]
     if alias == "smollm2-135m-instruct":  # an instruct model ends its turn; llama.cpp must stop there
         assert report["template"]["stops_at_end_of_turn"], report["template"]
