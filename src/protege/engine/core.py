@@ -74,6 +74,8 @@ class RequestDriver:
     """`generate` / `chat` / `stream` for any engine with add_request / step / has_pending / cancel."""
 
     chat_format: ChatFormat
+    tokenizer: Any
+    max_positions: int
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[Completion]:
@@ -123,6 +125,18 @@ class RequestDriver:
                         yield out.text_delta
         finally:
             self.cancel(rid)
+
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams | None
+                     ) -> tuple[list[int], SamplingParams, frozenset[int], TextTracker]:
+        """A request's checked prompt, params, stop ids and text tracker (shared by every engine)."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
+        if len(prompt) >= self.max_positions:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the model takes at most {self.max_positions}")
+        stop_ids, stops = request_stops(self.chat_format, params)
+        return prompt, params, stop_ids, TextTracker(self.tokenizer, stops)
 
     # implemented by engines
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
@@ -190,15 +204,9 @@ class Engine(RequestDriver):
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
         """Queue a prompt; it joins the running batch at the next `step()`. Returns its id."""
-        params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
-        if len(prompt) >= self.max_positions:
-            raise ValueError(f"prompt has {len(prompt)} tokens; the model takes at most {self.max_positions}")
-        stop_ids, stops = request_stops(self.chat_format, params)
+        prompt, params, stop_ids, tracker = self._new_request(prompt_ids, params)
         gen = None if params.greedy else make_generator(params.seed, self.device)
-        req = _Request(next(self._ids), prompt, params, stop_ids, TextTracker(self.tokenizer, stops), gen)
+        req = _Request(next(self._ids), prompt, params, stop_ids, tracker, gen)
         self._waiting.append(req)
         return req.id
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..chat import ChatFormat
-from .core import Completion, RequestDriver, StepOutput, request_stops
+from .core import Completion, RequestDriver, StepOutput
 from .sampling import SamplingParams
 from .text import TextTracker
 
@@ -57,14 +57,8 @@ class LlamaCppEngine(RequestDriver):
         self._active: _Req | None = None
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> int:
-        params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("a prompt needs at least one token (e.g. the BOS token)")
-        if len(prompt) >= self.max_positions:
-            raise ValueError(f"prompt has {len(prompt)} tokens; this context holds {self.max_positions}")
-        stop_ids, stops = request_stops(self.chat_format, params)
-        req = _Req(next(self._ids), prompt, params, stop_ids, TextTracker(self.tokenizer, stops))
+        prompt, params, stop_ids, tracker = self._new_request(prompt_ids, params)
+        req = _Req(next(self._ids), prompt, params, stop_ids, tracker)
         self._waiting.append(req)
         return req.id
 

@@ -27,7 +27,6 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from ..config import StageConfig
-from ..errors import StageError
 
 __all__ = ["ExportConfig", "run", "gguf_template"]
 
