@@ -65,6 +65,7 @@ class Guard:
     # nothing (a sleep, no read), and slows a flood of retries to a trickle: without it, 8 clients
     # resending 5 MB bodies in a loop took 0.7 of this machine's 2 cores and tripled normal latency.
     refuse_delay_s: float = 0.5
+    json_prefixes: tuple[str, ...] = ("/v1/",)  # POSTs under these must be application/json
 
     def __post_init__(self) -> None:
         self._hosts = {h.lower().strip("[]") for h in (*LOOPBACK_NAMES, *self.allowed_hosts)}
@@ -105,7 +106,7 @@ class Guard:
         if not self.origin_ok(headers.get("origin"), host):
             return (403, f"Origin {headers.get('origin')!r} may not call this server (add it with "
                          "--allowed-origin)", "origin_not_allowed")
-        if method == "POST" and path.startswith("/v1/"):
+        if method == "POST" and path.startswith(self.json_prefixes):
             ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 return (415, f"Content-Type is {ctype or 'missing'!r}; send the body as JSON with "

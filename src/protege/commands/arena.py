@@ -1,0 +1,106 @@
+"""`protege arena ANSWERS...` (blind A/B page), `protege arena stats DB`, `protege arena export DB --out F`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any
+
+ORDER = 96
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "arena", help="blind human A/B votes on answer sets (Koala / Chatbot Arena), Bradley-Terry ratings",
+        description="`protege arena ANSWERS...` serves the voting page on 127.0.0.1 (answer folders from "
+                    "`protege eval answer`); `protege arena stats DB` prints the leaderboard; "
+                    "`protege arena export DB --out votes.jsonl|votes.csv` writes the votes.")
+    p.add_argument("args", nargs="+", metavar="ANSWERS | stats DB | export DB")
+    p.add_argument("--db", default="runs/arena/arena.sqlite", help="votes database (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--token-env", default=None, metavar="VAR",
+                   help="restrict the page to raters given the token in $VAR (they open /?token=...)")
+    p.add_argument("--out", default=None, help="export: output .jsonl or .csv")
+    p.add_argument("--rounds", type=int, default=100, help="stats: bootstrap rounds (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="stats: print JSON")
+    p.set_defaults(func=_arena)
+
+
+def _arena(args: argparse.Namespace) -> int:
+    from ..errors import StageError
+
+    if args.args[0] in ("stats", "export"):
+        if len(args.args) != 2:
+            raise StageError(f"usage: protege arena {args.args[0]} DB")
+        return _stats(args.args[1], args) if args.args[0] == "stats" else _export(args.args[1], args)
+    import uvicorn
+
+    from ..arena.app import create_arena_app, load_pool
+    from ..arena.db import ArenaDB
+    from ..serve.guard import Guard, is_loopback
+
+    token = os.environ.get(args.token_env, "") if args.token_env else None
+    if args.token_env and not token:
+        raise StageError(f"--token-env {args.token_env}: that environment variable is not set or empty")
+    if not is_loopback(args.host) and not token:
+        raise StageError(f"--host {args.host} without --token-env: anyone who can reach the port could vote")
+    pool, excluded = load_pool(args.args)
+    models = sorted({m for e in pool.values() for m in e["answers"]})
+    if len(models) < 2:
+        raise StageError(f"the arena needs answers from at least 2 models; found {models or 'none'}")
+    for e in excluded[:10]:
+        print(f"excluded {e['model']} on {e['prompt_id']}: {e['reason']}", file=sys.stderr)
+    db = ArenaDB(args.db)
+    app = create_arena_app(db, pool, token=token, guard=Guard(bind=args.host, json_prefixes=("/api/",)))
+    print(f"arena: {len(pool)} prompts, models {', '.join(models)} ({len(excluded)} answers excluded); votes -> "
+          f"{args.db}; open http://{args.host}:{args.port}/" + ("?token=..." if token else ""), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _stats(path: str, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..arena.app import votes_of
+    from ..arena.db import ArenaDB
+    from ..arena.ratings import leaderboard
+    from ..errors import StageError
+
+    if not Path(path).is_file():
+        raise StageError(f"{path}: no such arena database")
+    votes = votes_of(ArenaDB(path))
+    rows = leaderboard(votes, rounds=args.rounds)
+    if args.json:
+        print(json.dumps({"votes": len(votes), "leaderboard": rows}, indent=2))
+        return 0
+    print(f"{len(votes)} votes ({sum(v.winner == 'tie' for v in votes)} ties, {sum(v.winner == 'bad' for v in votes)} both bad)")
+    print(f"{'model':<28} {'rating':>7} {'95% interval':>17} {'elo':>7} {'battles':>8} {'win rate':>9}")
+    for r in rows:
+        wr = "–" if r["win_rate"] is None else f"{r['win_rate']:.3f}"
+        print(f"{r['model']:<28} {r['rating']:>7.0f} {r['ci_low']:>8.0f}–{r['ci_high']:<8.0f} {r['elo']:>7.0f} "
+              f"{r['battles']:>8} {wr:>9}")
+    return 0
+
+
+def _export(path: str, args: argparse.Namespace) -> int:
+    from ..arena.db import ArenaDB
+    from ..errors import StageError
+
+    if not args.out:
+        raise StageError("export needs --out votes.jsonl or --out votes.csv")
+    rows = ArenaDB(path).votes()
+    if args.out.endswith(".csv"):
+        with open(args.out, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["id"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} votes to {args.out}")
+    return 0

@@ -1,0 +1,182 @@
+"""The arena: Bradley-Terry ratings against scipy and synthetic truth; the vote API over real HTTP and SQLite."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from protege.arena.app import create_arena_app, load_pool
+from protege.arena.db import ArenaDB
+from protege.arena.ratings import Vote, bootstrap_intervals, bradley_terry, leaderboard, win_matrix
+from protege.serve import background_server
+
+
+def test_bradley_terry_equals_a_direct_scipy_fit():
+    from scipy.optimize import minimize
+
+    votes = ([Vote("a", "b", "a")] * 7 + [Vote("a", "b", "b")] * 3 + [Vote("b", "c", "a")] * 6 +
+             [Vote("b", "c", "tie")] * 2 + [Vote("a", "c", "a")] * 8 + [Vote("c", "a", "a")] * 2 + [Vote("a", "c", "bad")])
+    models = ["a", "b", "c"]
+    w = win_matrix(votes, models)
+    assert w[1, 2] == 7 and w[2, 1] == 1  # ties are half wins; "bad" is no preference
+
+    def nll(t):
+        d = t[:, None] - t[None, :]
+        return float((w * np.log1p(np.exp(-d))).sum())
+
+    t = minimize(nll, np.zeros(3), method="BFGS", tol=1e-12).x
+    expected = 1000 + 400 * (t - t.mean()) / math.log(10)
+    assert np.allclose(bradley_terry(w), expected, atol=1e-3)
+
+
+def test_bootstrap_intervals_cover_the_truth_and_recover_the_order():
+    covered = total = ordered = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        theta = np.array([-1.0, -0.3, 0.4, 1.1])
+        models = [f"m{i}" for i in range(4)]
+        votes = []
+        for _ in range(600):
+            i, j = rng.choice(4, 2, replace=False)
+            votes.append(Vote(models[i], models[j], "a" if rng.random() < 1 / (1 + math.exp(theta[j] - theta[i])) else "b"))
+        true = 1000 + 400 * (theta - theta.mean()) / math.log(10)
+        lo, hi = bootstrap_intervals(votes, models, rounds=100, seed=seed)
+        covered += int(((lo <= true) & (true <= hi)).sum())
+        total += 4
+        ordered += [r["model"] for r in leaderboard(votes, rounds=20)] == ["m3", "m2", "m1", "m0"]
+    assert covered / total >= 0.90, covered / total
+    assert ordered >= 18
+
+
+def _answers(tmp_path, models=("alpha-model", "beta-model", "gamma-model"), prompts=4):
+    dirs = []
+    for m in models:
+        d = tmp_path / m
+        d.mkdir()
+        rows = []
+        for p in range(prompts):
+            text = f"Answer {p} from {m[:1]}: <script>alert(1)</script> **bold**"
+            if m == "gamma-model" and p == 0:
+                text = "As Gemma, a model trained by Google, I think so."
+            rows.append({"id": f"q{p}", "category": "writing", "turns": [f"Question {p}?"], "answers": [text], "model": m})
+        (d / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(d))
+    return dirs
+
+
+@pytest.fixture()
+def arena(tmp_path):
+    pool, excluded = load_pool(_answers(tmp_path))
+    db = ArenaDB(tmp_path / "arena.sqlite")
+    app = create_arena_app(db, pool, token=None, seed=0)
+    with background_server(app) as url:
+        yield url, db, excluded
+
+
+def _rater(url):
+    client = httpx.Client(base_url=url, timeout=30)
+    assert client.get("/").status_code == 200
+    return client
+
+
+def _vote(client, battle, winner="left", vote_id=None, **headers):
+    return client.post("/api/vote", json={"vote_id": vote_id or f"v-{battle['battle_id']}", "battle_id": battle["battle_id"],
+                                          "winner": winner, "comment": ""},
+                       headers={"X-CSRF-Token": client.cookies.get("arena_csrf"), **headers})
+
+
+def test_identity_revealing_answers_are_excluded_with_a_reason(arena):
+    _, _, excluded = arena
+    assert excluded == [{"prompt_id": "q0", "model": "gamma-model", "reason": "names 'Gemma'"}]
+
+
+def test_vote_flow_reveals_models_only_after_the_vote_and_counts_a_retry_once(arena):
+    url, db, _ = arena
+    client = _rater(url)
+    battle = client.get("/api/next").json()
+    assert "model" not in json.dumps(battle).replace("model_", "")  # anonymous until the vote
+    r = _vote(client, battle, "right")
+    assert r.status_code == 200 and set(r.json()["models"].values()) <= {"alpha-model", "beta-model", "gamma-model"}
+    again = _vote(client, battle, "right")
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert len(db.votes()) == 1
+    other = _vote(client, battle, "left", vote_id="another-id")
+    assert other.status_code == 409 and len(db.votes()) == 1
+
+
+def test_bad_votes_are_4xx_and_write_nothing(arena):
+    url, db, _ = arena
+    client = _rater(url)
+    battle = client.get("/api/next").json()
+    assert _vote(client, {"battle_id": "nope"}).status_code == 404
+    assert _vote(client, battle, "maybe").status_code == 400
+    r = client.post("/api/vote", content=b"{not json", headers={"Content-Type": "application/json",
+                                                                 "X-CSRF-Token": client.cookies.get("arena_csrf")})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert _vote(client, battle, **{"X-CSRF-Token": "forged"}).status_code == 403
+    stranger = _rater(url)
+    assert _vote(stranger, battle).status_code == 403  # someone else's battle
+    r = httpx.post(url + "/api/vote", content=json.dumps({"battle_id": battle["battle_id"]}),
+                   headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    assert db.votes() == []
+
+
+def test_a_rater_never_sees_the_same_pair_twice_and_cells_stay_balanced(arena):
+    url, db, _ = arena
+    client = _rater(url)
+    seen = []
+    while True:
+        b = client.get("/api/next").json()
+        if b.get("done"):
+            break
+        seen.append(b["battle_id"])
+        assert _vote(client, b, "tie").status_code == 200
+    # 4 prompts: q0 has 2 usable models (1 pair), q1-q3 have 3 (3 pairs each) -> 10 distinct cells.
+    assert len(seen) == 10 and len(db.votes()) == 10
+
+
+def test_twenty_concurrent_raters_give_the_exact_vote_count(arena):
+    url, db, _ = arena
+    errors = []
+
+    def rater():
+        try:
+            client = _rater(url)
+            for _ in range(5):
+                b = client.get("/api/next").json()
+                r = _vote(client, b, "left")
+                if r.status_code != 200:
+                    errors.append(r.text)
+                _vote(client, b, "left")  # a retry of the same vote: counted once
+        except Exception as err:  # noqa: BLE001
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=rater) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    con = sqlite3.connect(db.path)
+    assert con.execute("SELECT count(*) FROM votes").fetchone()[0] == 100
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_a_token_restricts_the_arena(tmp_path):
+    pool, _ = load_pool(_answers(tmp_path))
+    app = create_arena_app(ArenaDB(tmp_path / "a.sqlite"), pool, token="s3cret", seed=0)
+    with background_server(app) as url:
+        assert httpx.get(url + "/").status_code == 403
+        assert httpx.get(url + "/?token=wrong").status_code == 403
+        assert httpx.get(url + "/api/next").status_code == 403
+        client = httpx.Client(base_url=url, follow_redirects=True)
+        assert client.get("/?token=s3cret").status_code == 200
+        assert "battle_id" in client.get("/api/next").json()
