@@ -180,3 +180,120 @@ def test_a_token_restricts_the_arena(tmp_path):
         client = httpx.Client(base_url=url, follow_redirects=True)
         assert client.get("/?token=s3cret").status_code == 200
         assert "battle_id" in client.get("/api/next").json()
+
+
+XSS = ('<script>window.__pwned = 1</script> <img src=x onerror="window.__pwned = 2"> '
+       '[click](javascript:window.__pwned=3) **bold**')
+
+
+def _wait(driver, js, timeout=20):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not driver.execute_script(js):
+        assert time.monotonic() < deadline, js
+        time.sleep(0.05)
+
+
+def test_page_vote_flow_blind_until_vote_inert_html_and_shortcuts(tmp_path):
+    from browser import headless_chromium
+    from selenium.webdriver.common.by import By
+
+    dirs = []
+    for m in ("alpha-model", "beta-model"):
+        d = tmp_path / m
+        d.mkdir()
+        rows = [{"id": f"q{p}", "turns": [f"Question {p}?"], "answers": [f"{XSS} answer {p}"], "model": m} for p in range(3)]
+        (d / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(d))
+    pool, _ = load_pool(dirs)
+    db = ArenaDB(tmp_path / "arena.sqlite")
+    with background_server(create_arena_app(db, pool, seed=0)) as url, headless_chromium() as driver:
+        driver.get(url + "/")
+        _wait(driver, "return document.querySelector('#left .body').textContent.length > 0")
+        html = driver.page_source
+        assert "alpha-model" not in html and "beta-model" not in html  # blind until the vote
+        left = driver.find_element(By.CSS_SELECTOR, "#left .body")
+        assert "<script>window.__pwned = 1</script>" in left.text
+        assert driver.execute_script("return document.querySelectorAll('#pair script, #pair img, #pair a').length") == 0
+        assert driver.execute_script("return document.querySelector('#left strong').textContent") == "bold"
+        assert driver.execute_script("return window.__pwned") is None
+        driver.find_element(By.TAG_NAME, "body").send_keys("2")  # shortcut: B is better
+        _wait(driver, "return !document.querySelector('#right .model').hidden")
+        shown = {driver.find_element(By.CSS_SELECTOR, f"#{s} .model").text for s in ("left", "right")}
+        assert shown == {"alpha-model", "beta-model"}
+        votes = db.votes()
+        assert len(votes) == 1 and votes[0]["winner"] == "right"
+        driver.find_element(By.TAG_NAME, "body").send_keys("\n")  # Enter: next pair
+        _wait(driver, "return document.querySelector('#right .model').hidden")
+        driver.find_element(By.CSS_SELECTOR, "button[data-winner='tie']").click()
+        _wait(driver, "return !document.querySelector('#right .model').hidden")
+        assert [v["winner"] for v in db.votes()] == ["right", "tie"]
+        assert driver.execute_script("return window.__pwned") is None
+
+
+def test_kill_9_mid_traffic_loses_and_doubles_no_vote(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from protege.serve import free_port
+
+    dirs = _answers(tmp_path, models=("alpha-model", "beta-model", "delta-model", "omega-model"), prompts=30)
+    db_path = tmp_path / "arena.sqlite"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "arena", *dirs, "--db", str(db_path),
+                                 "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/api/stats", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError(proc.stderr.read().decode()[-2000:])
+
+    proc = start()
+    client = _rater(url)
+    attempted: list[tuple[dict, str]] = []
+    stop = threading.Event()
+
+    def traffic():
+        k = 0
+        while not stop.is_set():
+            try:
+                b = client.get("/api/next").json()
+            except httpx.HTTPError:
+                return
+            if b.get("done"):
+                return
+            k += 1
+            attempted.append((b, ["left", "right", "tie", "bad"][k % 4]))
+            try:
+                _vote(client, b, attempted[-1][1])
+            except httpx.HTTPError:
+                return
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-traffic, no shutdown
+    proc.wait()
+    stop.set()
+    t.join()
+    assert len(attempted) > 5
+    proc = start()
+    try:
+        for battle, winner in attempted:  # the client retries every vote it sent (same vote ids)
+            assert _vote(client, battle, winner).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    votes = ArenaDB(db_path).votes()
+    assert sorted(v["id"] for v in votes) == sorted(f"v-{b['battle_id']}" for b, _ in attempted)
+    assert {v["battle_id"]: v["winner"] for v in votes} == {b["battle_id"]: w for b, w in attempted}
