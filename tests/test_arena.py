@@ -297,3 +297,34 @@ def test_kill_9_mid_traffic_loses_and_doubles_no_vote(tmp_path):
     votes = ArenaDB(db_path).votes()
     assert sorted(v["id"] for v in votes) == sorted(f"v-{b['battle_id']}" for b, _ in attempted)
     assert {v["battle_id"]: v["winner"] for v in votes} == {b["battle_id"]: w for b, w in attempted}
+
+
+def test_random_raters_are_flagged_and_the_judge_is_compared(tmp_path):
+    from protege.arena.analysis import judge_agreement, random_raters, win_rate_matrix
+
+    rng = np.random.default_rng(0)
+    theta = {"m0": -1.5, "m1": 0.0, "m2": 1.5}
+    rows, k = [], 0
+    for rater in ("honest-1", "honest-2", "honest-3", "coin"):
+        for _ in range(60):
+            a, b = rng.choice(list(theta), 2, replace=False)
+            p = 1 / (1 + math.exp(theta[b] - theta[a]))
+            left_wins = rng.random() < (0.5 if rater == "coin" else p)
+            k += 1
+            rows.append({"rater_id": rater, "model_left": a, "model_right": b, "winner": "left" if left_wins else "right",
+                         "prompt_id": f"q{k % 5}", "category": ""})
+    flagged = random_raters(rows)
+    assert [f["rater_id"] for f in flagged] == ["coin"]
+    rates = win_rate_matrix([Vote(r["model_left"], r["model_right"], "a" if r["winner"] == "left" else "b") for r in rows])
+    assert rates["m2"]["m0"] > 0.7
+    # A judge folder in `eval judge` pairwise form: agrees on q0 and q1, disagrees on q2, tie on q3.
+    d = tmp_path / "judge"
+    d.mkdir()
+    (d / "judge_results.json").write_text(json.dumps({"models": ["m2", "m0"]}))
+    (d / "judgments.jsonl").write_text("".join(json.dumps({"id": i, "outcome": o}) + "\n"
+                                               for i, o in [("q0", "win"), ("q1", "win"), ("q2", "loss"), ("q3", "tie")]))
+    human = [{"prompt_id": p, "model_left": "m2", "model_right": "m0", "winner": "left", "rater_id": "h"}
+             for p in ("q0", "q1", "q2", "q3")]
+    got = judge_agreement(human, [str(d)])
+    assert got["pairs"] == 4 and got["decisive_pairs"] == 3 and got["agreement_without_ties"] == pytest.approx(2 / 3)
+    assert got["cohen_kappa"] is not None and got["cohen_kappa"] < 1

@@ -27,6 +27,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default=None, help="export: output .jsonl or .csv")
     p.add_argument("--rounds", type=int, default=100, help="stats: bootstrap rounds (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="stats: print JSON")
+    p.add_argument("--judge", action="append", default=[], metavar="DIR",
+                   help="stats: an `eval judge` pairwise folder; prints the judge's agreement with people (repeatable)")
     p.set_defaults(func=_arena)
 
 
@@ -72,10 +74,17 @@ def _stats(path: str, args: argparse.Namespace) -> int:
 
     if not Path(path).is_file():
         raise StageError(f"{path}: no such arena database")
-    votes = votes_of(ArenaDB(path))
+    from ..arena.analysis import by_category, judge_agreement, random_raters, win_rate_matrix
+
+    db = ArenaDB(path)
+    raw = db.votes()
+    votes = votes_of(db)
     rows = leaderboard(votes, rounds=args.rounds)
+    extra = {"win_rates": win_rate_matrix(votes), "by_category": by_category(raw),
+             "random_raters": random_raters(raw),
+             "judge_agreement": judge_agreement(raw, args.judge) if args.judge else None}
     if args.json:
-        print(json.dumps({"votes": len(votes), "leaderboard": rows}, indent=2))
+        print(json.dumps({"votes": len(votes), "leaderboard": rows, **extra}, indent=2))
         return 0
     print(f"{len(votes)} votes ({sum(v.winner == 'tie' for v in votes)} ties, {sum(v.winner == 'bad' for v in votes)} both bad)")
     print(f"{'model':<28} {'rating':>7} {'95% interval':>17} {'elo':>7} {'battles':>8} {'win rate':>9}")
@@ -83,6 +92,18 @@ def _stats(path: str, args: argparse.Namespace) -> int:
         wr = "–" if r["win_rate"] is None else f"{r['win_rate']:.3f}"
         print(f"{r['model']:<28} {r['rating']:>7.0f} {r['ci_low']:>8.0f}–{r['ci_high']:<8.0f} {r['elo']:>7.0f} "
               f"{r['battles']:>8} {wr:>9}")
+    if len(extra["by_category"]) > 1:
+        for cat, board in extra["by_category"].items():
+            print(f"  {cat}: " + ", ".join(f"{b['model']} {b['rating']:.0f}" for b in board))
+    for f in extra["random_raters"]:
+        print(f"flagged rater {f['rater_id'][:8]}: {f['votes']} votes not more likely than coin flips "
+              f"(p = {f['p_value']:.2f}); kept in the ratings")
+    ja = extra["judge_agreement"]
+    if ja:
+        agree = "–" if ja["agreement_without_ties"] is None else f"{ja['agreement_without_ties']:.3f}"
+        kappa = "–" if ja["cohen_kappa"] is None else f"{ja['cohen_kappa']:.3f}"
+        print(f"judge vs people on {ja['pairs']} shared pairs: agreement without ties {agree} "
+              f"(n={ja['decisive_pairs']}), Cohen's kappa {kappa}")
     return 0
 
 
