@@ -328,3 +328,19 @@ def test_random_raters_are_flagged_and_the_judge_is_compared(tmp_path):
     got = judge_agreement(human, [str(d)])
     assert got["pairs"] == 4 and got["decisive_pairs"] == 3 and got["agreement_without_ties"] == pytest.approx(2 / 3)
     assert got["cohen_kappa"] is not None and got["cohen_kappa"] < 1
+
+
+def test_report_shows_human_ratings_next_to_the_judge(tmp_path):
+    from protege.evaluate.report import ReportConfig, run
+
+    db = ArenaDB(tmp_path / "arena.sqlite")
+    rid = db.new_rater()
+    for k in range(12):
+        bid = db.add_battle(rid, f"q{k % 4}", "", "alpha", "beta")
+        db.vote(f"v{k}", bid, rid, "left" if k % 3 else "tie")
+    out = tmp_path / "report.html"
+    run(ReportConfig(inputs=[str(tmp_path / "arena.sqlite")], output=str(out)))
+    page = out.read_text()
+    assert "People (blind A/B votes)" in page and "12 votes" in page
+    md = (tmp_path / "report.md").read_text()
+    assert "| alpha |" in md and "95% interval" in md

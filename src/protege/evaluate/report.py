@@ -54,6 +54,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     answers: dict[str, list[dict[str, Any]]] = {}
     rm: dict[str, dict[str, Any]] = {}
     order: list[str] = []
+    human: dict[str, Any] | None = None
     for root in inputs:
         root_p = Path(root)
         if not root_p.exists():
@@ -77,6 +78,9 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                 r = _read_json(f)
                 rm[r["model"]] = r
                 order.append(r["model"])
+            elif f.suffix in (".sqlite", ".db") and _is_arena(f):
+                human = _human(f)
+                order.extend(r["model"] for r in human["leaderboard"])
             elif f.name == "answers.jsonl":
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
@@ -84,8 +88,52 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                     order.append(recs[0].get("model", f.parent.name))
     models = list(dict.fromkeys(order))
     if not models:
-        raise StageError(f"no results.json, judge_results.json or answers.jsonl under {', '.join(inputs)}")
-    return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models}
+        raise StageError(f"no results.json, judge_results.json, answers.jsonl or arena database under {', '.join(inputs)}")
+    if human is not None:
+        from ..arena.analysis import judge_agreement
+
+        pairwise = [j["where"] for j in judges if j["mode"] == "pairwise"]
+        human["agreement"] = judge_agreement(human["rows"], pairwise) if pairwise else None
+    return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models, "human": human}
+
+
+def _is_arena(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        ok = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='votes'").fetchone() is not None
+        con.close()
+        return ok
+    except sqlite3.Error:
+        return False
+
+
+def _human(path: Path) -> dict[str, Any]:
+    """Human votes from a `protege arena` database: BT leaderboard with 95% intervals."""
+    from ..arena.app import votes_of
+    from ..arena.db import ArenaDB
+    from ..arena.ratings import leaderboard
+
+    db = ArenaDB(path)
+    rows = db.votes()
+    return {"where": str(path), "votes": len(rows), "rows": rows, "leaderboard": leaderboard(votes_of(db), rounds=100)}
+
+
+def _human_section(human: dict[str, Any] | None) -> str:
+    if not human:
+        return "<p class=note>No human votes (run <code>protege arena</code> and add its database to the inputs).</p>"
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(r['model'])}</td><td>{r['rating']:.0f}</td><td>[{r['ci_low']:.0f}, {r['ci_high']:.0f}]</td>"
+                   f"<td>{r['battles']}</td><td>{_f(r['win_rate'])}</td></tr>" for r in human["leaderboard"])
+    out = [f"<p>{human['votes']} votes from <code>{e(human['where'])}</code>; Bradley-Terry ratings (Elo scale) with "
+           "bootstrap 95% intervals; ties count half.</p>",
+           f"<table><tr><th>model</th><th>rating</th><th>95% interval</th><th>battles</th><th>win rate</th></tr>{rows}</table>"]
+    a = human.get("agreement")
+    if a:
+        out.append(f"<p>Judge vs people on {a['pairs']} shared (prompt, pair) cells: agreement without ties "
+                   f"{_f(a['agreement_without_ties'])} (n={a['decisive_pairs']}), Cohen's κ {_f(a['cohen_kappa'])}.</p>")
+    return "".join(out)
 
 
 def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any] | None:
@@ -364,12 +412,23 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
             "<h2>Figures</h2>"]
     body += [f"<figure><img alt='figure' src='data:image/png;base64,{png}'><figcaption>{e(cap)}</figcaption></figure>"
              for cap, png in figs]
-    body += ["<h2>Judge</h2>", _judge_section(data["judges"]),
+    body += ["<h2>Judge</h2>", _judge_section(data["judges"]), "<h2>People (blind A/B votes)</h2>",
+             _human_section(data.get("human")),
              "<h2 id=samples>Sample answers side by side</h2>", _samples(data, [r["model"] for r in t["rows"]], cfg.samples)]
     page = Template(TEMPLATE.read_text(encoding="utf-8")).safe_substitute(title=e(cfg.title), body="\n".join(body))
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     md = out.with_name("report.md") if out.suffix == ".html" else out.with_suffix(".md")
-    md.write_text(_markdown(cfg, t, data["judges"]), encoding="utf-8")
+    text = _markdown(cfg, t, data["judges"])
+    if data.get("human"):
+        h = data["human"]
+        text += "\n## People (blind A/B votes)\n\n| model | rating | 95% interval | battles | win rate |\n|---|---|---|---|---|\n"
+        text += "".join(f"| {r['model']} | {r['rating']:.0f} | [{r['ci_low']:.0f}, {r['ci_high']:.0f}] | {r['battles']} | "
+                        f"{_f(r['win_rate'])} |\n" for r in h["leaderboard"])
+        a = h.get("agreement")
+        if a:
+            text += (f"\nJudge vs people: {a['pairs']} shared cells, agreement without ties {_f(a['agreement_without_ties'])} "
+                     f"(n={a['decisive_pairs']}), Cohen's kappa {_f(a['cohen_kappa'])}.\n")
+    md.write_text(text, encoding="utf-8")
     return {"html": str(out), "markdown": str(md), "models": len(t["rows"]), "figures": len(figs)}
