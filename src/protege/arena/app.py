@@ -128,13 +128,18 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
             response.set_cookie("arena_csrf", _token(), samesite="strict", max_age=3600 * 24 * 365)
         return response
 
-    @app.get("/api/next")
-    async def next_pair(request: Request) -> Any:
+    def gate(request: Request) -> str | JSONResponse:
+        """The request's rater id, or the error response (token, then rater cookie)."""
         if not access_ok(request):
             return _error(403, "missing or wrong arena token", "bad_token")
         rater = rater_of(request)
-        if rater is None:
-            return _error(401, "no rater cookie: open the arena page first", "no_rater")
+        return rater if rater is not None else _error(401, "no rater cookie: open the arena page first", "no_rater")
+
+    @app.get("/api/next")
+    async def next_pair(request: Request) -> Any:
+        rater = gate(request)
+        if isinstance(rater, JSONResponse):
+            return rater
         battle = arena.next_battle(rater)
         if battle is None:
             return JSONResponse({"done": True, "message": "You have rated every pair. Thank you!"})
@@ -142,11 +147,9 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
 
     @app.post("/api/vote")
     async def vote(request: Request) -> Any:
-        if not access_ok(request):
-            return _error(403, "missing or wrong arena token", "bad_token")
-        rater = rater_of(request)
-        if rater is None:
-            return _error(401, "no rater cookie: open the arena page first", "no_rater")
+        rater = gate(request)
+        if isinstance(rater, JSONResponse):
+            return rater
         csrf = request.cookies.get("arena_csrf", "")
         if not csrf or not hmac.compare_digest(csrf.encode(), request.headers.get("x-csrf-token", "").encode()):
             return _error(403, "missing or wrong X-CSRF-Token header (reload the page)", "csrf")
