@@ -395,17 +395,22 @@ def test_static_files_carry_security_headers(guarded):
         assert "script-src 'self'" in r.headers["content-security-policy"]
 
 
-def test_a_full_wait_queue_answers_429_with_retry_after(tiny_llama):
+def _slow_engine(model, tok, delay):
+    """The real engine, one decode step per `delay` seconds, so requests pile up or run late."""
     from protege.engine import Engine
-    from protege.serve import background_server, create_app
 
     class Slow(Engine):
         def step(self):  # type: ignore[override]
-            time.sleep(0.05)
+            time.sleep(delay)
             return super().step()
 
-    model, tok = tiny_llama
-    app = create_app(Slow(model, tok, max_batch_size=1), "tiny", max_batch=1, max_waiting=1)
+    return Slow(model, tok, max_batch_size=1)
+
+
+def test_a_full_wait_queue_answers_429_with_retry_after(tiny_llama):
+    from protege.serve import background_server, create_app
+
+    app = create_app(_slow_engine(*tiny_llama, 0.05), "tiny", max_batch=1, max_waiting=1)
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0})
     with background_server(app) as url:
         import concurrent.futures as cf
@@ -420,16 +425,9 @@ def test_a_full_wait_queue_answers_429_with_retry_after(tiny_llama):
 
 
 def test_a_request_past_its_deadline_is_cancelled_with_504(tiny_llama):
-    from protege.engine import Engine
     from protege.serve import background_server, create_app
 
-    class Slow(Engine):
-        def step(self):  # type: ignore[override]
-            time.sleep(0.3)
-            return super().step()
-
-    model, tok = tiny_llama
-    app = create_app(Slow(model, tok, max_batch_size=1), "tiny", request_timeout_s=1.0)
+    app = create_app(_slow_engine(*tiny_llama, 0.3), "tiny", request_timeout_s=1.0)
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 0})
     with background_server(app) as url:
         r = _post(url, body)

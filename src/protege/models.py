@@ -215,8 +215,8 @@ def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = N
     path = resolve(spec)
     p = Path(path)
     torch_dtype = getattr(torch, dtype)
-    hub_like = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not str(spec).startswith("hf:")
-    if p.suffix != ".gguf" and not p.exists() and not (hub_like or str(spec).startswith("hf:")):
+    hub_id = str(spec).startswith("hf:") or (path.count("/") == 1 and not path.startswith((".", "/", "~")))
+    if p.suffix != ".gguf" and not p.exists() and not hub_id:
         raise ModelError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), "
                          "not an existing folder or .gguf file (a hub model is named org/name or hf:org/name)")
     try:

@@ -117,8 +117,8 @@ def publish(out_dir: str | Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     (out / MANIFEST).unlink(missing_ok=True)
-    names = sorted(p.relative_to(stage) for p in stage.rglob("*") if p.is_file())
-    for rel in sorted(names, key=lambda r: str(r) == MANIFEST):
+    names = sorted((p.relative_to(stage) for p in stage.rglob("*") if p.is_file()), key=lambda r: (str(r) == MANIFEST, r))
+    for rel in names:
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(stage / rel, target)

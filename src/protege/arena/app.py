@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..serve.guard import Guard, GuardMiddleware
+from ..serve.guard import Guard, GuardMiddleware, error_payload
 from .db import ArenaDB, VoteError
 from .ratings import Vote, leaderboard
 
@@ -89,8 +89,7 @@ class _Arena:
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}},
-                        status_code=status)
+    return JSONResponse(error_payload(message, code), status_code=status)
 
 
 def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | None = None,

@@ -21,14 +21,7 @@ from .core import Completion, RequestDriver, StepOutput
 from .sampling import SamplingParams
 from .text import TextTracker
 
-__all__ = ["LlamaCppEngine", "gguf_tokenizer"]
-
-
-def gguf_tokenizer(path: Path) -> Any:
-    """The HF tokenizer for a GGUF: `hf/` beside it (protege export), else read from the GGUF itself."""
-    from ..models import load_tokenizer
-
-    return load_tokenizer(str(path))
+__all__ = ["LlamaCppEngine"]
 
 
 class _Req:
@@ -46,10 +39,11 @@ class LlamaCppEngine(RequestDriver):
 
     def __init__(self, gguf: str | Path, tokenizer: Any = None, n_ctx: int = 4096, threads: int | None = None):
         from ..export.verify import open_gguf
+        from ..models import load_tokenizer  # the `hf/` folder beside an exported GGUF, else the GGUF's own
 
         self.path = Path(gguf)
         self.llm = open_gguf(self.path, n_ctx=n_ctx, threads=threads)
-        self.tokenizer = tokenizer if tokenizer is not None else gguf_tokenizer(self.path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(self.path))
         self.chat_format = ChatFormat.from_tokenizer(self.tokenizer)
         self.max_positions = self.llm.n_ctx()
         self._ids = itertools.count()

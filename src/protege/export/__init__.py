@@ -105,8 +105,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
     outputs: list[Path] = [hf_dir]
     files: dict[str, Path] = {}
     stem = config.name or out.resolve().name
+    template, add_bos = gguf_template(chat)
     if config.gguf:
-        template, add_bos = gguf_template(chat)
         view = conversion_input(hf_dir, out / ".convert-input", template, add_bos)
         try:
             need_f32 = any(GGUF_TYPES[t] == "quantize" for t in config.gguf) or "f32" in config.gguf
@@ -124,7 +124,7 @@ def run(config: ExportConfig) -> dict[str, Any]:
         outputs += list(files.values())
     report: dict[str, Any] = {"model": info, "files": {t: str(p) for t, p in files.items()}}
     if config.verify and files:
-        report.update(_verify(config, model, tok, chat, files))
+        report.update(_verify(config, model, tok, chat, files, add_bos))
         (out / "verify.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (out / "verify.md").write_text(_verify_markdown(report), encoding="utf-8")
         outputs += [out / "verify.json", out / "verify.md"]
@@ -137,7 +137,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
     return {**counts, "out_dir": str(out)}
 
 
-def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[str, Path]) -> dict[str, Any]:
+def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[str, Path],
+            add_bos: bool) -> dict[str, Any]:
     from ..engine import Engine
     from .verify import (decode_speed, greedy_parity, load_texts, open_gguf, perplexity_gguf, perplexity_hf,
                          template_check, _token_ids)
@@ -149,7 +150,6 @@ def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[s
     template = template_check(llm, files[ref_type], chat)
     llm.close()
     texts = load_texts(config.ppl_texts, config.ppl_n)
-    _, add_bos = gguf_template(chat)
     ids = _token_ids(tok, texts, add_bos, 512)
     ppl_ref = perplexity_hf(model, ids)
     rows = []

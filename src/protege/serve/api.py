@@ -25,7 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import SECURITY_HEADERS, Guard, GuardMiddleware
+from .guard import Guard, GuardMiddleware, error_payload
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -54,10 +54,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_payload(self.message, self.code, self.type, self.param)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers={**SECURITY_HEADERS, **self.headers})
+        # The security headers are added to every response by GuardMiddleware.
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class StreamOptions(BaseModel):

@@ -10,8 +10,9 @@ POST a `text/plain` body cross-origin without a CORS preflight, and with DNS reb
 - API bodies must be `Content-Type: application/json`: a browser cannot send that cross-origin
   without a preflight, which this server never approves.
 
-`read_body` enforces the body limit before a byte is parsed (Content-Length first, then a running
-count for chunked bodies), so one 20 MB request cannot stall everyone's tokenisation.
+The body limit holds before a byte is parsed: `GuardMiddleware` refuses a declared Content-Length
+over it, `read_body` counts chunked bodies as they arrive, so one 20 MB request cannot stall
+everyone's tokenisation.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Guard", "GuardMiddleware", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS"]
+__all__ = ["Guard", "GuardMiddleware", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS", "error_payload"]
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECURITY_HEADERS = {
@@ -32,6 +33,12 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
+
+
+def error_payload(message: str, code: str | None = None, type: str = "invalid_request_error",
+                  param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, for every refusal."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def is_loopback(host: str) -> bool:
@@ -151,7 +158,10 @@ class GuardMiddleware:
     security headers to every response, the static files' included."""
 
     def __init__(self, app: Any, guard: Guard, csp: str):
-        self.app, self.guard, self.csp = app, guard, csp
+        self.app, self.guard = app, guard
+        api = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+        self._api_headers = api
+        self._page_headers = [*api, (b"content-security-policy", csp.encode())]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -164,8 +174,7 @@ class GuardMiddleware:
             status, message, code = refused
             if status == 413:
                 await asyncio.sleep(self.guard.refuse_delay_s)
-            body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                         "code": code}}).encode()
+            body = json.dumps(error_payload(message, code)).encode()
             extra = [(b"connection", b"close")] if status == 413 else []
             await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -183,7 +192,5 @@ class GuardMiddleware:
         await self.app(scope, receive, send_secured)
 
     def _security(self, path: str) -> list[tuple[bytes, bytes]]:
-        out = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-        if not path.startswith("/v1/"):  # the page and its files: our own scripts only
-            out.append((b"content-security-policy", self.csp.encode()))
-        return out
+        # The page and its files also get the CSP: our own scripts only.
+        return self._api_headers if path.startswith("/v1/") else self._page_headers
