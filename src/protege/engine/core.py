@@ -194,6 +194,13 @@ class Engine(RequestDriver):
         model, tok = load(spec, dtype=dtype, device=device)
         return cls(model, tok, **kw)
 
+    def option_logprobs(self, prompts: list[list[int]], options: list[list[int]]) -> Any:
+        """Yield (index, [log P(option | prompt) for each option's tokens]) per prompt (see `choices.py`)."""
+        from .choices import torch_option_logprobs
+
+        yield from torch_option_logprobs(self.model, prompts, options, self.pad_id,
+                                         batch_size=max(1, min(self.max_batch_size, 8)))
+
     def refresh_weights(self) -> None:
         """Call after the model's weights changed (e.g. between PPO updates): the int8 copy of the LM
         head that screens greedy tokens is rebuilt from the current weights."""

@@ -64,6 +64,26 @@ class LlamaCppEngine(RequestDriver):
             if req.id == request_id:
                 self._waiting.remove(req)
 
+    def option_logprobs(self, prompts: list[list[int]], options: list[list[int]]) -> Iterator[tuple[int, list[float]]]:
+        """Yield (index, [log P(option's first token | prompt)]): one llama.cpp evaluation per prompt,
+        reading the logits of its last position. Options are told apart by their first token (judge
+        verdicts " A" / " B" / " tie" are one token each in the tokenizers llama.cpp runs), so options
+        sharing a first token are refused. Not while a generation is in progress."""
+        import numpy as np
+
+        firsts = [o[0] for o in options]
+        if len(set(firsts)) != len(firsts):
+            raise ValueError(f"the llama.cpp backend scores options by their first token; {options} share one")
+        if self.has_pending():
+            raise RuntimeError("option_logprobs while requests are being generated")
+        for i, ids in enumerate(prompts):
+            self.llm.reset()
+            self.llm.eval(list(ids))
+            z = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            top = z.max()
+            lse = top + np.log(np.exp(z - top).sum())
+            yield i, [float(z[t] - lse) for t in firsts]
+
     def has_pending(self) -> bool:
         return bool(self._waiting or self._active)
 

@@ -5,13 +5,21 @@ Modes
   orders. Agreeing orders give the verdict; disagreeing orders are a tie (this cancels position bias).
 - single: the judge grades each answer 1-10.
 - reference: single grading against the prompt's reference answer (prompts without one are skipped).
-Unparseable verdicts are asked once more (sampled, so a cached greedy reply is not just replayed), then
-counted as judge errors. Every figure that says how far to trust the judge is reported: position
+Verdicts: a local judge's pairwise verdicts are read from its next-token probabilities after "Verdict:"
+(`verdicts: logprob`, the default for local judges): one forward per order, never unparseable, and a
+probability per pair. API judges generate text (`verdicts: generate`); unparseable replies are asked once
+more (sampled, so a cached greedy reply is not just replayed), then counted as judge errors.
+
+Calibration (every run, `calibration` pairs): the judge also compares answer pairs whose better answer is
+known by construction (`calibration.py`). Its accuracy there and its position consistency are stored with
+the verdicts; a judge under `min_calibration_accuracy` (or whose interval reaches chance) or under
+`min_position_consistency` is marked not trustworthy, and the report keeps it out of the headline. Every figure that says how far to trust the judge is reported: position
 consistency (share of pairs whose two orders agree), first-position rate, length bias (how often the
 longer answer wins), error rate, and bootstrap 95% intervals on the win/tie/loss rates.
 
 Inputs are answer sets (`protege eval answer` output), or model specs answered on the fly from `prompts`.
-Output: judgments.jsonl (one line per prompt, raw judge replies included) + judge_results.json + manifest.
+Output: judgments.jsonl (one line per prompt, raw judge replies included), calibration.jsonl,
+judge_results.json (summary, calibration, trust) + manifest.
 """
 
 from __future__ import annotations
@@ -189,6 +197,15 @@ class JudgeConfig(StageConfig):
     max_answer_chars: int = Field(3000, description="answers longer than this are cut (marked) in the judge "
                                   "prompt, so a rambling model cannot overflow the judge's context")
     use_reference: bool = Field(True, description="pairwise: show the reference answer when the prompt has one")
+    verdicts: Literal["auto", "logprob", "generate"] = Field(
+        "auto", description="pairwise verdicts from the judge's next-token probabilities (logprob: local judges) "
+        "or from generated text (generate); auto = logprob when the judge can be scored")
+    calibration: int = Field(48, ge=0, description="known-answer calibration pairs judged with the real "
+                             "verdicts (both orders); 0 = skip")
+    min_calibration_accuracy: float = Field(0.75, description="below this calibration accuracy (ties half) "
+                                            "the judge is marked not trustworthy")
+    min_position_consistency: float = Field(0.5, description="pairwise: below this share of order-consistent "
+                                            "calibration verdicts the judge is marked not trustworthy")
     bootstrap_iters: int = Field(1000, description="bootstrap resamples for the 95% intervals")
     seed: int = Field(0, description="seed of the retry sampling and the bootstrap")
 
@@ -224,6 +241,30 @@ def _ask(teacher: Any, convs: list[list[dict[str, str]]], parse: Any, cfg: Judge
     return results
 
 
+VERDICT_PREFIX = "Verdict:"
+VERDICT_OPTIONS = (" A", " B", " tie")
+
+
+def _ask_pairwise(teacher: Any, convs: list[list[dict[str, str]]], cfg: JudgeConfig,
+                  logprob: bool) -> list[tuple[str | None, str, bool, dict[str, float] | None]]:
+    """(verdict, raw, retried, {"A","B","tie"} probabilities or None) per pairwise conversation."""
+    if not logprob:
+        return [(v, t, r, None) for v, t, r in _ask(teacher, convs, parse_pairwise, cfg)]
+    out = []
+    for probs in teacher.choice_probs(convs, VERDICT_PREFIX, list(VERDICT_OPTIONS), progress=True):
+        p = dict(zip(("A", "B", "tie"), probs))
+        verdict = max(p, key=p.__getitem__)
+        out.append((verdict, "log-prob verdict: " + " ".join(f"{k}={v:.3f}" for k, v in p.items()), False, p))
+    return out
+
+
+def _p_first(p1: dict[str, float] | None, p2: dict[str, float] | None) -> float | None:
+    """Probability that the model shown first in order 1 is better, averaged over both orders (ties half)."""
+    if p1 is None or p2 is None:
+        return None
+    return 0.5 * ((p1["A"] + 0.5 * p1["tie"]) + (p2["B"] + 0.5 * p2["tie"]))
+
+
 def _aligned(sets: list[list[dict[str, Any]]], limit: int | None) -> list[list[dict[str, Any]]]:
     """The prompts every answer set has, in the first set's order."""
     by_id = [{r["id"]: r for r in s} for s in sets]
@@ -252,21 +293,68 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy) if sx and sy else float("nan")
 
 
-def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig) -> tuple[list[dict], dict]:
+def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
+                  logprob: bool) -> tuple[list[dict], dict]:
     convs = []
     for a, b in groups:
         ref = a.get("reference") if cfg.use_reference else None
         aa, bb = _clip(a["answers"], cfg.max_answer_chars), _clip(b["answers"], cfg.max_answer_chars)
         convs.append(pairwise_messages(a["turns"], aa, bb, ref))
         convs.append(pairwise_messages(a["turns"], bb, aa, ref))
-    asked = _ask(teacher, convs, parse_pairwise, cfg)
+    asked = _ask_pairwise(teacher, convs, cfg, logprob)
     rows = []
     for k, (a, b) in enumerate(groups):
-        (v1, t1, r1), (v2, t2, r2) = asked[2 * k], asked[2 * k + 1]
-        rows.append({"id": a["id"], "category": a.get("category", ""), "turns": a["turns"],
-                     "answers": [a["answers"], b["answers"]], "length": [_length(a), _length(b)],
-                     "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2], "retried": [r1, r2]})
-    return rows, pairwise_summary(rows, cfg.bootstrap_iters, cfg.seed)
+        (v1, t1, r1, p1), (v2, t2, r2, p2) = asked[2 * k], asked[2 * k + 1]
+        row = {"id": a["id"], "category": a.get("category", ""), "turns": a["turns"],
+               "answers": [a["answers"], b["answers"]], "length": [_length(a), _length(b)],
+               "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2], "retried": [r1, r2]}
+        if p1 is not None:
+            row["probs"], row["p_win"] = [p1, p2], _p_first(p1, p2)
+        rows.append(row)
+    summary = pairwise_summary(rows, cfg.bootstrap_iters, cfg.seed)
+    probs = [r["p_win"] for r in rows if r.get("p_win") is not None]
+    if probs:
+        summary["mean_p_win"] = sum(probs) / len(probs)
+        summary["mean_p_win_ci"] = bootstrap_ci(probs, cfg.bootstrap_iters, cfg.seed)
+    return rows, summary
+
+
+def _run_calibration(teacher: Any, cfg: JudgeConfig, logprob: bool) -> list[dict[str, Any]]:
+    """Known-answer pairs through the same verdict path as the real ones (see `calibration.py`)."""
+    from .calibration import calibration_pairs
+
+    pairs = calibration_pairs(cfg.calibration, cfg.seed)
+    if not pairs:
+        return []
+    rows = []
+    if cfg.mode == "pairwise":
+        convs = []
+        for p in pairs:
+            convs.append(pairwise_messages(p["turns"], [p["good"]], [p["bad"]]))
+            convs.append(pairwise_messages(p["turns"], [p["bad"]], [p["good"]]))
+        asked = _ask_pairwise(teacher, convs, cfg, logprob)
+        for k, p in enumerate(pairs):
+            (v1, t1, _, p1), (v2, t2, _, p2) = asked[2 * k], asked[2 * k + 1]
+            rows.append({**p, "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2],
+                         "p_good": _p_first(p1, p2)})
+        return rows
+    convs = [single_messages(p["turns"], [ans]) for p in pairs for ans in (p["good"], p["bad"])]
+    asked = _ask(teacher, convs, parse_rating, cfg)
+    for k, p in enumerate(pairs):
+        (g, tg, _), (b, tb, _) = asked[2 * k], asked[2 * k + 1]
+        outcome = "error" if g is None or b is None else "win" if g > b else "loss" if g < b else "tie"
+        rows.append({**p, "ratings": [g, b], "verdicts": [None, None], "outcome": outcome, "raw": [tg, tb]})
+    return rows
+
+
+def _use_logprob(cfg: JudgeConfig, teacher: Any) -> bool:
+    if cfg.mode != "pairwise" or cfg.verdicts == "generate":
+        return False  # 1-10 grades are generated: "10" is not one token, and grades are not a 3-way choice
+    scorable = bool(getattr(teacher, "scores_choices", False))
+    if cfg.verdicts == "logprob" and not scorable:
+        raise StageError(f"verdicts: logprob needs a local judge; {teacher.name} cannot be scored "
+                         "(use verdicts: generate)")
+    return scorable
 
 
 def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: JudgeConfig) -> tuple[list, dict]:
@@ -299,9 +387,11 @@ def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: J
     return rows, summary
 
 
-def run(cfg: JudgeConfig) -> dict[str, Any]:
-    """Judge the answer sets; writes judgments.jsonl, judge_results.json and manifest.json into `out_dir`."""
+def run(cfg: JudgeConfig, teacher: Any = None) -> dict[str, Any]:
+    """Judge the answer sets; writes judgments.jsonl, calibration.jsonl, judge_results.json and
+    manifest.json into `out_dir`. `teacher`: an already built judge (default: from `cfg.judge`)."""
     from ..teachers import make_teacher
+    from .calibration import calibration_summary, trust_verdict
 
     t0 = time.perf_counter()
     if cfg.mode == "pairwise" and len(cfg.answers) != 2:
@@ -314,21 +404,35 @@ def run(cfg: JudgeConfig) -> dict[str, Any]:
     if len(set(names)) != len(names):
         names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
     groups = _aligned(sets, cfg.limit)
-    teacher = make_teacher(cfg.judge, cache_dir=out)
+    own = teacher is None
+    teacher = make_teacher(cfg.judge, cache_dir=out) if own else teacher
+    logprob = _use_logprob(cfg, teacher)
     try:
+        t_verdicts = time.perf_counter()
         if cfg.mode == "pairwise":
-            rows, summary = _run_pairwise(teacher, groups, cfg)
+            rows, summary = _run_pairwise(teacher, groups, cfg, logprob)
         else:
             rows, summary = _run_single(teacher, groups, names, cfg)
+        t_verdicts = time.perf_counter() - t_verdicts
+        cal_rows = _run_calibration(teacher, cfg, logprob)
     finally:
-        teacher.close()
+        if own:
+            teacher.close()
+    calib = calibration_summary(cal_rows, cfg.bootstrap_iters, cfg.seed) if cal_rows else None
+    trust = (trust_verdict(calib, cfg.min_calibration_accuracy,
+                           cfg.min_position_consistency if cfg.mode == "pairwise" else None)
+             if calib is not None else {"trustworthy": None, "reasons": ["not calibrated (calibration: 0)"]})
     mean_len = {n: sum(_length(g[i]) for g in groups) / len(groups) for i, n in enumerate(names)}
-    results = {"mode": cfg.mode, "judge": cfg.judge.model, "models": names, "mean_length": mean_len,
-               "summary": summary, "seconds": round(time.perf_counter() - t0, 2)}
+    n_verdicts = len(rows) * (2 if cfg.mode == "pairwise" else 1)
+    results = {"mode": cfg.mode, "judge": cfg.judge.model, "verdicts": "logprob" if logprob else "generate",
+               "models": names, "mean_length": mean_len, "summary": summary, "calibration": calib, "trust": trust,
+               "seconds_per_verdict": round(t_verdicts / n_verdicts, 4) if n_verdicts else None,
+               "seconds": round(time.perf_counter() - t0, 2)}
     write_records(out / "judgments.jsonl", rows)
+    write_records(out / "calibration.jsonl", cal_rows)
     (out / "judge_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     inputs = [e for e in cfg.answers if Path(e).exists()] + ([cfg.prompts] if cfg.prompts else [])
     write_manifest(out, f"eval-judge-{cfg.mode}", cfg, inputs=inputs,
-                   outputs=[out / "judgments.jsonl", out / "judge_results.json"],
+                   outputs=[out / "judgments.jsonl", out / "calibration.jsonl", out / "judge_results.json"],
                    counts={"prompts": len(groups), "judgments": len(rows)}, seconds=results["seconds"])
     return results

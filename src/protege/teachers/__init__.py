@@ -147,8 +147,69 @@ class Teacher:
         """Compute every request, calling `on_done(index, {"text", "usage", "finish_reason"})` as each finishes."""
         raise NotImplementedError
 
+    @property
+    def scores_choices(self) -> bool:
+        """Whether `choice_probs` works (a local model: its next-token distribution is readable)."""
+        return False
+
+    def choice_probs(self, conversations: list[list[dict[str, str]]], prefix: str, options: list[str],
+                     progress: bool = False) -> list[list[float]]:
+        """P(option) per conversation, for the assistant reply that begins with `prefix` and continues
+        with one of `options` (log P of the option's tokens), normalised over the options.
+
+        One forward pass per conversation instead of generating text: never unparseable, a probability
+        per verdict. Cached like completions, so a killed judge run resumes where it stopped.
+        """
+        results: list[list[float] | None] = [None] * len(conversations)
+        todo: dict[str, list[int]] = {}
+        for i, conv in enumerate(conversations):
+            key = request_key({"backend": self.backend, "model": self.config.model, "kind": "choice",
+                               "input": conv, "prefix": prefix, "options": list(options)})
+            self.stats["requests"] += 1
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.stats["cache_hits"] += 1
+                results[i] = hit["probs"]
+            else:
+                todo.setdefault(key, []).append(i)
+        if todo:
+            keys = list(todo)
+            firsts = [conversations[todo[k][0]] for k in keys]
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(keys), desc=f"judge {self.config.model} (log-probs)", unit="verdict",
+                           dynamic_ncols=True, leave=False)
+            for j, logps in self._choice_logprobs(firsts, prefix, list(options)):
+                probs = _normalise(logps)
+                self.cache.put(keys[j], {"probs": probs, "logprobs": logps})
+                self.stats["sent"] += 1
+                for i in todo[keys[j]]:
+                    results[i] = probs
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+    def _choice_logprobs(self, conversations: list[list[dict[str, str]]], prefix: str,
+                         options: list[str]) -> Any:
+        """Yield (index, [log P(first token of option) for each option]) as each conversation is scored."""
+        raise TeacherError(f"teacher {self.name}: the {self.backend} backend cannot read next-token "
+                           "probabilities; use generated verdicts (`verdicts: generate`)")
+
     def close(self) -> None:
         self.cache.close()
+
+
+def _normalise(logps: list[float]) -> list[float]:
+    import math
+
+    top = max(logps)
+    exps = [math.exp(v - top) for v in logps]
+    total = sum(exps)
+    return [x / total for x in exps]
 
 
 def make_teacher(config: TeacherConfig, cache_dir: str | Path | None = None) -> Teacher:

@@ -61,3 +61,16 @@ class LocalTeacher(Teacher):
         finally:
             for rid in list(index):  # interrupted: leave the engine idle for the next call
                 eng.cancel(rid)
+
+    @property
+    def scores_choices(self) -> bool:
+        return True
+
+    def _choice_logprobs(self, conversations: list[list[dict[str, str]]], prefix: str, options: list[str]) -> Any:
+        from ..engine.choices import option_token_ids
+
+        eng = self.engine
+        prefix_ids = eng.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+        seqs = option_token_ids(eng.tokenizer, prefix, options)
+        prompts = [eng.chat_format.encode_prompt(c) + prefix_ids for c in conversations]
+        yield from eng.option_logprobs(prompts, seqs)
