@@ -149,5 +149,5 @@ def test_stop_rate_per_model_with_n_and_cut_answers_marked(tmp_path):
     assert "stop rate" in page and "0.750 <span class=ci>n=4</span>" in page
     assert page.count("[cut at max_new_tokens]") == 1  # only the student's fourth answer
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| student | student | – | 6 | 0.750 (4) |" in md
-    assert "| base | base | – | 10 | – |" in md
+    assert "| student | student | – | – | 6 | 0.750 (4) |" in md
+    assert "| base | base | – | – | 10 | – |" in md

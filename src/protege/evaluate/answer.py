@@ -33,6 +33,7 @@ from .task import iter_jsonl
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 
 ANSWERS_FILE = "answers.jsonl"
+LIKENESS_FILE = "teacher_nll.json"
 
 
 def display_name(spec: str) -> str:
@@ -55,6 +56,9 @@ class AnswerConfig(StageConfig):
     top_p: float = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
     seed: int = Field(0, description="sampling seed: same seed + same prompt = same answer")
     batch_size: int = Field(16, description="local backend: sequences decoded together")
+    teacher_answers: str | None = Field(None, description="held-out answers of the teacher (answers.jsonl or its "
+                                        "folder): their per-token NLL under this model is written to "
+                                        "teacher_nll.json (teacher-likeness; local torch models only)")
 
 
 def _turns(row: dict[str, Any], where: str) -> list[str]:
@@ -114,6 +118,30 @@ def stop_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
             "stop_rate": round(stopped / (stopped + cut), 4) if stopped + cut else None}
 
 
+def _teacher_likeness(teacher: Any, cfg: AnswerConfig, out: Path) -> dict[str, Any]:
+    """Score the teacher's held-out answers under this model (see `style.teacher_nll`); teacher_nll.json."""
+    from .style import teacher_nll
+
+    theirs = read_answers(cfg.teacher_answers)
+    engine = getattr(teacher, "engine", None) if cfg.backend == "local" else None
+    model = getattr(engine, "model", None)
+    if model is None:
+        result: dict[str, Any] = {"nll": None, "why": f"teacher-likeness needs a local torch model; {cfg.model} "
+                                  f"runs on the {cfg.backend if engine is None else 'llama.cpp'} backend"}
+    else:
+        convs = []
+        for r in theirs:
+            conv = [{"role": "system", "content": cfg.system}] if cfg.system else []
+            for q, a in zip(r["turns"], r["answers"]):
+                conv += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            convs.append(conv)
+        result = teacher_nll(model, engine.chat_format, convs, ids=[r["id"] for r in theirs], seed=cfg.seed)
+        result["teacher"] = theirs[0].get("model") if theirs else None
+    result["teacher_answers"] = str(cfg.teacher_answers)
+    (out / LIKENESS_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
 def run(cfg: AnswerConfig) -> dict[str, Any]:
     """Answer every prompt turn by turn; writes answers.jsonl + manifest into `out_dir`."""
     from ..engine import SamplingParams
@@ -141,6 +169,7 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
                 histories[i].append({"role": "assistant", "content": reply.text})
                 answers[i].append(reply.text)
                 finish[i].append(reply.finish_reason)
+        likeness = _teacher_likeness(teacher, cfg, out) if cfg.teacher_answers else None
     finally:
         teacher.close()
     name = cfg.model_name or display_name(cfg.model)
@@ -149,6 +178,10 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     model_path = Path(cfg.model)
     counts = {"prompts": len(records), "turns": sum(len(a) for a in answers), **stop_counts(records)}
-    write_manifest(out, "eval-answer", cfg, inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else []),
-                   outputs=[out / ANSWERS_FILE], counts=counts, seconds=seconds)
+    if likeness is not None:
+        counts["teacher_nll"] = likeness.get("nll")
+    write_manifest(out, "eval-answer", cfg, inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else [])
+                   + ([cfg.teacher_answers] if cfg.teacher_answers else []),
+                   outputs=[out / ANSWERS_FILE] + ([out / LIKENESS_FILE] if likeness is not None else []),
+                   counts=counts, seconds=seconds)
     return {**counts, "model": name}

@@ -9,6 +9,7 @@ Output folder:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -44,6 +45,9 @@ class BenchConfig(StageConfig):
     max_length: int = Field(2048, description="context tokens kept (oldest dropped) for log-likelihoods")
     dtype: str = Field("float32", description="float32 | bfloat16 | float16")
     device: str | None = Field(None, description="cpu / cuda (default: cuda when available)")
+    other_style: bool = Field(True, description="a chat model is also scored with plain prompting (results.json "
+                              "`other_style`), so a prompt-format effect is never read as lost capability")
+    bootstrap_iters: int = Field(1000, description="bootstrap resamples for each task's 95% interval")
 
 
 def _model_name(cfg: BenchConfig) -> str:
@@ -60,8 +64,15 @@ def _stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n > 0 and not math.isnan(p) else float("nan")
 
 
-def aggregate(task_type: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Task metrics from per-item records (all means over items, invalid answers count as wrong)."""
+def item_score(task_type: str, record: dict[str, Any]) -> float:
+    """One item's primary score (1/0 for all built-in metrics)."""
+    return float(record["acc"]) if task_type == "multiple_choice" else float(record["correct"])
+
+
+def aggregate(task_type: str, records: list[dict[str, Any]], iters: int = 1000) -> dict[str, Any]:
+    """Task metrics from per-item records (all means over items, invalid answers count as wrong), with
+    a percentile-bootstrap 95% interval on the primary metric and the per-item scores (for paired
+    comparisons between models in the report)."""
     n = len(records)
     m: dict[str, Any] = {"n": n}
     if task_type == "multiple_choice":
@@ -82,6 +93,11 @@ def aggregate(task_type: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     m["primary"] = primary
     m["score"] = m[primary]
     m["stderr"] = _stderr(m[primary], n)
+    scores = {r["id"]: item_score(task_type, r) for r in records}
+    from .intervals import bootstrap_ci
+
+    m["ci"] = bootstrap_ci(list(scores.values()), iters, seed=0)
+    m["item_scores"] = scores
     return m
 
 
@@ -131,8 +147,9 @@ def _load_done(path: Path, key_path: Path, key: str) -> dict[str, dict[str, Any]
     return done
 
 
-def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path) -> dict[str, Any]:
-    """Score every (remaining) item of one task; returns its aggregate metrics."""
+def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path, suffix: str = "") -> dict[str, Any]:
+    """Score every (remaining) item of one task; returns its aggregate metrics.
+    `suffix` names the item files of a second prompt style (items/<task><suffix>.jsonl)."""
     from tqdm.auto import tqdm
 
     from . import scorers
@@ -145,13 +162,13 @@ def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path) -> dict[str, A
         items = items[: cfg.limit]
     style = "chat" if runner.chat is not None else "plain"
     (out_dir / "items").mkdir(parents=True, exist_ok=True)
-    path = out_dir / "items" / f"{spec.name}.jsonl"
-    done = _load_done(path, out_dir / "items" / f"{spec.name}.key", _task_key(cfg, spec, style, k))
+    path = out_dir / "items" / f"{spec.name}{suffix}.jsonl"
+    done = _load_done(path, out_dir / "items" / f"{spec.name}{suffix}.key", _task_key(cfg, spec, style, k))
     todo = [it for it in items if it["id"] not in done]
     scorer = scorers.make_scorer(runner, spec, shots)
     step = cfg.batch_size if spec.type == "multiple_choice" else max(cfg.batch_size * 4, 16)
     with JsonlWriter(path, append=True) as writer, \
-            tqdm(total=len(items), initial=len(items) - len(todo), desc=spec.name, unit="item") as bar:
+            tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{spec.name} ({style})", unit="item") as bar:
         for start in range(0, len(todo), step):
             batch = todo[start:start + step]
             for rec in scorer(batch):
@@ -160,7 +177,7 @@ def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path) -> dict[str, A
                 done[rec["id"]] = rec
             bar.update(len(batch))
     records = [done[it["id"]] for it in items]
-    metrics = aggregate(spec.type, records)
+    metrics = aggregate(spec.type, records, cfg.bootstrap_iters)
     metrics.update(type=spec.type, fewshot=k, prompt_style=style, description=spec.description)
     return metrics
 
@@ -182,14 +199,20 @@ def run(cfg: BenchConfig, model: Any = None, tokenizer: Any = None) -> dict[str,
     results: dict[str, Any] = {}
     for spec in specs:
         results[spec.name] = evaluate_task(runner, spec, out)
+    other: dict[str, Any] | None = None
+    if cfg.other_style and runner.chat is not None:
+        plain = copy.copy(runner)
+        plain.chat = None
+        other = {"prompt_style": "plain", "tasks": {s.name: evaluate_task(plain, s, out, ".plain") for s in specs}}
     seconds = time.perf_counter() - t0
     summary = {"model": cfg.model, "model_name": _model_name(cfg),
                "prompt_style": "chat" if runner.chat is not None else "plain",
-               "tasks": results, "seconds": round(seconds, 2)}
+               "tasks": results, "other_style": other, "seconds": round(seconds, 2)}
     (out / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True), encoding="utf-8")
     inputs = [s.path(s.data) for s in specs if not s.data.startswith("hf:")]
     model_path = Path(cfg.model)
     write_manifest(out, "eval-bench", cfg, inputs=inputs + ([model_path] if model_path.is_dir() else []),
-                   outputs=[out / "results.json"] + [out / "items" / f"{n}.jsonl" for n in names],
+                   outputs=[out / "results.json"] + [out / "items" / f"{n}{x}.jsonl" for n in names
+                                                     for x in ([""] + ([".plain"] if other else []))],
                    counts={n: results[n]["n"] for n in names}, seconds=seconds)
     return {n: {"score": r["score"], "metric": r["primary"], "n": r["n"]} for n, r in results.items()}

@@ -107,7 +107,7 @@ def calibration_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int
     ("win"/"tie"/"loss"/"error"), v1 with the good answer shown first. With `p_good` (log-prob
     verdicts) the mean probability given to the good answer is reported too.
     """
-    from .judge import bootstrap_ci
+    from .intervals import bootstrap_ci
 
     ok = [r for r in rows if r["outcome"] != "error"]
     scores = [_score(r["outcome"]) for r in ok]

@@ -39,6 +39,7 @@ from ..manifest import write_manifest
 from ..records import write_records
 from ..teachers import TeacherConfig
 from .answer import ANSWERS_FILE, AnswerConfig, display_name, read_answers
+from .intervals import bootstrap_ci
 
 __all__ = ["JudgeConfig", "run", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary", "bootstrap_ci"]
@@ -137,16 +138,6 @@ def combine_orders(first_order: str | None, second_order: str | None) -> str:
     as_model1 = {"A": "win", "B": "loss", "tie": "tie"}[first_order]
     swapped = {"A": "loss", "B": "win", "tie": "tie"}[second_order]
     return as_model1 if as_model1 == swapped else "tie"
-
-
-def bootstrap_ci(values: Sequence[float], iters: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of `values` (resampling items with replacement)."""
-    if not values:
-        return (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
-    return (means[int(0.025 * (iters - 1))], means[int(0.975 * (iters - 1))])
 
 
 def pairwise_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int = 0) -> dict[str, Any]:

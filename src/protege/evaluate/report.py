@@ -25,6 +25,8 @@ from pydantic import Field
 from ..config import StageConfig
 from ..errors import StageError
 from .answer import stop_counts
+from .intervals import stratified_ci
+from .style import style_measures
 
 __all__ = ["ReportConfig", "run", "collect", "model_table"]
 
@@ -55,6 +57,9 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     rm: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     human: dict[str, Any] | None = None
+    styles: dict[str, str] = {}  # model -> prompt style of its bench scores
+    other: dict[str, dict[str, Any]] = {}  # model -> task -> metrics under the other prompt style
+    likeness: dict[str, dict[str, Any]] = {}  # model -> teacher_nll.json
     for root in inputs:
         root_p = Path(root)
         if not root_p.exists():
@@ -65,6 +70,9 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                 r = _read_json(f)
                 if "tasks" in r and "model_name" in r:
                     bench.setdefault(r["model_name"], {}).update(r["tasks"])
+                    styles[r["model_name"]] = r.get("prompt_style", "plain")
+                    if r.get("other_style"):
+                        other.setdefault(r["model_name"], {}).update(r["other_style"]["tasks"])
                     order.append(r["model_name"])
             elif f.name == "judge_results.json":
                 r = _read_json(f)
@@ -84,8 +92,12 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             elif f.name == "answers.jsonl":
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
-                    answers.setdefault(recs[0].get("model", f.parent.name), recs)
-                    order.append(recs[0].get("model", f.parent.name))
+                    name = recs[0].get("model", f.parent.name)
+                    answers.setdefault(name, recs)
+                    order.append(name)
+                    like = f.with_name("teacher_nll.json")
+                    if like.exists():
+                        likeness[name] = _read_json(like)
     models = list(dict.fromkeys(order))
     if not models:
         raise StageError(f"no results.json, judge_results.json, answers.jsonl or arena database under {', '.join(inputs)}")
@@ -94,7 +106,8 @@ def collect(inputs: list[str]) -> dict[str, Any]:
 
         pairwise = [j["where"] for j in judges if j["mode"] == "pairwise"]
         human["agreement"] = judge_agreement(human["rows"], pairwise) if pairwise else None
-    return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models, "human": human}
+    return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models, "human": human,
+            "styles": styles, "other_style": other, "likeness": likeness}
 
 
 def _is_arena(path: Path) -> bool:
@@ -142,10 +155,11 @@ def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any]
         if j["mode"] != "pairwise" or set(j["models"]) != {model, teacher}:
             continue
         s = j["summary"]
+        trusted = (j.get("trust") or {}).get("trustworthy")
         if j["models"][0] == model:
-            return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"]}
+            return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"], "trusted": trusted}
         lo, hi = s["win_rate_ci"]
-        return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"]}
+        return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"], "trusted": trusted}
     return None
 
 
@@ -176,13 +190,23 @@ def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> 
         stops = stop_counts(data["answers"].get(m, []))
         fmt = [r["format_adherence"] for r in res.values() if "format_adherence" in r]
         scores = {t: res[t]["score"] for t in tasks if t in res}
+        style = data.get("styles", {}).get(m, "plain")
+        plain_res = res if style == "plain" else data.get("other_style", {}).get(m, {})
+        items = _items(res)
+        trusted_judge = judged is not None and (judged.get("self") or judged.get("trusted") is not False)
         rows.append({"model": m, "role": "base" if m == base else "teacher" if m == teacher else "student",
                      "judge": judged, "mean_length": _nanmean([float(x) for x in lengths]),
                      "stop_rate": float("nan") if stops["stop_rate"] is None else stops["stop_rate"],
                      "stop_n": stops["stopped"] + stops["cut_at_max_tokens"],
                      "format_adherence": _nanmean(fmt), "scores": scores, "rm": data.get("rm", {}).get(m),
+                     "ci": {t: res[t].get("ci") for t in tasks if t in res}, "prompt_style": style,
+                     "plain_scores": {t: plain_res[t]["score"] for t in tasks if t in plain_res},
+                     "items": items, "plain_items": _items(plain_res),
                      "substance": _nanmean(list(scores.values())),
-                     "style": judged["win_rate"] if judged else float("nan")})
+                     "substance_ci": stratified_ci(items) if items else (float("nan"), float("nan")),
+                     "style_measures": style_measures(data["answers"].get(m, [])),
+                     "teacher_nll": data.get("likeness", {}).get(m),
+                     "style": judged["win_rate"] if judged and trusted_judge else float("nan")})
     base_row = next((r for r in rows if r["role"] == "base"), None)
     for r in rows:
         if base_row is None:
@@ -191,7 +215,67 @@ def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> 
         r["style_gain"] = r["style"] - base_row["style"]
         r["substance_gain"] = r["substance"] - base_row["substance"]
         r["gap"] = r["style_gain"] - r["substance_gain"]
-    return {"rows": rows, "tasks": tasks, "base": base, "teacher": teacher}
+    table = {"rows": rows, "tasks": tasks, "base": base, "teacher": teacher}
+    table["headlines"] = {r["model"]: verdict(data, table, r["model"]) for r in rows if r["role"] == "student"}
+    return table
+
+
+def _items(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {t: m["item_scores"] for t, m in res.items() if m.get("item_scores")}
+
+
+def _judge_scores(judges: list[dict], model: str, teacher: str) -> tuple[dict[str, float], bool | None] | None:
+    """Per-prompt outcome of `model` against the teacher (win 1, tie 0.5, loss 0) and the judge's trust."""
+    for j in judges:
+        if j["mode"] != "pairwise" or set(j["models"]) != {model, teacher} or not j.get("judgments"):
+            continue
+        first = j["models"][0] == model
+        val = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+        out = {r["id"]: (val[r["outcome"]] if first else 1 - val[r["outcome"]])
+               for r in j["judgments"] if r["outcome"] in val}
+        return out, (j.get("trust") or {}).get("trustworthy")
+    return None
+
+
+def verdict(data: dict[str, Any], table: dict[str, Any], student: str) -> dict[str, Any]:
+    """The headline for one student against the base: a style shift and a substance change, each a
+    paired difference with a 95% interval (see `headline.py`)."""
+    from .headline import Estimate, StyleShift, headline
+    from .intervals import paired_diff, paired_ratio_diff
+
+    rows = {r["model"]: r for r in table["rows"]}
+    base, teacher = table["base"], table["teacher"]
+    if base not in rows or student not in rows:
+        return {"sentences": [], "style": None, "substance": None}
+    style = None
+    js, jb = (_judge_scores(data["judges"], student, teacher), _judge_scores(data["judges"], base, teacher)) \
+        if teacher else (None, None)
+    if js and jb and js[1] is True and jb[1] is True:
+        d = paired_diff({"judge": js[0]}, {"judge": jb[0]})
+        if d:
+            style = StyleShift("judge win rate against the teacher (calibrated judge)", Estimate(d["diff"], d["lo"], d["hi"]))
+    if style is None:
+        ls, lb = rows[student].get("teacher_nll"), rows[base].get("teacher_nll")
+        if ls and lb and ls.get("per_item") and lb.get("per_item"):
+            d = paired_ratio_diff(lb["per_item"], ls["per_item"])  # base NLL − student NLL: > 0 = closer
+            if d:
+                style = StyleShift("teacher-answer NLL reduction", Estimate(d["diff"], d["lo"], d["hi"]), " nats/token")
+    s_items, b_items = rows[student]["plain_items"], rows[base]["plain_items"]
+    note = "plain prompting for both"
+    if not (s_items and b_items):
+        s_items, b_items = rows[student]["items"], rows[base]["items"]
+        note = f"{rows[student]['prompt_style']} vs {rows[base]['prompt_style']} prompting"
+    d = paired_diff(s_items, b_items)
+    substance = Estimate(d["diff"], d["lo"], d["hi"]) if d else None
+    if substance is not None and rows[student]["prompt_style"] == "chat" and note.startswith("plain"):
+        chat = paired_diff(rows[student]["items"], b_items)
+        if chat:
+            note += f"; with its chat format {student} − {base} = {Estimate(chat['diff'], chat['lo'], chat['hi']).text()}"
+    return {"sentences": headline(student, base, style, substance, note),
+            "style": None if style is None else {"measure": style.measure, "value": style.delta.value,
+                                                  "ci": (style.delta.lo, style.delta.hi)},
+            "substance": None if substance is None else {"value": substance.value, "ci": (substance.lo, substance.hi),
+                                                         "items": d["items"] if d else 0, "note": note}}
 
 
 # ---- figures -----------------------------------------------------------------------------------
@@ -280,7 +364,31 @@ def _judge_cell(j: dict | None) -> str:
     if j.get("self"):
         return "0.500 <span class=ci>(self)</span>"
     lo, hi = j["ci"]
-    return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>"
+    flag = " <span class=cut>not trustworthy</span>" if j.get("trusted") is False else ""
+    return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>{flag}"
+
+
+def _score_cell(r: dict[str, Any], task: str) -> str:
+    """Primary score [95% interval]; for a chat model also its plain-prompting score (format effects)."""
+    if task not in r["scores"]:
+        return "–"
+    ci = r["ci"].get(task)
+    out = _f(r["scores"][task]) + (f" <span class=ci>[{_f(ci[0], 2)}, {_f(ci[1], 2)}]</span>" if ci else "")
+    if r["prompt_style"] == "chat" and task in r["plain_scores"]:
+        out += f"<br><span class=ci>plain: {_f(r['plain_scores'][task])}</span>"
+    return out
+
+
+STYLE_COLUMNS = [("list_rate", "lists"), ("header_rate", "headers"), ("code_rate", "code blocks"),
+                 ("repetition_rate", "degenerate repetition"), ("refusal_rate", "refusals")]
+
+
+def _nll_cell(r: dict[str, Any]) -> str:
+    t = r.get("teacher_nll")
+    if not t or t.get("nll") is None:
+        return "–"
+    lo, hi = t["nll_ci"]
+    return f"{_f(t['nll'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={t['n']}</span>"
 
 
 def _stop_cell(r: dict[str, Any]) -> str:
@@ -297,22 +405,37 @@ def _rm_cell(r: dict[str, Any]) -> str:
     return f"{_f(rm['mean'])} <span class=ci>[{_f(lo)}, {_f(hi)}] n={rm['n']}</span>"
 
 
+def _headline_html(t: dict[str, Any]) -> str:
+    hs = t.get("headlines") or {}
+    if not hs:
+        return ""
+    items = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(' '.join(h['sentences']))}</li>" for m, h in hs.items())
+    return ("<h2>Verdict</h2><ul class=headline>" + items + "</ul><p class=note>Computed from the table: paired "
+            "95% bootstrap intervals over the same prompts / items; a change is claimed only where the interval "
+            "excludes 0.</p>")
+
+
 def _main_table(t: dict[str, Any]) -> str:
     e = html.escape
     with_rm = any(r.get("rm") for r in t["rows"])
     head = ("<tr><th class=name>model</th><th>role</th><th class=style>judge win rate vs teacher</th>"
+            "<th class=style>teacher-answer NLL (nats/token)</th>"
             "<th class=style>mean answer length (chars)</th><th class=style>stop rate</th>"
-            "<th class=style>format adherence</th>" + ("<th class=style>reward model score</th>" if with_rm else "")
+            + "".join(f"<th class=style>{e(label)}</th>" for _, label in STYLE_COLUMNS)
+            + "<th class=style>format adherence</th>" + ("<th class=style>reward model score</th>" if with_rm else "")
             + "".join(f"<th class=substance>{e(x)}</th>" for x in t["tasks"])
             + "<th class=substance>substance (mean)</th><th class=gap>style gain</th><th class=gap>substance gain</th>"
             "<th class=gap>imitation gap</th></tr>")
     body = ""
     for r in t["rows"]:
         body += (f"<tr><td class=name><a href='#samples'>{e(r['model'])}</a></td><td>{r['role']}</td>"
-                 f"<td>{_judge_cell(r['judge'])}</td><td>{_f(r['mean_length'], 0)}</td><td>{_stop_cell(r)}</td>"
-                 f"<td>{_f(r['format_adherence'])}</td>" + (f"<td>{_rm_cell(r)}</td>" if with_rm else "")
-                 + "".join(f"<td>{_f(r['scores'].get(x))}</td>" for x in t["tasks"])
-                 + f"<td>{_f(r['substance'])}</td><td>{_signed(r['style_gain'])}</td>"
+                 f"<td>{_judge_cell(r['judge'])}</td><td>{_nll_cell(r)}</td><td>{_f(r['mean_length'], 0)}</td>"
+                 f"<td>{_stop_cell(r)}</td>"
+                 + "".join(f"<td>{_f(r['style_measures'].get(k))}</td>" for k, _ in STYLE_COLUMNS)
+                 + f"<td>{_f(r['format_adherence'])}</td>" + (f"<td>{_rm_cell(r)}</td>" if with_rm else "")
+                 + "".join(f"<td>{_score_cell(r, x)}</td>" for x in t["tasks"])
+                 + f"<td>{_f(r['substance'])} <span class=ci>[{_f(r['substance_ci'][0], 2)}, "
+                 f"{_f(r['substance_ci'][1], 2)}]</span></td><td>{_signed(r['style_gain'])}</td>"
                  f"<td>{_signed(r['substance_gain'])}</td><td>{_signed(r['gap'])}</td></tr>")
     return f"<table id=models>{head}{body}</table>"
 
@@ -331,7 +454,7 @@ def _judge_section(judges: list[dict]) -> str:
                        "<th>longer answer wins</th><th>judge errors</th><th>judged</th></tr>"
                        f"<tr>{cells}<td>{_f(s['position_consistency'])}</td><td>{_f(s['first_position_rate'])}</td>"
                        f"<td>{_f(s['length_bias'])}</td><td>{_f(s['error_rate'])}</td>"
-                       f"<td>{s['n_judged']}/{s['n']}</td></tr></table>")
+                       f"<td>{s['n_judged']}/{s['n']}</td></tr></table>" + _calibration_html(j))
         else:
             rows = "".join(f"<tr><td class=name>{e(m)}</td><td>{_f(v['mean_rating'], 2)} <span class=ci>"
                            f"[{_f(v['mean_rating_ci'][0], 2)}, {_f(v['mean_rating_ci'][1], 2)}]</span></td>"
@@ -339,8 +462,25 @@ def _judge_section(judges: list[dict]) -> str:
                            for m, v in s.items())
             out.append(f"<h3>{j['mode']} grading 1–10 (judge: {e(j['judge'])})</h3><table><tr><th class=name>model"
                        "</th><th>mean rating</th><th>length–rating correlation</th><th>judge errors</th></tr>"
-                       f"{rows}</table>")
+                       f"{rows}</table>" + _calibration_html(j))
     return "\n".join(out) or "<p>No judge results given.</p>"
+
+
+def _calibration_html(j: dict[str, Any]) -> str:
+    """The judge's score on known-better pairs and whether it is trusted (see `calibration.py`)."""
+    c, t = j.get("calibration"), j.get("trust") or {}
+    how = f"verdicts: {j.get('verdicts', 'generate')}" + (
+        f", {j['seconds_per_verdict']:.3f} s per verdict" if j.get("seconds_per_verdict") else "")
+    if not c:
+        return f"<p class=note>Not calibrated ({html.escape(how)}): its verdicts cannot be checked.</p>"
+    kinds = ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in c["by_kind"].items())
+    cons = "" if c.get("position_consistency") is None else f", position consistency {_f(c['position_consistency'])}"
+    verdict = ("<b>trustworthy</b>" if t.get("trustworthy") else
+               "<b class=neg>not trustworthy</b>: " + html.escape("; ".join(t.get("reasons", []))) +
+               " — its verdicts are kept out of the headline")
+    return (f"<p class=note>Calibration on {c['n_judged']} known-better pairs: accuracy {_f(c['accuracy'])} "
+            f"[{_f(c['accuracy_ci'][0], 2)}, {_f(c['accuracy_ci'][1], 2)}] (ties half; chance 0.5){cons}; "
+            f"by kind: {html.escape(kinds)}. {html.escape(how)}. Judge: {verdict}.</p>")
 
 
 def _answer_cell(rec: dict[str, Any]) -> str:
@@ -377,23 +517,46 @@ def _samples(data: dict[str, Any], models: list[str], n: int) -> str:
 
 def _markdown(cfg: ReportConfig, t: dict[str, Any], judges: list[dict]) -> str:
     with_rm = any(r.get("rm") for r in t["rows"])
-    cols = ["model", "role", "judge win rate vs teacher", "mean length", "stop rate (n)", "format adherence",
-            *(["RM score [95% CI]"] if with_rm else []), *t["tasks"], "substance", "imitation gap"]
-    lines = [f"# {cfg.title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = ["model", "role", "judge win rate vs teacher", "teacher NLL", "mean length", "stop rate (n)",
+            *[label for _, label in STYLE_COLUMNS], "format adherence",
+            *(["RM score [95% CI]"] if with_rm else []), *t["tasks"], "substance [95% CI]", "imitation gap"]
+    lines = [f"# {cfg.title}", ""]
+    for model, h in t.get("headlines", {}).items():
+        lines += [f"**{model}**: " + " ".join(h["sentences"]), ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in t["rows"]:
-        jw = r["judge"]["win_rate"] if r["judge"] else float("nan")
+        j = r["judge"]
+        jw = (_f(j["win_rate"]) + (" (not trustworthy)" if j.get("trusted") is False else "")) if j else "–"
         stop = f"{_f(r['stop_rate'])} ({r['stop_n']})" if r["stop_n"] else "–"
         rm = ([f"{_f(r['rm']['mean'])} [{_f(r['rm']['ci'][0])}, {_f(r['rm']['ci'][1])}]" if r.get("rm") else "–"]
               if with_rm else [])
-        lines.append("| " + " | ".join([r["model"], r["role"], _f(jw), _f(r["mean_length"], 0), stop,
-                                        _f(r["format_adherence"]), *rm, *[_f(r["scores"].get(x)) for x in t["tasks"]],
-                                        _f(r["substance"]), _f(r["gap"])]) + " |")
+        nll = _f((r.get("teacher_nll") or {}).get("nll"))
+
+        def score(x: str) -> str:
+            v = _f(r["scores"].get(x))
+            ci = r["ci"].get(x)
+            v += f" [{_f(ci[0], 2)}, {_f(ci[1], 2)}]" if ci else ""
+            if r["prompt_style"] == "chat" and x in r["plain_scores"]:
+                v += f" (plain {_f(r['plain_scores'][x])})"
+            return v
+
+        lines.append("| " + " | ".join([r["model"], r["role"], jw, nll, _f(r["mean_length"], 0), stop,
+                                        *[_f(r["style_measures"].get(k)) for k, _ in STYLE_COLUMNS],
+                                        _f(r["format_adherence"]), *rm, *[score(x) for x in t["tasks"]],
+                                        f"{_f(r['substance'])} [{_f(r['substance_ci'][0], 2)}, {_f(r['substance_ci'][1], 2)}]",
+                                        _f(r["gap"])]) + " |")
     for j in judges:
         s = j["summary"]
         if j["mode"] == "pairwise":
-            lines += ["", f"Judge {j['judge']}: {' vs '.join(j['models'])}: win {_f(s['win'])} tie {_f(s['tie'])} "
-                      f"loss {_f(s['loss'])}; position consistency {_f(s['position_consistency'])}; "
-                      f"longer answer wins {_f(s['length_bias'])}; errors {_f(s['error_rate'])}"]
+            c, tr = j.get("calibration"), j.get("trust") or {}
+            cal = (f"; calibration accuracy {_f(c['accuracy'])} [{_f(c['accuracy_ci'][0], 2)}, "
+                   f"{_f(c['accuracy_ci'][1], 2)}] on {c['n_judged']} known-better pairs: "
+                   + ("trustworthy" if tr.get("trustworthy") else "NOT trustworthy (" + "; ".join(tr.get("reasons", [])) + ")")
+                   if c else "; not calibrated")
+            lines += ["", f"Judge {j['judge']} ({j.get('verdicts', 'generate')} verdicts): {' vs '.join(j['models'])}: "
+                      f"win {_f(s['win'])} tie {_f(s['tie'])} loss {_f(s['loss'])}; position consistency "
+                      f"{_f(s['position_consistency'])}; longer answer wins {_f(s['length_bias'])}; errors "
+                      f"{_f(s['error_rate'])}{cal}"]
     return "\n".join(lines) + "\n"
 
 
@@ -404,7 +567,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     figs = _figures(t, data["judges"])
     e = html.escape
     body = [f"<h1>{e(cfg.title)}</h1><p class=sub>base: {e(str(t['base']))} · teacher: {e(str(t['teacher']))}</p>",
-            "<h2>Style vs substance</h2>", _main_table(t),
+            _headline_html(t), "<h2>Style vs substance</h2>", _main_table(t),
             "<p class=note>Style = judge win rate against the teacher (ties count half); substance = benchmark scores. "
             "Imitation gap = style gain − substance gain, both relative to the base. A model that copies the "
             "teacher's style without its knowledge has a large positive gap. Stop rate = share of the n answers "

@@ -22,7 +22,7 @@ from ..config import StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from .answer import display_name, read_answers
-from .judge import bootstrap_ci
+from .intervals import bootstrap_ci
 
 __all__ = ["RMScoreConfig", "run", "RM_SCORES_FILE"]
 
