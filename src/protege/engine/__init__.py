@@ -27,6 +27,10 @@ __all__ = ["Engine", "SamplingParams", "Completion", "StepOutput", "engine_for"]
 def engine_for(spec: str, backend: str = "auto", dtype: str = "float32", max_batch: int = 16) -> Any:
     """The engine for a model spec: llama.cpp for a `.gguf` when llama-cpp-python is installed (or
     `backend="llama.cpp"`), protege's torch engine otherwise (`backend="torch"` forces it)."""
+    from ..models import ALIASES, resolve
+
+    if spec in ALIASES and not ALIASES[spec].convert:
+        spec = resolve(spec)  # a GGUF-only alias (the judge candidates)
     is_gguf = str(spec).endswith(".gguf")
     if backend == "auto":
         try:

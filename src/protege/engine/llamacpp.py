@@ -79,7 +79,9 @@ class LlamaCppEngine(RequestDriver):
         for i, ids in enumerate(prompts):
             self.llm.reset()
             self.llm.eval(list(ids))
-            z = np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+            # llama-cpp-python no longer copies logits into `scores` unless logits_all; the context's
+            # own buffer holds the last evaluated position's logits.
+            z = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).astype(np.float64)
             top = z.max()
             lse = top + np.log(np.exp(z - top).sum())
             yield i, [float(z[t] - lse) for t in firsts]
