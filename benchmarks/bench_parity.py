@@ -31,15 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def protege_scores(model, tok, contexts, options, batch_size):
-    from protege.evaluate.loglik import encode_question, score_questions
+    """What `protege eval bench` does: encode every question, then `score_sorted` (batched by length)."""
+    from protege.evaluate.loglik import encode_question, score_sorted
 
-    out = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    for i in range(0, len(contexts), batch_size):
-        qs = [encode_question(tok, c, [" " + o for o in opts])
-              for c, opts in zip(contexts[i:i + batch_size], options[i:i + batch_size])]
-        out += [[ll for ll, _ in row] for row in score_questions(model, qs, pad_id=pad)]
-    return out
+    qs = [encode_question(tok, c, [" " + o for o in opts]) for c, opts in zip(contexts, options)]
+    return [[ll for ll, _ in row] for row in score_sorted(model, qs, batch_size=batch_size, pad_id=pad)]
 
 
 def lmeval_scores(lm, data_file, n, batch_size):

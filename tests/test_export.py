@@ -111,6 +111,23 @@ def test_llama_cpp_engine_serves_the_gguf_like_the_torch_engine(exported):
     assert stopped.finish_reason == "stop" and stopped.token_ids == [first]
 
 
+def test_llama_cpp_option_logprobs_match_torch(exported):
+    """Log-prob judge verdicts read from llama.cpp equal the torch engine's (F16 file, tiny model)."""
+    from protege.engine.llamacpp import LlamaCppEngine
+
+    _, model, tok, out, _ = exported
+    eng, ref = LlamaCppEngine(next(out.glob("*-f16.gguf"))), Engine(model, tok)
+    prompts = [ref.chat_format.encode_prompt([{"role": "user", "content": q}]) for q in ("Which is better?", "Hi")]
+    firsts = sorted({ids[0] for ids in [tok.encode(x, add_special_tokens=False) for x in ("A", "B", "tie", "x")]})
+    options = [[t] for t in firsts]
+    mine = dict(eng.option_logprobs(prompts, options))
+    theirs = dict(ref.option_logprobs(prompts, options))
+    for i in range(len(prompts)):
+        assert mine[i] == pytest.approx(theirs[i], abs=2e-2)
+    with pytest.raises(ValueError, match="first token"):
+        list(eng.option_logprobs(prompts, [[firsts[0], 1], [firsts[0], 2]]))
+
+
 def test_quantized_files_are_written_and_measured(tmp_path):
     from protege.models import tiny_model
 

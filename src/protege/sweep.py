@@ -39,11 +39,14 @@ class SweepConfig(StageConfig):
     student: str = Field("gemma-3-270m", description="base model that is fine-tuned at every point")
     teacher: str = Field("smollm2-135m-instruct", description="model whose answers the judge compares against")
     prompts: str = Field("recipes/data/judge_prompts.jsonl", description="held-out prompts answered and judged")
-    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge (any teacher backend)")
+    judge: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="qwen2.5-coder-1.5b-instruct"),
+                                 description="the judge (any teacher backend); default: the built-in calibrated judge")
     tasks: list[str] | None = Field(None, description="benchmark tasks (default: protege's built-in tasks)")
     bench_limit: int | None = Field(None, description="items per benchmark task (None: all)")
     answer_max_new_tokens: int = Field(128, description="answer budget per judged prompt")
     judge_limit: int | None = Field(None, description="judge at most this many prompts per point")
+    judge_calibration: int = Field(24, description="known-better calibration pairs per judge run (a built-in "
+                                   "judge's are cached, so only the first point pays for them)")
     sft: dict[str, Any] = Field(default_factory=dict, description="SFT options for every point (see `protege train sft --help`)")
     seed: int = Field(0, description="sampling seed; the N examples of a smaller point are a prefix of a larger point's")
     out_dir: str = Field("", description="set by the runner when used as a recipe stage (unused otherwise)")
@@ -77,10 +80,11 @@ def build_recipe(cfg: SweepConfig) -> Recipe:
                        "config": {"model": model, "model_name": label, **bench_extra}})
         stages.append({"name": f"answers-{tag}", "kind": "eval.answer",
                        "config": {"model": model, "model_name": label, "prompts": cfg.prompts,
-                                  "max_new_tokens": cfg.answer_max_new_tokens}})
+                                  "max_new_tokens": cfg.answer_max_new_tokens,
+                                  "teacher_answers": "${answers-teacher}/answers.jsonl"}})
         stages.append({"name": f"judge-{tag}", "kind": "eval.judge",
                        "config": {"answers": [f"${{answers-{tag}}}", "${answers-teacher}"],
-                                  "judge": cfg.judge.model_dump(mode="json"),
+                                  "judge": cfg.judge.model_dump(mode="json"), "calibration": cfg.judge_calibration,
                                   **({"limit": cfg.judge_limit} if cfg.judge_limit else {})}})
     stages.append({"name": "bench-teacher", "kind": "eval.bench",
                    "config": {"model": cfg.teacher, "model_name": "teacher", **bench_extra}})
@@ -106,8 +110,16 @@ def _points(run_dir: Path, sizes: list[int]) -> tuple[list[dict[str, Any]], dict
         if row is None:
             continue
         judged = row["judge"] or {}
-        points.append({"n": n, "model": row["model"], "style": row["style"], "style_ci": judged.get("ci"),
-                       "substance": row["substance"], "scores": row["scores"], "mean_length": row["mean_length"]})
+        nll = row.get("teacher_nll") or {}
+        plain = row["plain_scores"]
+        points.append({"n": n, "model": row["model"], "judge_win_rate": judged.get("win_rate"),
+                       "judge_ci": judged.get("ci"), "judge_trusted": judged.get("trusted"),
+                       "teacher_nll": nll.get("nll"), "teacher_nll_ci": nll.get("nll_ci"),
+                       "substance": row["substance"], "substance_ci": row["substance_ci"],
+                       "prompt_style": row["prompt_style"],
+                       "substance_plain": sum(plain.values()) / len(plain) if plain else None,
+                       "scores": row["scores"], "mean_length": row["mean_length"],
+                       "stop_rate": row["stop_rate"], "style_measures": row["style_measures"]})
     return points, by_model.get("teacher")
 
 
@@ -118,40 +130,85 @@ def _figure(points: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str
     import matplotlib.pyplot as plt
 
     ns = [p["n"] for p in points]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(ns, [p["style"] for p in points], "o-", color="tab:orange", label="style: judge win rate vs teacher")
-    lo = [p["style_ci"][0] if p["style_ci"] else p["style"] for p in points]
-    hi = [p["style_ci"][1] if p["style_ci"] else p["style"] for p in points]
-    ax.fill_between(ns, lo, hi, color="tab:orange", alpha=0.15)
-    ax.plot(ns, [p["substance"] for p in points], "s-", color="tab:blue", label="substance: mean benchmark score")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    nll = [p for p in points if p["teacher_nll"] is not None]
+    if nll:
+        ax1.errorbar([p["n"] for p in nll], [p["teacher_nll"] for p in nll],
+                     yerr=[[p["teacher_nll"] - p["teacher_nll_ci"][0] for p in nll],
+                           [p["teacher_nll_ci"][1] - p["teacher_nll"] for p in nll]],
+                     fmt="o-", color="tab:orange", capsize=3, label="teacher-answer NLL (lower = more teacher-like)")
+    ax1.set_xlabel("imitation examples (N)")
+    ax1.set_ylabel("nats per token of the teacher's held-out answers")
+    ax1.set_title("Style: how teacher-like (judge-free)")
+    ax1.grid(alpha=0.3)
+    judged = [p for p in points if p["judge_win_rate"] is not None]
+    if judged:
+        tw = ax1.twinx()
+        trusted = all(p["judge_trusted"] is not False for p in judged)
+        tw.plot([p["n"] for p in judged], [p["judge_win_rate"] for p in judged], "^" + ("-" if trusted else ":"),
+                color="tab:red", alpha=1 if trusted else 0.5,
+                label="judge win rate vs teacher" + ("" if trusted else " (judge NOT trustworthy)"))
+        tw.set_ylim(0, 1)
+        tw.set_ylabel("judge win rate")
+        tw.legend(fontsize=7, loc="upper right")
+    ax1.legend(fontsize=7, loc="lower left")
+    ax2.errorbar(ns, [p["substance"] for p in points],
+                 yerr=[[p["substance"] - p["substance_ci"][0] for p in points],
+                       [p["substance_ci"][1] - p["substance"] for p in points]],
+                 fmt="s-", color="tab:blue", capsize=3, label="mean benchmark score (own prompt style), 95% CI")
+    plain = [p for p in points if p["substance_plain"] is not None]
+    if plain:
+        ax2.plot([p["n"] for p in plain], [p["substance_plain"] for p in plain], "s--", color="tab:cyan",
+                 label="plain prompting (same as the base)")
     if teacher is not None and not math.isnan(teacher["substance"]):
-        ax.axhline(teacher["substance"], color="tab:blue", ls="--", lw=1, label="teacher substance")
-    ax.axhline(0.5, color="tab:orange", ls=":", lw=1, label="parity with teacher (style)")
-    ax.set_xlabel("imitation examples (N)")
-    ax.set_ylim(0, 1)
-    ax.set_title("The False Promise: style vs substance as imitation data grows")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
+        ax2.axhline(teacher["substance"], color="tab:blue", ls="--", lw=1, label="teacher")
+    ax2.set_xlabel("imitation examples (N)")
+    ax2.set_ylim(0, 1)
+    ax2.set_title("Substance: what it knows")
+    ax2.legend(fontsize=7, loc="best")
+    ax2.grid(alpha=0.3)
+    fig.suptitle("The False Promise: style vs substance as imitation data grows")
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+def _fmt(x: Any, ci: Any = None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    out = f"{x:.{digits}f}"
+    return out + (f" [{ci[0]:.{digits - 1}f}, {ci[1]:.{digits - 1}f}]" if ci else "")
 
 
 def _html(cfg: SweepConfig, points: list[dict[str, Any]], teacher: dict[str, Any] | None, figure: str) -> str:
     tasks = sorted({t for p in points for t in p["scores"]})
     head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
     rows = []
-    for p in points + ([{"n": "teacher", **teacher, "style": float("nan")}] if teacher else []):
-        cells = "".join(f"<td>{p['scores'].get(t, float('nan')):.3f}</td>" for t in tasks)
-        rows.append(f"<tr><td>{html.escape(str(p['n']))}</td><td>{p['style']:.3f}</td><td>{p['substance']:.3f}</td>"
+    for p in points:
+        cells = "".join(f"<td>{_fmt(p['scores'].get(t))}</td>" for t in tasks)
+        flag = " (not trustworthy)" if p["judge_trusted"] is False else ""
+        rows.append(f"<tr><td>{html.escape(str(p['n']))}</td><td>{_fmt(p['teacher_nll'], p['teacher_nll_ci'])}</td>"
+                    f"<td>{_fmt(p['judge_win_rate'], p['judge_ci'])}{flag}</td><td>{_fmt(p['stop_rate'])}</td>"
+                    f"<td>{_fmt(p['substance'], p['substance_ci'])}</td><td>{_fmt(p['substance_plain'])}</td>"
                     f"<td>{p['mean_length']:.0f}</td>{cells}</tr>")
+    if teacher:
+        cells = "".join(f"<td>{_fmt(teacher['scores'].get(t))}</td>" for t in tasks)
+        rows.append(f"<tr><td>teacher</td><td>–</td><td>–</td><td>{_fmt(teacher['stop_rate'])}</td>"
+                    f"<td>{_fmt(teacher['substance'], teacher['substance_ci'])}</td><td>–</td>"
+                    f"<td>{teacher['mean_length']:.0f}</td>{cells}</tr>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.name)}</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
             f"<h1>False Promise sweep: {html.escape(cfg.student)} imitating {html.escape(cfg.teacher)}</h1>"
             f"<img alt='style and substance vs N' src='data:image/png;base64,{figure}'>"
-            "<table id='sweep'><tr><th>N</th><th>style (win rate vs teacher)</th><th>substance (mean score)</th>"
+            "<table id='sweep'><tr><th>N</th><th>teacher-answer NLL [95% CI]</th><th>judge win rate vs teacher</th>"
+            "<th>stop rate</th><th>substance [95% CI]</th><th>substance, plain prompting</th>"
             f"<th>mean answer chars</th>{head}</tr>{''.join(rows)}</table></body></html>")
+
+
+def _strip(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A report row without its per-item score tables (kept in the bench folders)."""
+    return None if row is None else {k: v for k, v in row.items() if k not in ("items", "plain_items", "teacher_nll")}
 
 
 def run(cfg: SweepConfig) -> dict[str, Any]:
@@ -162,7 +219,7 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     points, teacher = _points(run_dir, cfg.sizes)
     figure = _figure(points, teacher)
     (run_dir / "sweep.png").write_bytes(base64.b64decode(figure))
-    (run_dir / "sweep.json").write_text(json.dumps({"points": points, "teacher": teacher}, indent=2, default=str))
+    (run_dir / "sweep.json").write_text(json.dumps({"points": points, "teacher": _strip(teacher)}, indent=2, default=str))
     out = run_dir / "sweep.html"
     out.write_text(_html(cfg, points, teacher, figure), encoding="utf-8")
     return {"points": len(points), "html": str(out)}

@@ -77,8 +77,15 @@ class LlamaCppEngine(RequestDriver):
         if self.has_pending():
             raise RuntimeError("option_logprobs while requests are being generated")
         for i, ids in enumerate(prompts):
-            self.llm.reset()
-            self.llm.eval(list(ids))
+            ids = list(ids)
+            # Keep the KV cache of the prefix this prompt shares with the last one evaluated (a judge's
+            # two orders share the system prompt and the question): llama.cpp's `eval` drops the rest.
+            prev = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            k = 0
+            while k < min(len(prev), len(ids) - 1) and prev[k] == ids[k]:
+                k += 1
+            self.llm.n_tokens = k
+            self.llm.eval(ids[k:])
             # llama-cpp-python no longer copies logits into `scores` unless logits_all; the context's
             # own buffer holds the last evaluated position's logits.
             z = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).astype(np.float64)

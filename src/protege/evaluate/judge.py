@@ -2,7 +2,8 @@
 
 Modes
 - pairwise: the judge compares model A's and model B's answers to the same prompt, asked in BOTH
-  orders. Agreeing orders give the verdict; disagreeing orders are a tie (this cancels position bias).
+  orders. Generated verdicts: agreeing orders give the verdict, disagreeing orders are a tie. Log-prob
+  verdicts: the probability that model 1 is better, averaged over both orders, decides (`tie_margin`).
 - single: the judge grades each answer 1-10.
 - reference: single grading against the prompt's reference answer (prompts without one are skipped).
 Verdicts: a local judge's pairwise verdicts are read from its next-token probabilities after "Verdict:"
@@ -24,12 +25,12 @@ judge_results.json (summary, calibration, trust) + manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import Field
 
@@ -43,6 +44,9 @@ from .intervals import bootstrap_ci
 
 __all__ = ["JudgeConfig", "run", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary", "bootstrap_ci"]
+
+# The built-in judge: the only candidate that passed calibration on this machine (BENCHMARKS.md).
+DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
 
 JUDGE_SYSTEM = ("You are a strict, impartial judge of AI assistant answers. You judge helpfulness, correctness, "
                 "relevance and clarity. Length is not quality: a short correct answer beats a long wrong one. "
@@ -180,7 +184,9 @@ class JudgeConfig(StageConfig):
     answers: list[str] = Field(..., description="answer sets (answers.jsonl or its folder) or model specs to "
                                "answer `prompts` first; pairwise takes two: the candidate, then its opponent")
     prompts: str | None = Field(None, description="prompt set, needed when `answers` names models")
-    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="the judge (any teacher backend)")
+    judge: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model=DEFAULT_JUDGE),
+                                 description="the judge (any teacher backend); the default is the built-in judge "
+                                 "that passes calibration (see benchmarks/judge_candidates.py)")
     out_dir: str = Field("runs/eval/judge", description="output folder")
     limit: int | None = Field(None, description="judge at most this many prompts")
     max_new_tokens: int = Field(96, description="judge reply budget (the verdict comes first)")
@@ -191,12 +197,16 @@ class JudgeConfig(StageConfig):
     verdicts: Literal["auto", "logprob", "generate"] = Field(
         "auto", description="pairwise verdicts from the judge's next-token probabilities (logprob: local judges) "
         "or from generated text (generate); auto = logprob when the judge can be scored")
+    tie_margin: float = Field(0.02, ge=0, le=0.5, description="log-prob verdicts: a pair whose order-averaged "
+                              "probability is within this of 0.5 is a tie")
     calibration: int = Field(48, ge=0, description="known-answer calibration pairs judged with the real "
                              "verdicts (both orders); 0 = skip")
     min_calibration_accuracy: float = Field(0.75, description="below this calibration accuracy (ties half) "
                                             "the judge is marked not trustworthy")
-    min_position_consistency: float = Field(0.5, description="pairwise: below this share of order-consistent "
-                                            "calibration verdicts the judge is marked not trustworthy")
+    min_position_consistency: float = Field(0.5, description="pairwise, generated verdicts: below this share of "
+                                            "order-consistent calibration verdicts the judge is marked not "
+                                            "trustworthy (log-prob verdicts average both orders, so a position "
+                                            "bias is reported but cancelled)")
     bootstrap_iters: int = Field(1000, description="bootstrap resamples for the 95% intervals")
     seed: int = Field(0, description="seed of the retry sampling and the bootstrap")
 
@@ -249,6 +259,19 @@ def _ask_pairwise(teacher: Any, convs: list[list[dict[str, str]]], cfg: JudgeCon
     return out
 
 
+def _outcome(v1: str | None, v2: str | None, p_first: float | None, margin: float) -> str:
+    """The pair's outcome for the model shown first in order 1.
+
+    Generated verdicts: the two orders must agree (else a tie). Log-prob verdicts: the probability that
+    it is better, averaged over both orders, decides (win above 0.5 + margin, loss below 0.5 - margin):
+    averaging over the two positions cancels a constant position bias ("balanced position calibration",
+    Wang et al. 2023), which the agree-or-tie rule would turn into all ties.
+    """
+    if p_first is None:
+        return combine_orders(v1, v2)
+    return "win" if p_first > 0.5 + margin else "loss" if p_first < 0.5 - margin else "tie"
+
+
 def _p_first(p1: dict[str, float] | None, p2: dict[str, float] | None) -> float | None:
     """Probability that the model shown first in order 1 is better, averaged over both orders (ties half)."""
     if p1 is None or p2 is None:
@@ -296,11 +319,13 @@ def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
     rows = []
     for k, (a, b) in enumerate(groups):
         (v1, t1, r1, p1), (v2, t2, r2, p2) = asked[2 * k], asked[2 * k + 1]
+        pw = _p_first(p1, p2)
         row = {"id": a["id"], "category": a.get("category", ""), "turns": a["turns"],
                "answers": [a["answers"], b["answers"]], "length": [_length(a), _length(b)],
-               "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2], "retried": [r1, r2]}
+               "verdicts": [v1, v2], "outcome": _outcome(v1, v2, pw, cfg.tie_margin), "raw": [t1, t2],
+               "retried": [r1, r2]}
         if p1 is not None:
-            row["probs"], row["p_win"] = [p1, p2], _p_first(p1, p2)
+            row["probs"], row["p_win"] = [p1, p2], pw
         rows.append(row)
     summary = pairwise_summary(rows, cfg.bootstrap_iters, cfg.seed)
     probs = [r["p_win"] for r in rows if r.get("p_win") is not None]
@@ -317,6 +342,31 @@ def _run_calibration(teacher: Any, cfg: JudgeConfig, logprob: bool) -> list[dict
     pairs = calibration_pairs(cfg.calibration, cfg.seed)
     if not pairs:
         return []
+    with _shared_cache(teacher, cfg):
+        return _calibration_rows(teacher, cfg, logprob, pairs)
+
+
+@contextlib.contextmanager
+def _shared_cache(teacher: Any, cfg: JudgeConfig) -> Iterator[None]:
+    """Calibration verdicts of a built-in (sha256-pinned) judge are the same in every run: keep them in
+    one cache under PROTEGE_HOME, so a recipe's second judge stage (and every later run) reuses them."""
+    from ..models import ALIASES, protege_home
+    from ..teachers.cache import ResponseCache
+
+    own = getattr(teacher, "cache", None)
+    if cfg.judge.backend != "local" or cfg.judge.model not in ALIASES or own is None:
+        yield
+        return
+    shared = ResponseCache(protege_home() / "judge_calibration.sqlite")
+    teacher.cache = shared
+    try:
+        yield
+    finally:
+        teacher.cache = own
+        shared.close()
+
+
+def _calibration_rows(teacher: Any, cfg: JudgeConfig, logprob: bool, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     if cfg.mode == "pairwise":
         convs = []
@@ -326,8 +376,9 @@ def _run_calibration(teacher: Any, cfg: JudgeConfig, logprob: bool) -> list[dict
         asked = _ask_pairwise(teacher, convs, cfg, logprob)
         for k, p in enumerate(pairs):
             (v1, t1, _, p1), (v2, t2, _, p2) = asked[2 * k], asked[2 * k + 1]
-            rows.append({**p, "verdicts": [v1, v2], "outcome": combine_orders(v1, v2), "raw": [t1, t2],
-                         "p_good": _p_first(p1, p2)})
+            pg = _p_first(p1, p2)
+            rows.append({**p, "verdicts": [v1, v2], "outcome": _outcome(v1, v2, pg, cfg.tie_margin), "raw": [t1, t2],
+                         "p_good": pg})
         return rows
     convs = [single_messages(p["turns"], [ans]) for p in pairs for ans in (p["good"], p["bad"])]
     asked = _ask(teacher, convs, parse_rating, cfg)
@@ -411,7 +462,7 @@ def run(cfg: JudgeConfig, teacher: Any = None) -> dict[str, Any]:
             teacher.close()
     calib = calibration_summary(cal_rows, cfg.bootstrap_iters, cfg.seed) if cal_rows else None
     trust = (trust_verdict(calib, cfg.min_calibration_accuracy,
-                           cfg.min_position_consistency if cfg.mode == "pairwise" else None)
+                           cfg.min_position_consistency if cfg.mode == "pairwise" and not logprob else None)
              if calib is not None else {"trustworthy": None, "reasons": ["not calibrated (calibration: 0)"]})
     mean_len = {n: sum(_length(g[i]) for g in groups) / len(groups) for i, n in enumerate(names)}
     n_verdicts = len(rows) * (2 if cfg.mode == "pairwise" else 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import StageError
-from .loglik import encode_question, score_questions
+from .loglik import encode_question, score_sorted
 from .prompts import PromptBuilder, gold_text
 from .scoring import exact_match, extract_answer, extract_sql, mc_metrics, open_sqlite, parse_label, sql_match
 from .task import TaskSpec
@@ -53,7 +53,8 @@ def _score_mc(runner: Any, prompts: PromptBuilder, batch: list[dict[str, Any]]) 
         encoded.append(encode_question(tok, context, conts))
         meta.append((context, texts))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scores = score_questions(runner.model, encoded, pad_id=pad, max_length=runner.cfg.max_length)
+    scores = score_sorted(runner.model, encoded, batch_size=max(runner.cfg.batch_size, 1), pad_id=pad,
+                          max_length=runner.cfg.max_length)
     records = []
     for item, (context, texts), opt_scores in zip(batch, meta, scores):
         lls = [s for s, _ in opt_scores]
