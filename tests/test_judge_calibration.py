@@ -11,6 +11,7 @@ from protege.evaluate import judge
 from protege.evaluate.calibration import (KINDS, REFUSAL, calibration_pairs, calibration_summary, corrupt,
                                           load_items, trust_verdict)
 from protege.teachers import TeacherResponse
+from test_eval_judge import _answers  # noqa: E402  (answer sets of up to 3 plain prompts)
 
 
 def test_every_corruption_is_a_different_worse_answer():
@@ -69,13 +70,6 @@ class ScriptedJudge:
 
     def close(self):
         pass
-
-
-def _answers(path, name, texts):
-    path.mkdir(parents=True)
-    with open(path / "answers.jsonl", "w") as fh:
-        for i, t in enumerate(texts):
-            fh.write(json.dumps({"id": str(i), "turns": [f"question {i}"], "answers": [t], "model": name}) + "\n")
 
 
 @pytest.mark.parametrize("policy, accuracy, consistency, trusted", [("A", 0.5, 0.0, False), ("oracle", 1.0, 1.0, True)])
