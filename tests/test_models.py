@@ -62,7 +62,7 @@ def test_pull_again_is_a_fast_noop():
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "downloading" not in proc.stderr
     assert time.perf_counter() - t0 < 30  # generous: the goal is < 5 s, measured in the closing note
-    for name in ALIASES:
+    for name in ("gemma-3-270m", "smollm2-135m-instruct"):  # the converted ones (judges stay GGUF)
         folder = pull(name)
         config = json.loads((folder / "config.json").read_text())
         assert "quantization_config" not in config  # trainable, not a "quantized" checkpoint
