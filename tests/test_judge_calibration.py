@@ -169,3 +169,19 @@ def test_logprob_verdicts_refused_for_an_api_judge(tmp_path):
                             verdicts="logprob")
     with pytest.raises(StageError, match="needs a local judge"):
         judge.run(cfg, teacher=ScriptedJudge("A"))
+
+
+@pytest.mark.slow
+def test_the_default_builtin_judge_passes_calibration(tmp_path):
+    """The real-default check: the built-in judge (Qwen2.5-Coder-1.5B Q4_K_M in llama.cpp) must pass the
+    calibration it is held to; measured 0.896 on these 24 pairs (BENCHMARKS.md)."""
+    pytest.importorskip("llama_cpp")
+    from conftest import builtin_model
+
+    builtin_model(judge.DEFAULT_JUDGE)
+    _answers(tmp_path / "a", "student", ["Paris is the capital of France."])
+    _answers(tmp_path / "b", "teacher", ["I don't know."])
+    r = judge.run(judge.JudgeConfig(answers=[str(tmp_path / "a"), str(tmp_path / "b")], out_dir=str(tmp_path / "j"),
+                                    calibration=24))
+    assert r["verdicts"] == "logprob" and r["judge"] == judge.DEFAULT_JUDGE
+    assert r["calibration"]["accuracy"] >= 0.75 and r["trust"]["trustworthy"], r["trust"]
