@@ -7,6 +7,13 @@ half), mean answer length, stop rate (share of answers that ended their turn bef
 a chat model that never stops is not a chat model), format adherence. Substance columns: each benchmark's primary metric.
 The imitation gap of a model = its style gain minus its substance gain, both relative to the base;
 a large positive gap is the "false promise": it *looks* more like the teacher without knowing more.
+
+Trust: a judge run that failed its calibration (`calibration.py`) is marked not trustworthy and its win
+rate gives no style gain. Judge-free style columns come from the answers themselves (`style.py`) and from
+`teacher_nll.json` (teacher-likeness). Each benchmark score carries its 95% interval and, for chat models,
+the plain-prompting score. The verdict at the top (`verdict`, `headline.py`) is computed from paired
+intervals: style from the calibrated judge (else teacher NLL), substance as student − base with the same
+(plain) prompting for both.
 """
 
 from __future__ import annotations
