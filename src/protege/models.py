@@ -23,7 +23,7 @@ from typing import Any
 
 from .manifest import sha256_file
 
-__all__ = ["ALIASES", "Alias", "ModelError", "protege_home", "pull", "is_pulled", "resolve", "load",
+__all__ = ["ALIASES", "DEFAULT_JUDGE", "Alias", "ModelError", "protege_home", "pull", "is_pulled", "resolve", "load",
            "load_tokenizer", "tiny_model", "tiny_tokenizer"]
 
 
@@ -96,6 +96,10 @@ ALIASES: dict[str, Alias] = {
         ),
     )
 }
+
+
+# The built-in judge: the only candidate that passed calibration on this machine (BENCHMARKS.md).
+DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
 
 
 def protege_home() -> Path:

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageConfig
+from .models import DEFAULT_JUDGE
 from .pipeline import Recipe, StageSpec, run_recipe
 from .teachers import TeacherConfig
 
@@ -39,7 +40,7 @@ class SweepConfig(StageConfig):
     student: str = Field("gemma-3-270m", description="base model that is fine-tuned at every point")
     teacher: str = Field("smollm2-135m-instruct", description="model whose answers the judge compares against")
     prompts: str = Field("recipes/data/judge_prompts.jsonl", description="held-out prompts answered and judged")
-    judge: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="qwen2.5-coder-1.5b-instruct"),
+    judge: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model=DEFAULT_JUDGE),
                                  description="the judge (any teacher backend); default: the built-in calibrated judge")
     tasks: list[str] | None = Field(None, description="benchmark tasks (default: protege's built-in tasks)")
     bench_limit: int | None = Field(None, description="items per benchmark task (None: all)")

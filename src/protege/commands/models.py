@@ -19,10 +19,10 @@ def register(sub: Any) -> None:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from ..models import ALIASES, pull
+    from ..models import ALIASES, DEFAULT_JUDGE, pull
 
     # No names: the models the defaults use (student, teacher, the calibrated judge), not every candidate.
-    for name in args.aliases or [a for a in ALIASES if ALIASES[a].convert or a == "qwen2.5-coder-1.5b-instruct"]:
+    for name in args.aliases or [a for a in ALIASES if ALIASES[a].convert or a == DEFAULT_JUDGE]:
         path = pull(name, force=args.force)
         print(f"{name}: {path}")
     return 0

@@ -32,16 +32,13 @@ def torch_option_logprobs(model: Any, prompts: list[list[int]], options: Sequenc
                           batch_size: int = 8) -> Iterator[tuple[int, list[float]]]:
     """(index, [log P(option tokens | prompt) for each option]) per prompt, batched by length.
 
-    Uses the shared-context scorer: one left-padded forward per batch with the LM head on the last
-    position only (a common prefix, the judge's system prompt, run once per batch); options longer
-    than one token add one short forward on the copied cache.
+    The shared-context scorer (`loglik.iter_sorted`): one left-padded forward per batch with the LM head
+    on the last position only (a common prefix, the judge's system prompt, run once per batch); options
+    longer than one token add one short forward on the copied cache.
     """
-    from ..evaluate.loglik import EncodedQuestion, score_questions
+    from ..evaluate.loglik import EncodedQuestion, iter_sorted
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     conts = [list(map(int, o)) for o in options]
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        scored = score_questions(model, [EncodedQuestion(prompts[i], conts) for i in chunk], pad_id=pad_id)
-        for i, row in zip(chunk, scored):
-            yield i, [lp for lp, _ in row]
+    questions = [EncodedQuestion(p, conts) for p in prompts]
+    for i, row in iter_sorted(model, questions, batch_size=batch_size, pad_id=pad_id):
+        yield i, [lp for lp, _ in row]

@@ -22,6 +22,7 @@ from pydantic import Field
 from ..config import StageConfig, save_config
 from ..manifest import write_manifest
 from ..records import JsonlWriter
+from .intervals import bootstrap_ci
 from .task import TaskSpec, load_items, resolve_task, split_fewshot
 
 __all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC"]
@@ -94,8 +95,6 @@ def aggregate(task_type: str, records: list[dict[str, Any]], iters: int = 1000) 
     m["score"] = m[primary]
     m["stderr"] = _stderr(m[primary], n)
     scores = {r["id"]: item_score(task_type, r) for r in records}
-    from .intervals import bootstrap_ci
-
     m["ci"] = bootstrap_ci(list(scores.values()), iters, seed=0)
     m["item_scores"] = scores
     return m

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-__all__ = ["bootstrap_ci", "task_mean", "stratified_ci", "paired_diff", "paired_ratio_diff"]
+__all__ = ["bootstrap_ci", "task_mean", "stratified_ci", "paired_diff", "ratio_ci", "paired_ratio_diff"]
 
 Items = Mapping[str, Mapping[str, float]]  # task -> item id -> score
 
@@ -60,6 +60,20 @@ def paired_diff(a: Items, b: Items, iters: int = 1000, seed: int = 0) -> dict[st
     stats = [sum(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for d in diffs) / len(diffs) for _ in range(iters)]
     lo, hi = _pct(stats)
     return {"diff": point, "lo": lo, "hi": hi, "tasks": len(shared), "items": sum(map(len, diffs))}
+
+
+def ratio_ci(pairs: Sequence[Sequence[float]], iters: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Interval of `sum(num) / sum(den)` over `[num, den]` pairs (e.g. NLL sums and token counts),
+    resampling the pairs: a token-weighted mean whose units are whole answers."""
+    if not pairs:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    n = len(pairs)
+    stats = []
+    for _ in range(iters):
+        draw = [pairs[rng.randrange(n)] for _ in range(n)]
+        stats.append(sum(d[0] for d in draw) / sum(d[1] for d in draw))
+    return _pct(stats)
 
 
 def paired_ratio_diff(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], iters: int = 1000,

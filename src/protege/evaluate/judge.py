@@ -13,8 +13,9 @@ more (sampled, so a cached greedy reply is not just replayed), then counted as j
 
 Calibration (every run, `calibration` pairs): the judge also compares answer pairs whose better answer is
 known by construction (`calibration.py`). Its accuracy there and its position consistency are stored with
-the verdicts; a judge under `min_calibration_accuracy` (or whose interval reaches chance) or under
-`min_position_consistency` is marked not trustworthy, and the report keeps it out of the headline. Every figure that says how far to trust the judge is reported: position
+the verdicts; a judge under `min_calibration_accuracy` (or whose interval reaches chance), or, with
+generated verdicts, under `min_position_consistency`, is marked not trustworthy, and the report keeps it
+out of the headline. Every figure that says how far to trust the judge is reported: position
 consistency (share of pairs whose two orders agree), first-position rate, length bias (how often the
 longer answer wins), error rate, and bootstrap 95% intervals on the win/tie/loss rates.
 
@@ -37,6 +38,7 @@ from pydantic import Field
 from ..config import StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
+from ..models import DEFAULT_JUDGE
 from ..records import write_records
 from ..teachers import TeacherConfig
 from .answer import ANSWERS_FILE, AnswerConfig, display_name, read_answers
@@ -44,9 +46,6 @@ from .intervals import bootstrap_ci
 
 __all__ = ["JudgeConfig", "run", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary", "bootstrap_ci"]
-
-# The built-in judge: the only candidate that passed calibration on this machine (BENCHMARKS.md).
-DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
 
 JUDGE_SYSTEM = ("You are a strict, impartial judge of AI assistant answers. You judge helpfulness, correctness, "
                 "relevance and clarity. Length is not quality: a short correct answer beats a long wrong one. "

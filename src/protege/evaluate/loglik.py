@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..models import cache_kwarg, output_cache
 
-__all__ = ["EncodedQuestion", "tok_encode", "encode_question", "score_questions", "score_sorted",
+__all__ = ["EncodedQuestion", "tok_encode", "encode_question", "score_questions", "iter_sorted", "score_sorted",
            "loglikelihood_reference"]
 
 
@@ -176,22 +176,28 @@ def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: in
     return results
 
 
-def score_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
-                 max_length: int | None = None) -> list[list[tuple[float, bool]]]:
-    """`score_questions` over many questions, batched by context length, results in the given order.
+def iter_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
+                max_length: int | None = None) -> Iterator[tuple[int, list[tuple[float, bool]]]]:
+    """(index, `score_questions` row) for every question, batched by context length, longest first.
 
     Left padding makes every row of a batch as long as its longest context; with 0-shot long passages
     (AGIEval, 150-600 tokens) batches in file order were mostly padding. Sorting by length first (as
     lm-eval's Collator does, longest first so an out-of-memory shows at once) keeps each batch's rows
-    within a few tokens of each other.
+    within a few tokens of each other. Yields batch by batch, so callers can show progress.
     """
     order = sorted(range(len(questions)), key=lambda i: -len(questions[i].context_ids))
-    results: list[list[tuple[float, bool]]] = [[] for _ in questions]
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        for i, row in zip(chunk, score_questions(model, [questions[i] for i in chunk], pad_id=pad_id,
-                                                 max_length=max_length)):
-            results[i] = row
+        yield from zip(chunk, score_questions(model, [questions[i] for i in chunk], pad_id=pad_id,
+                                              max_length=max_length))
+
+
+def score_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
+                 max_length: int | None = None) -> list[list[tuple[float, bool]]]:
+    """`score_questions` over many questions (batched by length, `iter_sorted`), in the given order."""
+    results: list[list[tuple[float, bool]]] = [[] for _ in questions]
+    for i, row in iter_sorted(model, questions, batch_size, pad_id, max_length):
+        results[i] = row
     return results
 
 

@@ -15,11 +15,10 @@ written the teacher's answer more readily: a direct, judge-free measure of how w
 
 from __future__ import annotations
 
-import random
 import re
 from typing import Any, Sequence
 
-from .intervals import bootstrap_ci
+from .intervals import bootstrap_ci, ratio_ci
 
 __all__ = ["has_list", "has_header", "has_code", "is_degenerate", "is_refusal", "style_measures", "teacher_nll"]
 
@@ -120,11 +119,5 @@ def teacher_nll(model: Any, chat_format: Any, conversations: Sequence[list[dict[
     if not per:
         return {"nll": float("nan"), "nll_ci": (float("nan"), float("nan")), "tokens": 0, "n": 0}
     total, tokens = sum(s for s, _ in per), sum(t for _, t in per)
-    rng = random.Random(seed)
-    stats = []
-    for _ in range(iters):
-        draw = [per[rng.randrange(len(per))] for _ in per]
-        stats.append(sum(s for s, _ in draw) / sum(t for _, t in draw))
-    stats.sort()
-    return {"nll": total / tokens, "nll_ci": (stats[int(0.025 * (iters - 1))], stats[int(0.975 * (iters - 1))]),
+    return {"nll": total / tokens, "nll_ci": ratio_ci(per, iters, seed),
             "tokens": tokens, "n": len(per), "per_item": {n: [round(s, 4), t] for n, (s, t) in zip(names, per)}}
