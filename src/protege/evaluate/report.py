@@ -32,7 +32,8 @@ from pydantic import Field
 from ..config import StageConfig
 from ..errors import StageError
 from .answer import stop_counts
-from .intervals import stratified_ci
+from .headline import Estimate, StyleShift, headline
+from .intervals import paired_diff, paired_ratio_diff, stratified_ci
 from .style import style_measures
 
 __all__ = ["ReportConfig", "run", "collect", "model_table"]
@@ -247,9 +248,6 @@ def _judge_scores(judges: list[dict], model: str, teacher: str) -> tuple[dict[st
 def verdict(data: dict[str, Any], table: dict[str, Any], student: str) -> dict[str, Any]:
     """The headline for one student against the base: a style shift and a substance change, each a
     paired difference with a 95% interval (see `headline.py`)."""
-    from .headline import Estimate, StyleShift, headline
-    from .intervals import paired_diff, paired_ratio_diff
-
     rows = {r["model"]: r for r in table["rows"]}
     base, teacher = table["base"], table["teacher"]
     if base not in rows or student not in rows:
