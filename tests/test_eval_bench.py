@@ -303,3 +303,28 @@ def test_shared_fewshot_prefix_matches_full_forward(fixture, request):
     for q, row in zip(qs, score_questions(model, qs, pad_id=tok.pad_token_id)):
         for cont, (ll, _) in zip(q.continuation_ids, row):
             assert ll == pytest.approx(loglikelihood_reference(model, q.context_ids, cont), abs=1e-4)
+
+
+def test_passage_groups_share_their_prefix_and_match_full_forward(tiny_llama, monkeypatch):
+    """Reading-comprehension layout: several questions per passage, in shuffled order, plus loners.
+    `iter_sorted` must batch each passage's questions together (so its prefix runs once) and still
+    return every question's exact log-likelihoods under its own index."""
+    from protege.evaluate import loglik
+
+    model, tok = tiny_llama
+    passages = [" ".join(f"passage {p} sentence {k} about the river and the town." for k in range(6)) for p in range(3)]
+    texts = [f"{passages[p]}\nQuestion: what happened in part {q}?\nAnswer:" for p in range(3) for q in range(3)]
+    texts += ["a lone question with no passage?", "another unrelated context, a little longer than that one?"]
+    random.Random(0).shuffle(texts)
+    qs = [encode_question(tok, t, [" the river", " the town", " nothing at all"]) for t in texts]
+    groups = loglik._prefix_groups(qs, 32)
+    assert sorted(len(g) for g in groups) == [1, 1, 3, 3, 3]
+    batches = []
+    real = loglik.score_questions
+    monkeypatch.setattr(loglik, "score_questions", lambda m, b, **kw: batches.append(len(b)) or real(m, b, **kw))
+    rows = dict(loglik.iter_sorted(model, qs, batch_size=8))
+    assert sorted(batches) == [2, 3, 3, 3]  # one batch per passage, the two loners together
+    assert sorted(rows) == list(range(len(qs)))
+    for i, q in enumerate(qs):
+        for cont, (ll, _) in zip(q.continuation_ids, rows[i]):
+            assert ll == pytest.approx(loglikelihood_reference(model, q.context_ids, cont), abs=1e-4)
