@@ -1,8 +1,8 @@
 """Multiple-choice scoring: protege vs lm-evaluation-harness on the same checkpoint and items.
 
 Both score the same questions with the same model object (an HF folder loaded once, float32):
-- protege: `evaluate.loglik` (context encoded once per question, its KV cache shared by the options,
-  LM head only on the positions that are scored);
+- protege: `evaluate.loglik` (context encoded once per question, its KV cache shared by the options;
+  questions on one passage batched together so the passage runs once; LM head only on scored positions);
 - lm-eval: its `hf` model (`HFLM`) on a custom `multiple_choice` task built from the very same
   context strings and options, through `lm_eval.simple_evaluate`.
 
@@ -11,7 +11,7 @@ wall times and the speed ratio (target: protege >= 3x faster). Timings on a shar
 so each side runs `--repeats` times, alternating, and the best time of each counts.
 
     python benchmarks/bench_parity.py                                   # smollm2-135m-instruct, built-in MC set
-    python benchmarks/bench_parity.py --task agieval:../shared/data/agieval/sat-en.jsonl --limit 40
+    python benchmarks/bench_parity.py --task agieval:path/to/agieval/lsat-rc.jsonl --fewshot 0 --limit 60
 Needs `pip install lm-eval` (the `bench` extra).
 """
 
