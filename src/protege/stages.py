@@ -48,6 +48,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                           "reward model on preference pairs (scalar head, margin ranking loss; LoRA or full)"),
     "train.dpo": StageKind("protege.train.dpo:DPOConfig:run",
                            "Direct Preference Optimization on preference pairs (reference = adapters off; cached)"),
+    "train.grpo": StageKind("protege.train.grpo:GRPOConfig:run",
+                            "GRPO: sample G answers per prompt, reward them (rule or RM), group-relative advantages"),
     "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),
     "eval.answer": StageKind("protege.evaluate.answer:AnswerConfig:run", "answer a prompt set with a model"),
     "eval.judge": StageKind("protege.evaluate.judge:JudgeConfig:run", "style: an LLM judge compares two answer sets"),

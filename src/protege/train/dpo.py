@@ -63,6 +63,12 @@ class PolicyLogprobs(torch.nn.Module):
                 score_index: torch.Tensor, score_target: torch.Tensor, score_seq: torch.Tensor,
                 n_seqs: int) -> torch.Tensor:
         """Batch from `collate_pairs` -> sum of log-probs of each sequence's scored tokens (n_seqs,)."""
+        lp = self.token_logps(input_ids, position_ids, attention_mask, score_index, score_target)
+        return lp.new_zeros(n_seqs).index_add(0, score_seq, lp)
+
+    def token_logps(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    score_index: torch.Tensor, score_target: torch.Tensor) -> torch.Tensor:
+        """log p of each scored token (N,): what per-token losses (PPO, GRPO) and their KL need."""
         parts = self._parts
         emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
         hidden = parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
@@ -71,8 +77,7 @@ class PolicyLogprobs(torch.nn.Module):
                                use_cache=False).last_hidden_state  # (B, T, H)
         weight, override = head_rows(parts.head)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # (N_scored, H)
-        lp = token_logprobs(h, weight, score_target, parts.softcap, self.logits_chunk, override)
-        return lp.new_zeros(n_seqs).index_add(0, score_seq, lp)
+        return token_logprobs(h, weight, score_target, parts.softcap, self.logits_chunk, override)
 
     def _dtype(self) -> torch.dtype:
         return head_rows(self._parts.head)[0].dtype

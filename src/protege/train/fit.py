@@ -151,8 +151,12 @@ def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[
 def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: torch.nn.Module, accelerator: Any,
         out_dir: Path, micro_batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
         tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
-        eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None) -> FitResult:
-    """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate)."""
+        eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
+
+    `on_eval(step, results)` runs after every held-out evaluation (RL keeps its best-by-gold model there).
+    """
     from tqdm.auto import tqdm
 
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -239,7 +243,10 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
             metrics.log(done, loss=last_loss, **last_metrics, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                         tokens_per_s=round(tok_s, 2), tokens=step_tokens, **{unit: float(total[1])})
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            metrics.log(done, **(evaluate(module, eval_batches, loss_fn, accelerator) or {}))
+            results = evaluate(module, eval_batches, loss_fn, accelerator)
+            metrics.log(done, **(results or {}))
+            if on_eval is not None and results is not None:
+                on_eval(done, results)
         if done == stop_after_steps and done < total_steps:
             checkpoint(done)
             stopped = True
@@ -258,6 +265,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         result.eval = evaluate(module, eval_batches, loss_fn, accelerator)
         if result.eval is not None:
             metrics.log(total_steps, **result.eval)
+            if on_eval is not None:
+                on_eval(total_steps, result.eval)
     metrics.close()
     result.peak_rss_mb = round(peak_rss_mb(), 1)
     return result

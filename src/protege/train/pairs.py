@@ -121,7 +121,7 @@ def plan_pair_batches(n_pairs: int, batch_size: int, epochs: int, seed: int) -> 
     return plan
 
 
-def _scored(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def scored_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """score_index / score_target / score_seq from a collated batch's shifted labels and seq_ids."""
     flat = batch["labels"].reshape(-1)
     keep = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
@@ -154,7 +154,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
         last = torch.empty_like(batch["last_index"])
         last[packed_order] = batch["last_index"]
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None,
-                **_scored(batch), "last_index": last, "margin": margin}
+                **scored_positions(batch), "last_index": last, "margin": margin}
 
     prompt_len = [p.prompt_len for p in pairs]
     seg = [len(p.chosen.input_ids) + len(p.rejected.input_ids) - n for p, n in zip(pairs, prompt_len)]

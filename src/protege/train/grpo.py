@@ -1,0 +1,239 @@
+"""Group Relative Policy Optimization: `protege train grpo --config grpo.yaml`.
+
+Per step, each prompt of the micro-batch gets `group_size` sampled answers from the policy's own
+weights (`rl.sample_rollouts`); the reward scores them; each answer's advantage is its reward
+relative to its group (`rl_losses.group_advantages`: GRPO's mean/std, or RLOO's leave-one-out
+mean), so no value head is needed (Shao et al. 2024). The loss is PPO's clipped surrogate with one
+policy update per batch of rollouts (the ratio is 1, its gradient -A * grad log p), averaged over
+each answer's tokens and then over answers (GRPO's normalisation), plus `beta` * per-token KL to
+the reference (k3 by default; `beta` 0, TRL's default, skips the reference forward in training).
+
+It runs on `fit`, the loop SFT, RM and DPO share: the micro-batch plan is a list of prompt groups
+fixed by the seed; a micro-batch's rollouts are cached on disk, so a killed run resumes from its
+checkpoint without decoding the rollouts it already had, and reaches the same weights. Held-out
+evaluations (every `eval_every` steps, before the first step and at the end) feed the
+over-optimisation watch (`rl.OverOptimisationWatch`): proxy, gold, KL, best model by gold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..config import save_config
+from ..errors import StageError
+from ..manifest import write_manifest
+from .dpo import PolicyLogprobs
+from .fit import LossOutput, fit, pad_id, start_run
+from .model import prepare_model, save_model
+from .rewards import load_prompt_items, make_reward
+from .rl import (OverOptimisationWatch, RLSettings, RolloutCache, reference_off, rollout_batch, sample_rollouts,
+                 score_rollouts, token_kl)
+from .rl_losses import clipped_policy_loss, group_advantages, kl_per_token
+from .settings import fingerprint
+
+__all__ = ["GRPOConfig", "run", "grpo_objective"]
+
+
+class GRPOConfig(RLSettings):
+    out_dir: str = Field("runs/grpo", description="where the adapter, best-by-gold model, rollouts, metrics and manifest go")
+    group_size: int = Field(4, ge=2, description="answers sampled per prompt (G)")
+    batch_size: int = Field(4, ge=1, description="prompts per micro-batch (each with group_size answers)")
+    baseline: str = Field("grpo", pattern="^(grpo|rloo)$", description="group mean/std (grpo) or leave-one-out mean (rloo)")
+    scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std (False: Dr. GRPO)")
+    clip: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon")
+
+
+class _TokenLogprobs(PolicyLogprobs):
+    """The policy module DDP wraps: a rollout batch -> log p of each answer token (N,)."""
+
+    def forward(self, input_ids, position_ids, score_index, score_target):  # type: ignore[override]
+        return self.token_logps(input_ids, position_ids, None, score_index, score_target)
+
+
+def grpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, seq: torch.Tensor, advantages: torch.Tensor,
+                   clip: float, beta: float, estimator: str = "k3") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss summed over answers, per-answer KL (n,)) from per-token tensors (N,) and per-answer advantages (n,).
+
+    Each answer's token terms are averaged over its own length, then summed over answers: `fit`
+    divides by the number of answers in the step.
+    """
+    n = advantages.shape[0]
+    lengths = torch.zeros(n, device=logp.device).index_add_(0, seq, torch.ones_like(logp))
+    weight = 1.0 / lengths.clamp(min=1)[seq]  # (N,): 1 / |answer| of each token's answer
+    ones = torch.ones_like(logp)
+    loss, _ = clipped_policy_loss(logp, logp.detach(), advantages[seq] * weight, ones, clip)
+    kl = torch.zeros(n, device=logp.device)
+    if ref_logp is not None:
+        per_tok = kl_per_token(logp, ref_logp, estimator)
+        kl = kl.index_add(0, seq, per_tok.detach())
+        if beta:
+            loss = loss + beta * (per_tok * weight).sum()
+    return loss, kl
+
+
+def _plan(n_prompts: int, per_mb: int, n_mb: int, seed: int) -> list[list[int]]:
+    """`n_mb` micro-batches of `per_mb` prompt indices: epochs of seeded shuffles, laid end to end."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n_mb * per_mb:
+        epoch = list(range(n_prompts))
+        rng.shuffle(epoch)
+        order += epoch
+    return [order[i * per_mb:(i + 1) * per_mb] for i in range(n_mb)]
+
+
+def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train with GRPO; returns summary counts (see the module docstring)."""
+    from ..chat import ChatFormat
+    from ..engine import Engine
+    from ..models import load
+
+    t_start = time.time()
+    if config.method != "lora":
+        raise StageError("grpo: the reference is the policy with its adapters disabled; use method: lora")
+    ctx = start_run("grpo", config)
+    accelerator, main, out_dir, log = ctx.accelerator, ctx.main, ctx.out_dir, ctx.log
+    items = load_prompt_items(config.prompts)
+    if config.eval_prompts:
+        held = load_prompt_items(config.eval_prompts, config.eval_max_examples)
+    else:
+        rng = random.Random(config.seed)
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        k = min(config.eval_max_examples, int(round(len(items) * config.eval_fraction)))
+        held, items = [items[i] for i in order[:k]], [items[i] for i in sorted(order[k:])]
+    if not items:
+        raise StageError(f"grpo: no training prompts left in {config.prompts} after holding out {len(held)}")
+    proxy = make_reward(config.reward)
+    gold_cfg = config.gold or (config.reward if config.reward.kind == "rule" else None)
+    gold = make_reward(gold_cfg) if gold_cfg is not config.reward and gold_cfg is not None else proxy
+    if gold_cfg is None:
+        log("no gold scorer given (gold:): the over-optimisation watch compares the proxy with itself")
+
+    model, tok = load(config.model, device="cpu")
+    chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
+    pad = pad_id(tok)
+    model = prepare_model(config, model, chat).to(accelerator.device)
+    model.train()
+    engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
+    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk))
+    max_prompt = max(1, config.max_length - config.max_new_tokens)
+    if main:
+        save_config(config, out_dir)
+
+    per_step = config.grad_accum * ctx.world
+    steps = config.max_steps or max(1, -(-len(items) * config.epochs // (config.batch_size * per_step)))
+    plan = _plan(len(items), config.batch_size, steps * per_step, config.seed)
+    micro_batches = list(enumerate(plan))
+    eval_batches = [(-1 - s, list(range(s, min(s + config.batch_size * config.group_size, len(held)))))
+                    for s in range(0, len(held), config.batch_size * config.group_size)]
+    cache = RolloutCache(out_dir / "rollouts")
+    data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
+    log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
+        f"prompts x {config.group_size} answers; reward {config.reward.describe()}, gold "
+        f"{(gold_cfg or config.reward).describe()}")
+    stats = {"rollouts": 0, "reused": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
+
+    def logps(m: Any, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
+        args = (batch["input_ids"], batch["position_ids"], batch["score_index"], batch["score_target"])
+        if not reference:
+            return m(*args)
+        with torch.no_grad(), reference_off(model):
+            return accelerator.unwrap_model(m)(*args)
+
+    def train_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
+        index, prompt_idx = mb
+        rollouts = cache.get(index)
+        if rollouts is None:
+            t0 = time.perf_counter()
+            rollouts = sample_rollouts(engine, chat, items, prompt_idx, config.group_size, config.max_new_tokens,
+                                       config.temperature, config.top_p, config.seed, index, max_prompt)
+            for r, s in zip(rollouts, score_rollouts(proxy, items, rollouts)):
+                r.reward = s
+            stats["rollout_seconds"] += time.perf_counter() - t0
+            stats["rollout_tokens"] += sum(len(r.answer_ids) for r in rollouts)
+            if main:
+                cache.put(index, rollouts)
+        else:
+            stats["reused"] += len(rollouts)
+        stats["rollouts"] += len(rollouts)
+        rewards = torch.tensor([r.reward for r in rollouts], device=accelerator.device)
+        adv = group_advantages(rewards, config.group_size, config.baseline, config.scale_rewards)
+        batch = rollout_batch(rollouts, pad, accelerator.device)
+        lp = logps(m, batch, reference=False)
+        ref = logps(m, batch, reference=True) if config.beta > 0 else None
+        loss, kl = grpo_objective(lp, ref, batch["score_seq"], adv, config.clip, config.beta, config.kl_estimator)
+        n = len(rollouts)
+        solved = (rewards.reshape(-1, config.group_size).std(1) == 0).float().sum() * config.group_size
+        return LossOutput(loss, n, {"reward": rewards.sum(), "kl": kl.sum(), "answer_tokens": float(len(lp)),
+                                    "flat_groups": solved})
+
+    def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
+        """Held-out: greedy answers scored by proxy and gold; one sampled answer per prompt for KL."""
+        index, prompt_idx = mb
+        greedy = sample_rollouts(engine, chat, held, prompt_idx, 1, config.max_new_tokens, 0.0, 1.0,
+                                 config.seed, index, max_prompt)
+        sampled = sample_rollouts(engine, chat, held, prompt_idx, 1, config.max_new_tokens, config.temperature,
+                                  config.top_p, config.seed, index, max_prompt)
+        batch = rollout_batch(sampled, pad, accelerator.device)
+        kl = token_kl(logps(m, batch, False), logps(m, batch, True), batch["score_seq"], len(sampled))
+        p = sum(score_rollouts(proxy, held, greedy))
+        g = sum(score_rollouts(gold, held, greedy))
+        stops = sum(r.finish_reason == "stop" for r in greedy)
+        return LossOutput(torch.zeros(()), len(prompt_idx),
+                          {"proxy": p, "gold": g, "kl": float(kl.sum()), "stop_rate": float(stops),
+                           "answer_tokens": float(sum(len(r.answer_ids) for r in greedy))})
+
+    def loss_fn(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
+        return train_loss(m, mb) if m.training else eval_loss(m, mb)
+
+    def save_best(path: Any) -> None:
+        if main:
+            model.save_pretrained(str(path))
+            chat.apply_to(tok)
+            tok.save_pretrained(str(path))
+
+    watch = OverOptimisationWatch(out_dir, save_best, log)
+
+    def on_eval(step: int, results: dict[str, float]) -> None:
+        watch.record(step, results["eval_proxy"], results["eval_gold"], results["eval_kl"])
+        log(f"eval at step {step}: proxy {results['eval_proxy']:.3f}, gold {results['eval_gold']:.3f}, "
+            f"KL {results['eval_kl']:.2f} nats/answer, stop rate {results['eval_stop_rate']:.2f}")
+
+    if held and not watch.history:  # the starting point (KL 0) anchors the over-optimisation curve
+        from .fit import evaluate
+
+        start = evaluate(module, eval_batches, loss_fn, accelerator)
+        if start is not None:
+            on_eval(0, start)
+    result = fit("grpo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
+                 micro_batches=micro_batches, loss_fn=loss_fn,
+                 tokens_of=lambda mb: len(mb[1]) * config.group_size, fingerprint=fingerprint(config),
+                 data_hash=data_hash, unit="answers", eval_batches=eval_batches, stop_after_steps=stop_after_steps,
+                 on_eval=on_eval)
+    if result.stopped:
+        return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
+    figure = watch.figure() if main else None
+    summary = {"prompts": len(items), "held_out": len(held), "steps": result.steps,
+               "resumed_from_step": result.start_step, "final_loss": result.loss, "train_metrics": result.metrics,
+               "eval": result.eval, "start": watch.history[0] if watch.history else None, "best": watch.best,
+               "warnings": [w["message"] for w in watch.warnings], **stats,
+               "rollout_tokens_per_s": round(stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9), 1),
+               "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb}
+    accelerator.wait_for_everyone()
+    if main:
+        outputs = save_model(config, model, tok, chat, out_dir)
+        outputs += [out_dir / "metrics.jsonl", watch.path] + ([figure] if figure else [])
+        write_manifest(out_dir, "grpo", config, inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
+                       outputs=outputs, counts=summary, seconds=time.time() - t_start)
+        log(f"done: {result.steps} steps; held-out gold {watch.history[0]['gold'] if watch.history else float('nan'):.3f}"
+            f" -> {watch.history[-1]['gold'] if watch.history else float('nan'):.3f}; outputs in {out_dir}")
+    return summary
+

@@ -1,0 +1,183 @@
+"""Rewards for RL and rejection sampling, declared in config: a reward model or a verifiable rule.
+
+A reward maps (prompt item, answer text, answer token count, finish reason) to a float. Rules:
+
+- `contains_gold`: 1 when the item's gold answer appears in the answer (numbers compared as
+  numbers, so "1,200" and "1200.0" match "1200"; text as a whole-word, case-insensitive match).
+- `ends_within`: 1 when the answer ended its turn (a stop token, not the length limit) within
+  `max_tokens` tokens.
+- `format`: 1 when the answer matches the regular expression `pattern` (Python `re.search`).
+- `length`: min(characters / `length_chars`, 1). Deliberately gameable -- it is the flawed proxy
+  the over-optimisation check is tested with, never a goal in itself.
+
+`rm`: the score of a reward model from `train rm` (read at the last token, as in training);
+`llama2`: LLaMA-2-Chat's combination of a helpfulness and a safety reward model (`rm.llama2_reward`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StageConfig
+from ..errors import StageError
+
+__all__ = ["PromptItem", "RewardConfig", "Reward", "make_reward", "load_prompt_items", "contains_gold"]
+
+
+@dataclass
+class PromptItem:
+    id: str
+    messages: list[dict[str, str]]  # the conversation up to the user's turn
+    gold: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class RewardConfig(StageConfig):
+    kind: Literal["rule", "rm", "llama2"] = Field("rule", description="rule, a reward model (rm) or LLaMA-2's "
+                                                  "helpful/safety combination (llama2)")
+    rule: Literal["contains_gold", "ends_within", "format", "length"] = Field(
+        "contains_gold", description="kind: rule -- which verifiable rule")
+    max_tokens: int = Field(64, ge=1, description="ends_within: the answer must stop within this many tokens")
+    pattern: str | None = Field(None, description="format: regular expression the answer must match")
+    length_chars: int = Field(400, ge=1, description="length: characters that earn the full reward")
+    rm: str | None = Field(None, description="kind: rm -- reward model folder; kind: llama2 -- the helpfulness RM")
+    safety_rm: str | None = Field(None, description="kind: llama2 -- the safety RM")
+    safety_threshold: float = Field(0.15, description="kind: llama2 -- use the safety score below this sigmoid")
+    batch_size: int = Field(8, ge=1, description="answers scored together by a reward model")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RewardConfig":
+        if self.kind in ("rm", "llama2") and not self.rm:
+            raise ValueError(f"reward kind {self.kind} needs `rm` (a reward model folder from `train rm`)")
+        if self.kind == "llama2" and not self.safety_rm:
+            raise ValueError("reward kind llama2 needs `safety_rm` as well as `rm`")
+        if self.kind == "rule" and self.rule == "format" and not self.pattern:
+            raise ValueError("reward rule format needs `pattern` (a regular expression)")
+        return self
+
+    def describe(self) -> str:
+        if self.kind == "rule":
+            extra = {"ends_within": f" ({self.max_tokens} tokens)", "format": f" ({self.pattern!r})",
+                     "length": f" ({self.length_chars} chars)"}.get(self.rule, "")
+            return f"rule {self.rule}{extra}"
+        return f"{self.kind} {self.rm}" + (f" + safety {self.safety_rm}" if self.safety_rm else "")
+
+
+Reward = Callable[[list[PromptItem], list[str], list[int], list[str]], list[float]]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def contains_gold(answer: str, gold: str) -> bool:
+    """Whether `answer` states `gold`: as a number among its numbers, else as a whole phrase."""
+    target = _as_number(gold.strip())
+    if target is not None:
+        return any(_as_number(m) == target for m in _NUMBER.findall(answer))
+    return re.search(r"(?<!\w)" + re.escape(gold.strip()) + r"(?!\w)", answer, flags=re.IGNORECASE) is not None
+
+
+def make_reward(cfg: RewardConfig) -> Reward:
+    """The reward function `cfg` declares (reward models are loaded once, here)."""
+    if cfg.kind == "rule":
+        return _rule(cfg)
+    from ..chat import ChatFormat
+    from .rm import llama2_reward, load_reward_model, score
+
+    helpful, tok = load_reward_model(cfg.rm)
+    chat = ChatFormat.from_tokenizer(tok)
+    safety = load_reward_model(cfg.safety_rm)[0] if cfg.kind == "llama2" else None
+
+    def rm_reward(items: list[PromptItem], answers: list[str], n_tokens: list[int], finish: list[str]) -> list[float]:
+        prompts = [it.messages for it in items]
+        h = score(helpful, chat, prompts, answers, cfg.batch_size)
+        if safety is None:
+            return h
+        import torch
+
+        s = score(safety, chat, prompts, answers, cfg.batch_size)
+        tagged = torch.tensor([bool(it.meta.get("unsafe")) for it in items])
+        return llama2_reward(torch.tensor(h), torch.tensor(s), tagged, cfg.safety_threshold).tolist()
+
+    return rm_reward
+
+
+def _rule(cfg: RewardConfig) -> Reward:
+    def reward(items: list[PromptItem], answers: list[str], n_tokens: list[int], finish: list[str]) -> list[float]:
+        out = []
+        for it, ans, n, fin in zip(items, answers, n_tokens, finish):
+            if cfg.rule == "contains_gold":
+                if it.gold is None:
+                    raise StageError(f"reward rule contains_gold: prompt {it.id} has no gold answer")
+                out.append(float(contains_gold(ans, it.gold)))
+            elif cfg.rule == "ends_within":
+                out.append(float(fin == "stop" and n <= cfg.max_tokens))
+            elif cfg.rule == "format":
+                out.append(float(re.search(cfg.pattern or "", ans) is not None))
+            else:
+                out.append(min(len(ans) / cfg.length_chars, 1.0))
+        return out
+
+    return reward
+
+
+def load_prompt_items(source: str, limit: int | None = None) -> list[PromptItem]:
+    """Prompts (with gold answers where known) from `task:<name>` (a built-in or file benchmark task:
+    its question, gold = the answer or the gold choice's text) or a JSONL file of records with
+    `prompt` (or `messages`, or `turns`) and optional `gold` / `answer`."""
+    if source.startswith("task:"):
+        from ..evaluate.task import load_items, resolve_task
+
+        spec = resolve_task(source[5:])
+        items = []
+        for i, it in enumerate(load_items(spec)):
+            q = it.get("question") or it.get("prompt") or it.get("text")
+            if q is None:
+                raise StageError(f"{source}: item {i} has no question/prompt/text field")
+            gold = it.get("answer")
+            if gold is None and "choices" in it and "gold" in it:
+                gold = it["choices"][int(it["gold"])]
+            items.append(PromptItem(str(it.get("id", i)), [{"role": "user", "content": str(q)}],
+                                    None if gold is None else str(gold)))
+        return items[:limit]
+    path = Path(source)
+    if not path.exists():
+        raise StageError(f"prompts: {source} does not exist (a JSONL file, or task:<name>)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError(f"{source}:{n}: not JSON ({err.msg})") from None
+        if "messages" in rec:
+            msgs = list(rec["messages"])
+            if msgs and msgs[-1].get("role") == "assistant":  # a full conversation: its last answer is not a prompt
+                msgs = msgs[:-1]
+        elif "prompt" in rec:
+            msgs = [{"role": "user", "content": str(rec["prompt"])}]
+        elif "turns" in rec:
+            msgs = [{"role": "user", "content": str(rec["turns"][0])}]
+        else:
+            raise StageError(f"{source}:{n}: a prompt record needs `prompt`, `messages` or `turns`; has {sorted(rec)}")
+        gold = rec.get("gold", rec.get("answer"))
+        items.append(PromptItem(str(rec.get("id", n)), msgs, None if gold is None else str(gold),
+                                {k: v for k, v in rec.items() if k in ("unsafe", "category")}))
+        if limit and len(items) >= limit:
+            break
+    if not items:
+        raise StageError(f"prompts: {source} holds no prompt records")
+    return items

@@ -1,0 +1,218 @@
+"""What every reward-optimising method shares (GRPO, PPO, rejection sampling): rollouts from protege's
+own engine, their cache, per-token log-probs of the sampled answers under the policy and the reference,
+and the over-optimisation watch.
+
+- Rollouts: the policy's current weights decode through `engine.Engine` (continuous batching, the
+  LoRA adapters live), each sample with its own seed derived from (run seed, micro-batch, sample), so
+  the same weights give the same answers. Each micro-batch's rollouts are written to
+  `rollouts/mb-NNNNNN.json` before its loss is computed: a run killed mid-step resumes from its last
+  checkpoint, finds the rollouts of the step it was in (they came from the very weights it resumes
+  with) and reuses them instead of decoding them again.
+- Reference: the policy with its LoRA adapters disabled (PEFT `disable_adapter`), no second copy.
+- Over-optimisation, always on: every held-out evaluation scores greedy answers with the *proxy*
+  reward the run optimises and with a *gold* scorer it never trains on, and estimates KL(policy ||
+  reference) in nats per answer from sampled answers. `OverOptimisationWatch` keeps the history,
+  warns when gold fell for two evaluations in a row while the proxy rose (Gao et al. 2022), and
+  saves the best model by gold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import Field
+
+from .data import Example, collate
+from .losses import IGNORE_INDEX
+from .pairs import scored_positions
+from .rewards import PromptItem, Reward, RewardConfig
+from .settings import LoraSettings, TrainSettings
+
+__all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
+           "OverOptimisationWatch", "sample_seed"]
+
+
+class RLSettings(TrainSettings):
+    """Shared by GRPO, PPO and rejection sampling."""
+
+    model: str = Field(..., description="the policy to start from (usually the SFT student's merged folder)")
+    prompts: str = Field(..., description="training prompts: JSONL ({prompt, gold?} / {messages}) or task:<name>")
+    eval_prompts: str | None = Field(None, description="held-out prompts (default: split off eval_fraction of `prompts`)")
+    eval_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="share of `prompts` held out when eval_prompts is unset")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="the proxy reward the run optimises")
+    gold: RewardConfig | None = Field(None, description="held-out gold scorer for the over-optimisation watch "
+                                      "(default: the reward itself when it is a rule, which then measures success)")
+    max_new_tokens: int = Field(64, ge=1, description="answer budget of a rollout")
+    temperature: float = Field(1.0, ge=0.0, description="rollout sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="rollout nucleus sampling")
+    kl_estimator: str = Field("k3", pattern="^(k1|k3)$", description="per-token KL estimate: k1 (logp - ref) or k3")
+    beta: float = Field(0.0, ge=0.0, description="KL penalty coefficient")
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0),
+                               description="LoRA settings; dropout 0 so rollout and training log-probs agree")
+    max_length: int = Field(512, ge=2, description="prompt tokens kept (from the end) + max_new_tokens")
+    learning_rate: float = Field(2e-5, gt=0.0, description="peak learning rate")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
+    schedule: str = Field("constant", pattern="^(cosine|linear|constant)$", description="LR decay after warmup")
+    eval_every: int = Field(5, ge=0, description="held-out eval (proxy, gold, KL) every N steps, and at the end")
+    save_every: int = Field(5, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
+    eval_max_examples: int = Field(64, ge=0, description="cap on held-out prompts")
+    engine_batch: int = Field(32, ge=1, description="rollouts decoded together by the engine")
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    prompt_ids: list[int]
+    answer_ids: list[int]  # every sampled id, a final stop id included (so stopping is learned)
+    text: str
+    finish_reason: str
+    reward: float = 0.0
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """A 31-bit seed for one sample, stable across runs and resumes."""
+    h = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class RolloutCache:
+    """`rollouts/mb-NNNNNN.json` per training micro-batch (written atomically)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, index: int) -> Path:
+        return self.root / f"mb-{index:06d}.json"
+
+    def get(self, index: int) -> list[Rollout] | None:
+        path = self._path(index)
+        if not path.exists():
+            return None
+        try:
+            return [Rollout(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
+        except (json.JSONDecodeError, TypeError):
+            return None  # unreadable: decode again
+
+    def put(self, index: int, rollouts: list[Rollout]) -> None:
+        tmp = self._path(index).with_suffix(".tmp")
+        tmp.write_text(json.dumps([asdict(r) for r in rollouts]), encoding="utf-8")
+        os.replace(tmp, self._path(index))
+
+    def count(self) -> int:
+        return len(list(self.root.glob("mb-*.json")))
+
+
+@torch.no_grad()
+def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: list[int], samples: int,
+                    max_new_tokens: int, temperature: float, top_p: float, seed: int, key: int,
+                    max_prompt: int) -> list[Rollout]:
+    """`samples` answers per prompt (laid out prompt by prompt) from the engine's current weights."""
+    from ..engine.sampling import SamplingParams
+
+    prompts, params = [], []
+    for i in indices:
+        ids = chat.encode_prompt(items[i].messages)[-max_prompt:]
+        for j in range(samples):
+            prompts.append(ids)
+            params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         seed=sample_seed(seed, key, i, j)))
+    was_training = engine.model.training
+    engine.model.eval()
+    engine.refresh_weights()
+    done = engine.generate(prompts, params)
+    engine.model.train(was_training)
+    out = []
+    for n, (ids, c) in enumerate(zip(prompts, done)):
+        answer = list(c.token_ids) or [chat.tokenizer.eos_token_id or 0]  # an empty answer still scores its end
+        out.append(Rollout(indices[n // samples], list(ids), answer, c.text, c.finish_reason))
+    return out
+
+
+def rollout_batch(rollouts: list[Rollout], pad: int, device: Any) -> dict[str, torch.Tensor]:
+    """Right-padded batch (one rollout per row) with the answer tokens as scored positions (`score_*`)."""
+    rows = [[Example(r.prompt_ids + r.answer_ids, [IGNORE_INDEX] * (len(r.prompt_ids) - 1) + r.answer_ids + [IGNORE_INDEX])]
+            for r in rollouts]
+    batch = collate(rows, pad, with_seq_ids=True)
+    out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **scored_positions(batch)}
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def reference_off(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The reference policy: the model with its adapters disabled (LoRA only)."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None:
+        raise ValueError("the reference is the policy with its LoRA adapters disabled: train with method: lora")
+    return disable()
+
+
+def token_kl(policy_lp: torch.Tensor, ref_lp: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
+    """Summed k1 = logp - ref per sequence (n,): an unbiased estimate of KL in nats per answer for sampled answers."""
+    return policy_lp.new_zeros(n).index_add(0, seq, policy_lp - ref_lp)
+
+
+class OverOptimisationWatch:
+    """Proxy, gold and KL per evaluation; a warning when gold falls twice while proxy rises; best-by-gold saves."""
+
+    def __init__(self, out_dir: Path, save_best: Callable[[Path], None], log: Callable[[str], None]):
+        self.out_dir, self.save_best, self.log = out_dir, save_best, log
+        self.path = out_dir / "overoptimisation.json"
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.history: list[dict[str, float]] = data.get("history", [])
+        self.warnings: list[dict[str, Any]] = data.get("warnings", [])
+        self.best: dict[str, float] | None = data.get("best")
+
+    def record(self, step: int, proxy: float, gold: float, kl: float) -> None:
+        self.history = [h for h in self.history if h["step"] < step]  # a resumed run redoes later evals
+        self.warnings = [w for w in self.warnings if w["step"] < step]
+        self.history.append({"step": step, "proxy": proxy, "gold": gold, "kl": kl, "sqrt_kl": math.sqrt(max(kl, 0.0))})
+        h = self.history
+        if len(h) >= 3 and h[-1]["gold"] < h[-2]["gold"] < h[-3]["gold"] and h[-1]["proxy"] > h[-3]["proxy"]:
+            msg = (f"reward over-optimisation: gold fell {h[-3]['gold']:.3f} -> {h[-1]['gold']:.3f} over the last two "
+                   f"evals while the proxy rose {h[-3]['proxy']:.3f} -> {h[-1]['proxy']:.3f} (KL {kl:.2f} nats); "
+                   f"the best model by gold is kept in {self.out_dir / 'best'}")
+            self.warnings.append({"step": step, "message": msg})
+            self.log("WARNING " + msg)
+        if self.best is None or gold > self.best["gold"]:
+            self.best = dict(h[-1])
+            self.save_best(self.out_dir / "best")
+        self.path.write_text(json.dumps({"history": self.history, "warnings": self.warnings, "best": self.best},
+                                        indent=2))
+
+    def figure(self) -> Path | None:
+        """gold and proxy against sqrt(KL) (Gao et al. 2022's axes) as overoptimisation.png."""
+        if len(self.history) < 2:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = [h["sqrt_kl"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x, [h["proxy"] for h in self.history], "o-", label="proxy reward (optimised)")
+        ax.plot(x, [h["gold"] for h in self.history], "s-", label="gold (held out)")
+        for h in self.history:
+            ax.annotate(str(h["step"]), (h["sqrt_kl"], h["gold"]), fontsize=6, alpha=0.6)
+        ax.set_xlabel("sqrt(KL to reference), sqrt(nats per answer)")
+        ax.set_ylabel("mean score on held-out prompts")
+        ax.set_title("Reward over-optimisation watch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = self.out_dir / "overoptimisation.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+def score_rollouts(reward: Reward, items: list[PromptItem], rollouts: list[Rollout]) -> list[float]:
+    return reward([items[r.prompt_index] for r in rollouts], [r.text for r in rollouts],
+                  [len(r.answer_ids) for r in rollouts], [r.finish_reason for r in rollouts])
