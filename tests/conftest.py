@@ -50,6 +50,23 @@ def tiny_llama_dir(tmp_path, tiny_llama):
     return out
 
 
+@pytest.fixture()
+def tiny_policy_dir(tmp_path):
+    """The tiny LLaMA with a head of larger weights: at the default init its logits are near uniform
+    (log p ~ -log 512 everywhere) and no adapter can move them in a few steps."""
+    import torch
+
+    from protege.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1)
+    model.lm_head.weight.data.normal_(0.0, 0.3)
+    out = tmp_path / "policy"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def builtin_model(alias: str) -> str:
     """Skip unless the built-in alias was pulled (CI pulls them before the tests; see .ci/run)."""
     from protege.models import is_pulled

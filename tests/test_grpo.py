@@ -11,21 +11,6 @@ import torch
 from protege.train.grpo import GRPOConfig, grpo_objective, run
 
 
-@pytest.fixture()
-def policy_dir(tmp_path):
-    """The tiny LLaMA with a head of larger weights: at the default init its logits are near uniform
-    (log p ~ -log 512 everywhere) and no adapter can move them in a few steps."""
-    from protege.models import tiny_model
-
-    model, tok = tiny_model("llama", seed=0)
-    torch.manual_seed(1)
-    model.lm_head.weight.data.normal_(0.0, 0.3)
-    out = tmp_path / "policy"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _prompts(path, n=24):
     with path.open("w") as fh:
         for i in range(n):
@@ -65,13 +50,13 @@ def test_grpo_objective_by_hand():
     assert loss2.item() == pytest.approx(0.5 * k3.item() / 2)
 
 
-def test_grpo_trains_on_a_rule_reward(tmp_path, policy_dir):
+def test_grpo_trains_on_a_rule_reward(tmp_path, tiny_policy_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
-    cfg = _config(tmp_path, policy_dir)
+    cfg = _config(tmp_path, tiny_policy_dir)
     summary = run(cfg)
     out = tmp_path / "grpo"
     rows = [r for r in _rows(out / "metrics.jsonl") if "reward" in r]
@@ -86,8 +71,8 @@ def test_grpo_trains_on_a_rule_reward(tmp_path, policy_dir):
     assert summary["rollouts"] == 12 * 16 and summary["reused"] == 0
     assert len(list((out / "rollouts").glob("mb-*.json"))) == 12
     # LoRA matrices moved; the base weights did not
-    base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir), str(out / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), str(out / "adapter"))
     lora_b = {k: v for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items() if "lora_B" in k}
     assert lora_b and any(v.abs().max() > 0 for v in lora_b.values())
     for name, p in trained.get_base_model().named_parameters():
@@ -95,15 +80,15 @@ def test_grpo_trains_on_a_rule_reward(tmp_path, policy_dir):
             assert torch.equal(p, dict(base.named_parameters())[name.replace(".base_layer", "")])
 
 
-def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, policy_dir):
+def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny_policy_dir):
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
     for d in "abc":
         (tmp_path / d).mkdir()
-    whole = _config(tmp_path / "a", policy_dir, max_steps=4, eval_every=0, save_every=2)
+    whole = _config(tmp_path / "a", tiny_policy_dir, max_steps=4, eval_every=0, save_every=2)
     run(whole)
-    cut = _config(tmp_path / "b", policy_dir, max_steps=4, eval_every=0, save_every=2)
+    cut = _config(tmp_path / "b", tiny_policy_dir, max_steps=4, eval_every=0, save_every=2)
     assert run(cut, stop_after_steps=2)["stopped_at_step"] == 2
     # a kill mid-step 3: its rollouts were written before the loss, the checkpoint is still step 2
     resumed = run(cut)
@@ -113,7 +98,7 @@ def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, poli
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     # kill after step 3's rollouts but before its update: the rerun decodes nothing again for step 3
-    third = _config(tmp_path / "c", policy_dir, max_steps=4, eval_every=0, save_every=2)
+    third = _config(tmp_path / "c", tiny_policy_dir, max_steps=4, eval_every=0, save_every=2)
     run(third, stop_after_steps=2)
     import shutil
 

@@ -48,6 +48,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                           "reward model on preference pairs (scalar head, margin ranking loss; LoRA or full)"),
     "train.dpo": StageKind("protege.train.dpo:DPOConfig:run",
                            "Direct Preference Optimization on preference pairs (reference = adapters off; cached)"),
+    "train.rs": StageKind("protege.train.rs:RSConfig:run",
+                          "rejection sampling (LLaMA-2): sample k answers per prompt, keep the reward's best, SFT on them"),
     "train.grpo": StageKind("protege.train.grpo:GRPOConfig:run",
                             "GRPO: sample G answers per prompt, reward them (rule or RM), group-relative advantages"),
     "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),

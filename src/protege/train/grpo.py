@@ -32,9 +32,8 @@ from ..manifest import write_manifest
 from .dpo import PolicyLogprobs
 from .fit import LossOutput, fit, pad_id, start_run
 from .model import prepare_model, save_model
-from .rewards import load_prompt_items, make_reward
-from .rl import (OverOptimisationWatch, RLSettings, RolloutCache, reference_off, rollout_batch, sample_rollouts,
-                 score_rollouts, token_kl)
+from .rl import (OverOptimisationWatch, RLSettings, RolloutCache, make_rewards, policy_eval, reference_off,
+                 rollout_batch, sample_rollouts, score_rollouts, split_prompts)
 from .rl_losses import clipped_policy_loss, group_advantages, kl_per_token
 from .settings import fingerprint
 
@@ -100,22 +99,8 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         raise StageError("grpo: the reference is the policy with its adapters disabled; use method: lora")
     ctx = start_run("grpo", config)
     accelerator, main, out_dir, log = ctx.accelerator, ctx.main, ctx.out_dir, ctx.log
-    items = load_prompt_items(config.prompts)
-    if config.eval_prompts:
-        held = load_prompt_items(config.eval_prompts, config.eval_max_examples)
-    else:
-        rng = random.Random(config.seed)
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        k = min(config.eval_max_examples, int(round(len(items) * config.eval_fraction)))
-        held, items = [items[i] for i in order[:k]], [items[i] for i in sorted(order[k:])]
-    if not items:
-        raise StageError(f"grpo: no training prompts left in {config.prompts} after holding out {len(held)}")
-    proxy = make_reward(config.reward)
-    gold_cfg = config.gold or (config.reward if config.reward.kind == "rule" else None)
-    gold = make_reward(gold_cfg) if gold_cfg is not config.reward and gold_cfg is not None else proxy
-    if gold_cfg is None:
-        log("no gold scorer given (gold:): the over-optimisation watch compares the proxy with itself")
+    items, held = split_prompts(config, "grpo")
+    proxy, gold, gold_cfg = make_rewards(config, log)
 
     model, tok = load(config.model, device="cpu")
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
@@ -137,8 +122,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     cache = RolloutCache(out_dir / "rollouts")
     data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
-        f"prompts x {config.group_size} answers; reward {config.reward.describe()}, gold "
-        f"{(gold_cfg or config.reward).describe()}")
+        f"prompts x {config.group_size} answers; reward {config.reward.describe()}, gold {gold_cfg.describe()}")
     stats = {"rollouts": 0, "reused": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
 
     def logps(m: Any, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
@@ -176,20 +160,10 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
                                     "flat_groups": solved})
 
     def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
-        """Held-out: greedy answers scored by proxy and gold; one sampled answer per prompt for KL."""
         index, prompt_idx = mb
-        greedy = sample_rollouts(engine, chat, held, prompt_idx, 1, config.max_new_tokens, 0.0, 1.0,
-                                 config.seed, index, max_prompt)
-        sampled = sample_rollouts(engine, chat, held, prompt_idx, 1, config.max_new_tokens, config.temperature,
-                                  config.top_p, config.seed, index, max_prompt)
-        batch = rollout_batch(sampled, pad, accelerator.device)
-        kl = token_kl(logps(m, batch, False), logps(m, batch, True), batch["score_seq"], len(sampled))
-        p = sum(score_rollouts(proxy, held, greedy))
-        g = sum(score_rollouts(gold, held, greedy))
-        stops = sum(r.finish_reason == "stop" for r in greedy)
-        return LossOutput(torch.zeros(()), len(prompt_idx),
-                          {"proxy": p, "gold": g, "kl": float(kl.sum()), "stop_rate": float(stops),
-                           "answer_tokens": float(sum(len(r.answer_ids) for r in greedy))})
+        sums = policy_eval(engine, chat, held, prompt_idx, proxy, gold, lambda b, ref: logps(m, b, ref), config,
+                           index, pad, accelerator.device)
+        return LossOutput(torch.zeros(()), len(prompt_idx), sums)
 
     def loss_fn(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
         return train_loss(m, mb) if m.training else eval_loss(m, mb)

@@ -37,7 +37,7 @@ from .rewards import PromptItem, Reward, RewardConfig
 from .settings import LoraSettings, TrainSettings
 
 __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
-           "OverOptimisationWatch", "sample_seed"]
+           "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl"]
 
 
 class RLSettings(TrainSettings):
@@ -216,3 +216,54 @@ class OverOptimisationWatch:
 def score_rollouts(reward: Reward, items: list[PromptItem], rollouts: list[Rollout]) -> list[float]:
     return reward([items[r.prompt_index] for r in rollouts], [r.text for r in rollouts],
                   [len(r.answer_ids) for r in rollouts], [r.finish_reason for r in rollouts])
+
+
+def split_prompts(config: RLSettings, method: str) -> tuple[list[PromptItem], list[PromptItem]]:
+    """(training prompts, held-out prompts): `eval_prompts`, else a seeded `eval_fraction` of `prompts`."""
+    import random
+
+    from ..errors import StageError
+    from .rewards import load_prompt_items
+
+    items = load_prompt_items(config.prompts)
+    if config.eval_prompts:
+        return items, load_prompt_items(config.eval_prompts, config.eval_max_examples)
+    order = list(range(len(items)))
+    random.Random(config.seed).shuffle(order)
+    k = min(config.eval_max_examples, int(round(len(items) * config.eval_fraction)))
+    held, train = [items[i] for i in order[:k]], [items[i] for i in sorted(order[k:])]
+    if not train:
+        raise StageError(f"{method}: no training prompts left in {config.prompts} after holding out {len(held)}")
+    return train, held
+
+
+@torch.no_grad()
+def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[int], proxy: Reward, gold: Reward,
+                logps: Callable[[dict[str, torch.Tensor], bool], torch.Tensor], config: RLSettings, key: int,
+                pad: int, device: Any) -> dict[str, float]:
+    """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
+    tokens, and KL(policy || reference) summed per answer (k1) over one sampled answer per prompt.
+    `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""
+    max_prompt = max(1, config.max_length - config.max_new_tokens)
+    greedy = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, 0.0, 1.0, config.seed, key,
+                             max_prompt)
+    sampled = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, config.temperature,
+                              config.top_p, config.seed, key, max_prompt)
+    batch = rollout_batch(sampled, pad, device)
+    kl = token_kl(logps(batch, False), logps(batch, True), batch["score_seq"], len(sampled))
+    return {"proxy": sum(score_rollouts(proxy, held, greedy)), "gold": sum(score_rollouts(gold, held, greedy)),
+            "kl": float(kl.sum()), "stop_rate": float(sum(r.finish_reason == "stop" for r in greedy)),
+            "answer_tokens": float(sum(len(r.answer_ids) for r in greedy))}
+
+
+def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward, Reward, RewardConfig]:
+    """(proxy, gold, the gold's config): gold defaults to the reward itself when it is a rule (then it
+    measures success); with a reward model and no gold the watch compares the proxy with itself."""
+    from .rewards import make_reward
+
+    proxy = make_reward(config.reward)
+    if config.gold is not None:
+        return proxy, make_reward(config.gold), config.gold
+    if config.reward.kind != "rule":
+        log("no gold scorer given (gold:): the over-optimisation watch compares the proxy with itself")
+    return proxy, proxy, config.reward
