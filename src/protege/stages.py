@@ -50,6 +50,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                            "Direct Preference Optimization on preference pairs (reference = adapters off; cached)"),
     "train.rs": StageKind("protege.train.rs:RSConfig:run",
                           "rejection sampling (LLaMA-2): sample k answers per prompt, keep the reward's best, SFT on them"),
+    "train.ppo": StageKind("protege.train.ppo:PPOConfig:run",
+                           "PPO with a value head and a per-token KL penalty to the reference (adapters off), GAE"),
     "train.grpo": StageKind("protege.train.grpo:GRPOConfig:run",
                             "GRPO: sample G answers per prompt, reward them (rule or RM), group-relative advantages"),
     "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),

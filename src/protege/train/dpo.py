@@ -69,15 +69,22 @@ class PolicyLogprobs(torch.nn.Module):
     def token_logps(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     score_index: torch.Tensor, score_target: torch.Tensor) -> torch.Tensor:
         """log p of each scored token (N,): what per-token losses (PPO, GRPO) and their KL need."""
+        return self.head_logps(self.scored_hidden(input_ids, position_ids, attention_mask, score_index), score_target)
+
+    def scored_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      score_index: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (N, H) of the positions that predict the scored tokens (PPO's value head reads them)."""
         parts = self._parts
         emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
         hidden = parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
                                position_ids=position_ids,
                                attention_mask=additive_mask(attention_mask, self._dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
-        weight, override = head_rows(parts.head)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # (N_scored, H)
-        return token_logprobs(h, weight, score_target, parts.softcap, self.logits_chunk, override)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)  # (N_scored, H)
+
+    def head_logps(self, hidden: torch.Tensor, score_target: torch.Tensor) -> torch.Tensor:
+        weight, override = head_rows(self._parts.head)
+        return token_logprobs(hidden, weight, score_target, self._parts.softcap, self.logits_chunk, override)
 
     def _dtype(self) -> torch.dtype:
         return head_rows(self._parts.head)[0].dtype

@@ -1,0 +1,294 @@
+"""Proximal Policy Optimization with a KL penalty (InstructGPT, LLaMA-2-Chat): `protege train ppo`.
+
+Per rollout batch (`rollout_prompts` prompts, one sampled answer each, from the policy's own weights
+through protege's engine): the reward scores each answer; per answer token, the policy's and the
+reference's (adapters off) log-probs and the value head's estimate are recorded; the reward is
+`score` at the last token minus `beta` * KL per token (k1 or k3, `rl_losses.kl_shaped_rewards`);
+GAE (gamma, lambda) gives advantages and returns; advantages are whitened over the batch. Then
+`ppo_epochs` passes over the batch in `minibatches` minibatches, one optimizer step each: PPO's
+clipped surrogate plus `vf_coef` * the clipped value loss. With `target_kl`, beta adapts after each
+batch (Ziegler et al. 2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon.
+
+The value head is a linear layer on the policy's final hidden states (detached unless
+`value_trunk_grad`: the value loss then also trains the LoRA adapters). It is saved beside the
+adapter as `value_head.safetensors` and lives in every checkpoint.
+
+It runs on `fit`: the plan is (batch, epoch, minibatch) triples, each one optimizer step. A batch's
+rollouts *and* the statistics computed from them before its first update (old log-probs, values,
+advantages, returns, the beta used) are cached on disk as one file, so a killed run resumes from its
+checkpoint with exactly the PPO targets it had, and a rerun with the same seed reaches the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from ..config import save_config
+from ..errors import StageError
+from ..manifest import write_manifest
+from .dpo import PolicyLogprobs
+from .fit import LossOutput, fit, pad_id, start_run
+from .model import prepare_model, save_model
+from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
+                 rollout_batch, sample_rollouts, score_rollouts, split_prompts)
+from .rl_losses import clipped_policy_loss, clipped_value_loss, gae, kl_per_token, kl_shaped_rewards, whiten
+from .settings import fingerprint
+
+__all__ = ["PPOConfig", "run", "adaptive_beta", "PPOModule"]
+
+
+class PPOConfig(RLSettings):
+    out_dir: str = Field("runs/ppo", description="where the adapter, value head, best-by-gold model, rollouts and metrics go")
+    beta: float = Field(0.01, ge=0.0, description="KL penalty per token (LLaMA-2-Chat: 0.01 for 7B/13B, 0.005 for 34B/70B)")
+    kl_estimator: str = Field("k1", pattern="^(k1|k3)$", description="per-token KL in the reward: k1 (logp - ref) or k3")
+    target_kl: float | None = Field(None, gt=0.0, description="adaptive KL: nats per answer beta steers towards (None: fixed beta)")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive KL horizon (answers)")
+    rollout_prompts: int = Field(16, ge=1, description="prompts (one answer each) per rollout batch")
+    minibatches: int = Field(2, ge=1, description="minibatches per pass over a rollout batch (one optimizer step each)")
+    ppo_epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    clip: float = Field(0.2, gt=0.0, description="policy ratio clip epsilon")
+    value_clip: float | None = Field(0.2, gt=0.0, description="value clip around the old values (None: off)")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss")
+    whiten_advantages: bool = Field(True, description="advantages to mean 0, std 1 over the rollout batch")
+    value_trunk_grad: bool = Field(False, description="the value loss also trains the policy's adapters")
+    batches: int | None = Field(None, ge=1, description="rollout batches (default: epochs over the prompts)")
+
+
+def adaptive_beta(beta: float, kl: float, target: float, n: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: beta grows when KL runs above target, shrinks below."""
+    error = max(-0.2, min(0.2, kl / target - 1.0))
+    return beta * (1.0 + error * n / horizon)
+
+
+class PPOModule(PolicyLogprobs):
+    """Rollout batch -> (log p of each answer token (N,), value at each answer token's state (N,))."""
+
+    def __init__(self, model: torch.nn.Module, value_head: torch.nn.Linear, logits_chunk: int, trunk_grad: bool):
+        super().__init__(model, logits_chunk)
+        self.value_head = value_head
+        self.trunk_grad = trunk_grad
+
+    def forward(self, input_ids, position_ids, score_index, score_target):  # type: ignore[override]
+        h = self.scored_hidden(input_ids, position_ids, None, score_index)
+        values = self.value_head(h if self.trunk_grad else h.detach()).squeeze(-1).float()
+        return self.head_logps(h, score_target), values
+
+
+def _padded(values: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values (N,) of `n` answers (tokens in order within each) -> (n, T) and mask."""
+    counts = torch.bincount(seq, minlength=n)
+    T = int(counts.max()) if n else 0
+    out = torch.zeros(n, max(T, 1), dtype=values.dtype, device=values.device)
+    mask = torch.zeros_like(out)
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(len(seq), device=seq.device) - starts[seq]
+    out[seq, col] = values
+    mask[seq, col] = 1.0
+    return out, mask
+
+
+def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train with PPO; returns summary counts (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from ..chat import ChatFormat
+    from ..engine import Engine
+    from ..models import load
+
+    t_start = time.time()
+    if config.method != "lora":
+        raise StageError("ppo: the reference is the policy with its adapters disabled; use method: lora")
+    if config.rollout_prompts < config.minibatches:
+        raise StageError(f"ppo: rollout_prompts ({config.rollout_prompts}) must be >= minibatches ({config.minibatches})")
+    ctx = start_run("ppo", config)
+    accelerator, main, out_dir, log = ctx.accelerator, ctx.main, ctx.out_dir, ctx.log
+    items, held = split_prompts(config, "ppo")
+    proxy, gold, gold_cfg = make_rewards(config, log)
+
+    model, tok = load(config.model, device="cpu")
+    chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
+    pad = pad_id(tok)
+    model = prepare_model(config, model, chat)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    torch.manual_seed(config.seed)
+    model.value_head = torch.nn.Linear(hidden, 1)  # a submodule: trained, checkpointed and restored by fit
+    torch.nn.init.zeros_(model.value_head.weight)
+    torch.nn.init.zeros_(model.value_head.bias)
+    model = model.to(accelerator.device)
+    model.train()
+    engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
+    module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad))
+    max_prompt = max(1, config.max_length - config.max_new_tokens)
+    if main:
+        save_config(config, out_dir)
+
+    n_batches = config.batches or max(1, -(-len(items) * config.epochs // config.rollout_prompts))
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    while len(order) < n_batches * config.rollout_prompts:
+        epoch = list(range(len(items)))
+        rng.shuffle(epoch)
+        order += epoch
+    batch_prompts = [order[b * config.rollout_prompts:(b + 1) * config.rollout_prompts] for b in range(n_batches)]
+    per_mb = -(-config.rollout_prompts // config.minibatches)
+    plan = [(b, e, m) for b in range(n_batches) for e in range(config.ppo_epochs) for m in range(config.minibatches)]
+    if config.grad_accum != 1 or ctx.world != 1:
+        raise StageError("ppo: one minibatch is one optimizer step here; use grad_accum: 1 on one process")
+    config_steps = len(plan) if config.max_steps is None else config.max_steps
+    if config.max_steps is not None and config.max_steps > len(plan):
+        raise StageError(f"ppo: max_steps {config.max_steps} exceeds the plan's {len(plan)} minibatch steps; "
+                         "raise batches or epochs instead")
+    cache = RolloutCache(out_dir / "rollouts")
+    eval_batches = [(-1 - s, list(range(s, min(s + config.rollout_prompts, len(held)))))
+                    for s in range(0, len(held), config.rollout_prompts)]
+    data_hash = hashlib.sha256(json.dumps([batch_prompts, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
+    log(f"{len(items)} training prompts, {len(held)} held out; {n_batches} rollout batches of {config.rollout_prompts} "
+        f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps; reward "
+        f"{config.reward.describe()}, gold {gold_cfg.describe()}, beta {config.beta}")
+    stats = {"rollouts": 0, "reused_batches": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
+    targets: dict[int, dict[str, Any]] = {}  # batch -> rollouts + PPO targets (in memory and on disk)
+
+    def forward(m: Any, b: dict[str, torch.Tensor], reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (b["input_ids"], b["position_ids"], b["score_index"], b["score_target"])
+        if not reference:
+            return m(*args)
+        with torch.no_grad(), reference_off(model):
+            return accelerator.unwrap_model(m)(*args)
+
+    def batch_targets(m: Any, b: int) -> dict[str, Any]:
+        """The rollouts of batch b and everything PPO fixes before its first update (cached)."""
+        if b in targets:
+            return targets[b]
+        path = cache.root / f"targets-{b:06d}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            stats["reused_batches"] += 1
+        else:
+            prev = targets.get(b - 1) or (json.loads((cache.root / f"targets-{b - 1:06d}.json").read_text())
+                                          if b > 0 and (cache.root / f"targets-{b - 1:06d}.json").exists() else None)
+            beta = config.beta
+            if prev is not None and config.target_kl:
+                beta = adaptive_beta(prev["beta"], prev["kl_mean"], config.target_kl, config.rollout_prompts,
+                                     config.kl_horizon)
+            t0 = time.perf_counter()
+            ro = sample_rollouts(engine, chat, items, batch_prompts[b], 1, config.max_new_tokens, config.temperature,
+                                 config.top_p, config.seed, b, max_prompt)
+            for r, s in zip(ro, score_rollouts(proxy, items, ro)):
+                r.reward = s
+            stats["rollout_seconds"] += time.perf_counter() - t0
+            stats["rollout_tokens"] += sum(len(r.answer_ids) for r in ro)
+            batch = rollout_batch(ro, pad, accelerator.device)
+            with torch.no_grad():
+                lp, values = forward(m, batch)
+                ref_lp, _ = forward(m, batch, reference=True)
+            n, seq = len(ro), batch["score_seq"]
+            kl_tok = kl_per_token(lp, ref_lp, config.kl_estimator)
+            kl2, mask = _padded(kl_tok, seq, n)
+            v2, _ = _padded(values, seq, n)
+            scores = torch.tensor([r.reward for r in ro], device=accelerator.device)
+            rewards = kl_shaped_rewards(scores, kl2, mask, beta)
+            adv, ret = gae(rewards, v2, mask, config.gamma, config.lam)
+            if config.whiten_advantages:
+                adv = whiten(adv, mask)
+            flat = mask.bool()
+            data = {"rollouts": [r.__dict__ for r in ro], "old_logp": lp.tolist(), "old_values": values.tolist(),
+                    "advantages": adv[flat].tolist(), "returns": ret[flat].tolist(), "beta": beta,
+                    "kl_mean": float((kl_tok.new_zeros(n).index_add(0, seq, lp - ref_lp)).mean()),
+                    "score_mean": float(scores.mean())}
+            if main:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(data))
+                tmp.replace(path)
+        targets.clear()  # keep only this batch (and its successor's lookup of it)
+        targets[b] = data
+        return data
+
+    def train_loss(m: Any, mb: tuple[int, int, int]) -> LossOutput:
+        b, _, part = mb
+        data = batch_targets(m, b)
+        ro = [Rollout(**r) for r in data["rollouts"]]
+        stats["rollouts"] += len(ro) if part == 0 and mb[1] == 0 else 0
+        # token offsets of each answer in the flat per-token lists
+        starts, at = [], 0
+        for r in ro:
+            starts.append(at)
+            at += len(r.answer_ids)
+        pick = list(range(part * per_mb, min((part + 1) * per_mb, len(ro))))
+        sub = [ro[i] for i in pick]
+        tok_idx = [t for i in pick for t in range(starts[i], starts[i] + len(ro[i].answer_ids))]
+        dev = accelerator.device
+        take = lambda key: torch.tensor([data[key][t] for t in tok_idx], device=dev)  # noqa: E731
+        batch = rollout_batch(sub, pad, dev)
+        lp, values = forward(m, batch)
+        ones = torch.ones_like(lp)
+        pg, clip_frac = clipped_policy_loss(lp, take("old_logp"), take("advantages"), ones, config.clip)
+        vf = clipped_value_loss(values, take("old_values"), take("returns"), ones, config.value_clip)
+        n_tok = float(len(tok_idx))
+        return LossOutput(pg + config.vf_coef * vf, n_tok,
+                          {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clip_frac": clip_frac * n_tok,
+                           "reward": data["score_mean"] * n_tok, "kl": data["kl_mean"] * n_tok,
+                           "beta": data["beta"] * n_tok})
+
+    def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
+        index, prompt_idx = mb
+        sums = policy_eval(engine, chat, held, prompt_idx, proxy, gold,
+                           lambda b, ref: forward(m, b, ref)[0], config, index, pad, accelerator.device)
+        return LossOutput(torch.zeros(()), len(prompt_idx), sums)
+
+    def loss_fn(m: Any, mb: Any) -> LossOutput:
+        return train_loss(m, mb) if m.training else eval_loss(m, mb)
+
+    def save_policy(path: Any) -> None:
+        if main:
+            model.save_pretrained(str(path))
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+                      str(path / "value_head.safetensors"))
+            chat.apply_to(tok)
+            tok.save_pretrained(str(path))
+
+    watch = OverOptimisationWatch(out_dir, save_policy, log)
+
+    def on_eval(step: int, results: dict[str, float]) -> None:
+        watch.record(step, results["eval_proxy"], results["eval_gold"], results["eval_kl"])
+        log(f"eval at step {step}: proxy {results['eval_proxy']:.3f}, gold {results['eval_gold']:.3f}, "
+            f"KL {results['eval_kl']:.2f} nats/answer")
+
+    if held and not watch.history:
+        from .fit import evaluate
+
+        start = evaluate(module, eval_batches, loss_fn, accelerator)
+        if start is not None:
+            on_eval(0, start)
+    result = fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
+                 micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb, fingerprint=fingerprint(config),
+                 data_hash=data_hash, unit="answer_tokens", eval_batches=eval_batches,
+                 stop_after_steps=stop_after_steps, on_eval=on_eval)
+    if result.stopped:
+        return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
+    figure = watch.figure() if main else None
+    summary = {"prompts": len(items), "held_out": len(held), "rollout_batches": n_batches, "steps": result.steps,
+               "resumed_from_step": result.start_step, "final_loss": result.loss, "train_metrics": result.metrics,
+               "eval": result.eval, "start": watch.history[0] if watch.history else None, "best": watch.best,
+               "warnings": [w["message"] for w in watch.warnings], **stats,
+               "rollout_tokens_per_s": round(stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9), 1),
+               "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb}
+    accelerator.wait_for_everyone()
+    if main:
+        value_head = model.value_head
+        del model.value_head  # not part of the policy's adapter or merged model
+        outputs = save_model(config, model, tok, chat, out_dir)
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  str(out_dir / "adapter" / "value_head.safetensors"))
+        outputs += [out_dir / "metrics.jsonl", watch.path] + ([figure] if figure else [])
+        write_manifest(out_dir, "ppo", config, inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
+                       outputs=outputs, counts=summary, seconds=time.time() - t_start)
+    return summary
