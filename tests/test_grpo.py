@@ -108,3 +108,38 @@ def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny
     c = load_file(str(tmp_path / "c" / "grpo" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], c[k], atol=1e-5), k
+
+
+def test_overoptimisation_watch_by_hand(tmp_path):
+    from protege.train.rl import OverOptimisationWatch
+
+    saved, logs = [], []
+    watch = OverOptimisationWatch(tmp_path, lambda p: saved.append(p), logs.append)
+    for step, proxy, gold in [(0, 0.1, 0.5), (1, 0.2, 0.6), (2, 0.3, 0.55), (3, 0.4, 0.5)]:
+        watch.record(step, proxy, gold, kl=float(step))
+    assert [w["step"] for w in watch.warnings] == [3] and "gold fell 0.600 -> 0.500" in watch.warnings[0]["message"]
+    assert watch.best["step"] == 1 and len(saved) == 2  # step 0, then the better step 1
+    # a resumed run that redoes step 3 replaces it instead of duplicating it
+    watch.record(3, 0.4, 0.7, kl=3.0)
+    assert [h["step"] for h in watch.history] == [0, 1, 2, 3] and watch.warnings == [] and watch.best["step"] == 3
+    assert OverOptimisationWatch(tmp_path, lambda p: None, print).history == watch.history  # persisted
+
+
+def test_a_length_rewarding_proxy_fires_the_warning_while_gold_falls(tmp_path, tiny_policy_dir):
+    """The deliberately flawed proxy rewards length; the gold rule wants short answers. GRPO climbs the
+    proxy, gold falls, and the run says so (and keeps the best model by gold)."""
+    torch.set_num_threads(1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say something {i}"}) + "\n" for i in range(48)))
+    cfg = GRPOConfig(model=str(tiny_policy_dir), prompts=str(prompts), out_dir=str(tmp_path / "o"),
+                     reward={"kind": "rule", "rule": "length", "length_chars": 24},
+                     gold={"kind": "rule", "rule": "format", "pattern": r"^.{0,10}$"},
+                     group_size=4, batch_size=4, max_new_tokens=4, max_steps=10, learning_rate=4e-3, eval_every=1,
+                     eval_fraction=0.34, tensorboard=False,
+                     lora={"r": 8, "alpha": 16, "dropout": 0.0, "trainable_tokens": "none"})
+    s = run(cfg)
+    hist = json.loads((tmp_path / "o" / "overoptimisation.json").read_text())["history"]
+    assert hist[-1]["proxy"] > hist[0]["proxy"] + 0.1 and hist[-1]["gold"] < hist[0]["gold"] - 0.3
+    assert s["warnings"] and "over-optimisation" in s["warnings"][0]
+    assert s["best"]["gold"] == max(h["gold"] for h in hist)
+    assert (tmp_path / "o" / "best" / "adapter_config.json").exists()
