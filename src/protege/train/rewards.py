@@ -4,6 +4,9 @@ A reward maps (prompt item, answer text, answer token count, finish reason) to a
 
 - `contains_gold`: 1 when the item's gold answer appears in the answer (numbers compared as
   numbers, so "1,200" and "1200.0" match "1200"; text as a whole-word, case-insensitive match).
+- `final_number`: 1 when the answer's *last* number equals the gold number (GSM8K-style grading;
+  stricter than `contains_gold`, which an answer listing many numbers can game -- a good gold scorer
+  for an RL run whose proxy is `contains_gold`).
 - `ends_within`: 1 when the answer ended its turn (a stop token, not the length limit) within
   `max_tokens` tokens.
 - `format`: 1 when the answer matches the regular expression `pattern` (Python `re.search`).
@@ -27,7 +30,8 @@ from pydantic import Field, model_validator
 from ..config import StageConfig
 from ..errors import StageError
 
-__all__ = ["PromptItem", "RewardConfig", "Reward", "make_reward", "load_prompt_items", "contains_gold"]
+__all__ = ["PromptItem", "RewardConfig", "Reward", "make_reward", "load_prompt_items", "contains_gold",
+           "final_number"]
 
 
 @dataclass
@@ -41,7 +45,7 @@ class PromptItem:
 class RewardConfig(StageConfig):
     kind: Literal["rule", "rm", "llama2"] = Field("rule", description="rule, a reward model (rm) or LLaMA-2's "
                                                   "helpful/safety combination (llama2)")
-    rule: Literal["contains_gold", "ends_within", "format", "length"] = Field(
+    rule: Literal["contains_gold", "final_number", "ends_within", "format", "length"] = Field(
         "contains_gold", description="kind: rule -- which verifiable rule")
     max_tokens: int = Field(64, ge=1, description="ends_within: the answer must stop within this many tokens")
     pattern: str | None = Field(None, description="format: regular expression the answer must match")
@@ -89,6 +93,12 @@ def contains_gold(answer: str, gold: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(gold.strip()) + r"(?!\w)", answer, flags=re.IGNORECASE) is not None
 
 
+def final_number(answer: str) -> float | None:
+    """The last number the answer states (None when it states none)."""
+    found = _NUMBER.findall(answer)
+    return _as_number(found[-1]) if found else None
+
+
 def make_reward(cfg: RewardConfig) -> Reward:
     """The reward function `cfg` declares (reward models are loaded once, here)."""
     if cfg.kind == "rule":
@@ -118,10 +128,11 @@ def _rule(cfg: RewardConfig) -> Reward:
     def reward(items: list[PromptItem], answers: list[str], n_tokens: list[int], finish: list[str]) -> list[float]:
         out = []
         for it, ans, n, fin in zip(items, answers, n_tokens, finish):
-            if cfg.rule == "contains_gold":
+            if cfg.rule in ("contains_gold", "final_number"):
                 if it.gold is None:
-                    raise StageError(f"reward rule contains_gold: prompt {it.id} has no gold answer")
-                out.append(float(contains_gold(ans, it.gold)))
+                    raise StageError(f"reward rule {cfg.rule}: prompt {it.id} has no gold answer")
+                out.append(float(contains_gold(ans, it.gold) if cfg.rule == "contains_gold"
+                                 else final_number(ans) == _as_number(it.gold)))
             elif cfg.rule == "ends_within":
                 out.append(float(fin == "stop" and n <= cfg.max_tokens))
             elif cfg.rule == "format":

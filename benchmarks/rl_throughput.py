@@ -1,0 +1,160 @@
+"""GRPO throughput on a CPU: protege `train grpo` vs TRL's GRPOTrainer, same model, prompts, reward, LoRA.
+
+    python benchmarks/rl_throughput.py [--prompts 32] [--group 4] [--new-tokens 64] [--only protege|trl]
+
+gemma-3-270m, the first `--prompts` items of protege's arithmetic set asked in chat format, G answers per
+prompt, at most `--new-tokens` new tokens, temperature 1, LoRA r=16 on every linear layer, beta 0 (TRL's
+default: no reference forward), one update per batch of rollouts, 8 prompts (32 answers) per step. The
+reward is the same Python function on both sides: 1 when the gold number is in the answer. Throughput is
+prompts per second over the whole training call (model load excluded on TRL's side, included on
+protege's, which loads inside `run`). Each side runs in its own subprocess. Also printed: protege's
+rollout tokens/s against a bare `Engine.generate` of the same prompts at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "gemma-3-270m"
+
+
+def prompts_file(workdir: Path, n: int) -> Path:
+    from protege.train.rewards import load_prompt_items
+
+    items = load_prompt_items("task:arithmetic", n)
+    path = workdir / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": it.id, "prompt": it.messages[0]["content"], "gold": it.gold}) + "\n"
+                            for it in items))
+    return path
+
+
+def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
+    from protege.train.grpo import GRPOConfig, run
+
+    n = sum(1 for _ in prompts.open())
+    config = GRPOConfig(model=MODEL, prompts=str(prompts), out_dir=str(workdir / "protege"), eval_fraction=0.0,
+                        group_size=group, batch_size=8, max_new_tokens=new_tokens, temperature=1.0, beta=0.0,
+                        learning_rate=1e-5, epochs=1, save_every=0, eval_every=0, tensorboard=False, resume="no",
+                        engine_batch=8 * group, lora={"r": 16, "alpha": 32, "dropout": 0.0,
+                                                      "target_modules": "all-linear", "trainable_tokens": "none"},
+                        reward={"kind": "rule", "rule": "contains_gold"})
+    t0 = time.time()
+    s = run(config)
+    seconds = time.time() - t0
+    return {"prompts": n, "seconds": seconds, "steps": s["steps"], "rollout_tokens": s["rollout_tokens"],
+            "rollout_seconds": s["rollout_seconds"], "rollout_tokens_per_s": s["rollout_tokens_per_s"],
+            "reward": s["train_metrics"].get("reward")}
+
+
+def run_bare_engine(prompts: Path, group: int, new_tokens: int) -> dict:
+    """The engine's own figure on the same prompts: one generate call per 8 prompts x G, as the rollouts do."""
+    from protege.chat import ChatFormat
+    from protege.engine import Engine
+    from protege.engine.sampling import SamplingParams
+    from protege.train.rewards import load_prompt_items
+
+    items = load_prompt_items(str(prompts))
+    engine = Engine.from_spec(MODEL, max_batch_size=8 * group)
+    chat = ChatFormat.from_tokenizer(engine.tokenizer)
+    t0, tokens = time.perf_counter(), 0
+    for s in range(0, len(items), 8):
+        ids = [chat.encode_prompt(it.messages) for it in items[s:s + 8] for _ in range(group)]
+        params = [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i) for i in range(len(ids))]
+        tokens += sum(len(c.token_ids) for c in engine.generate(ids, params))
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from protege.models import resolve
+    from protege.train.rewards import contains_gold
+
+    rows = [json.loads(line) for line in prompts.open()]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "gold": r["gold"]} for r in rows])
+    path = resolve(MODEL)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokens = {"n": 0}
+
+    def reward(completions, gold, **_):
+        out = []
+        for c, g in zip(completions, gold):
+            text = c[-1]["content"] if isinstance(c, list) else c
+            tokens["n"] += len(tok(text, add_special_tokens=False).input_ids)
+            out.append(float(contains_gold(text, g)))
+        return out
+
+    args = GRPOConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=8 * group, num_generations=group,
+                      max_completion_length=new_tokens, temperature=1.0, beta=0.0, learning_rate=1e-5,
+                      num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                      disable_dropout=True, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {"prompts": len(rows), "seconds": seconds, "steps": trainer.state.global_step,
+            "completion_tokens": tokens["n"], "reward": rewards[-1] if rewards else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--only", choices=["protege", "trl", "engine"], default=None)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    if args.only:
+        workdir = Path(args.workdir)
+        prompts = workdir / "prompts.jsonl"
+        fn = {"protege": run_protege, "trl": run_trl, "engine": run_bare_engine}[args.only]
+        out = fn(prompts, args.group, args.new_tokens) if args.only == "engine" else fn(workdir, prompts, args.group, args.new_tokens)
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="rl_throughput_"))
+    prompts_file(workdir, args.prompts)
+    results = {}
+    for side in ("engine", "protege", "trl"):
+        cmd = [sys.executable, __file__, "--only", side, "--workdir", str(workdir), "--group", str(args.group),
+               "--new-tokens", str(args.new_tokens)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            results[side] = None
+            continue
+        results[side] = json.loads(line[0][7:])
+        print(f"{side}: {json.dumps(results[side])}", flush=True)
+    p, t, e = results.get("protege"), results.get("trl"), results.get("engine")
+    if p:
+        print(f"protege: {p['prompts'] / p['seconds']:.3f} prompts/s ({p['seconds']:.1f} s, {p['steps']} steps), "
+              f"rollouts {p['rollout_tokens_per_s']:.1f} tok/s")
+    if e and p:
+        print(f"rollout tokens/s vs the bare engine at the same batch ({e['tokens_per_s']:.1f} tok/s): "
+              f"ratio {p['rollout_tokens_per_s'] / e['tokens_per_s']:.2f} (goal >= 1.0, i.e. not slower)")
+    if t:
+        print(f"TRL GRPOTrainer: {t['prompts'] / t['seconds']:.3f} prompts/s ({t['seconds']:.1f} s, {t['steps']} steps)")
+    if p and t:
+        print(f"speed ratio protege / TRL: {t['seconds'] / p['seconds']:.2f}x prompts/s (goal >= 4x)")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

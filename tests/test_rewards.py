@@ -1,0 +1,59 @@
+"""Rewards: verifiable rules by hand, prompt loading from files and built-in tasks, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protege.errors import StageError
+from protege.train.rewards import PromptItem, RewardConfig, contains_gold, final_number, load_prompt_items, make_reward
+
+
+def test_contains_gold_numbers_and_text():
+    assert contains_gold("The total is 1,200 apples.", "1200")
+    assert contains_gold("It is 12.0", "12") and not contains_gold("It is 120", "12")
+    assert contains_gold("The capital is paris.", "Paris") and not contains_gold("Parisian food", "Paris")
+    assert final_number("3 + 4 = 7, so 7.") == 7.0 and final_number("no numbers") is None
+
+
+def test_rules_by_hand():
+    items = [PromptItem("a", [{"role": "user", "content": "2+2?"}], "4")] * 3
+    answers, n_tok, fin = ["It is 4.", "1 2 3 4 5", "five"], [4, 9, 2], ["stop", "length", "stop"]
+    assert make_reward(RewardConfig(rule="contains_gold"))(items, answers, n_tok, fin) == [1.0, 1.0, 0.0]
+    assert make_reward(RewardConfig(rule="final_number"))(items, answers, n_tok, fin) == [1.0, 0.0, 0.0]
+    assert make_reward(RewardConfig(rule="ends_within", max_tokens=4))(items, answers, n_tok, fin) == [1.0, 0.0, 1.0]
+    assert make_reward(RewardConfig(rule="format", pattern=r"^\d"))(items, answers, n_tok, fin) == [0.0, 1.0, 0.0]
+    assert make_reward(RewardConfig(rule="length", length_chars=8))(items, answers, n_tok, fin) == [1.0, 1.0, 0.5]
+    with pytest.raises(StageError, match="no gold answer"):
+        make_reward(RewardConfig())([PromptItem("x", [])], ["a"], [1], ["stop"])
+
+
+def test_reward_config_errors_say_what_is_missing():
+    with pytest.raises(ValueError, match="needs `rm`"):
+        RewardConfig(kind="rm")
+    with pytest.raises(ValueError, match="safety_rm"):
+        RewardConfig(kind="llama2", rm="x")
+    with pytest.raises(ValueError, match="pattern"):
+        RewardConfig(rule="format")
+
+
+def test_load_prompt_items(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": "q1", "prompt": "hi", "gold": 3}) + "\n\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    items = load_prompt_items(str(f))
+    assert items[0].gold == "3" and items[0].messages == [{"role": "user", "content": "hi"}]
+    assert items[1].messages == [{"role": "user", "content": "a"}]  # the final answer is not part of the prompt
+    wk = load_prompt_items("task:world_knowledge", 2)
+    assert wk[0].gold == "Paris" and "France" in wk[0].messages[0]["content"]
+    assert load_prompt_items("task:arithmetic", 1)[0].gold == "8"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(StageError, match=r"bad.jsonl:2: a prompt record needs"):
+        load_prompt_items(str(bad))
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(StageError, match=r"bad.jsonl:2: not JSON"):
+        load_prompt_items(str(bad))
+    with pytest.raises(StageError, match="does not exist"):
+        load_prompt_items(str(tmp_path / "missing.jsonl"))
