@@ -79,6 +79,7 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from protege.chat import ChatFormat
     from protege.models import resolve
     from protege.train.rewards import contains_gold
 
@@ -86,6 +87,7 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "gold": r["gold"]} for r in rows])
     path = resolve(MODEL)
     tok = AutoTokenizer.from_pretrained(path)
+    ChatFormat.from_tokenizer(tok).apply_to(tok)  # the base model ships no template: give TRL the one protege uses
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens = {"n": 0}
 

@@ -143,3 +143,34 @@ def test_a_length_rewarding_proxy_fires_the_warning_while_gold_falls(tmp_path, t
     assert s["warnings"] and "over-optimisation" in s["warnings"][0]
     assert s["best"]["gold"] == max(h["gold"] for h in hist)
     assert (tmp_path / "o" / "best" / "adapter_config.json").exists()
+
+
+def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_policy_dir):
+    from protege.chat import ChatFormat
+    from protege.engine import Engine
+    from protege.models import load
+    from protege.train.model import prepare_model
+    from protege.train.rewards import PromptItem
+    from protege.train.rl import merged_adapters, reference_off, sample_rollouts
+    from protege.train.settings import TrainSettings
+
+    model, tok = load(str(tiny_policy_dir), device="cpu")
+    chat = ChatFormat.from_tokenizer(tok)
+    model = prepare_model(TrainSettings(lora={"r": 8, "trainable_tokens": "none"}), model, chat)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = Engine(model, tok, chat)
+    items = [PromptItem(str(i), [{"role": "user", "content": f"hello {i}"}]) for i in range(3)]
+    plain = sample_rollouts(engine, chat, items, [0, 1, 2], 2, 5, 1.0, 1.0, 0, 0, 64, merge=False)
+    merged = sample_rollouts(engine, chat, items, [0, 1, 2], 2, 5, 1.0, 1.0, 0, 0, 64, merge=True)
+    assert [r.answer_ids for r in plain] == [r.answer_ids for r in merged]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with reference_off(model), merged_adapters(model):  # disabled adapters are never merged in
+        ref = sample_rollouts(engine, chat, items, [0], 1, 5, 0.0, 1.0, 0, 0, 64, merge=True)
+    with reference_off(model):
+        ref2 = sample_rollouts(engine, chat, items, [0], 1, 5, 0.0, 1.0, 0, 0, 64)
+    assert ref[0].answer_ids == ref2[0].answer_ids

@@ -65,6 +65,8 @@ class RLSettings(TrainSettings):
     save_every: int = Field(5, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
     eval_max_examples: int = Field(64, ge=0, description="cap on held-out prompts")
     engine_batch: int = Field(32, ge=1, description="rollouts decoded together by the engine")
+    merge_for_rollouts: bool = Field(True, description="fold the LoRA adapters into the weights while decoding "
+                                     "rollouts (restored bit-exactly after; costs one copy of the adapted weights)")
 
 
 @dataclass
@@ -111,10 +113,35 @@ class RolloutCache:
         return len(list(self.root.glob("mb-*.json")))
 
 
+@contextlib.contextmanager
+def merged_adapters(model: Any, enabled: bool = True):
+    """Decode with the LoRA update folded into the weights, then put the exact weights back.
+
+    Unmerged, every adapted Linear runs two extra skinny matmuls per decoded token (gemma-3-270m,
+    all-linear r=16, batch 32: rollouts at 0.73x the bare engine's tokens/s). PEFT's `unmerge_adapter`
+    subtracts the update again, which is not bit-exact in floating point and would drift the frozen
+    weights a little every step, so the merged weights are overwritten with copies taken before.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer")] if enabled else []
+    if (not layers or not hasattr(model, "merge_adapter") or any(getattr(m, "merged", False) for m in layers)
+            or any(getattr(m, "disable_adapters", False) for m in layers)):  # the reference decodes as it is
+        yield
+        return
+    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
 @torch.no_grad()
 def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: list[int], samples: int,
                     max_new_tokens: int, temperature: float, top_p: float, seed: int, key: int,
-                    max_prompt: int) -> list[Rollout]:
+                    max_prompt: int, merge: bool = False) -> list[Rollout]:
     """`samples` answers per prompt (laid out prompt by prompt) from the engine's current weights."""
     from ..engine.sampling import SamplingParams
 
@@ -127,8 +154,9 @@ def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: li
                                          seed=sample_seed(seed, key, i, j)))
     was_training = engine.model.training
     engine.model.eval()
-    engine.refresh_weights()
-    done = engine.generate(prompts, params)
+    with merged_adapters(engine.model, merge):
+        engine.refresh_weights()
+        done = engine.generate(prompts, params)
     engine.model.train(was_training)
     out = []
     for n, (ids, c) in enumerate(zip(prompts, done)):
@@ -246,9 +274,9 @@ def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[in
     `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""
     max_prompt = max(1, config.max_length - config.max_new_tokens)
     greedy = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, 0.0, 1.0, config.seed, key,
-                             max_prompt)
+                             max_prompt, config.merge_for_rollouts)
     sampled = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, config.temperature,
-                              config.top_p, config.seed, key, max_prompt)
+                              config.top_p, config.seed, key, max_prompt, config.merge_for_rollouts)
     batch = rollout_batch(sampled, pad, device)
     kl = token_kl(logps(batch, False), logps(batch, True), batch["score_seq"], len(sampled))
     return {"proxy": sum(score_rollouts(proxy, held, greedy)), "gold": sum(score_rollouts(gold, held, greedy)),
