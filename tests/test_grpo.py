@@ -143,6 +143,15 @@ def test_a_length_rewarding_proxy_fires_the_warning_while_gold_falls(tmp_path, t
     assert s["warnings"] and "over-optimisation" in s["warnings"][0]
     assert s["best"]["gold"] == max(h["gold"] for h in hist)
     assert (tmp_path / "o" / "best" / "adapter_config.json").exists()
+    # the report shows the run: proxy and gold start -> end, the warning count, the sqrt(KL) figure
+    from protege.evaluate.report import ReportConfig
+    from protege.evaluate.report import run as report
+
+    out = report(ReportConfig(inputs=[str(tmp_path / "o")], output=str(tmp_path / "rep" / "report.html")))
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Reward optimisation" in page and "over-optimisation: gold fell" in page and "data:image/png" in page
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"| o | grpo | {hist[0]['proxy']:.3f} → {hist[-1]['proxy']:.3f}" in md and out["models"] == 0
 
 
 def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_policy_dir):

@@ -34,6 +34,7 @@ from ..errors import StageError
 from .answer import stop_counts
 from .headline import Estimate, StyleShift, headline
 from .intervals import paired_diff, paired_ratio_diff, stratified_ci
+from .rl_report import collect_rl, rl_markdown, rl_section
 from .style import style_measures
 
 __all__ = ["ReportConfig", "run", "collect", "model_table"]
@@ -68,6 +69,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     styles: dict[str, str] = {}  # model -> prompt style of its bench scores
     other: dict[str, dict[str, Any]] = {}  # model -> task -> metrics under the other prompt style
     likeness: dict[str, dict[str, Any]] = {}  # model -> teacher_nll.json
+    rl_files: list[Path] = []  # RS / PPO / GRPO over-optimisation histories
     for root in inputs:
         root_p = Path(root)
         if not root_p.exists():
@@ -97,6 +99,8 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             elif f.suffix in (".sqlite", ".db") and _is_arena(f):
                 human = _human(f)
                 order.extend(r["model"] for r in human["leaderboard"])
+            elif f.name == "overoptimisation.json":
+                rl_files.append(f)
             elif f.name == "answers.jsonl":
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
@@ -107,15 +111,17 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                     if like.exists():
                         likeness[name] = _read_json(like)
     models = list(dict.fromkeys(order))
-    if not models:
-        raise StageError(f"no results.json, judge_results.json, answers.jsonl or arena database under {', '.join(inputs)}")
+    rl = collect_rl(rl_files)
+    if not models and not rl:
+        raise StageError(f"no results.json, judge_results.json, answers.jsonl, arena database or RL run "
+                         f"(overoptimisation.json) under {', '.join(inputs)}")
     if human is not None:
         from ..arena.analysis import judge_agreement
 
         pairwise = [j["where"] for j in judges if j["mode"] == "pairwise"]
         human["agreement"] = judge_agreement(human["rows"], pairwise) if pairwise else None
     return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models, "human": human,
-            "styles": styles, "other_style": other, "likeness": likeness}
+            "styles": styles, "other_style": other, "likeness": likeness, "rl": rl}
 
 
 def _is_arena(path: Path) -> bool:
@@ -580,7 +586,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
             "<h2>Figures</h2>"]
     body += [f"<figure><img alt='figure' src='data:image/png;base64,{png}'><figcaption>{e(cap)}</figcaption></figure>"
              for cap, png in figs]
-    body += ["<h2>Judge</h2>", _judge_section(data["judges"]), "<h2>People (blind A/B votes)</h2>",
+    body += [rl_section(data["rl"]), "<h2>Judge</h2>", _judge_section(data["judges"]), "<h2>People (blind A/B votes)</h2>",
              _human_section(data.get("human")),
              "<h2 id=samples>Sample answers side by side</h2>", _samples(data, [r["model"] for r in t["rows"]], cfg.samples)]
     page = Template(TEMPLATE.read_text(encoding="utf-8")).safe_substitute(title=e(cfg.title), body="\n".join(body))
@@ -588,7 +594,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     md = out.with_name("report.md") if out.suffix == ".html" else out.with_suffix(".md")
-    text = _markdown(cfg, t, data["judges"])
+    text = _markdown(cfg, t, data["judges"]) + rl_markdown(data["rl"])
     if data.get("human"):
         h = data["human"]
         text += "\n## People (blind A/B votes)\n\n| model | rating | 95% interval | battles | win rate |\n|---|---|---|---|---|\n"
