@@ -119,3 +119,17 @@ def test_sample_stage_writes_the_rest_as_a_disjoint_held_out_split(tmp_path):
     assert rest == [r.id for r in pool if r.id not in set(held)]  # file order kept
     run_sample(SampleConfig(src=str(src), n=8, out_dir=str(tmp_path / "plain")))
     assert not (tmp_path / "plain" / "rest.jsonl").exists()  # only on request
+
+
+def test_trl_prompt_only_and_prompt_completion_records():
+    from protege.formats import convert_obj, detect_format
+
+    assert detect_format({"prompt": "hi"}) == "prompt"
+    rec = convert_obj({"id": "q1", "prompt": "What is 2+2?", "gold": "4"})
+    assert rec.messages == [{"role": "user", "content": "What is 2+2?"}] and rec.meta == {"gold": "4"}
+    rec = convert_obj({"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                       "completion": [{"role": "assistant", "content": "hello"}]})
+    assert [m["role"] for m in rec.messages] == ["system", "user", "assistant"]
+    assert detect_format({"prompt": "p", "chosen": "a", "rejected": "b"}) != "prompt"  # still a preference pair
+    with pytest.raises(Exception, match="expected text or a list of messages"):
+        convert_obj({"prompt": 3})

@@ -3,6 +3,7 @@
 - Alpaca:   {"instruction", "input", "output"}
 - ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
 - OpenAI:   {"messages": [{"role", "content"}]}
+- TRL prompt-only: {"prompt": "text"} or {"prompt": [{"role", "content"}, ...]} (optional `completion`)
 - preference sets (Anthropic HH, TRL, ShareGPT/LLaMA-Factory, UltraFeedback, WebGPT, summarize-from-feedback):
   see `preference_formats`
 - anything `datasets` can load (parquet, csv, arrow, a saved dataset folder), and a hub dataset only when
@@ -26,6 +27,7 @@ __all__ = [
     "from_sharegpt",
     "to_sharegpt",
     "from_openai",
+    "from_prompt",
     "to_openai",
     "detect_format",
     "convert_obj",
@@ -34,7 +36,7 @@ __all__ = [
     "to_trl",
 ]
 
-FORMATS = ("alpaca", "sharegpt", "openai", "protege", *PREFERENCE_FORMATS)
+FORMATS = ("alpaca", "sharegpt", "openai", "protege", "prompt", *PREFERENCE_FORMATS)
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
                    "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
@@ -90,6 +92,24 @@ def to_sharegpt(conv: Conversation) -> dict[str, Any]:
     return {"id": conv.id, "conversations": [{"from": _TO_SHAREGPT[m["role"]], "value": m["content"]} for m in conv.messages]}
 
 
+def from_prompt(obj: dict[str, Any], source: str = "prompt") -> Conversation:
+    """TRL's prompt-only / prompt-completion record: `prompt` (text or messages), optional `completion`."""
+    prompt = obj.get("prompt")
+    if isinstance(prompt, str):
+        messages: list[Any] = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = list(prompt)
+    else:
+        raise RecordError(f"`prompt`: expected text or a list of messages, got {type(prompt).__name__}")
+    completion = obj.get("completion")
+    if isinstance(completion, str):
+        messages.append({"role": "assistant", "content": completion})
+    elif isinstance(completion, list):
+        messages += completion
+    meta = {k: v for k, v in obj.items() if k not in ("prompt", "completion", "id")}
+    return Conversation(check_messages(messages), id=record_id(obj), source=source, meta=meta)
+
+
 def from_openai(obj: dict[str, Any], source: str = "openai") -> Conversation:
     if "messages" not in obj:
         raise RecordError("missing field `messages`")
@@ -140,8 +160,10 @@ def detect_format(obj: dict[str, Any]) -> str:
         return "alpaca"
     if "messages" in obj:
         return "protege" if ("source" in obj or "meta" in obj) else "openai"
+    if "prompt" in obj:
+        return "prompt"
     raise RecordError(f"cannot tell the format from keys {sorted(obj)[:8]}; expected messages, conversations, "
-                      "instruction/output, or a preference pair (chosen/rejected, completions, answer_0/answer_1)")
+                      "instruction/output, prompt (TRL prompt-only), or a preference pair (chosen/rejected, completions, answer_0/answer_1)")
 
 
 def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
@@ -156,6 +178,8 @@ def convert_obj(obj: Any, fmt: str = "auto", source: str = "") -> Record:
         return from_sharegpt(obj, source or "sharegpt")
     if fmt == "openai":
         return from_openai(obj, source or "openai")
+    if fmt == "prompt":
+        return from_prompt(obj, source or "prompt")
     if fmt in PREFERENCE_FORMATS:
         return convert_preference(obj, fmt, source)
     if fmt == "protege":

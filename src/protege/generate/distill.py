@@ -29,7 +29,7 @@ __all__ = ["DistillConfig", "answer_turn_by_turn", "load_prompts", "run"]
 
 class DistillConfig(StageConfig):
     prompts: str | None = Field(None, description="prompt records: .jsonl/.json (protege, Alpaca, ShareGPT, OpenAI), .parquet/.csv or a dataset")
-    prompts_format: str = Field("auto", description="format of `prompts`: auto, protege, alpaca, sharegpt, openai")
+    prompts_format: str = Field("auto", description="format of `prompts`: auto, protege, alpaca, sharegpt, openai, prompt (TRL prompt-only)")
     out_dir: str = Field("runs/distill", description="where records.jsonl, manifest.json and the teacher cache go")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="who answers")
     system_prompt: str | None = Field(None, description="system message added to prompts that have none")
