@@ -23,7 +23,6 @@ carry no contrast and are counted, not written. Every sample is kept in `samples
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from typing import Any, Literal
 
@@ -64,10 +63,6 @@ class PairsConfig(StageConfig):
     progress: bool = Field(True, description="show a progress bar")
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s.-]", " ", text.lower())).strip()
-
-
 def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str | None = None) -> bool:
     """Whether one sampled answer satisfies the labelling rule."""
     tokens = int(response.usage.get("completion_tokens", 0))
@@ -78,9 +73,9 @@ def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str
     if rule == "contains_gold":
         if gold is None:
             raise StageError("rule contains_gold needs a gold answer in every prompt record's meta")
-        g = _norm(str(gold))
-        # Whole-token match: gold "4" must not pass on "14" or "0.4".
-        return re.search(rf"(?<![\w.]){re.escape(g)}(?![\w]|\.\d)", _norm(response.text)) is not None
+        from ..train.rewards import contains_gold  # one definition for pair labels and RL rewards
+
+        return contains_gold(response.text, str(gold))
     raise StageError(f"unknown rule {rule!r}")
 
 
