@@ -190,8 +190,9 @@ def model_table(data: dict[str, Any], base: str | None, teacher: str | None) -> 
         teacher = max(set(opponents), key=opponents.count) if opponents else None
     if base is None:
         base = next((m for m in models if m != teacher), None)
+    # base == teacher when each round is judged against its starting model (the llama2-chat recipe)
     ordered = ([base] if base in models else []) + [m for m in models if m not in (base, teacher)] + \
-              ([teacher] if teacher in models else [])
+              ([teacher] if teacher in models and teacher != base else [])
     tasks = list(dict.fromkeys(t for m in ordered for t in bench.get(m, {})))
     rows = []
     for m in ordered:
