@@ -34,12 +34,11 @@ from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from .dpo import PolicyLogprobs
-from .fit import LossOutput, fit, pad_id, start_run
+from .fit import LossOutput, pad_id, start_run
 from .model import prepare_model, save_model
-from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
-                 rollout_batch, sample_rollouts, score_rollouts, split_prompts)
+from .rl import (RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off, rl_summary,
+                 rollout_batch, sample_rollouts, score_rollouts, split_prompts, watched_fit)
 from .rl_losses import clipped_policy_loss, clipped_value_loss, gae, kl_per_token, kl_shaped_rewards, whiten
-from .settings import fingerprint
 
 __all__ = ["PPOConfig", "run", "adaptive_beta", "PPOModule"]
 
@@ -256,32 +255,14 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
             chat.apply_to(tok)
             tok.save_pretrained(str(path))
 
-    watch = OverOptimisationWatch(out_dir, save_policy, log)
-
-    def on_eval(step: int, results: dict[str, float]) -> None:
-        watch.record(step, results["eval_proxy"], results["eval_gold"], results["eval_kl"])
-        log(f"eval at step {step}: proxy {results['eval_proxy']:.3f}, gold {results['eval_gold']:.3f}, "
-            f"KL {results['eval_kl']:.2f} nats/answer")
-
-    if held and not watch.history:
-        from .fit import evaluate
-
-        start = evaluate(module, eval_batches, loss_fn, accelerator)
-        if start is not None:
-            on_eval(0, start)
-    result = fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
-                 micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb, fingerprint=fingerprint(config),
-                 data_hash=data_hash, unit="answer_tokens", eval_batches=eval_batches,
-                 stop_after_steps=stop_after_steps, on_eval=on_eval)
+    result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
+                                log=log, micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb,
+                                data_hash=data_hash, unit="answer_tokens", eval_batches=eval_batches,
+                                save_best=save_policy, stop_after_steps=stop_after_steps)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
     figure = watch.figure() if main else None
-    summary = {"prompts": len(items), "held_out": len(held), "rollout_batches": n_batches, "steps": result.steps,
-               "resumed_from_step": result.start_step, "final_loss": result.loss, "train_metrics": result.metrics,
-               "eval": result.eval, "start": watch.history[0] if watch.history else None, "best": watch.best,
-               "warnings": [w["message"] for w in watch.warnings], **stats,
-               "rollout_tokens_per_s": round(stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9), 1),
-               "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb}
+    summary = rl_summary(result, watch, stats, prompts=len(items), held_out=len(held), rollout_batches=n_batches)
     accelerator.wait_for_everyone()
     if main:
         value_head = model.value_head

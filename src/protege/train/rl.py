@@ -37,7 +37,8 @@ from .rewards import PromptItem, Reward, RewardConfig
 from .settings import LoraSettings, TrainSettings
 
 __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
-           "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl"]
+           "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
+           "merged_adapters", "make_rewards", "watched_fit", "rl_summary"]
 
 
 class RLSettings(TrainSettings):
@@ -295,3 +296,39 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
     if config.reward.kind != "rule":
         log("no gold scorer given (gold:): the over-optimisation watch compares the proxy with itself")
     return proxy, proxy, config.reward
+
+
+def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Any, out_dir: Path,
+                log: Callable[[str], None], micro_batches: Any, loss_fn: Callable[[Any, Any], Any],
+                tokens_of: Callable[[Any], int], data_hash: str, unit: str, eval_batches: list[Any],
+                save_best: Callable[[Path], None], stop_after_steps: int | None) -> tuple[Any, OverOptimisationWatch]:
+    """`fit` with the over-optimisation watch on every held-out eval, the first one before step 1 (KL 0)."""
+    from .fit import evaluate, fit
+    from .settings import fingerprint
+
+    watch = OverOptimisationWatch(out_dir, save_best, log)
+
+    def on_eval(step: int, results: dict[str, float]) -> None:
+        watch.record(step, results["eval_proxy"], results["eval_gold"], results["eval_kl"])
+        log(f"eval at step {step}: proxy {results['eval_proxy']:.3f}, gold {results['eval_gold']:.3f}, "
+            f"KL {results['eval_kl']:.2f} nats/answer, stop rate {results['eval_stop_rate']:.2f}")
+
+    if eval_batches and not watch.history:  # the starting point anchors the over-optimisation curve
+        start = evaluate(module, eval_batches, loss_fn, accelerator)
+        if start is not None:
+            on_eval(0, start)
+    result = fit(name, config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
+                 micro_batches=micro_batches, loss_fn=loss_fn, tokens_of=tokens_of, fingerprint=fingerprint(config),
+                 data_hash=data_hash, unit=unit, eval_batches=eval_batches, stop_after_steps=stop_after_steps,
+                 on_eval=on_eval)
+    return result, watch
+
+
+def rl_summary(result: Any, watch: OverOptimisationWatch, stats: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The counts every RL method reports (its manifest and return value)."""
+    return {**extra, "steps": result.steps, "resumed_from_step": result.start_step, "final_loss": result.loss,
+            "train_metrics": result.metrics, "eval": result.eval,
+            "start": watch.history[0] if watch.history else None, "best": watch.best,
+            "warnings": [w["message"] for w in watch.warnings], **stats,
+            "rollout_tokens_per_s": round(stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9), 1),
+            "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb}
