@@ -57,3 +57,42 @@ def test_load_prompt_items(tmp_path):
         load_prompt_items(str(bad))
     with pytest.raises(StageError, match="does not exist"):
         load_prompt_items(str(tmp_path / "missing.jsonl"))
+
+
+def _tiny_rm(path, seed):
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from protege.models import tiny_tokenizer
+
+    tok = tiny_tokenizer("chatml")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 3.0)  # spread the scores so the safety threshold bites
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_and_llama2_combination(tmp_path):
+    import torch
+
+    from protege.chat import ChatFormat
+    from protege.train.rm import llama2_reward, load_reward_model, score
+
+    helpful, safety = _tiny_rm(tmp_path / "h", 0), _tiny_rm(tmp_path / "s", 1)
+    items = [PromptItem(str(i), [{"role": "user", "content": f"question {i}"}], meta={"unsafe": i == 0})
+             for i in range(6)]
+    answers = [f"answer number {i} " * (i + 1) for i in range(6)]
+    rm = make_reward(RewardConfig(kind="rm", rm=helpful))(items, answers, [1] * 6, ["stop"] * 6)
+    model, tok = load_reward_model(helpful)
+    assert rm == pytest.approx(score(model, ChatFormat.from_tokenizer(tok), [it.messages for it in items], answers))
+    combined = make_reward(RewardConfig(kind="llama2", rm=helpful, safety_rm=safety))(items, answers, [1] * 6, ["stop"] * 6)
+    s_model, s_tok = load_reward_model(safety)
+    s = score(s_model, ChatFormat.from_tokenizer(s_tok), [it.messages for it in items], answers)
+    want = llama2_reward(torch.tensor(rm), torch.tensor(s), torch.tensor([True] + [False] * 5)).tolist()
+    assert combined == pytest.approx(want)
+    assert combined[0] == pytest.approx(s[0])  # a prompt tagged unsafe is scored by the safety RM
