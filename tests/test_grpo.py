@@ -183,3 +183,16 @@ def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_po
     with reference_off(model):
         ref2 = sample_rollouts(engine, chat, items, [0], 1, 5, 0.0, 1.0, 0, 0, 64)
     assert ref[0].answer_ids == ref2[0].answer_ids
+
+
+def test_answers_with_zero_advantage_add_nothing_so_skipping_them_is_exact():
+    lp = torch.tensor([-1.0, -2.0, -0.5, -0.7, -0.1], requires_grad=True)
+    seq = torch.tensor([0, 0, 1, 2, 2])
+    adv = torch.tensor([1.0, 0.0, -1.0])  # answer 1 has advantage 0
+    full, _ = grpo_objective(lp, None, seq, adv, clip=0.2, beta=0.0)
+    full.backward()
+    kept_lp = lp.detach()[[0, 1, 3, 4]].clone().requires_grad_(True)
+    part, _ = grpo_objective(kept_lp, None, torch.tensor([0, 0, 1, 1]), adv[[0, 2]], clip=0.2, beta=0.0)
+    part.backward()
+    assert part.item() == pytest.approx(full.item())
+    assert kept_lp.grad.tolist() == pytest.approx(lp.grad[[0, 1, 3, 4]].tolist()) and lp.grad[2] == 0

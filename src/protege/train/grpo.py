@@ -150,13 +150,21 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         stats["rollouts"] += len(rollouts)
         rewards = torch.tensor([r.reward for r in rollouts], device=accelerator.device)
         adv = group_advantages(rewards, config.group_size, config.baseline, config.scale_rewards)
-        batch = rollout_batch(rollouts, pad, accelerator.device)
+        n = len(rollouts)
+        keep = list(range(n))
+        if config.beta == 0:
+            # An answer with advantage 0 (every answer of a group that all scored the same) adds exactly 0 to
+            # the loss and its gradient when there is no KL term: skip its forward and backward. The sum is
+            # unchanged and the normaliser still counts it, so the update is the same, minus the wasted work.
+            keep = [i for i in range(n) if adv[i] != 0] or [0]
+        sub = [rollouts[i] for i in keep]
+        batch = rollout_batch(sub, pad, accelerator.device)
         lp = logps(m, batch, reference=False)
         ref = logps(m, batch, reference=True) if config.beta > 0 else None
-        loss, kl = grpo_objective(lp, ref, batch["score_seq"], adv, config.clip, config.beta, config.kl_estimator)
-        n = len(rollouts)
+        loss, kl = grpo_objective(lp, ref, batch["score_seq"], adv[keep], config.clip, config.beta,
+                                  config.kl_estimator)
         solved = (rewards.reshape(-1, config.group_size).std(1) == 0).float().sum() * config.group_size
-        return LossOutput(loss, n, {"reward": rewards.sum(), "kl": kl.sum(), "answer_tokens": float(len(lp)),
+        return LossOutput(loss, n, {"reward": rewards.sum(), "kl": kl.sum(), "scored_answers": float(len(keep)),
                                     "flat_groups": solved})
 
     def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
