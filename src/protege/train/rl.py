@@ -155,8 +155,12 @@ def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: li
                                          seed=sample_seed(seed, key, i, j)))
     was_training = engine.model.training
     engine.model.eval()
+    head = engine.model.get_output_embeddings()
     with merged_adapters(engine.model, merge):
-        engine.refresh_weights()
+        # The engine screens greedy tokens with an int8 copy of the LM head; rebuilding it (262K rows for
+        # Gemma) is only needed when training can change the head (PEFT trainable-token rows).
+        if head is None or any(p.requires_grad for p in head.parameters()):
+            engine.refresh_weights()
         done = engine.generate(prompts, params)
     engine.model.train(was_training)
     out = []
