@@ -5,7 +5,9 @@
 gemma-3-270m, the first `--prompts` items of protege's arithmetic set asked in chat format, G answers per
 prompt, at most `--new-tokens` new tokens, temperature 1, LoRA r=16 on every linear layer, beta 0 (TRL's
 default: no reference forward), one update per batch of rollouts, 8 prompts (32 answers) per step. The
-reward is the same Python function on both sides: 1 when the gold number is in the answer. Throughput is
+reward is the same function on both sides, answer length (characters / 200, capped at 1): it varies within
+every group, so neither side can skip a flat group and both do the full training work (the base model
+never states the gold sum within 64 tokens, so a correctness reward would be 0 everywhere). Throughput is
 prompts per second over the whole training call (model load excluded on TRL's side, included on
 protege's, which loads inside `run`). Each side runs in its own subprocess. Also printed: protege's
 rollout tokens/s against a bare `Engine.generate` of the same prompts at the same batch size.
@@ -44,7 +46,7 @@ def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int) -> di
                         learning_rate=1e-5, epochs=1, save_every=0, eval_every=0, tensorboard=False, resume="no",
                         engine_batch=8 * group, lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                                       "target_modules": "all-linear", "trainable_tokens": "none"},
-                        reward={"kind": "rule", "rule": "contains_gold"})
+                        reward={"kind": "rule", "rule": "length", "length_chars": 200})
     t0 = time.time()
     s = run(config)
     seconds = time.time() - t0
@@ -81,7 +83,6 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
 
     from protege.chat import ChatFormat
     from protege.models import resolve
-    from protege.train.rewards import contains_gold
 
     rows = [json.loads(line) for line in prompts.open()]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "gold": r["gold"]} for r in rows])
@@ -96,7 +97,7 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
         for c, g in zip(completions, gold):
             text = c[-1]["content"] if isinstance(c, list) else c
             tokens["n"] += len(tok(text, add_special_tokens=False).input_ids)
-            out.append(float(contains_gold(text, g)))
+            out.append(min(len(text) / 200, 1.0))  # protege's `length` rule with length_chars 200
         return out
 
     args = GRPOConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=8 * group, num_generations=group,
