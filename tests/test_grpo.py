@@ -55,7 +55,6 @@ def test_grpo_trains_on_a_rule_reward(tmp_path, tiny_policy_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
     cfg = _config(tmp_path, tiny_policy_dir)
     summary = run(cfg)
     out = tmp_path / "grpo"
@@ -83,7 +82,6 @@ def test_grpo_trains_on_a_rule_reward(tmp_path, tiny_policy_dir):
 def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny_policy_dir):
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)
     for d in "abc":
         (tmp_path / d).mkdir()
     whole = _config(tmp_path / "a", tiny_policy_dir, max_steps=4, eval_every=0, save_every=2)
@@ -128,7 +126,6 @@ def test_overoptimisation_watch_by_hand(tmp_path):
 def test_a_length_rewarding_proxy_fires_the_warning_while_gold_falls(tmp_path, tiny_policy_dir):
     """The deliberately flawed proxy rewards length; the gold rule wants short answers. GRPO climbs the
     proxy, gold falls, and the run says so (and keeps the best model by gold)."""
-    torch.set_num_threads(1)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say something {i}"}) + "\n" for i in range(48)))
     cfg = GRPOConfig(model=str(tiny_policy_dir), prompts=str(prompts), out_dir=str(tmp_path / "o"),

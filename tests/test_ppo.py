@@ -42,7 +42,6 @@ def _rows(path):
 def test_ppo_trains_and_its_value_head_learns(tmp_path, tiny_policy_dir):
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)
     s = run(_cfg(tmp_path, tiny_policy_dir))
     out = tmp_path / "ppo"
     rows = [r for r in _rows(out / "metrics.jsonl") if "reward" in r]
@@ -58,7 +57,6 @@ def test_ppo_trains_and_its_value_head_learns(tmp_path, tiny_policy_dir):
 
 
 def test_ppo_value_head_learns_a_constant_reward(tmp_path, tiny_policy_dir):
-    torch.set_num_threads(1)
     run(_cfg(tmp_path, tiny_policy_dir, reward={"kind": "rule", "rule": "format", "pattern": "^"},  # always 1
              beta=0.0, learning_rate=5e-2, eval_every=0, batches=5))
     rows = [r for r in _rows(tmp_path / "ppo" / "metrics.jsonl") if "value_loss" in r]
@@ -69,7 +67,6 @@ def test_ppo_value_head_learns_a_constant_reward(tmp_path, tiny_policy_dir):
 def test_ppo_resume_reaches_the_same_weights(tmp_path, tiny_policy_dir):
     from safetensors.torch import load_file
 
-    torch.set_num_threads(1)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     run(_cfg(tmp_path / "a", tiny_policy_dir, batches=2, eval_every=0, save_every=2))
