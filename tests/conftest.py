@@ -67,6 +67,18 @@ def tiny_policy_dir(tmp_path):
     return out
 
 
+def assert_same_tensors(file_a, file_b, atol: float = 1e-5) -> None:
+    """Two safetensors files hold the same names and (within `atol`) the same values: a resumed run
+    ended where an uninterrupted one did."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(file_a)), load_file(str(file_b))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), k
+
+
 def builtin_model(alias: str) -> str:
     """Skip unless the built-in alias was pulled (CI pulls them before the tests; see .ci/run)."""
     from protege.models import is_pulled

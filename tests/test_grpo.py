@@ -4,6 +4,7 @@ rollouts are cached and a killed run resumes to the same weights."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_grpo_trains_on_a_rule_reward(tmp_path, tiny_policy_dir):
 
 
 def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny_policy_dir):
-    from safetensors.torch import load_file
+    from conftest import assert_same_tensors
 
     for d in "abc":
         (tmp_path / d).mkdir()
@@ -91,10 +92,8 @@ def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny
     # a kill mid-step 3: its rollouts were written before the loss, the checkpoint is still step 2
     resumed = run(cut)
     assert resumed["resumed_from_step"] == 2 and resumed["reused"] == 0
-    a = load_file(str(tmp_path / "a" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    adapter = Path("grpo") / "adapter" / "adapter_model.safetensors"
+    assert_same_tensors(tmp_path / "a" / adapter, tmp_path / "b" / adapter)
     # kill after step 3's rollouts but before its update: the rerun decodes nothing again for step 3
     third = _config(tmp_path / "c", tiny_policy_dir, max_steps=4, eval_every=0, save_every=2)
     run(third, stop_after_steps=2)
@@ -103,9 +102,7 @@ def test_grpo_resume_reuses_rollouts_and_reaches_the_same_weights(tmp_path, tiny
     shutil.copy(tmp_path / "b" / "grpo" / "rollouts" / "mb-000002.json", tmp_path / "c" / "grpo" / "rollouts")
     again = run(third)
     assert again["reused"] == 16
-    c = load_file(str(tmp_path / "c" / "grpo" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], c[k], atol=1e-5), k
+    assert_same_tensors(tmp_path / "a" / adapter, tmp_path / "c" / adapter)
 
 
 def test_overoptimisation_watch_by_hand(tmp_path):

@@ -65,7 +65,7 @@ def test_ppo_value_head_learns_a_constant_reward(tmp_path, tiny_policy_dir):
 
 
 def test_ppo_resume_reaches_the_same_weights(tmp_path, tiny_policy_dir):
-    from safetensors.torch import load_file
+    from conftest import assert_same_tensors
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -74,10 +74,5 @@ def test_ppo_resume_reaches_the_same_weights(tmp_path, tiny_policy_dir):
     assert run(cut, stop_after_steps=2)["stopped_at_step"] == 2  # mid-batch: its targets are on disk
     again = run(cut)
     assert again["resumed_from_step"] == 2 and again["reused_batches"] == 1
-    a = load_file(str(tmp_path / "a" / "ppo" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "ppo" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
-    va = load_file(str(tmp_path / "a" / "ppo" / "adapter" / "value_head.safetensors"))
-    vb = load_file(str(tmp_path / "b" / "ppo" / "adapter" / "value_head.safetensors"))
-    assert torch.allclose(va["weight"], vb["weight"], atol=1e-5)
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert_same_tensors(tmp_path / "a" / "ppo" / "adapter" / name, tmp_path / "b" / "ppo" / "adapter" / name)

@@ -45,6 +45,8 @@ def test_load_prompt_items(tmp_path):
     items = load_prompt_items(str(f))
     assert items[0].gold == "3" and items[0].messages == [{"role": "user", "content": "hi"}]
     assert items[1].messages == [{"role": "user", "content": "a"}]  # the final answer is not part of the prompt
+    f.write_text(json.dumps({"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}) + "\n")
+    assert [m["role"] for m in load_prompt_items(str(f))[0].messages] == ["system", "user"]  # TRL conversational
     wk = load_prompt_items("task:world_knowledge", 2)
     assert wk[0].gold == "Paris" and "France" in wk[0].messages[0]["content"]
     assert load_prompt_items("task:arithmetic", 1)[0].gold == "8"
@@ -53,7 +55,7 @@ def test_load_prompt_items(tmp_path):
     with pytest.raises(StageError, match=r"bad.jsonl:2: a prompt record needs"):
         load_prompt_items(str(bad))
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    with pytest.raises(StageError, match=r"bad.jsonl:2: not JSON"):
+    with pytest.raises(StageError, match=r"bad.jsonl:2: invalid JSON"):
         load_prompt_items(str(bad))
     with pytest.raises(StageError, match="does not exist"):
         load_prompt_items(str(tmp_path / "missing.jsonl"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageConfig
+from .evaluate.figures import png_base64
 from .models import DEFAULT_JUDGE
 from .pipeline import Recipe, StageSpec, run_recipe
 from .teachers import TeacherConfig
@@ -91,12 +91,6 @@ def build_recipe(cfg: SweepConfig) -> Recipe:
                    "config": {"model": cfg.teacher, "model_name": "teacher", **bench_extra}})
     return Recipe(name=cfg.name, runs_dir=cfg.runs_dir, description="False Promise sweep",
                   stages=[StageSpec(**s) for s in stages])
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _points(run_dir: Path, sizes: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -169,8 +163,7 @@ def _figure(points: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str
     ax2.legend(fontsize=7, loc="best")
     ax2.grid(alpha=0.3)
     fig.suptitle("The False Promise: style vs substance as imitation data grows")
-    data = _png(fig)
-    plt.close(fig)
+    data = png_base64(fig)
     return data
 
 

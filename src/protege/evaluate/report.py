@@ -18,9 +18,7 @@ intervals: style from the calibrated judge (else teacher NLL), substance as stud
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -34,6 +32,7 @@ from ..errors import StageError
 from .answer import stop_counts
 from .headline import Estimate, StyleShift, headline
 from .intervals import paired_diff, paired_ratio_diff, stratified_ci
+from .figures import png_base64
 from .rl_report import collect_rl, rl_markdown, rl_section
 from .style import style_measures
 
@@ -292,15 +291,6 @@ def verdict(data: dict[str, Any], table: dict[str, Any], student: str) -> dict[s
 
 # ---- figures -----------------------------------------------------------------------------------
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _figures(table: dict[str, Any], judges: list[dict]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -321,7 +311,7 @@ def _figures(table: dict[str, Any], judges: list[dict]) -> list[tuple[str, str]]
         ax.axhline(0.5, color="#ccc", lw=0.8, ls="--")
         ax.set_title("Style vs substance")
         figs.append(("Style vs substance. Up = the judge likes it more (vs the teacher); right = it knows more. "
-                     "Imitation moves models up, not right.", _png(fig)))
+                     "Imitation moves models up, not right.", png_base64(fig)))
     tasks = table["tasks"]
     if tasks:
         fig, ax = plt.subplots(figsize=(max(5.2, 1.3 * len(tasks) + 2), 4))
@@ -335,7 +325,7 @@ def _figures(table: dict[str, Any], judges: list[dict]) -> list[tuple[str, str]]
         ax.set_ylabel("score")
         ax.legend(fontsize=7)
         ax.set_title("Benchmark scores per task")
-        figs.append(("Per-task substance scores (primary metric of each task).", _png(fig)))
+        figs.append(("Per-task substance scores (primary metric of each task).", png_base64(fig)))
     pair = [j for j in judges if j["mode"] == "pairwise"]
     if pair:
         metrics = ["position_consistency", "first_position_rate", "length_bias", "error_rate"]
@@ -354,7 +344,7 @@ def _figures(table: dict[str, Any], judges: list[dict]) -> list[tuple[str, str]]
         ax.set_title(f"How far to trust the judge ({pair[0]['judge']})")
         figs.append(("Judge reliability: consistency across the two orders (1 = never swayed by position), how often "
                      "the first-shown answer wins and how often the longer one wins (0.5 = unbiased), errors.",
-                     _png(fig)))
+                     png_base64(fig)))
     return figs
 
 

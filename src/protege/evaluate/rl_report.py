@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect_rl", "rl_section", "rl_markdown"]
+from .figures import png_base64, pyplot
+
+__all__ = ["collect_rl", "overoptimisation_figure", "rl_section", "rl_markdown"]
 
 
 def collect_rl(files: list[Path]) -> list[dict[str, Any]]:
     """One entry per `overoptimisation.json`: its run folder, method (from the manifest) and history."""
     runs = []
     for f in files:
-        if f.name != "overoptimisation.json":
-            continue
         data = json.loads(f.read_text(encoding="utf-8"))
         if not data.get("history"):
             continue
@@ -30,31 +30,24 @@ def collect_rl(files: list[Path]) -> list[dict[str, Any]]:
     return runs
 
 
-def _figure(runs: list[dict[str, Any]]) -> str | None:
+def overoptimisation_figure(runs: list[dict[str, Any]]) -> Any | None:
+    """Gold and proxy against sqrt(KL) for each run (`run`, `history`), steps marked; None below two evals."""
     if not any(len(r["history"]) > 1 for r in runs):
         return None
-    import base64
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, r in enumerate(runs):
         x = [h["sqrt_kl"] for h in r["history"]]
         color = f"C{i % 10}"
         ax.plot(x, [h["gold"] for h in r["history"]], "s-", color=color, label=f"{r['run']}: gold (held out)")
         ax.plot(x, [h["proxy"] for h in r["history"]], "o--", color=color, alpha=0.6, label=f"{r['run']}: proxy")
+        for h in r["history"]:
+            ax.annotate(str(h["step"]), (h["sqrt_kl"], h["gold"]), fontsize=6, alpha=0.6)
     ax.set_xlabel("sqrt(KL to reference), sqrt(nats per answer)")
     ax.set_ylabel("mean score, held-out prompts")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return fig
 
 
 def _row(r: dict[str, Any]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -74,7 +67,8 @@ def rl_section(runs: list[dict[str, Any]]) -> str:
                     f"<td>{start['proxy']:.3f} → {end['proxy']:.3f}</td><td>{start['gold']:.3f} → {end['gold']:.3f}</td>"
                     f"<td>{end['kl']:.2f}</td><td>{best['gold']:.3f} (step {best['step']})</td>"
                     f"<td style='text-align:left'>{warn}</td></tr>")
-    fig = _figure(runs)
+    fig = overoptimisation_figure(runs)
+    fig = png_base64(fig) if fig is not None else None
     img = (f"<figure><img alt='gold and proxy against sqrt KL' src='data:image/png;base64,{fig}'><figcaption>Gold "
            "(never optimised) and proxy (optimised) on held-out prompts against sqrt(KL to the reference): "
            "when the proxy keeps rising while gold falls, the policy is gaming its reward.</figcaption></figure>"

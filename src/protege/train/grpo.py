@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from typing import Any
 
@@ -30,10 +29,11 @@ from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from .dpo import PolicyLogprobs
-from .fit import LossOutput, pad_id, start_run
-from .model import prepare_model, save_model
-from .rl import (RLSettings, RolloutCache, make_rewards, policy_eval, reference_off, rl_summary, rollout_batch,
-                 sample_rollouts, score_rollouts, split_prompts, watched_fit)
+from .fit import LossOutput, start_run
+from .model import save_model
+from .rl import (RLSettings, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
+                 reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
+                 split_prompts, watched_fit)
 from .rl_losses import clipped_policy_loss, group_advantages, kl_per_token
 
 __all__ = ["GRPOConfig", "run", "grpo_objective"]
@@ -76,23 +76,8 @@ def grpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, seq: torch
     return loss, kl
 
 
-def _plan(n_prompts: int, per_mb: int, n_mb: int, seed: int) -> list[list[int]]:
-    """`n_mb` micro-batches of `per_mb` prompt indices: epochs of seeded shuffles, laid end to end."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < n_mb * per_mb:
-        epoch = list(range(n_prompts))
-        rng.shuffle(epoch)
-        order += epoch
-    return [order[i * per_mb:(i + 1) * per_mb] for i in range(n_mb)]
-
-
 def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train with GRPO; returns summary counts (see the module docstring)."""
-    from ..chat import ChatFormat
-    from ..engine import Engine
-    from ..models import load
-
     t_start = time.time()
     if config.method != "lora":
         raise StageError("grpo: the reference is the policy with its adapters disabled; use method: lora")
@@ -101,23 +86,16 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     items, held = split_prompts(config, "grpo")
     proxy, gold, gold_cfg = make_rewards(config, log)
 
-    model, tok = load(config.model, device="cpu")
-    chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    pad = pad_id(tok)
-    model = prepare_model(config, model, chat).to(accelerator.device)
-    model.train()
-    engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
+    model, tok, chat, pad, engine = load_policy(config, accelerator)
     module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk))
-    max_prompt = max(1, config.max_length - config.max_new_tokens)
     if main:
         save_config(config, out_dir)
 
     per_step = config.grad_accum * ctx.world
     steps = config.max_steps or max(1, -(-len(items) * config.epochs // (config.batch_size * per_step)))
-    plan = _plan(len(items), config.batch_size, steps * per_step, config.seed)
+    plan = prompt_plan(len(items), config.batch_size, steps * per_step, config.seed)
     micro_batches = list(enumerate(plan))
-    eval_batches = [(-1 - s, list(range(s, min(s + config.batch_size * config.group_size, len(held)))))
-                    for s in range(0, len(held), config.batch_size * config.group_size)]
+    eval_batches = eval_plan(len(held), config.batch_size * config.group_size)
     cache = RolloutCache(out_dir / "rollouts")
     data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
@@ -137,7 +115,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         if rollouts is None:
             t0 = time.perf_counter()
             rollouts = sample_rollouts(engine, chat, items, prompt_idx, config.group_size, config.max_new_tokens,
-                                       config.temperature, config.top_p, config.seed, index, max_prompt,
+                                       config.temperature, config.top_p, config.seed, index, config.max_prompt,
                                        config.merge_for_rollouts)
             for r, s in zip(rollouts, score_rollouts(proxy, items, rollouts)):
                 r.reward = s
@@ -178,9 +156,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
 
     def save_best(path: Any) -> None:
         if main:
-            model.save_pretrained(str(path))
-            chat.apply_to(tok)
-            tok.save_pretrained(str(path))
+            save_policy(model, tok, chat, path)
 
     result, watch = watched_fit("grpo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                                 log=log, micro_batches=micro_batches, loss_fn=loss_fn,

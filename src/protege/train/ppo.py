@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -34,10 +34,11 @@ from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from .dpo import PolicyLogprobs
-from .fit import LossOutput, pad_id, start_run
-from .model import prepare_model, save_model
-from .rl import (RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off, rl_summary,
-                 rollout_batch, sample_rollouts, score_rollouts, split_prompts, watched_fit)
+from .fit import LossOutput, start_run
+from .model import save_model
+from .rl import (RLSettings, Rollout, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
+                 reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
+                 split_prompts, token_kl, watched_fit)
 from .rl_losses import clipped_policy_loss, clipped_value_loss, gae, kl_per_token, kl_shaped_rewards, whiten
 
 __all__ = ["PPOConfig", "run", "adaptive_beta", "PPOModule"]
@@ -99,10 +100,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     """Train with PPO; returns summary counts (see the module docstring)."""
     from safetensors.torch import save_file
 
-    from ..chat import ChatFormat
-    from ..engine import Engine
-    from ..models import load
-
     t_start = time.time()
     if config.method != "lora":
         raise StageError("ppo: the reference is the policy with its adapters disabled; use method: lora")
@@ -113,31 +110,19 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     items, held = split_prompts(config, "ppo")
     proxy, gold, gold_cfg = make_rewards(config, log)
 
-    model, tok = load(config.model, device="cpu")
-    chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    pad = pad_id(tok)
-    model = prepare_model(config, model, chat)
+    model, tok, chat, pad, engine = load_policy(config, accelerator)
     hidden = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(config.seed)
-    model.value_head = torch.nn.Linear(hidden, 1)  # a submodule: trained, checkpointed and restored by fit
+    # a submodule: trained, checkpointed and restored by fit (the engine never calls it)
+    model.value_head = torch.nn.Linear(hidden, 1).to(accelerator.device)
     torch.nn.init.zeros_(model.value_head.weight)
     torch.nn.init.zeros_(model.value_head.bias)
-    model = model.to(accelerator.device)
-    model.train()
-    engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
     module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad))
-    max_prompt = max(1, config.max_length - config.max_new_tokens)
     if main:
         save_config(config, out_dir)
 
     n_batches = config.batches or max(1, -(-len(items) * config.epochs // config.rollout_prompts))
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    while len(order) < n_batches * config.rollout_prompts:
-        epoch = list(range(len(items)))
-        rng.shuffle(epoch)
-        order += epoch
-    batch_prompts = [order[b * config.rollout_prompts:(b + 1) * config.rollout_prompts] for b in range(n_batches)]
+    batch_prompts = prompt_plan(len(items), config.rollout_prompts, n_batches, config.seed)
     per_mb = -(-config.rollout_prompts // config.minibatches)
     plan = [(b, e, m) for b in range(n_batches) for e in range(config.ppo_epochs) for m in range(config.minibatches)]
     if config.grad_accum != 1 or ctx.world != 1:
@@ -147,8 +132,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         raise StageError(f"ppo: max_steps {config.max_steps} exceeds the plan's {len(plan)} minibatch steps; "
                          "raise batches or epochs instead")
     cache = RolloutCache(out_dir / "rollouts")
-    eval_batches = [(-1 - s, list(range(s, min(s + config.rollout_prompts, len(held)))))
-                    for s in range(0, len(held), config.rollout_prompts)]
+    eval_batches = eval_plan(len(held), config.rollout_prompts)
     data_hash = hashlib.sha256(json.dumps([batch_prompts, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {n_batches} rollout batches of {config.rollout_prompts} "
         f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps; reward "
@@ -167,21 +151,18 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         """The rollouts of batch b and everything PPO fixes before its first update (cached)."""
         if b in targets:
             return targets[b]
-        path = cache.root / f"targets-{b:06d}.json"
-        if path.exists():
-            data = json.loads(path.read_text())
+        data = cache.load(f"targets-{b:06d}")
+        if data is not None:
             stats["reused_batches"] += 1
         else:
-            prev = targets.get(b - 1) or (json.loads((cache.root / f"targets-{b - 1:06d}.json").read_text())
-                                          if b > 0 and (cache.root / f"targets-{b - 1:06d}.json").exists() else None)
+            prev = targets.get(b - 1) or (cache.load(f"targets-{b - 1:06d}") if b > 0 else None)
             beta = config.beta
             if prev is not None and config.target_kl:
                 beta = adaptive_beta(prev["beta"], prev["kl_mean"], config.target_kl, config.rollout_prompts,
                                      config.kl_horizon)
             t0 = time.perf_counter()
             ro = sample_rollouts(engine, chat, items, batch_prompts[b], 1, config.max_new_tokens, config.temperature,
-                                 config.top_p, config.seed, b, max_prompt,
-                                 config.merge_for_rollouts)
+                                 config.top_p, config.seed, b, config.max_prompt, config.merge_for_rollouts)
             for r, s in zip(ro, score_rollouts(proxy, items, ro)):
                 r.reward = s
             stats["rollout_seconds"] += time.perf_counter() - t0
@@ -200,14 +181,11 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
             if config.whiten_advantages:
                 adv = whiten(adv, mask)
             flat = mask.bool()
-            data = {"rollouts": [r.__dict__ for r in ro], "old_logp": lp.tolist(), "old_values": values.tolist(),
+            data = {"rollouts": [asdict(r) for r in ro], "old_logp": lp.tolist(), "old_values": values.tolist(),
                     "advantages": adv[flat].tolist(), "returns": ret[flat].tolist(), "beta": beta,
-                    "kl_mean": float((kl_tok.new_zeros(n).index_add(0, seq, lp - ref_lp)).mean()),
-                    "score_mean": float(scores.mean())}
+                    "kl_mean": float(token_kl(lp, ref_lp, seq, n).mean()), "score_mean": float(scores.mean())}
             if main:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data))
-                tmp.replace(path)
+                cache.store(f"targets-{b:06d}", data)
         targets.clear()  # keep only this batch (and its successor's lookup of it)
         targets[b] = data
         return data
@@ -247,18 +225,16 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     def loss_fn(m: Any, mb: Any) -> LossOutput:
         return train_loss(m, mb) if m.training else eval_loss(m, mb)
 
-    def save_policy(path: Any) -> None:
+    def save_best(path: Any) -> None:
         if main:
-            model.save_pretrained(str(path))
+            save_policy(model, tok, chat, path)
             save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
                       str(path / "value_head.safetensors"))
-            chat.apply_to(tok)
-            tok.save_pretrained(str(path))
 
     result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                                 log=log, micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb,
                                 data_hash=data_hash, unit="answer_tokens", eval_batches=eval_batches,
-                                save_best=save_policy, stop_after_steps=stop_after_steps)
+                                save_best=save_best, stop_after_steps=stop_after_steps)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
     figure = watch.figure() if main else None

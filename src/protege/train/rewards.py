@@ -19,7 +19,6 @@ A reward maps (prompt item, answer text, answer token count, finish reason) to a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,20 +165,21 @@ def load_prompt_items(source: str, limit: int | None = None) -> list[PromptItem]
     path = Path(source)
     if not path.exists():
         raise StageError(f"prompts: {source} does not exist (a JSONL file, or task:<name>)")
+    from ..evaluate.task import iter_jsonl
+    from ..formats import from_prompt
+    from ..records import RecordError
+
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StageError(f"{source}:{n}: not JSON ({err.msg})") from None
+    for n, rec in iter_jsonl(path):
         if "messages" in rec:
             msgs = list(rec["messages"])
             if msgs and msgs[-1].get("role") == "assistant":  # a full conversation: its last answer is not a prompt
                 msgs = msgs[:-1]
-        elif "prompt" in rec:
-            msgs = [{"role": "user", "content": str(rec["prompt"])}]
+        elif "prompt" in rec:  # TRL's prompt-only format: text or a list of messages
+            try:
+                msgs = from_prompt({"prompt": rec["prompt"]}).messages
+            except RecordError as err:
+                raise StageError(f"{source}:{n}: {err}") from None
         elif "turns" in rec:
             msgs = [{"role": "user", "content": str(rec["turns"][0])}]
         else:

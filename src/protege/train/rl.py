@@ -38,7 +38,8 @@ from .settings import LoraSettings, TrainSettings
 
 __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
            "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
-           "merged_adapters", "make_rewards", "watched_fit", "rl_summary"]
+           "merged_adapters", "make_rewards", "watched_fit", "rl_summary", "prompt_plan", "eval_plan", "load_policy",
+           "save_policy"]
 
 
 class RLSettings(TrainSettings):
@@ -69,6 +70,11 @@ class RLSettings(TrainSettings):
     merge_for_rollouts: bool = Field(True, description="fold the LoRA adapters into the weights while decoding "
                                      "rollouts (restored bit-exactly after; costs one copy of the adapted weights)")
 
+    @property
+    def max_prompt(self) -> int:
+        """Prompt tokens kept (from the end) so that prompt + answer fit `max_length`."""
+        return max(1, self.max_length - self.max_new_tokens)
+
 
 @dataclass
 class Rollout:
@@ -87,31 +93,37 @@ def sample_seed(seed: int, *keys: int) -> int:
 
 
 class RolloutCache:
-    """`rollouts/mb-NNNNNN.json` per training micro-batch (written atomically)."""
+    """JSON files under `rollouts/`, written atomically: `mb-NNNNNN.json` holds one micro-batch's rollouts;
+    methods may keep their own records beside them (`load` / `store`, e.g. PPO's targets)."""
 
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, index: int) -> Path:
-        return self.root / f"mb-{index:06d}.json"
-
-    def get(self, index: int) -> list[Rollout] | None:
-        path = self._path(index)
+    def load(self, name: str) -> Any | None:
+        """`name.json`'s content, or None when it is missing or unreadable (then it is computed again)."""
+        path = self.root / f"{name}.json"
         if not path.exists():
             return None
         try:
-            return [Rollout(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
-        except (json.JSONDecodeError, TypeError):
-            return None  # unreadable: decode again
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+
+    def store(self, name: str, data: Any) -> None:
+        tmp = self.root / f"{name}.tmp"
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, self.root / f"{name}.json")
+
+    def get(self, index: int) -> list[Rollout] | None:
+        data = self.load(f"mb-{index:06d}")
+        try:
+            return None if data is None else [Rollout(**r) for r in data]
+        except TypeError:
+            return None  # not a rollout list: decode again
 
     def put(self, index: int, rollouts: list[Rollout]) -> None:
-        tmp = self._path(index).with_suffix(".tmp")
-        tmp.write_text(json.dumps([asdict(r) for r in rollouts]), encoding="utf-8")
-        os.replace(tmp, self._path(index))
-
-    def count(self) -> int:
-        return len(list(self.root.glob("mb-*.json")))
+        self.store(f"mb-{index:06d}", [asdict(r) for r in rollouts])
 
 
 @contextlib.contextmanager
@@ -222,33 +234,61 @@ class OverOptimisationWatch:
 
     def figure(self) -> Path | None:
         """gold and proxy against sqrt(KL) (Gao et al. 2022's axes) as overoptimisation.png."""
-        if len(self.history) < 2:
+        from ..evaluate.figures import pyplot
+        from ..evaluate.rl_report import overoptimisation_figure
+
+        fig = overoptimisation_figure([{"run": self.out_dir.name, "history": self.history}])
+        if fig is None:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x = [h["sqrt_kl"] for h in self.history]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(x, [h["proxy"] for h in self.history], "o-", label="proxy reward (optimised)")
-        ax.plot(x, [h["gold"] for h in self.history], "s-", label="gold (held out)")
-        for h in self.history:
-            ax.annotate(str(h["step"]), (h["sqrt_kl"], h["gold"]), fontsize=6, alpha=0.6)
-        ax.set_xlabel("sqrt(KL to reference), sqrt(nats per answer)")
-        ax.set_ylabel("mean score on held-out prompts")
-        ax.set_title("Reward over-optimisation watch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         path = self.out_dir / "overoptimisation.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        pyplot().close(fig)
         return path
 
 
 def score_rollouts(reward: Reward, items: list[PromptItem], rollouts: list[Rollout]) -> list[float]:
     return reward([items[r.prompt_index] for r in rollouts], [r.text for r in rollouts],
                   [len(r.answer_ids) for r in rollouts], [r.finish_reason for r in rollouts])
+
+
+def prompt_plan(n_prompts: int, per_batch: int, n_batches: int, seed: int) -> list[list[int]]:
+    """`n_batches` batches of `per_batch` prompt indices: epochs of seeded shuffles, laid end to end."""
+    import random
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < n_batches * per_batch:
+        epoch = list(range(n_prompts))
+        rng.shuffle(epoch)
+        order += epoch
+    return [order[i * per_batch:(i + 1) * per_batch] for i in range(n_batches)]
+
+
+def eval_plan(n_held: int, per_batch: int) -> list[tuple[int, list[int]]]:
+    """Held-out micro-batches `(key, prompt indices)`; negative keys keep their sample seeds apart from training's."""
+    return [(-1 - s, list(range(s, min(s + per_batch, n_held)))) for s in range(0, n_held, per_batch)]
+
+
+def load_policy(config: RLSettings, accelerator: Any) -> tuple[Any, Any, Any, int, Any]:
+    """(LoRA policy in train mode, tokenizer, chat format, pad id, engine decoding the live policy)."""
+    from ..chat import ChatFormat
+    from ..engine import Engine
+    from ..models import load
+    from .fit import pad_id
+    from .model import prepare_model
+
+    model, tok = load(config.model, device="cpu")
+    chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
+    model = prepare_model(config, model, chat).to(accelerator.device)
+    model.train()
+    return model, tok, chat, pad_id(tok), Engine(model, tok, chat, max_batch_size=config.engine_batch)
+
+
+def save_policy(model: Any, tok: Any, chat: Any, path: Path) -> None:
+    """The adapter folder with its tokenizer and chat template (the best-by-gold model)."""
+    model.save_pretrained(str(path))
+    chat.apply_to(tok)
+    tok.save_pretrained(str(path))
 
 
 def split_prompts(config: RLSettings, method: str) -> tuple[list[PromptItem], list[PromptItem]]:
@@ -277,11 +317,10 @@ def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[in
     """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
     tokens, and KL(policy || reference) summed per answer (k1) over one sampled answer per prompt.
     `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""
-    max_prompt = max(1, config.max_length - config.max_new_tokens)
     greedy = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, 0.0, 1.0, config.seed, key,
-                             max_prompt, config.merge_for_rollouts)
+                             config.max_prompt, config.merge_for_rollouts)
     sampled = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, config.temperature,
-                              config.top_p, config.seed, key, max_prompt, config.merge_for_rollouts)
+                              config.top_p, config.seed, key, config.max_prompt, config.merge_for_rollouts)
     batch = rollout_batch(sampled, pad, device)
     kl = token_kl(logps(batch, False), logps(batch, True), batch["score_seq"], len(sampled))
     return {"proxy": sum(score_rollouts(proxy, held, greedy)), "gold": sum(score_rollouts(gold, held, greedy)),

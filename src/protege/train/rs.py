@@ -25,12 +25,13 @@ from pydantic import Field
 
 from ..config import save_config
 from ..errors import StageError
+from ..evaluate.task import iter_jsonl
 from ..manifest import write_manifest
 from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
                  sample_rollouts, score_rollouts, split_prompts)
 from .rl_losses import best_of_n_kl
-from .settings import LoraSettings
+from .settings import LoraSettings, TrainSettings
 
 __all__ = ["RSConfig", "run", "expected_best_of", "best_of_curve"]
 
@@ -77,13 +78,10 @@ def _previous_best(paths: list[str]) -> dict[str, dict[str, Any]]:
         p = Path(path)
         if not p.exists():
             raise StageError(f"rs: previous round's {path} does not exist")
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, rec in iter_jsonl(p):
             try:
-                rec = json.loads(line)
                 key, reward = rec["prompt_id"], float(rec["reward"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 raise StageError(f"{path}:{n}: not a best.jsonl record (needs prompt_id, reward, messages)") from None
             if key not in best or reward > float(best[key]["reward"]):
                 best[key] = rec
@@ -131,7 +129,6 @@ def run(config: RSConfig) -> dict[str, Any]:
     model, tok = load(config.model)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
-    max_prompt = max(1, config.max_length - config.max_new_tokens)
 
     # ---- sample k per prompt (cached per chunk) ------------------------------------------------
     cache = RolloutCache(out / "rollouts")
@@ -144,7 +141,7 @@ def run(config: RSConfig) -> dict[str, Any]:
         got = cache.get(c)
         if got is None:
             got = sample_rollouts(engine, chat, items, idx, config.k, config.max_new_tokens, config.temperature,
-                                  config.top_p, config.seed, c, max_prompt)
+                                  config.top_p, config.seed, c, config.max_prompt)
             for r, s in zip(got, score_rollouts(proxy, items, got)):
                 r.reward = s
             cache.put(c, got)
@@ -179,11 +176,9 @@ def run(config: RSConfig) -> dict[str, Any]:
         f"kept {len(kept)} ({from_earlier} from earlier rounds, {dropped} below min_reward)")
 
     # ---- fine-tune on the kept answers with SFT ---------------------------------------------------
-    shared = {k: getattr(config, k) for k in ("model", "chat_template", "method", "lora", "max_length", "batch_size",
-                                                  "grad_accum", "epochs", "max_steps", "learning_rate", "weight_decay",
-                                                  "schedule", "warmup_ratio", "max_grad_norm", "mixed_precision",
-                                                  "logits_chunk", "seed", "eval_every", "save_every",
-                                                  "keep_checkpoints", "log_every", "save_merged", "resume", "tensorboard")}
+    # Every training setting carries over, but where the model goes and what it is evaluated on.
+    shared = {k: getattr(config, k) for k in TrainSettings.model_fields
+              if k not in ("out_dir", "eval_dataset", "eval_fraction", "eval_max_examples")}
     sft_cfg = SFTConfig(**shared, datasets=[str(out / "best.jsonl")], out_dir=str(out / "sft"), eval_fraction=0.0)
     sft_summary = sft_run(sft_cfg)
 
@@ -209,8 +204,8 @@ def run(config: RSConfig) -> dict[str, Any]:
             return scorer.token_logps(*args)
 
         idx = list(range(len(held)))
+        eng = Engine(policy, tok, chat, max_batch_size=config.engine_batch)
         for step, label in ((0, "start"), (1, "after")):
-            eng = Engine(policy, tok, chat, max_batch_size=config.engine_batch)
             if step == 0:
                 with reference_off(policy):
                     sums = policy_eval(eng, chat, held, idx, proxy, gold, lambda b, ref: logps(b, True), config,
