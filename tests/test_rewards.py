@@ -29,6 +29,21 @@ def test_rules_by_hand():
         make_reward(RewardConfig())([PromptItem("x", [])], ["a"], [1], ["stop"])
 
 
+def test_weighted_terms_sum_and_describe_themselves():
+    from protege.train.grpo import GRPOConfig
+    from protege.train.rewards import describe_reward
+
+    items = [PromptItem("a", [{"role": "user", "content": "2+2?"}], "4")] * 3
+    answers, n_tok, fin = ["It is 4.", "4 5", "4"], [4, 3, 40], ["stop", "stop", "length"]
+    cfg = GRPOConfig(model="m", prompts="p", reward=[{"rule": "final_number"},
+                                                      {"rule": "ends_within", "max_tokens": 8, "weight": 0.25}])
+    assert make_reward(cfg.reward)(items, answers, n_tok, fin) == [1.25, 0.25, 1.0]
+    assert describe_reward(cfg.reward) == "rule final_number + 0.25 x rule ends_within (8 tokens)"
+    assert make_reward(RewardConfig(rule="final_number", weight=-2.0))(items, answers, n_tok, fin) == [-2.0, 0.0, -2.0]
+    with pytest.raises(StageError, match="empty list"):
+        make_reward([])
+
+
 def test_reward_config_errors_say_what_is_missing():
     with pytest.raises(ValueError, match="needs `rm`"):
         RewardConfig(kind="rm")

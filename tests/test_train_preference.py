@@ -186,6 +186,29 @@ def test_dpo_reference_is_the_base_model_with_adapters_disabled(tiny_llama):
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(moved, want, atol=1e-3)
 
 
+def test_policy_logprobs_score_under_the_sampling_temperature(tiny_llama, tiny_gemma):
+    """RL scores rollouts as they were sampled: log_softmax(logits / T), not the T = 1 distribution."""
+    from protege.train.dpo import PolicyLogprobs
+
+    model, _ = tiny_llama
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    pos = torch.arange(5).unsqueeze(0)
+    index, target = torch.tensor([1, 2, 3]), torch.tensor([11, 5, 9])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+        want = F.log_softmax(logits / 2.0, -1)[index, target].sum()
+        cold = F.log_softmax(logits, -1)[index, target].sum()
+        got = PolicyLogprobs(model.eval(), temperature=2.0)(ids, pos, None, index, target, torch.zeros(3, dtype=torch.long), 1)
+    assert got.item() == pytest.approx(want.item(), abs=1e-4)
+    assert abs(got.item() - cold.item()) > 1e-3  # the test can tell the two apart
+    with pytest.raises(ValueError, match="> 0"):
+        PolicyLogprobs(model, temperature=0.0)
+    gemma, _ = tiny_gemma
+    if getattr(gemma.config, "final_logit_softcapping", None):
+        with pytest.raises(ValueError, match="soft-capped"):
+            PolicyLogprobs(gemma, temperature=1.3)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_shared_prompt_layout_gives_the_same_logprobs_scores_and_gradients(arch, request):
     """[prompt, chosen, rejected] under one 4-D mask == prompt + each answer as separate sequences."""

@@ -53,11 +53,19 @@ class DPOConfig(PreferenceSettings):
 class PolicyLogprobs(torch.nn.Module):
     """Packed batch -> summed log-probs of each sequence's scored tokens (n_seqs,); DDP wraps this."""
 
-    def __init__(self, model: torch.nn.Module, logits_chunk: int = 256):
+    def __init__(self, model: torch.nn.Module, logits_chunk: int = 256, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self._parts = require_head_parts(model, "dpo")  # a plain object: not registered twice
         self.logits_chunk = logits_chunk
+        # RL scores its rollouts under the distribution they were sampled from (logits / T, as TRL does):
+        # at T != 1 the temperature-1 log-probs would make every policy-gradient step off-policy.
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 to score rollouts (got {temperature})")
+        if temperature != 1.0 and self._parts.softcap:
+            raise ValueError("rollout temperature != 1 with a soft-capped LM head (final_logit_softcapping) is not "
+                             "supported: use temperature 1.0")
+        self.temperature = temperature
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 score_index: torch.Tensor, score_target: torch.Tensor, score_seq: torch.Tensor,
@@ -84,6 +92,8 @@ class PolicyLogprobs(torch.nn.Module):
 
     def head_logps(self, hidden: torch.Tensor, score_target: torch.Tensor) -> torch.Tensor:
         weight, override = head_rows(self._parts.head)
+        if self.temperature != 1.0:  # logits are linear in the hidden state (no softcap, checked above)
+            hidden = hidden / self.temperature
         return token_logprobs(hidden, weight, score_target, self._parts.softcap, self.logits_chunk, override)
 
     def _dtype(self) -> torch.dtype:

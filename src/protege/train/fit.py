@@ -152,8 +152,11 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         out_dir: Path, micro_batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
         tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
         eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,
-        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+        on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = ()) -> FitResult:
     """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
+
+    `progress` names step metrics shown beside the loss in the progress bar (RL: the mean reward and KL,
+    which say more than a surrogate loss that sits near 0).
 
     `on_eval(step, results)` runs after every held-out evaluation (RL keeps its best-by-gold model there).
     """
@@ -237,7 +240,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         tokens_seen += step_tokens
         done = step + 1
         tok_s = tokens_seen / max(time.time() - t0, 1e-9)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{last_metrics[k]:.3f}" for k in progress if k in last_metrics},
+                        **{f"{unit}_s": f"{tok_s:.1f}" if tok_s < 100 else f"{tok_s:.0f}"})
         bar.update(1)
         if done % config.log_every == 0 or done == total_steps:
             metrics.log(done, loss=last_loss, **last_metrics, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,

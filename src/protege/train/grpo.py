@@ -34,6 +34,7 @@ from .model import save_model
 from .rl import (RLSettings, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
                  reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
                  split_prompts, watched_fit)
+from .rewards import describe_reward
 from .rl_losses import clipped_policy_loss, group_advantages, kl_per_token
 
 __all__ = ["GRPOConfig", "run", "grpo_objective"]
@@ -87,7 +88,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     proxy, gold, gold_cfg = make_rewards(config, log)
 
     model, tok, chat, pad, engine = load_policy(config, accelerator)
-    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk))
+    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk, config.temperature or 1.0))
     if main:
         save_config(config, out_dir)
 
@@ -99,7 +100,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     cache = RolloutCache(out_dir / "rollouts")
     data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
-        f"prompts x {config.group_size} answers; reward {config.reward.describe()}, gold {gold_cfg.describe()}")
+        f"prompts x {config.group_size} answers; reward {describe_reward(config.reward)}, gold {describe_reward(gold_cfg)}")
     stats = {"rollouts": 0, "reused": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
 
     def logps(m: Any, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
@@ -142,8 +143,10 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         loss, kl = grpo_objective(lp, ref, batch["score_seq"], adv[keep], config.clip, config.beta,
                                   config.kl_estimator)
         solved = (rewards.reshape(-1, config.group_size).std(1) == 0).float().sum() * config.group_size
-        return LossOutput(loss, n, {"reward": rewards.sum(), "kl": kl.sum(), "scored_answers": float(len(keep)),
-                                    "flat_groups": solved})
+        sums = {"reward": rewards.sum(), "scored_answers": float(len(keep)), "flat_groups": solved}
+        if ref is not None:  # beta 0 runs no reference forward in training: KL is measured at the evals only
+            sums["kl"] = kl.sum()
+        return LossOutput(loss, n, sums)
 
     def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
         index, prompt_idx = mb

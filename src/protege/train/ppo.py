@@ -39,6 +39,7 @@ from .model import save_model
 from .rl import (RLSettings, Rollout, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
                  reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
                  split_prompts, token_kl, watched_fit)
+from .rewards import describe_reward
 from .rl_losses import clipped_policy_loss, clipped_value_loss, gae, kl_per_token, kl_shaped_rewards, whiten
 
 __all__ = ["PPOConfig", "run", "adaptive_beta", "PPOModule"]
@@ -72,8 +73,9 @@ def adaptive_beta(beta: float, kl: float, target: float, n: int, horizon: int) -
 class PPOModule(PolicyLogprobs):
     """Rollout batch -> (log p of each answer token (N,), value at each answer token's state (N,))."""
 
-    def __init__(self, model: torch.nn.Module, value_head: torch.nn.Linear, logits_chunk: int, trunk_grad: bool):
-        super().__init__(model, logits_chunk)
+    def __init__(self, model: torch.nn.Module, value_head: torch.nn.Linear, logits_chunk: int, trunk_grad: bool,
+                 temperature: float = 1.0):
+        super().__init__(model, logits_chunk, temperature)
         self.value_head = value_head
         self.trunk_grad = trunk_grad
 
@@ -117,7 +119,8 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     model.value_head = torch.nn.Linear(hidden, 1).to(accelerator.device)
     torch.nn.init.zeros_(model.value_head.weight)
     torch.nn.init.zeros_(model.value_head.bias)
-    module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad))
+    module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad,
+                                                config.temperature or 1.0))
     if main:
         save_config(config, out_dir)
 
@@ -136,7 +139,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     data_hash = hashlib.sha256(json.dumps([batch_prompts, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {n_batches} rollout batches of {config.rollout_prompts} "
         f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps; reward "
-        f"{config.reward.describe()}, gold {gold_cfg.describe()}, beta {config.beta}")
+        f"{describe_reward(config.reward)}, gold {describe_reward(gold_cfg)}, beta {config.beta}")
     stats = {"rollouts": 0, "reused_batches": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
     targets: dict[int, dict[str, Any]] = {}  # batch -> rollouts + PPO targets (in memory and on disk)
 

@@ -15,6 +15,9 @@ A reward maps (prompt item, answer text, answer token count, finish reason) to a
 
 `rm`: the score of a reward model from `train rm` (read at the last token, as in training);
 `llama2`: LLaMA-2-Chat's combination of a helpfulness and a safety reward model (`rm.llama2_reward`).
+
+A reward may also be a list of these, each with a `weight`: the reward is their weighted sum (TRL's
+`reward_funcs` with `reward_weights`), e.g. correctness plus a smaller bonus for ending the turn.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from pydantic import Field, model_validator
 from ..config import StageConfig
 from ..errors import StageError
 
-__all__ = ["PromptItem", "RewardConfig", "Reward", "make_reward", "load_prompt_items", "contains_gold",
-           "final_number"]
+__all__ = ["PromptItem", "RewardConfig", "RewardSpec", "Reward", "make_reward", "describe_reward", "load_prompt_items",
+           "contains_gold", "final_number"]
 
 
 @dataclass
@@ -53,6 +56,7 @@ class RewardConfig(StageConfig):
     safety_rm: str | None = Field(None, description="kind: llama2 -- the safety RM")
     safety_threshold: float = Field(0.15, description="kind: llama2 -- use the safety score below this sigmoid")
     batch_size: int = Field(8, ge=1, description="answers scored together by a reward model")
+    weight: float = Field(1.0, description="this term's weight when the reward is a list of terms (summed)")
 
     @model_validator(mode="after")
     def _complete(self) -> "RewardConfig":
@@ -73,6 +77,13 @@ class RewardConfig(StageConfig):
 
 
 Reward = Callable[[list[PromptItem], list[str], list[int], list[str]], list[float]]
+RewardSpec = RewardConfig | list[RewardConfig]  # one reward, or a weighted sum of several
+
+
+def describe_reward(spec: RewardSpec) -> str:
+    if isinstance(spec, RewardConfig):
+        return spec.describe() if spec.weight == 1 else f"{spec.weight:g} x {spec.describe()}"
+    return " + ".join(describe_reward(c) for c in spec)
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -98,8 +109,22 @@ def final_number(answer: str) -> float | None:
     return _as_number(found[-1]) if found else None
 
 
-def make_reward(cfg: RewardConfig) -> Reward:
-    """The reward function `cfg` declares (reward models are loaded once, here)."""
+def make_reward(spec: RewardSpec) -> Reward:
+    """The reward function `spec` declares (reward models are loaded once, here)."""
+    if isinstance(spec, list):
+        if not spec:
+            raise StageError("reward: an empty list of terms; give one reward or a list of weighted terms")
+        terms = [make_reward(c.model_copy(update={"weight": 1.0})) for c in spec]
+        weights = [c.weight for c in spec]
+
+        def weighted_sum(items: list[PromptItem], answers: list[str], n_tokens: list[int], finish: list[str]) -> list[float]:
+            scores = [term(items, answers, n_tokens, finish) for term in terms]
+            return [sum(w * s[i] for w, s in zip(weights, scores)) for i in range(len(answers))]
+
+        return weighted_sum
+    if spec.weight != 1:
+        return make_reward([spec])
+    cfg = spec
     if cfg.kind == "rule":
         return _rule(cfg)
     from ..chat import ChatFormat

@@ -33,7 +33,7 @@ from pydantic import Field
 from .data import Example, collate
 from .losses import IGNORE_INDEX
 from .pairs import scored_positions
-from .rewards import PromptItem, Reward, RewardConfig
+from .rewards import PromptItem, Reward, RewardConfig, RewardSpec
 from .settings import LoraSettings, TrainSettings
 
 __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
@@ -49,8 +49,9 @@ class RLSettings(TrainSettings):
     prompts: str = Field(..., description="training prompts: JSONL ({prompt, gold?} / {messages}) or task:<name>")
     eval_prompts: str | None = Field(None, description="held-out prompts (default: split off eval_fraction of `prompts`)")
     eval_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="share of `prompts` held out when eval_prompts is unset")
-    reward: RewardConfig = Field(default_factory=RewardConfig, description="the proxy reward the run optimises")
-    gold: RewardConfig | None = Field(None, description="held-out gold scorer for the over-optimisation watch "
+    reward: RewardSpec = Field(default_factory=RewardConfig, description="the proxy reward the run optimises "
+                               "(or a list of weighted terms, summed)")
+    gold: RewardSpec | None = Field(None, description="held-out gold scorer for the over-optimisation watch "
                                       "(default: the reward itself when it is a rule, which then measures success)")
     max_new_tokens: int = Field(64, ge=1, description="answer budget of a rollout")
     temperature: float = Field(1.0, ge=0.0, description="rollout sampling temperature")
@@ -328,7 +329,7 @@ def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[in
             "answer_tokens": float(sum(len(r.answer_ids) for r in greedy))}
 
 
-def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward, Reward, RewardConfig]:
+def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward, Reward, RewardSpec]:
     """(proxy, gold, the gold's config): gold defaults to the reward itself when it is a rule (then it
     measures success); with a reward model and no gold the watch compares the proxy with itself."""
     from .rewards import make_reward
@@ -336,7 +337,8 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
     proxy = make_reward(config.reward)
     if config.gold is not None:
         return proxy, make_reward(config.gold), config.gold
-    if config.reward.kind != "rule":
+    terms = config.reward if isinstance(config.reward, list) else [config.reward]
+    if any(t.kind != "rule" for t in terms):
         log("no gold scorer given (gold:): the over-optimisation watch compares the proxy with itself")
     return proxy, proxy, config.reward
 
@@ -363,7 +365,7 @@ def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accel
     result = fit(name, config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=micro_batches, loss_fn=loss_fn, tokens_of=tokens_of, fingerprint=fingerprint(config),
                  data_hash=data_hash, unit=unit, eval_batches=eval_batches, stop_after_steps=stop_after_steps,
-                 on_eval=on_eval)
+                 on_eval=on_eval, progress=("reward", "kl"))
     return result, watch
 
 

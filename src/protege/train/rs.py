@@ -30,6 +30,7 @@ from ..manifest import write_manifest
 from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
                  sample_rollouts, score_rollouts, split_prompts)
+from .rewards import describe_reward
 from .rl_losses import best_of_n_kl
 from .settings import LoraSettings, TrainSettings
 
@@ -194,7 +195,7 @@ def run(config: RSConfig) -> dict[str, Any]:
         from .dpo import PolicyLogprobs
 
         policy = PeftModel.from_pretrained(model, str(adapter)).eval()
-        scorer = PolicyLogprobs(policy, config.logits_chunk)
+        scorer = PolicyLogprobs(policy, config.logits_chunk, config.temperature or 1.0)  # KL of the sampled answers
 
         def logps(b: dict[str, torch.Tensor], ref: bool) -> torch.Tensor:
             args = (b["input_ids"], b["position_ids"], None, b["score_index"], b["score_target"])
@@ -219,7 +220,7 @@ def run(config: RSConfig) -> dict[str, Any]:
     summary = {"prompts": len(items), "held_out": len(held), "k": config.k, "samples": len(samples),
                "decoded_tokens": decoded, "sample_seconds": round(sample_seconds, 1),
                "kept": len(kept), "kept_from_earlier_rounds": from_earlier, "dropped_below_min_reward": dropped,
-               "best_of_k": curve, "gold": gold_cfg.describe(), "eval": evals, "sft": sft_summary}
+               "best_of_k": curve, "gold": describe_reward(gold_cfg), "eval": evals, "sft": sft_summary}
     write_manifest(out, "rs", config, inputs=[config.prompts, *config.previous],
                    outputs=[out / "best.jsonl", out / "best_of_k.json", figure, out / "sft"], counts=summary,
                    seconds=time.time() - t_start)
