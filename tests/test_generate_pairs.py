@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from protege.generate.pairs import PairsConfig, rule_passes, run
+from protege.errors import StageError
 from protege.records import Comparison, read_records
 from protege.teachers import TeacherResponse
 
@@ -21,6 +22,11 @@ def test_rules_hand_cases():
     assert rule_passes("contains_gold", stop, 0, "14") and not rule_passes("contains_gold", stop, 0, "4")
     assert not rule_passes("contains_gold", TeacherResponse("about 0.4 maybe"), 0, "4")
     assert rule_passes("contains_gold", TeacherResponse("Paris, France"), 0, "paris")
+    chain = TeacherResponse("12 + 7 = 19 + 7 = 26")
+    assert rule_passes("contains_gold", chain, 0, "19") and not rule_passes("final_number", chain, 0, "19")
+    assert rule_passes("final_number", stop, 0, "14.0") and not rule_passes("final_number", TeacherResponse("no idea"), 0, "14")
+    with pytest.raises(StageError, match="numeric gold"):
+        rule_passes("final_number", TeacherResponse("no idea"), 0, "Paris")
 
 
 def test_pairs_from_tiny_policy_resume_without_resampling(tmp_path, tiny_llama_dir):

@@ -12,6 +12,8 @@ counted, as a position-biased judge must not make labels). Rules:
 - `ends_turn`:     the answer ended its turn (finish reason "stop") within `max_tokens` tokens;
 - `contains_gold`: the answer contains the record's gold answer (`meta[gold_field]`, e.g.
                    protege's arithmetic items), compared on normalised text;
+- `final_number`:  the answer's last number is the gold number (GSM8K-style grading: a chain that passes
+                   the right number on its way to a wrong one fails);
 - `shorter`:       the answer has at most `max_tokens` completion tokens (a length preference).
 
 For each prompt, answers that satisfy the rule are paired with answers that do not (up to
@@ -51,16 +53,19 @@ class PairsConfig(StageConfig):
     seed: int = Field(0, description="seeds sampling and the choice of pairs")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
     label: Literal["rule", "rm", "judge"] = Field("rule", description="who labels: a rule with a known truth, a reward model, or an LLM judge")
-    rule: Literal["ends_turn", "contains_gold", "shorter"] = Field("ends_turn", description="label rule: the labelling rule (see module docs)")
+    rule: Literal["ends_turn", "contains_gold", "final_number", "shorter"] = Field("ends_turn", description="label rule: the labelling rule (see module docs)")
     rm: str | None = Field(None, description="label rm: reward model folder (from `train rm`)")
     min_margin: float = Field(0.0, ge=0.0, description="label rm: drop pairs whose score difference is below this")
     judge: TeacherConfig = Field(default_factory=TeacherConfig, description="label judge: who judges (asked in both orders)")
     judge_max_new_tokens: int = Field(64, ge=1, description="label judge: verdict length budget")
     max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
-    gold_field: str = Field("answer", description="contains_gold: the prompt record's meta field with the gold answer")
+    gold_field: str = Field("answer", description="contains_gold / final_number: the prompt record's meta field with the gold answer")
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
     chunk_size: int = Field(32, ge=1, description="prompts sampled together; each chunk is written when done")
     progress: bool = Field(True, description="show a progress bar")
+
+
+GOLD_RULES = ("contains_gold", "final_number")  # rules that read the prompt's gold answer
 
 
 def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str | None = None) -> bool:
@@ -70,12 +75,12 @@ def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str
         return response.finish_reason == "stop" and tokens <= max_tokens
     if rule == "shorter":
         return tokens <= max_tokens
-    if rule == "contains_gold":
+    if rule in GOLD_RULES:
         if gold is None:
-            raise StageError("rule contains_gold needs a gold answer in every prompt record's meta")
-        from ..train.rewards import contains_gold  # one definition for pair labels and RL rewards
+            raise StageError(f"rule {rule} needs a gold answer in every prompt record's meta")
+        from ..train.rewards import matches_gold  # one definition for pair labels and RL rewards
 
-        return contains_gold(response.text, str(gold))
+        return matches_gold(rule, response.text, str(gold))
     raise StageError(f"unknown rule {rule!r}")
 
 
@@ -169,9 +174,9 @@ def run(config: PairsConfig) -> dict[str, Any]:
                 if judge is not None:
                     chosen = _judge_pairs(judge, prompt, texts, cfg.judge_max_new_tokens, stats)
                 elif scorer is None:
-                    gold = meta.get(cfg.gold_field) if cfg.rule == "contains_gold" else None
-                    if cfg.rule == "contains_gold" and gold is None:
-                        raise StageError(f"prompt {pid}: rule contains_gold needs `meta.{cfg.gold_field}` (the gold answer)")
+                    gold = meta.get(cfg.gold_field) if cfg.rule in GOLD_RULES else None
+                    if cfg.rule in GOLD_RULES and gold is None:
+                        raise StageError(f"prompt {pid}: rule {cfg.rule} needs `meta.{cfg.gold_field}` (the gold answer)")
                     passed = sample["passed"] = [rule_passes(cfg.rule, a, cfg.max_tokens, gold) for a in answers]
                     stats["samples_passed"] += sum(passed)
                     chosen = _rule_pairs(passed, texts, random.Random(f"{cfg.seed}/{pid}"), stats)

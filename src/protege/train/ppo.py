@@ -236,7 +236,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
 
     result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                                 log=log, micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb,
-                                data_hash=data_hash, unit="answer_tokens", eval_batches=eval_batches,
+                                data_hash=data_hash, unit="answers", eval_batches=eval_batches,
                                 save_best=save_best, stop_after_steps=stop_after_steps)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}

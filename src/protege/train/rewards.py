@@ -33,7 +33,7 @@ from ..config import StageConfig
 from ..errors import StageError
 
 __all__ = ["PromptItem", "RewardConfig", "RewardSpec", "Reward", "make_reward", "describe_reward", "load_prompt_items",
-           "contains_gold", "final_number"]
+           "contains_gold", "final_number", "matches_gold"]
 
 
 @dataclass
@@ -109,6 +109,18 @@ def final_number(answer: str) -> float | None:
     return _as_number(found[-1]) if found else None
 
 
+def matches_gold(rule: str, answer: str, gold: str) -> bool:
+    """`contains_gold` or `final_number` against the gold answer (pair labels and RL rewards share it)."""
+    if rule == "contains_gold":
+        return contains_gold(answer, gold)
+    if rule == "final_number":
+        target = _as_number(gold.strip())
+        if target is None:  # else an answer stating no number would "match" a non-numeric gold (None == None)
+            raise StageError(f"rule final_number needs a numeric gold answer, got {gold!r}: use contains_gold")
+        return final_number(answer) == target
+    raise ValueError(f"not a gold rule: {rule!r}")
+
+
 def make_reward(spec: RewardSpec) -> Reward:
     """The reward function `spec` declares (reward models are loaded once, here)."""
     if isinstance(spec, list):
@@ -155,8 +167,7 @@ def _rule(cfg: RewardConfig) -> Reward:
             if cfg.rule in ("contains_gold", "final_number"):
                 if it.gold is None:
                     raise StageError(f"reward rule {cfg.rule}: prompt {it.id} has no gold answer")
-                out.append(float(contains_gold(ans, it.gold) if cfg.rule == "contains_gold"
-                                 else final_number(ans) == _as_number(it.gold)))
+                out.append(float(matches_gold(cfg.rule, ans, it.gold)))
             elif cfg.rule == "ends_within":
                 out.append(float(fin == "stop" and n <= cfg.max_tokens))
             elif cfg.rule == "format":
