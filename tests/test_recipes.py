@@ -11,6 +11,7 @@ from protege.pipeline import load_recipe, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TRAIN_CONFIGS = {"grpo-arithmetic.yaml": "grpo", "ppo-arithmetic.yaml": "ppo", "rs-arithmetic.yaml": "rs"}
+SWEEP_CONFIGS = {"false-promise.yaml"}  # `protege sweep --config`
 
 
 @pytest.mark.parametrize("name,method", sorted(TRAIN_CONFIGS.items()))
@@ -23,10 +24,17 @@ def test_rl_configs_validate_against_their_trainer(name, method):
     assert cfg.gold is not None  # every shipped RL config measures over-optimisation against a gold scorer
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in RECIPES.glob("*.yaml") if p.name not in TRAIN_CONFIGS))
+@pytest.mark.parametrize("path", sorted(p.name for p in RECIPES.glob("*.yaml") if p.name not in {*TRAIN_CONFIGS, *SWEEP_CONFIGS}))
 def test_pipeline_recipes_load_and_plan(path, tmp_path, monkeypatch):
     monkeypatch.chdir(RECIPES.parent)
     recipe = load_recipe(RECIPES / path, sets=[f"runs_dir={tmp_path / 'runs'}"])
     rows = run_recipe(recipe, dry_run=True)
     assert rows and all(r["status"] == "would run" for r in rows)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_CONFIGS))
+def test_sweep_configs_validate(name):
+    from protege.sweep import SweepConfig
+
+    load_config(SweepConfig, RECIPES / name)

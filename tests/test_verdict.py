@@ -211,3 +211,21 @@ def test_report_uses_a_trusted_judge_for_style(tmp_path):
     h = model_table(collect([str(tmp_path)]), base="base", teacher="teacher")["headlines"]["student"]
     assert h["style"]["measure"].startswith("judge win rate") and h["style"]["value"] == pytest.approx(0.875)
     assert "moved toward the teacher" in h["sentences"][0] and "false promise" in h["sentences"][2]
+
+
+def test_style_verdict_when_each_round_is_judged_against_its_starting_model():
+    """LLaMA-2-style rounds: teacher == base (the SFT model), so the base's own win rate is 0.5 by definition."""
+    from protege.evaluate.report import verdict
+
+    items = {"arithmetic": {f"q{i}": float(i % 2) for i in range(40)}}
+    row = {"plain_items": items, "items": items, "prompt_style": "plain", "teacher_nll": None}
+    table = {"base": "sft", "teacher": "sft", "rows": [{"model": "sft", **row}, {"model": "round-1", **row}]}
+    judged = [{"id": f"p{i}", "outcome": "loss" if i < 24 else "tie"} for i in range(30)]  # round-1 listed first
+    data = {"judges": [{"mode": "pairwise", "models": ["round-1", "sft"], "judgments": judged,
+                        "trust": {"trustworthy": True}}]}
+    out = verdict(data, table, "round-1")
+    assert out["style"] is not None
+    assert out["style"]["value"] == pytest.approx(6 * 0.5 / 30 - 0.5)  # win rate 0.1 against the SFT model
+    assert out["style"]["ci"][1] < 0 and "round-1 was judged worse than sft" in out["sentences"][0]
+    data["judges"][0]["trust"] = {"trustworthy": False}  # an untrusted judge still gives no style verdict
+    assert verdict(data, table, "round-1")["style"] is None

@@ -39,6 +39,8 @@ class StyleShift:
     measure: str  # e.g. "judge win rate against the teacher"
     delta: Estimate  # student − base, oriented so that positive = closer to the teacher
     unit: str = ""
+    toward: str = "moved toward the teacher"  # what a positive / negative delta says about the student
+    away: str = "moved away from the teacher"
 
 
 def headline(student: str, base: str, style: StyleShift | None, substance: Estimate | None,
@@ -49,10 +51,10 @@ def headline(student: str, base: str, style: StyleShift | None, substance: Estim
         out.append(f"Style: no trustworthy style measure for {student} vs {base} (no calibrated judge verdicts and "
                    "no teacher-likeness scores).")
     elif style.delta.sign > 0:
-        out.append(f"Style: {student} moved toward the teacher: {style.measure} {style.delta.text()}{style.unit} "
+        out.append(f"Style: {student} {style.toward}: {style.measure} {style.delta.text()}{style.unit} "
                    f"relative to {base}.")
     elif style.delta.sign < 0:
-        out.append(f"Style: {student} moved away from the teacher: {style.measure} {style.delta.text()}{style.unit} "
+        out.append(f"Style: {student} {style.away}: {style.measure} {style.delta.text()}{style.unit} "
                    f"relative to {base}.")
     else:
         out.append(f"Style: no measurable difference between {student} and {base} in {style.measure} "
