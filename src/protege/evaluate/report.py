@@ -259,18 +259,19 @@ def verdict(data: dict[str, Any], table: dict[str, Any], student: str) -> dict[s
     if base not in rows or student not in rows:
         return {"sentences": [], "style": None, "substance": None}
     style = None
-    js, jb = (_judge_scores(data["judges"], student, teacher), _judge_scores(data["judges"], base, teacher)) \
-        if teacher else (None, None)
-    if js and teacher == base:  # each round judged against the model it started from: the base vs itself is a tie
-        jb = ({k: 0.5 for k in js[0]}, True)
+    against_base = bool(teacher) and teacher == base  # each round judged against the model it started from
+    js = _judge_scores(data["judges"], student, teacher) if teacher else None
+    if js and against_base:  # the base against itself is a tie on every prompt
+        jb: tuple[dict[str, float], bool | None] | None = ({k: 0.5 for k in js[0]}, True)
+    else:
+        jb = _judge_scores(data["judges"], base, teacher) if teacher else None
     if js and jb and js[1] is True and jb[1] is True:
         d = paired_diff({"judge": js[0]}, {"judge": jb[0]})
-        if d and teacher == base:
-            style = StyleShift(f"judge win rate against {base} (calibrated judge; {base} itself = 0.5)",
-                               Estimate(d["diff"], d["lo"], d["hi"]), toward=f"was preferred to {base}",
-                               away=f"was judged worse than {base}")
-        elif d:
-            style = StyleShift("judge win rate against the teacher (calibrated judge)", Estimate(d["diff"], d["lo"], d["hi"]))
+        if d:
+            est = Estimate(d["diff"], d["lo"], d["hi"])
+            style = StyleShift(f"judge win rate against {base} (calibrated judge; {base} itself = 0.5)", est,
+                               toward=f"was preferred to {base}", away=f"was judged worse than {base}") \
+                if against_base else StyleShift("judge win rate against the teacher (calibrated judge)", est)
     if style is None:
         ls, lb = rows[student].get("teacher_nll"), rows[base].get("teacher_nll")
         if ls and lb and ls.get("per_item") and lb.get("per_item"):

@@ -35,6 +35,7 @@ from ..errors import StageError
 from ..manifest import Timer
 from ..records import Comparison, JsonlWriter
 from ..teachers import TeacherConfig, TeacherResponse, make_teacher
+from ..train.rewards import GOLD_RULES, matches_gold  # one definition for pair labels and RL rewards
 from .common import GeneratorRun, clean_reply, sampling
 from .distill import load_prompts
 
@@ -65,9 +66,6 @@ class PairsConfig(StageConfig):
     progress: bool = Field(True, description="show a progress bar")
 
 
-GOLD_RULES = ("contains_gold", "final_number")  # rules that read the prompt's gold answer
-
-
 def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str | None = None) -> bool:
     """Whether one sampled answer satisfies the labelling rule."""
     tokens = int(response.usage.get("completion_tokens", 0))
@@ -78,8 +76,6 @@ def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str
     if rule in GOLD_RULES:
         if gold is None:
             raise StageError(f"rule {rule} needs a gold answer in every prompt record's meta")
-        from ..train.rewards import matches_gold  # one definition for pair labels and RL rewards
-
         return matches_gold(rule, response.text, str(gold))
     raise StageError(f"unknown rule {rule!r}")
 

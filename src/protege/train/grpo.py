@@ -88,7 +88,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     proxy, gold, gold_cfg = make_rewards(config, log)
 
     model, tok, chat, pad, engine = load_policy(config, accelerator)
-    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk, config.temperature or 1.0))
+    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk, config.score_temperature))
     if main:
         save_config(config, out_dir)
 

@@ -120,7 +120,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     torch.nn.init.zeros_(model.value_head.weight)
     torch.nn.init.zeros_(model.value_head.bias)
     module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad,
-                                                config.temperature or 1.0))
+                                                config.score_temperature))
     if main:
         save_config(config, out_dir)
 

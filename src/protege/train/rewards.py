@@ -33,7 +33,9 @@ from ..config import StageConfig
 from ..errors import StageError
 
 __all__ = ["PromptItem", "RewardConfig", "RewardSpec", "Reward", "make_reward", "describe_reward", "load_prompt_items",
-           "contains_gold", "final_number", "matches_gold"]
+           "contains_gold", "final_number", "matches_gold", "GOLD_RULES"]
+
+GOLD_RULES = ("contains_gold", "final_number")  # rules that read the prompt's gold answer (`matches_gold`)
 
 
 @dataclass
@@ -164,7 +166,7 @@ def _rule(cfg: RewardConfig) -> Reward:
     def reward(items: list[PromptItem], answers: list[str], n_tokens: list[int], finish: list[str]) -> list[float]:
         out = []
         for it, ans, n, fin in zip(items, answers, n_tokens, finish):
-            if cfg.rule in ("contains_gold", "final_number"):
+            if cfg.rule in GOLD_RULES:
                 if it.gold is None:
                     raise StageError(f"reward rule {cfg.rule}: prompt {it.id} has no gold answer")
                 out.append(float(matches_gold(cfg.rule, ans, it.gold)))

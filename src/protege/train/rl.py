@@ -72,6 +72,11 @@ class RLSettings(TrainSettings):
                                      "rollouts (restored bit-exactly after; costs one copy of the adapted weights)")
 
     @property
+    def score_temperature(self) -> float:
+        """The temperature rollouts are scored at: the one they were sampled at, 1 for greedy (0) rollouts."""
+        return self.temperature or 1.0
+
+    @property
     def max_prompt(self) -> int:
         """Prompt tokens kept (from the end) so that prompt + answer fit `max_length`."""
         return max(1, self.max_length - self.max_new_tokens)

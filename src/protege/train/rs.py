@@ -195,7 +195,7 @@ def run(config: RSConfig) -> dict[str, Any]:
         from .dpo import PolicyLogprobs
 
         policy = PeftModel.from_pretrained(model, str(adapter)).eval()
-        scorer = PolicyLogprobs(policy, config.logits_chunk, config.temperature or 1.0)  # KL of the sampled answers
+        scorer = PolicyLogprobs(policy, config.logits_chunk, config.score_temperature)  # KL of the sampled answers
 
         def logps(b: dict[str, torch.Tensor], ref: bool) -> torch.Tensor:
             args = (b["input_ids"], b["position_ids"], None, b["score_index"], b["score_target"])
