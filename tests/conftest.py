@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: nothing may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `precision: auto` means bf16 on a CPU with bf16 units; the suite's exactness checks (resume, 2 processes
+# = 1, greedy = HF generate) compare fp32 runs, and the precision tests ask for bf16 explicitly.
+os.environ.setdefault("PROTEGE_PRECISION", "fp32")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

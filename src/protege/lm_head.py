@@ -82,4 +82,6 @@ def embed_inputs(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
     picked = (hit.to(rows.dtype) @ rows)  # (B, T, H): the trainable row where an id matches, else 0
     if scale is not None:
         picked = picked * scale.to(picked.dtype)
-    return torch.where(hit.any(-1, keepdim=True), picked, frozen)
+    # The trainable rows are fp32 (master weights); the decoder takes its own storage dtype (bf16 in a
+    # low-precision run), so the swapped-in rows are rounded to it as every other input row is.
+    return torch.where(hit.any(-1, keepdim=True), picked.to(frozen.dtype), frozen)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["sha256_file", "sha256_path", "write_manifest", "read_manifest", "package_versions", "Timer"]
+__all__ = ["sha256_file", "sha256_path", "write_manifest", "read_manifest", "package_versions", "hardware", "Timer"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -51,6 +51,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def hardware() -> dict[str, Any]:
+    """What ran the stage: timings and `precision: auto` depend on it (bf16 units, GPU, threads)."""
+    import torch
+
+    from .precision import cpu_bf16_units
+
+    info: dict[str, Any] = {"cpu_bf16_units": list(cpu_bf16_units()), "torch_threads": torch.get_num_threads(),
+                            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
 def write_manifest(
     out_dir: str | Path,
     stage: str,
@@ -75,6 +88,16 @@ def write_manifest(
         "versions": package_versions(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    manifest["hardware"] = hardware()
+    precision = getattr(config, "precision", None) if isinstance(config, BaseModel) else cfg.get("precision")
+    if isinstance(precision, str):
+        from .errors import StageError
+        from .precision import resolve_precision
+
+        try:
+            manifest["precision"] = resolve_precision(precision).manifest()
+        except StageError as err:  # a stage that ran never gets here with an impossible choice
+            manifest["precision"] = {"precision": precision, "error": str(err)}
     if extra:
         manifest.update(extra)
     path = out_dir / "manifest.json"

@@ -34,7 +34,7 @@ from .fit import LossOutput, fit, pad_id, start_run
 from .logprobs import token_logprobs
 from .pairs import additive_mask
 from .losses import dpo_loss
-from .model import prepare_model, require_head_parts, save_model
+from .model import load_base, prepare_model, require_head_parts, save_model
 from .pairs import PairExample, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 
@@ -164,16 +164,21 @@ def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Pat
     return done
 
 
+def _precision_key(config: DPOConfig, precision: str) -> list[str]:
+    # fp32 runs keep the cache keys they had before precision existed (their cached log-probs stay valid).
+    return [] if precision == "fp32" and config.quantization == "none" else [precision, config.quantization]
+
+
 def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Compute (or reuse) reference log-probs, then train with DPO through `fit`; returns summary counts."""
     from ..chat import ChatFormat
-    from ..models import load, protege_home
+    from ..models import protege_home
 
     t_start = time.time()
     ctx = start_run("dpo", config)
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
-    model, tok = load(config.model, device="cpu")
+    model, tok = load_base(config, ctx.precision, accelerator.device)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     pad = pad_id(tok)
     train, held, stats, eval_stats = load_pair_sets(config, chat, "dpo")
@@ -183,8 +188,9 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     # ---- reference log-probs (before any training; main process computes, all read) --------
     frozen = copy.deepcopy(model) if config.method == "full" else None
     model = prepare_model(config, model, chat).to(accelerator.device)
-    key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length,
-                                     data_hash]).encode()).hexdigest()[:20]
+    # The reference log-probs depend on the precision they are computed in (as the policy's must match them).
+    key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length, data_hash,
+                                     *_precision_key(config, ctx.precision.name)]).encode()).hexdigest()[:20]
     cache = Path(config.reference_cache or protege_home() / "reference_logps") / f"{key}.jsonl"
     share = can_share_prompt(model, config)
     if main:
@@ -192,7 +198,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
             ref_module, reference_mode = PolicyLogprobs(frozen.to(accelerator.device), config.logits_chunk), torch.no_grad()
         else:  # LoRA: the reference is the base model, i.e. the policy with its adapters switched off
             ref_module, reference_mode = PolicyLogprobs(model, config.logits_chunk), model.disable_adapter()
-        with reference_mode:
+        with reference_mode, accelerator.autocast():  # the policy's precision, so KL is 0 at step 0
             reference_logprobs(ref_module, train + held, cache, pad, config.max_length, config.batch_size,
                                accelerator.device, log, share)
     accelerator.wait_for_everyone()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import StageError
+from ..precision import ResolvedPrecision, resolve_precision
 from .loop import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
                    save_checkpoint)
 from .settings import TrainSettings
@@ -80,6 +81,7 @@ class RunContext:
     world: int  # number of processes
     out_dir: Path
     log: Callable[[str], None]
+    precision: ResolvedPrecision
 
     def steps(self, config: TrainSettings, n_micro_batches: int) -> int:
         """Optimizer steps `fit` will take for this many planned micro-batches."""
@@ -87,17 +89,29 @@ class RunContext:
 
 
 def start_run(name: str, config: TrainSettings) -> RunContext:
-    """What every method does first: accelerator (CPU unless CUDA is present), out_dir, logger, seed."""
+    """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed."""
     from accelerate import Accelerator
 
     from .loop import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    precision = resolve_precision(config.precision, "cpu" if cpu else "cuda")
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision.mixed_precision:
+        # accelerate keeps one precision per process; a pipeline (or RS's inner SFT) may run stages of
+        # different precisions in one process. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     main = accelerator.is_main_process
-    return RunContext(accelerator, main, accelerator.num_processes, out_dir, run_logger(name, out_dir, main))
+    log = run_logger(name, out_dir, main)
+    log(f"precision {precision.name} ({precision.reason})"
+        + (f", base quantized {config.quantization}" if config.quantization != "none" else "")
+        + (", gradient checkpointing" if config.gradient_checkpointing else ""))
+    return RunContext(accelerator, main, accelerator.num_processes, out_dir, log, precision)
 
 
 def pad_id(tok: Any) -> int:
@@ -138,7 +152,8 @@ def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[
     total, keys = None, None
     for mb, w in tqdm(list(zip(mine, weights)), desc="eval", unit="batch", leave=False,
                       disable=not accelerator.is_main_process, dynamic_ncols=True):
-        out = loss_fn(module, mb)
+        with accelerator.autocast():
+            out = loss_fn(module, mb)
         keys = keys if keys is not None else sorted(out.metrics)
         s = _sums(out, keys, w, accelerator.device)
         total = s if total is None else total + s
@@ -164,6 +179,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
 
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     log = run_logger(name, out_dir, main)
+    # `precision: auto` may resolve differently on another machine: a checkpoint records what it ran in.
+    fingerprint = {**fingerprint, "precision_resolved": accelerator.mixed_precision}
     ckpt_root = out_dir / "checkpoints"
     per_step = config.grad_accum * world
     if not micro_batches:
@@ -220,7 +237,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         for j, mb in enumerate(mine):
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(module)
             with sync:
-                out = loss_fn(module, mb)
+                with accelerator.autocast():  # a no-op in fp32; the loss functions reduce in fp32 themselves
+                    out = loss_fn(module, mb)
                 accelerator.backward(out.loss_sum * weight)
             keys = keys if keys is not None else sorted(out.metrics)
             s = _sums(out, keys, weight, accelerator.device)

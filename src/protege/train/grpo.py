@@ -87,7 +87,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     items, held = split_prompts(config, "grpo")
     proxy, gold, gold_cfg = make_rewards(config, log)
 
-    model, tok, chat, pad, engine = load_policy(config, accelerator)
+    model, tok, chat, pad, engine = load_policy(config, ctx)
     module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk, config.score_temperature))
     if main:
         save_config(config, out_dir)

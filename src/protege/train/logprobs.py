@@ -28,7 +28,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, row_ids, rows, softcap, acc) 
     """(softcapped logits (n, V) in `acc` precision, tanh(z / c) for the softcap derivative or None)."""
     z = (h @ weight.t()).to(acc)
     if rows is not None:
-        z[:, row_ids] = (h @ rows.t()).to(acc)
+        z[:, row_ids] = (h @ rows.t().to(h.dtype)).to(acc)  # fp32 trainable rows, bf16 h
     if softcap is None:
         return z, None
     t = torch.tanh(z.div_(softcap))

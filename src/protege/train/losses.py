@@ -55,7 +55,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             at = torch.arange(len(y), device=y.device)
             z = (h @ weight.t()).to(acc)  # (n_chunk, V): the only logits that ever exist
             if rows is not None:
-                z[:, row_ids] = (h @ rows.t()).to(acc)
+                z[:, row_ids] = (h @ rows.t().to(h.dtype)).to(acc)  # fp32 trainable rows, bf16 h
             if softcap is not None:
                 t = torch.tanh(z.div_(softcap))
                 z = t * softcap
@@ -88,6 +88,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_r) if x is not None))
         ctx.need = (need_h, need_w, need_r)
         ctx.weight_dtype = weight.dtype
+        ctx.rows_dtype = None if rows is None else rows.dtype  # fp32 master rows over a bf16 head
         return total
 
     @staticmethod
@@ -96,7 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w, need_r = ctx.need
         gh = saved.pop(0) * grad_out.to(ctx.weight_dtype) if need_h else None
         gw = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_w else None
-        gr = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if need_r else None
+        gr = (saved.pop(0) * grad_out).to(ctx.rows_dtype) if need_r else None
         return gh, gw, None, None, None, None, None, gr
 
 

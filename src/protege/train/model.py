@@ -4,15 +4,17 @@ special-token rows) or full fine-tuning, and the check that protege may split it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import StageError
 from ..lm_head import PLAIN_HEAD_TYPES, LMHeadParts, lm_head_parts
+from ..precision import ResolvedPrecision, upcast_trainable
 from .settings import TrainSettings
 
-__all__ = ["chat_special_tokens", "trainable_token_ids", "prepare_model", "require_head_parts", "save_model"]
+__all__ = ["chat_special_tokens", "trainable_token_ids", "base_dtype", "load_base", "prepare_model",
+           "require_head_parts", "save_model", "merged_fp32"]
 
 
 def chat_special_tokens(chat: Any) -> list[int]:
@@ -43,14 +45,47 @@ def trainable_token_ids(config: TrainSettings, chat: Any) -> list[int]:
     return sorted(set(ids))
 
 
+def base_dtype(config: TrainSettings, precision: ResolvedPrecision) -> str:
+    """The dtype the base weights are loaded in: the run's precision for frozen weights (LoRA), fp32 for
+    full fine-tuning (they are the master weights; autocast runs the matmuls in the low precision)."""
+    return "float32" if config.method == "full" else precision.torch_name
+
+
+def load_base(config: TrainSettings, precision: ResolvedPrecision, device: Any) -> tuple[Any, Any]:
+    """(causal LM, tokenizer) as a trainer starts from it: stored in `base_dtype`, quantized on `device`
+    when `quantization` asks (else on the CPU; the caller moves it after `prepare_model`)."""
+    from ..models import load
+
+    quantized = config.quantization != "none"
+    return load(config.model, dtype=base_dtype(config, precision), device=str(device) if quantized else "cpu",
+                quantization=config.quantization)
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise StageError(f"gradient_checkpointing: transformers does not support it for model type {kind!r}")
+    # Non-reentrant (torch's recommended mode): correct with frozen inputs, so no
+    # enable_input_require_grads hook is needed under LoRA.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: Any, task_type: str = "CAUSAL_LM",
                   modules_to_save: list[str] | None = None) -> torch.nn.Module:
     """Full fine-tuning: every parameter trains. LoRA: PEFT adapters on `lora.target_modules` plus the
     chat format's special-token rows of the embedding (and of an untied head); `modules_to_save`
-    (e.g. a reward model's score head) train in full beside them."""
+    (e.g. a reward model's score head) train in full beside them. Trainable parameters are fp32
+    whatever the base's storage (`upcast_trainable`); gradient checkpointing when configured."""
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        upcast_trainable(model)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -65,7 +100,9 @@ def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: Any, task
     lc = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                     target_modules=config.lora.target_modules, trainable_token_indices=tokens,
                     modules_to_save=modules_to_save, task_type=task_type)
-    return get_peft_model(model, lc)
+    peft_model = get_peft_model(model, lc)
+    upcast_trainable(peft_model)  # PEFT keeps LoRA in fp32 itself; the copied token rows / score head need it
+    return peft_model
 
 
 def require_head_parts(model: Any, method: str) -> LMHeadParts:
@@ -86,8 +123,27 @@ def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: An
     tok.save_pretrained(str(target))
     outputs.append(target)
     if config.save_merged and config.method == "lora":
-        merged = model.merge_and_unload()
+        merged = merged_fp32(config, model, target)
         merged.save_pretrained(str(out_dir / "merged"))
         tok.save_pretrained(str(out_dir / "merged"))
         outputs.append(out_dir / "merged")
     return outputs
+
+
+def merged_fp32(config: TrainSettings, model: Any, adapter_dir: Path, load_fp32: Callable[[], Any] | None = None) -> Any:
+    """The base with the adapters (saved in `adapter_dir`) folded in, in fp32. A base stored in bf16 or
+    quantized is loaded again in fp32 (`load_fp32`, default: the causal LM) and the adapter applied to it:
+    folding a fp32 delta into bf16 weights would round it away (bf16 keeps 8 bits of mantissa), and a
+    4-bit base would have to be re-quantized."""
+    low = any(p.dtype != torch.float32 for p in model.base_model.parameters()) or config.quantization != "none"
+    if not low:
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    if load_fp32 is None:
+        from ..models import load
+
+        base = load(config.model, dtype="float32", device="cpu")[0]
+    else:
+        base = load_fp32()
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

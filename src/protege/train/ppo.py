@@ -112,7 +112,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     items, held = split_prompts(config, "ppo")
     proxy, gold, gold_cfg = make_rewards(config, log)
 
-    model, tok, chat, pad, engine = load_policy(config, accelerator)
+    model, tok, chat, pad, engine = load_policy(config, ctx)
     hidden = model.get_input_embeddings().weight.shape[1]
     torch.manual_seed(config.seed)
     # a submodule: trained, checkpointed and restored by fit (the engine never calls it)

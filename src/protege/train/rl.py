@@ -275,15 +275,15 @@ def eval_plan(n_held: int, per_batch: int) -> list[tuple[int, list[int]]]:
     return [(-1 - s, list(range(s, min(s + per_batch, n_held)))) for s in range(0, n_held, per_batch)]
 
 
-def load_policy(config: RLSettings, accelerator: Any) -> tuple[Any, Any, Any, int, Any]:
+def load_policy(config: RLSettings, ctx: Any) -> tuple[Any, Any, Any, int, Any]:
     """(LoRA policy in train mode, tokenizer, chat format, pad id, engine decoding the live policy)."""
     from ..chat import ChatFormat
     from ..engine import Engine
-    from ..models import load
     from .fit import pad_id
-    from .model import prepare_model
+    from .model import load_base, prepare_model
 
-    model, tok = load(config.model, device="cpu")
+    accelerator = ctx.accelerator
+    model, tok = load_base(config, ctx.precision, accelerator.device)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     model = prepare_model(config, model, chat).to(accelerator.device)
     model.train()

@@ -29,7 +29,7 @@ from ..lm_head import embed_inputs
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import margin_values, reward_loss
-from .model import prepare_model
+from .model import merged_fp32, prepare_model
 from .pairs import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 
@@ -64,13 +64,15 @@ class RewardModule(torch.nn.Module):
         emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
         hidden = self._body[0](input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
                                position_ids=position_ids,
-                               attention_mask=additive_mask(attention_mask, self._score_dtype()),
+                               attention_mask=additive_mask(attention_mask, self._body_dtype()),
                                use_cache=False).last_hidden_state  # (B, T, H)
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (n_seqs, H)
-        return self._score(last).squeeze(-1).float()
+        head_dtype = next(self._score.parameters()).dtype  # fp32 when trained over a bf16 body
+        return self._score(last.to(head_dtype)).squeeze(-1).float()
 
-    def _score_dtype(self) -> torch.dtype:
-        return next(self._score.parameters()).dtype
+    def _body_dtype(self) -> torch.dtype:
+        # The decoder's storage dtype (bf16 in a low-precision run), not the fp32 trainable score head's.
+        return self._body[0].get_input_embeddings().weight.dtype
 
 
 def rm_report(chosen: list[float], rejected: list[float], margins: list[float], bins: int = 10,
@@ -159,10 +161,11 @@ def score(model: Any, chat: Any, prompts: list[list[dict[str, str]]], answers: l
     return out
 
 
-def _load_classifier(config: RMConfig, pad: int) -> Any:
+def _load_classifier(config: RMConfig, pad: int, precision: Any, device: Any) -> Any:
     from transformers import AutoModelForSequenceClassification
 
-    from ..models import resolve
+    from ..models import quantization_kwargs, resolve
+    from .model import base_dtype
 
     path = resolve(config.model)
     if Path(path).suffix == ".gguf":
@@ -173,7 +176,9 @@ def _load_classifier(config: RMConfig, pad: int) -> Any:
     hf_logging.set_verbosity_error()  # its "score.weight MISSING / lm_head UNEXPECTED" table is expected here
     try:
         # The score head starts random; the LM head of the causal checkpoint is dropped (not needed).
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        dtype = getattr(torch, base_dtype(config, precision))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, **quantization_kwargs(config.quantization, dtype, str(device)))
     except (OSError, ValueError) as err:
         raise StageError(f"rm: cannot load {config.model!r} as a sequence classifier: {err}") from None
     finally:
@@ -196,7 +201,7 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     pad = pad_id(tok)
     train, held, stats, eval_stats = load_pair_sets(config, chat, "rm")
     plan = plan_pair_batches(len(train), config.batch_size, config.epochs, config.seed)
-    model = _load_classifier(config, pad)
+    model = _load_classifier(config, pad, ctx.precision, accelerator.device)
     model = prepare_model(config, model, chat, task_type="SEQ_CLS").to(accelerator.device)
     model.train()
     if main:
@@ -253,7 +258,19 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     if main:
         chat.apply_to(tok)
         target = out_dir / "model"
-        final = model.merge_and_unload() if config.method == "lora" else model
+        if config.method == "lora":
+            import tempfile
+
+            from ..precision import resolve_precision
+
+            with tempfile.TemporaryDirectory(dir=out_dir) as adapter:
+                model.save_pretrained(adapter)
+                fp32 = resolve_precision("fp32")
+                final = merged_fp32(config, model, Path(adapter),
+                                    lambda: _load_classifier(config.model_copy(update={"quantization": "none"}), pad,
+                                                             fp32, "cpu"))
+        else:
+            final = model
         final.save_pretrained(str(target))
         tok.save_pretrained(str(target))
         write_manifest(out_dir, "rm", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],

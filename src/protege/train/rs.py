@@ -117,6 +117,7 @@ def run(config: RSConfig) -> dict[str, Any]:
     from ..chat import ChatFormat
     from ..engine import Engine
     from ..models import load
+    from ..precision import resolve_precision
     from .sft import SFTConfig
     from .sft import run as sft_run
 
@@ -127,7 +128,9 @@ def run(config: RSConfig) -> dict[str, Any]:
     save_config(config, out)
     items, held = split_prompts(config, "rs")
     proxy, gold, gold_cfg = make_rewards(config, log)
-    model, tok = load(config.model)
+    precision = resolve_precision(config.precision)
+    log(f"sampling in {precision.name} ({precision.reason})")
+    model, tok = load(config.model, dtype=precision.torch_name)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import StageConfig
+from ..precision import PRECISION_HELP, Precision
 
 __all__ = ["LoraSettings", "TrainSettings", "PreferenceSettings", "RESUME_NEUTRAL", "fingerprint"]
 
@@ -43,7 +44,12 @@ class TrainSettings(StageConfig):
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm (0 = off)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (bf16 is not always faster on CPU)")
+    precision: Precision = Field("auto", description=f"{PRECISION_HELP}. Frozen weights are stored in it, trainable "
+                                 "parameters and optimizer state stay fp32, matmuls run under autocast")
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="load the frozen base through bitsandbytes (QLoRA: nf4; LLM.int8: int8); method lora only")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in backward "
+                                         "(non-reentrant): less memory, ~30% more compute")
     logits_chunk: int = Field(256, ge=1, description="scored positions per LM-head chunk (memory vs speed)")
     seed: int = Field(0, description="seed for data order, LoRA init and dropout")
     eval_dataset: str | None = Field(None, description="held-out records for eval metrics (default: split off eval_fraction)")
@@ -57,6 +63,13 @@ class TrainSettings(StageConfig):
     resume: Literal["auto", "yes", "no"] = Field("auto", description="auto: continue from out_dir's checkpoint if the config is unchanged; yes: require one; no: start over")
     tensorboard: bool = Field(True, description="write TensorBoard events next to metrics.jsonl")
 
+    @model_validator(mode="after")
+    def _quantized_needs_lora(self) -> "TrainSettings":
+        if self.quantization != "none" and self.method != "lora":
+            raise ValueError(f"quantization: {self.quantization} trains adapters on a frozen quantized base "
+                             "(QLoRA); it needs method: lora")
+        return self
+
     @field_validator("resume", mode="before")
     @classmethod
     def _yaml_yes_no(cls, value: Any) -> Any:
@@ -66,7 +79,7 @@ class TrainSettings(StageConfig):
 
 # Keys that may change between a run and its resume without changing what is trained.
 RESUME_NEUTRAL = frozenset({"resume", "save_merged", "tensorboard", "log_every", "eval_every", "save_every",
-                            "keep_checkpoints"})
+                            "keep_checkpoints", "gradient_checkpointing"})
 
 
 def fingerprint(config: TrainSettings) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..manifest import write_manifest
 from .data import Example, TokenStats, collate, load_conversations, plan_micro_batches, split_held_out, tokenize
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import IGNORE_INDEX, sft_loss
-from .model import chat_special_tokens, prepare_model, require_head_parts, save_model
+from .model import chat_special_tokens, load_base, prepare_model, require_head_parts, save_model
 from .settings import LoraSettings, TrainSettings, fingerprint
 
 __all__ = ["LoraSettings", "SFTConfig", "SFTModule", "chat_special_tokens", "save_model", "run"]
@@ -78,7 +78,6 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     resumes. Tests use it; users interrupt with Ctrl-C or kill.
     """
     from ..chat import ChatFormat
-    from ..models import load
 
     t_start = time.time()
     if not config.datasets:
@@ -87,7 +86,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     # ---- data -----------------------------------------------------------------------------
-    model, tok = load(config.model, device="cpu")
+    model, tok = load_base(config, ctx.precision, accelerator.device)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     pad = pad_id(tok)
     stats, eval_stats = TokenStats(), TokenStats()

@@ -1,0 +1,225 @@
+"""One `precision` setting: how `auto` resolves, and every trainer in bf16 against fp32 on tiny models
+(loss curves, DPO's ln 2 and RL's KL 0 at step 0, frozen weights stored in bf16, trainable ones fp32),
+gradient checkpointing (same gradients, less saved activation memory), and a bf16-trained model that
+exports and loads back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from protege.errors import StageError
+from protege.precision import resolve_precision
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _losses(out_dir):
+    return [r["loss"] for r in _rows(f"{out_dir}/metrics.jsonl") if "loss" in r]
+
+
+# ---- resolution -------------------------------------------------------------------------------
+
+def test_auto_follows_the_cpus_bf16_units_and_explicit_choices_are_checked(monkeypatch):
+    import protege.precision as precision
+
+    monkeypatch.delenv("PROTEGE_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ("avx512_bf16",))
+    got = resolve_precision("auto", "cpu")
+    assert (got.name, got.dtype, got.mixed_precision) == ("bf16", torch.bfloat16, "bf16")
+    assert "avx512_bf16" in got.reason and got.manifest()["requested"] == "auto"
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: ())
+    got = resolve_precision("auto", "cpu")
+    assert got.name == "fp32" and "emulated" in got.reason and got.torch_name == "float32"
+    assert resolve_precision("bfloat16", "cpu").name == "bf16"  # transformers' spelling
+    assert resolve_precision("no", "cpu").name == "fp32"  # accelerate's
+    with pytest.raises(StageError, match="GPU only"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(StageError, match="not one of"):
+        resolve_precision("int4", "cpu")
+    monkeypatch.setenv("PROTEGE_PRECISION", "bf16")
+    got = resolve_precision("auto", "cpu")
+    assert got.name == "bf16" and got.reason == "PROTEGE_PRECISION=bf16"
+    assert resolve_precision("fp32", "cpu").name == "fp32"  # an explicit choice wins over the environment
+
+
+def test_cpu_units_are_read_once_and_match_proc_cpuinfo():
+    from protege.precision import _proc_cpu_flags, cpu_bf16_units
+
+    flags = _proc_cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    assert ("avx512_bf16" in cpu_bf16_units()) == ("avx512_bf16" in flags)
+    assert cpu_bf16_units() is cpu_bf16_units()
+
+
+def test_quantization_needs_lora():
+    from protege.train.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="needs method: lora"):
+        SFTConfig(method="full", quantization="nf4")
+
+
+# ---- SFT ----------------------------------------------------------------------------------------
+
+def _sft(tmp_path, model_dir, data, name, **kw):
+    from test_train_sft import cfg
+
+    from protege.train.sft import run
+
+    settings = dict(max_steps=20, schedule="constant", learning_rate=1e-2, lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    config = cfg(tmp_path / name, model_dir, data, **{**settings, **kw})
+    return config, run(config)
+
+
+def test_sft_bf16_follows_the_fp32_curve_with_bf16_storage_and_fp32_trainables(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+    from test_train_sft import write_chats
+
+    data = write_chats(tmp_path / "chats.jsonl")
+    c32, _ = _sft(tmp_path, tiny_llama_dir, data, "fp32", precision="fp32")
+    c16, _ = _sft(tmp_path, tiny_llama_dir, data, "bf16", precision="bf16", save_merged=True)
+    a, b = _losses(c32.out_dir), _losses(c16.out_dir)
+    assert len(a) == len(b) == 20 and b[-1] < b[0] - 0.3
+    assert max(abs(x - y) / x for x, y in zip(a, b)) < 0.01, (a, b)  # within 1% at every step
+    manifest = json.loads(open(f"{c16.out_dir}/manifest.json").read())
+    assert manifest["precision"] == {"precision": "bf16", "requested": "bf16", "reason": "requested"}
+    assert "cpu_bf16_units" in manifest["hardware"]
+    # the adapter is saved in fp32 and moved; the merged model is fp32 (folded in fp32, not into bf16)
+    adapter = load_file(f"{c16.out_dir}/adapter/adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 for v in adapter.values())
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    merged = load_file(f"{c16.out_dir}/merged/model.safetensors")
+    assert all(v.dtype == torch.float32 for v in merged.values())
+
+
+def test_bf16_run_stores_frozen_weights_in_bf16_and_trains_fp32(tiny_llama_dir):
+    from protege.chat import ChatFormat
+    from protege.train.model import load_base, prepare_model
+    from protege.train.sft import SFTConfig
+
+    config = SFTConfig(model=str(tiny_llama_dir), precision="bf16", datasets=["unused.jsonl"])
+    model, tok = load_base(config, resolve_precision("bf16", "cpu"), "cpu")
+    model = prepare_model(config, model, ChatFormat.from_tokenizer(tok))
+    kinds = {(p.dtype, p.requires_grad) for p in model.parameters()}
+    assert kinds == {(torch.bfloat16, False), (torch.float32, True)}
+    # full fine-tuning keeps fp32 master weights (autocast runs the matmuls in bf16)
+    full = SFTConfig(model=str(tiny_llama_dir), precision="bf16", method="full", datasets=["unused.jsonl"])
+    model, tok = load_base(full, resolve_precision("bf16", "cpu"), "cpu")
+    assert {p.dtype for p in prepare_model(full, model, ChatFormat.from_tokenizer(tok)).parameters()} == {torch.float32}
+
+
+def test_full_finetuning_in_bf16_learns(tmp_path, tiny_gemma):
+    from test_train_sft import write_chats
+
+    model, tok = tiny_gemma
+    model.save_pretrained(tmp_path / "g")
+    tok.save_pretrained(tmp_path / "g")
+    data = write_chats(tmp_path / "chats.jsonl")
+    config, _ = _sft(tmp_path, tmp_path / "g", data, "full", precision="bf16", method="full", learning_rate=1e-3)
+    curve = _losses(config.out_dir)
+    assert curve[-1] < curve[0] - 0.3, curve
+
+
+# ---- gradient checkpointing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_saves_fewer_activations(arch, request):
+    """Non-reentrant checkpointing: gradients equal the unchecked run's; the activations autograd keeps
+    for backward (counted through saved-tensor hooks) shrink."""
+    import copy
+
+    from protege.chat import ChatFormat
+    from protege.train.model import prepare_model
+    from protege.train.sft import SFTConfig, SFTModule
+
+    base, tok = request.getfixturevalue(f"tiny_{arch}")
+    chat = ChatFormat.from_tokenizer(tok)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (2, 48))
+    labels = ids.clone()
+    pos = torch.arange(48).expand(2, 48)
+    grads, saved = {}, {}
+    for ckpt in (False, True):
+        config = SFTConfig(model="x", datasets=["x"], gradient_checkpointing=ckpt, lora={"dropout": 0.0})
+        torch.manual_seed(1)
+        model = prepare_model(config, copy.deepcopy(base), chat)
+        model.train()
+        module = SFTModule(model)
+        nbytes = 0
+
+        def pack(t):
+            nonlocal nbytes
+            nbytes += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = module(ids, pos, labels, normalizer=1.0)
+        loss.backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        saved[ckpt] = nbytes
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved[True] < 0.6 * saved[False], saved
+
+
+# ---- preference and RL ---------------------------------------------------------------------------
+
+def test_dpo_bf16_starts_at_ln2_and_learns(tmp_path, tiny_llama_dir):
+    from test_train_preference import dpo_cfg, write_pairs
+
+    from protege.train.dpo import run
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    config = dpo_cfg(tmp_path, tiny_llama_dir, pairs, precision="bf16")
+    run(config)
+    loss = _losses(config.out_dir)
+    # the reference log-probs are computed in the policy's precision: at step 0 policy == reference exactly
+    assert loss[0] == pytest.approx(math.log(2.0), abs=1e-3)
+    assert sum(loss[-3:]) / 3 < loss[0] - 0.1, loss
+
+
+def test_rm_bf16_learns_and_saves_an_fp32_classifier(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+    from test_train_preference import rm_cfg, write_pairs
+
+    from protege.train.rm import run
+
+    config = rm_cfg(tmp_path, tiny_llama_dir, write_pairs(tmp_path / "pairs.jsonl"), precision="bf16")
+    summary = run(config)
+    loss = _losses(config.out_dir)
+    assert sum(loss[-3:]) / 3 < loss[0] - 0.2, loss
+    assert summary["eval_accuracy"] >= 0.9
+    weights = load_file(str(tmp_path / "rm" / "model" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_grpo_bf16_starts_at_kl_0_and_raises_the_reward(tmp_path, tiny_policy_dir):
+    from test_grpo import _config
+
+    from protege.train.grpo import run
+
+    cfg = _config(tmp_path, tiny_policy_dir, precision="bf16")
+    run(cfg)
+    out = tmp_path / "grpo"
+    rows = [r for r in _rows(out / "metrics.jsonl") if "reward" in r]
+    first, last = sum(r["reward"] for r in rows[:2]) / 2, sum(r["reward"] for r in rows[-4:]) / 4
+    assert last > first + 0.25, [r["reward"] for r in rows]
+    watch = json.loads((out / "overoptimisation.json").read_text())
+    assert watch["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ppo_bf16_starts_at_kl_0(tmp_path, tiny_policy_dir):
+    from test_ppo import _cfg
+
+    from protege.train.ppo import run
+
+    run(_cfg(tmp_path, tiny_policy_dir, precision="bf16"))
+    watch = json.loads((tmp_path / "ppo" / "overoptimisation.json").read_text())
+    assert watch["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6) and watch["history"][-1]["kl"] > 0
