@@ -21,8 +21,10 @@ def register(sub: Any) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require `Authorization: Bearer $VAR` on /v1/* (default: no key)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: %(default)s)")
+    p.add_argument("--precision", "--dtype", default="auto",
+                   choices=["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="weights precision; auto = bf16 where the device runs it fast (CUDA with bf16, a CPU with "
+                        "AMX-BF16 or AVX512-BF16), else fp32 (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp"],
                    help="auto: llama.cpp for .gguf files when llama-cpp-python is installed, else protege's engine")
     p.add_argument("--name", default=None, help="model name reported by /v1/models (default: MODEL)")
@@ -64,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise StageError("--max-body-mb, --max-waiting and --request-timeout must be positive")
     guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                   max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    engine = engine_for(args.model, args.backend, args.dtype, args.max_batch)
+    engine = engine_for(args.model, args.backend, args.precision, args.max_batch)
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,
                      max_waiting=args.max_waiting, request_timeout_s=args.request_timeout)

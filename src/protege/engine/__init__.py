@@ -10,7 +10,8 @@ until `has_pending()` is false; each step returns `StepOutput`s (new token ids, 
 delta, and the `Completion` on a request's last step). `cancel(id)` frees a slot. The engine is
 not thread-safe: drive it from one thread.
 
-Weights: "fp32" runs the model as loaded; on CPU the greedy argmax over the vocabulary is found by
+Weights: "fp32" runs the model as loaded (in the dtype it was loaded in: `engine_for` loads bf16 where
+`precision: auto` says so); with a fp32 head on CPU the greedy argmax over the vocabulary is found by
 an int8 scan of the LM head plus fp32 rescoring of the 256 leaders (see `head.py`). "int8" (CPU)
 also turns the decoder's Linear layers into SmoothQuant int8 ones in place (see `int8.py`): fewer
 bytes per token, greedy output close to but not identical with fp32.
@@ -24,10 +25,12 @@ from .sampling import SamplingParams
 __all__ = ["Engine", "SamplingParams", "Completion", "StepOutput", "engine_for"]
 
 
-def engine_for(spec: str, backend: str = "auto", dtype: str = "float32", max_batch: int = 16) -> Any:
+def engine_for(spec: str, backend: str = "auto", precision: str = "auto", max_batch: int = 16) -> Any:
     """The engine for a model spec: llama.cpp for a `.gguf` when llama-cpp-python is installed (or
-    `backend="llama.cpp"`), protege's torch engine otherwise (`backend="torch"` forces it)."""
+    `backend="llama.cpp"`), protege's torch engine otherwise (`backend="torch"` forces it), its weights
+    in `precision` (`auto`: bf16 where the device runs it fast; see `protege.precision`)."""
     from ..models import ALIASES, resolve
+    from ..precision import resolve_precision
 
     if spec in ALIASES and not ALIASES[spec].convert:
         spec = resolve(spec)  # a GGUF-only alias (the judge candidates)
@@ -45,4 +48,4 @@ def engine_for(spec: str, backend: str = "auto", dtype: str = "float32", max_bat
         if not is_gguf:
             raise ValueError(f"the llama.cpp backend runs .gguf files; {spec} is not one")
         return LlamaCppEngine(spec)
-    return Engine.from_spec(spec, dtype=dtype, max_batch_size=max_batch)
+    return Engine.from_spec(spec, dtype=resolve_precision(precision).torch_name, max_batch_size=max_batch)

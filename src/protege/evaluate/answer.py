@@ -27,6 +27,7 @@ from pydantic import Field
 from ..config import StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
+from ..precision import PRECISION_HELP, Precision
 from ..records import write_records
 from .task import iter_jsonl
 
@@ -56,6 +57,7 @@ class AnswerConfig(StageConfig):
     top_p: float = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
     seed: int = Field(0, description="sampling seed: same seed + same prompt = same answer")
     batch_size: int = Field(16, description="local backend: sequences decoded together")
+    precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
     teacher_answers: str | None = Field(None, description="held-out answers of the teacher (answers.jsonl or its "
                                         "folder): their per-token NLL under this model is written to "
                                         "teacher_nll.json (teacher-likeness; local torch models only)")
@@ -153,7 +155,7 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     save_config(cfg, out)
     prompts = read_prompts(cfg.prompts, cfg.limit)
     teacher = make_teacher(TeacherConfig(backend=cfg.backend, model=cfg.model, base_url=cfg.base_url,
-                                         max_batch_size=cfg.batch_size), cache_dir=out)
+                                         max_batch_size=cfg.batch_size, precision=cfg.precision), cache_dir=out)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed)
     histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]

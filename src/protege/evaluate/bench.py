@@ -21,6 +21,7 @@ from pydantic import Field
 
 from ..config import StageConfig, save_config
 from ..manifest import write_manifest
+from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
 from .intervals import bootstrap_ci
 from .task import TaskSpec, load_items, resolve_task, split_fewshot
@@ -44,7 +45,7 @@ class BenchConfig(StageConfig):
     limit: int | None = Field(None, description="evaluate at most this many items per task")
     batch_size: int = Field(8, description="questions per forward (multiple choice) / sequences per batch")
     max_length: int = Field(2048, description="context tokens kept (oldest dropped) for log-likelihoods")
-    dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     device: str | None = Field(None, description="cpu / cuda (default: cuda when available)")
     other_style: bool = Field(True, description="a chat model is also scored with plain prompting (results.json "
                               "`other_style`), so a prompt-format effect is never read as lost capability")
@@ -109,7 +110,8 @@ class _Runner:
 
         self.cfg = cfg
         if model is None:
-            model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            model, tokenizer = load(cfg.model, dtype=resolve_precision(cfg.precision, cfg.device).torch_name,
+                                    device=cfg.device)
         self.model, self.tok = model, tokenizer
         fmt = ChatFormat.from_tokenizer(tokenizer)
         use_chat = cfg.prompt_style == "chat" or (cfg.prompt_style == "auto" and fmt.name == "tokenizer")
@@ -126,7 +128,11 @@ class _Runner:
 
 
 def _task_key(cfg: BenchConfig, spec: TaskSpec, style: str, fewshot: int) -> str:
-    blob = json.dumps([cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length], sort_keys=True)
+    parts = [cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length]
+    precision = resolve_precision(cfg.precision, cfg.device).name
+    if precision != "fp32":  # fp32 items keep the keys they had before precision existed
+        parts.append(precision)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..config import StageConfig
+from ..precision import PRECISION_HELP, Precision
 from ..errors import StageError
 from .cache import ResponseCache, request_key
 
@@ -41,6 +42,7 @@ class TeacherConfig(StageConfig):
     backoff_base: float = Field(1.0, ge=0, description="openai backend: first retry waits about this many seconds, doubling each time (with jitter)")
     backoff_max: float = Field(60.0, ge=0, description="openai backend: longest wait between retries unless the server's Retry-After asks for more")
     max_batch_size: int = Field(16, ge=1, description="local backend: prompts decoded together")
+    precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
 
 
 @dataclass
@@ -90,6 +92,10 @@ class Teacher:
         """Answer each conversation's next assistant turn. `sampling`: one SamplingParams or one per conversation."""
         return self._complete("chat", [[dict(m) for m in c] for c in conversations], sampling, progress)
 
+    def _identity(self) -> dict[str, Any]:
+        """Who answers, as the cache keys it: a different model (or precision) must not reuse answers."""
+        return {"backend": self.backend, "model": self.config.model}
+
     def complete_prompts(self, prompts: list[str], sampling: Any, progress: bool = False) -> list[TeacherResponse]:
         """Continue plain text prompts (for base models: the original Self-Instruct setting)."""
         return self._complete("text", list(prompts), sampling, progress)
@@ -101,7 +107,7 @@ class Teacher:
         results: list[TeacherResponse | None] = [None] * len(items)
         pending: dict[str, list[int]] = {}  # key -> indices waiting for it (identical requests are sent once)
         for i, (item, p) in enumerate(zip(items, params)):
-            key = request_key({"backend": self.backend, "model": self.config.model, "kind": kind,
+            key = request_key({**self._identity(), "kind": kind,
                                "input": item, "sampling": sampling_dict(p)})
             self.stats["requests"] += 1
             hit = self.cache.get(key)
@@ -163,7 +169,7 @@ class Teacher:
         results: list[list[float] | None] = [None] * len(conversations)
         todo: dict[str, list[int]] = {}
         for i, conv in enumerate(conversations):
-            key = request_key({"backend": self.backend, "model": self.config.model, "kind": "choice",
+            key = request_key({**self._identity(), "kind": "choice",
                                "input": conv, "prefix": prefix, "options": list(options)})
             self.stats["requests"] += 1
             hit = self.cache.get(key)

@@ -30,8 +30,20 @@ class LocalTeacher(Teacher):
             from ..engine import engine_for
 
             # A .gguf runs in llama.cpp when it is installed (teacher, judge and `eval answer` alike).
-            self._engine = engine_for(self.config.model, max_batch=self.config.max_batch_size)
+            self._engine = engine_for(self.config.model, precision=self.config.precision,
+                                      max_batch=self.config.max_batch_size)
         return self._engine
+
+    def _identity(self) -> dict[str, Any]:
+        from ..models import ALIASES
+        from ..precision import resolve_precision
+
+        spec = self.config.model
+        gguf = str(spec).endswith(".gguf") or (spec in ALIASES and not ALIASES[spec].convert)
+        precision = resolve_precision(self.config.precision).name
+        # fp32 (and llama.cpp, which runs the file's own quantization) keep the keys they had before
+        # precision existed, so earlier caches stay valid.
+        return super()._identity() | ({} if gguf or precision == "fp32" else {"precision": precision})
 
     @property
     def is_chat_model(self) -> bool:

@@ -27,6 +27,49 @@ RowOverride = tuple[torch.Tensor, torch.Tensor]  # (token ids (k,), their head r
 _ONES = torch.ones(())  # sentinel "every token weighs 1"; broadcasts where it is used
 
 
+def _low_precision_chunk(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, at: torch.Tensor,
+                         row_ids: torch.Tensor | None, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token losses (n,) fp32, softmax - onehot (n, V) in the head's dtype) of one chunk, bf16/fp16 head.
+
+    torch's softmax over bf16 logits accumulates in fp32 and rounds only its output: one pass writing
+    2 bytes per logit, against six passes over a fp32 copy (cast, max, subtract+exp, sum, divide,
+    cast back) in the fp32 path, 66 ms vs 254 ms for 256 x 262,144 logits on an AVX512-BF16 CPU. The
+    loss is -log of the rounded p_y: within 2^-9 nats of the exact value, below the rounding the bf16
+    logits themselves carry. A p_y that underflows is recomputed exactly from the logits.
+    """
+    z = h @ weight.t()  # (n_chunk, V) in bf16
+    if rows is not None:
+        z[:, row_ids] = h @ rows.t().to(h.dtype)  # fp32 trainable rows, bf16 h
+    target_logit = z[at, y].float()
+    g = torch.softmax(z, dim=-1)  # fp32 inside, bf16 out; z's buffer is freed after this
+    p_y = g[at, y].float()
+    token_loss = -torch.log(p_y)
+    lost = p_y == 0
+    if bool(lost.any()):
+        zz = h[lost] @ weight.t()
+        if rows is not None:
+            zz[:, row_ids] = h[lost] @ rows.t().to(h.dtype)
+        token_loss[lost] = torch.logsumexp(zz.float(), dim=-1) - target_logit[lost]
+    g[at, y] -= 1.0
+    return token_loss, g
+
+
+def _chunk_grads(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, row_ids: torch.Tensor | None,
+                 fix: torch.Tensor | None, need_h: bool, need_w: bool, need_r: bool, grad_h: torch.Tensor | None,
+                 grad_w: torch.Tensor | None, grad_r: torch.Tensor | None, start: int, chunk_size: int,
+                 acc: torch.dtype) -> None:
+    """Accumulate one chunk's gradients from `g = d loss / d logits` (n, V) in the head's dtype."""
+    if need_h:
+        gh = g @ weight
+        if fix is not None:
+            gh += g[:, row_ids] @ fix
+        grad_h[start:start + chunk_size] = gh
+    if need_w:
+        grad_w.addmm_(g.t().to(acc), h.to(acc))
+    if need_r:
+        grad_r.addmm_(g[:, row_ids].t().to(grad_r.dtype), h.to(grad_r.dtype))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i w_i * CE(softcap(h_i @ W.T), y_i), with both gradients computed in forward, chunk by chunk.
 
@@ -46,6 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             fix = (rows - weight[row_ids]).to(weight.dtype)
         grad_r = torch.zeros_like(rows, dtype=torch.promote_types(rows.dtype, torch.float32)) if need_r else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax in >= float32 even under bf16
+        low = weight.dtype in (torch.bfloat16, torch.float16) and hidden.dtype == weight.dtype
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         total = hidden.new_zeros((), dtype=acc)
@@ -53,6 +97,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_size]
             y = targets[start:start + chunk_size]
             at = torch.arange(len(y), device=y.device)
+            if low and softcap is None:
+                token_loss, g = _low_precision_chunk(h, weight, y, at, row_ids, rows)
+                w = weights.to(acc) if weights is _ONES else weights[start:start + chunk_size].to(acc)
+                total = total + (token_loss * w).sum()
+                if weights is not _ONES:
+                    g.mul_(w[:, None].to(g.dtype))
+                _chunk_grads(g, h, weight, row_ids, fix if rows is not None else None, need_h, need_w, need_r,
+                             grad_h, grad_w, grad_r, start, chunk_size, acc)
+                continue
             z = (h @ weight.t()).to(acc)  # (n_chunk, V): the only logits that ever exist
             if rows is not None:
                 z[:, row_ids] = (h @ rows.t().to(h.dtype)).to(acc)  # fp32 trainable rows, bf16 h
@@ -75,16 +128,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g.mul_(1.0 - t * t)
                 if weights is not _ONES:
                     g.mul_(w[:, None])
-                g = g.to(weight.dtype)
-                if need_h:
-                    gh = g @ weight
-                    if rows is not None:
-                        gh += g[:, row_ids] @ fix
-                    grad_h[start:start + chunk_size] = gh
-                if need_w:
-                    grad_w.addmm_(g.t().to(acc), h.to(acc))
-                if need_r:
-                    grad_r.addmm_(g[:, row_ids].t().to(grad_r.dtype), h.to(grad_r.dtype))
+                _chunk_grads(g.to(weight.dtype), h, weight, row_ids, fix if rows is not None else None, need_h,
+                             need_w, need_r, grad_h, grad_w, grad_r, start, chunk_size, acc)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_r) if x is not None))
         ctx.need = (need_h, need_w, need_r)
         ctx.weight_dtype = weight.dtype

@@ -102,7 +102,56 @@ def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: Any, task
                     modules_to_save=modules_to_save, task_type=task_type)
     peft_model = get_peft_model(model, lc)
     upcast_trainable(peft_model)  # PEFT keeps LoRA in fp32 itself; the copied token rows / score head need it
+    low_precision_lora(peft_model)
     return peft_model
+
+
+class _CastingLinear(torch.nn.Linear):
+    """A LoRA A/B matrix kept in fp32 (master weight) that computes in its input's dtype: the weight
+    (r x in, tiny) is cast per call instead of the activation (B x T x in, large)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class _Dropout(torch.nn.Dropout):
+    """Inverted dropout with a `rand >= p` mask: the same distribution as `nn.Dropout`, whose CPU
+    bernoulli kernel cost 15% of a bf16 LoRA step of gemma-3-270m (4 x 256 tokens, 126 LoRA inputs);
+    a uniform draw and compare is ~1.7x faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def low_precision_lora(model: torch.nn.Module) -> int:
+    """Over a bf16/fp16 base, run each LoRA branch in the base's dtype (fp32 master weights kept).
+
+    PEFT casts every adapted layer's input to the adapter's fp32 before `lora_B(lora_A(dropout(x)))`:
+    a (B, T, in) copy per adapted Linear and fp32 matmuls, which with 126 adapted inputs in gemma-3-270m
+    (4 x 256 tokens) was ~1 s of a ~5 s bf16 step. Here the input stays in the base's dtype and the
+    small (r x in) matrices are cast instead, as autocast would, but also outside autocast (rollouts,
+    held-out scoring). Returns how many LoRA layers were switched; a fp32 base is left as it is."""
+    n = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "get_base_layer")):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        if weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
+            continue  # fp32 base, or a quantized one (its compute dtype is handled by bitsandbytes)
+        module.cast_input_dtype_enabled = False
+        for bank in (module.lora_A, module.lora_B):
+            for linear in bank.values():
+                if type(linear) is torch.nn.Linear:
+                    linear.__class__ = _CastingLinear
+        for name, drop in module.lora_dropout.items():
+            if type(drop) is torch.nn.Dropout:
+                drop.__class__ = _Dropout
+        n += 1
+    return n
 
 
 def require_head_parts(model: Any, method: str) -> LMHeadParts:
