@@ -9,12 +9,13 @@ training. That is only correct for architectures whose causal-LM forward is exac
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-__all__ = ["PLAIN_HEAD_TYPES", "LMHeadParts", "lm_head_parts", "head_rows", "embed_inputs"]
+__all__ = ["PLAIN_HEAD_TYPES", "LMHeadParts", "lm_head_parts", "head_rows", "embed_inputs", "fp32_head"]
 
 # model_type values whose forward is `lm_head(decoder(...))`, checked against each family's modeling code.
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
@@ -85,3 +86,28 @@ def embed_inputs(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
     # The trainable rows are fp32 (master weights); the decoder takes its own storage dtype (bf16 in a
     # low-precision run), so the swapped-in rows are rounded to it as every other input row is.
     return torch.where(hit.any(-1, keepdim=True), picked.to(frozen.dtype), frozen)
+
+
+@contextlib.contextmanager
+def fp32_head(model: Any) -> Iterator[None]:
+    """Within the block, a bf16/fp16 model's LM head computes its logits in fp32 (one fp32 copy of the
+    head's weight for the block).
+
+    Log-likelihood scoring compares a handful of options by their summed log-probs; bf16 logits
+    carry 8 bits of mantissa, so two options' first-token logits often round to the same value and the
+    argmax falls to the first. On gemma-3-270m's world-knowledge set a bf16 head flipped 3 of 80
+    answers against fp32; the decoder's own bf16 error is much smaller than that rounding. A fp32 model,
+    or a head that is not a plain Linear, is left alone."""
+    import torch.nn.functional as F
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
+        yield
+        return
+    weight = head.weight.detach().float()
+    bias = None if head.bias is None else head.bias.detach().float()
+    head.forward = lambda x: F.linear(x.float(), weight, bias)  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del head.forward

@@ -215,9 +215,12 @@ def iter_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: in
     batches = [chunk for group in shared for chunk in _chunks(by_length(group), batch_size)]
     batches += _chunks(by_length(alone), batch_size)
     batches.sort(key=lambda b: -len(questions[b[0]].context_ids))
-    for chunk in batches:
-        yield from zip(chunk, score_questions(model, [questions[i] for i in chunk], pad_id=pad_id,
-                                              max_length=max_length))
+    from ..lm_head import fp32_head
+
+    with fp32_head(model):
+        for chunk in batches:
+            yield from zip(chunk, score_questions(model, [questions[i] for i in chunk], pad_id=pad_id,
+                                                  max_length=max_length))
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
