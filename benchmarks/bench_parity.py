@@ -68,6 +68,9 @@ def main() -> int:
                     help="torch CPU threads for both (1 is steadiest on a shared machine; 0 = torch's default)")
     ap.add_argument("--tolerance", type=float, default=1e-3, help="max |Δ log-likelihood| per option")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the model both sides score with (lm-eval's dtype=); in bfloat16 protege runs its LM head "
+                         "in fp32 (`lm_head.fp32_head`), lm-eval takes the bf16 logits, so expect |Δ| ~ 1e-1")
     args = ap.parse_args()
 
     try:
@@ -93,7 +96,7 @@ def main() -> int:
     shots, items = split_fewshot(spec, load_items(spec), k)
     items = items[: args.limit] if args.limit else items
     path = resolve(args.model)
-    model, tok = load(path, dtype="float32", device="cpu")
+    model, tok = load(path, dtype=args.dtype, device="cpu")
     builder = PromptBuilder(spec, shots, chat=None)  # plain prompting: what lm-eval does by default
     contexts = [builder.context(it) for it in items]
     options = [builder.options(it)[1] for it in items]
@@ -104,7 +107,7 @@ def main() -> int:
         for c, o, g in zip(contexts, options, golds):
             fh.write(json.dumps({"context": c, "choices": o, "gold": g}) + "\n")
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device="cpu")
-    print(f"model {args.model} ({path}), task {spec.name}, {len(items)} items, {k}-shot, "
+    print(f"model {args.model} ({path}, {args.dtype}), task {spec.name}, {len(items)} items, {k}-shot, "
           f"batch size {args.batch_size}, torch threads {torch.get_num_threads()}", flush=True)
 
     t_protege, t_lmeval = [], []
@@ -128,7 +131,7 @@ def main() -> int:
                "max_abs_loglik_diff": max(diffs), "mean_abs_loglik_diff": sum(diffs) / len(diffs),
                "protege_acc": acc, "lmeval_acc": lm_acc, "protege_acc_norm": acc_norm, "lmeval_acc_norm": lm_acc_norm,
                "same_argmax": same_pred, "protege_seconds": min(t_protege), "lmeval_seconds": min(t_lmeval),
-               "speedup": speedup}
+               "speedup": speedup, "dtype": args.dtype}
     print()
     print(f"{'':<12}{'acc':>8}{'acc_norm':>10}{'seconds':>10}")
     print(f"{'protege':<12}{acc:>8.4f}{acc_norm:>10.4f}{min(t_protege):>10.2f}")

@@ -8,6 +8,8 @@ raggedly). Batch 1: the first `--batch1-prompts` prompts one at a time. Reported
 tokens / wall seconds, prefill included), the ratio to HF, and greedy agreement (share of
 identical tokens, position by position) of protege fp32 with HF and of protege int8 with fp32.
 Goals (issue 3): fp32 >= 3x HF at batch 16 with identical greedy tokens; int8 >= 2x HF at batch 1.
+bf16 (unless skipped): the model loaded in bf16 on both sides, engine vs HF `generate` at batch 16 and 1
+(goal: >= 4x at batch 16), greedy agreement printed (bf16 logits tie often; see tests/test_precision.py).
 llama-cpp-python on the Q4 GGUF is reported for reference when it is installed.
 Timings on a shared machine are noisy; compare the ratios, which are measured in one run.
 """
@@ -91,7 +93,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch1-prompts", type=int, default=16, help="how many prompts the batch-1 runs use")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--skip", default="", help="comma list of: b16, b1, int8, llamacpp")
+    ap.add_argument("--skip", default="", help="comma list of: b16, b1, int8, bf16, llamacpp")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
@@ -149,12 +151,31 @@ def main() -> None:
                   f"identical tokens ({full}/{len(subset)} sequences); next-token agreement on fp32's prefixes: "
                   f"{forced:.1%}", flush=True)
             results[batch]["int8"] = q["tps"]
+    if "bf16" not in skip:
+        del int8
+        mb, _ = load(args.model, dtype="bfloat16")
+        bf16 = Engine(mb, tok, max_batch_size=16)
+        hf_generate(mb, tok, prompts[:2], 2)
+        bf16.generate(prompts[:2], SamplingParams(max_new_tokens=2, stop_token_ids=[]))
+        for batch, subset in ((16, prompts), (1, prompts[: args.batch1_prompts])):
+            if f"b{batch}" in skip:
+                continue
+            print(f"batch {batch}, bf16 weights on both sides:", flush=True)
+            hf = run_side("transformers generate bf16", lambda b: hf_generate(mb, tok, b, n), subset, batch, n)
+            ours = run_side("protege bf16", engine_fn(bf16), subset, batch, n)
+            share, full = agreement(ours["outs"], hf["outs"])
+            print(f"  ratio protege bf16 / HF bf16 at batch {batch}: {ours['tps'] / hf['tps']:.2f}x; greedy tokens "
+                  f"identical to HF bf16: {share:.1%} ({full}/{len(subset)} sequences); protege bf16 / protege fp32: "
+                  f"{ours['tps'] / results[batch]['fp32']:.2f}x", flush=True)
+            results[batch]["bf16"], results[batch]["hf_bf16"] = ours["tps"], hf["tps"]
     if "llamacpp" not in skip:
         llama_cpp_reference(args, prompts[: args.batch1_prompts], n, results)
     if 16 in results:
         print(f"goal fp32 >= 3x HF at batch 16: {results[16]['fp32'] / results[16]['hf']:.2f}x")
     if 1 in results and "int8" in results[1]:
         print(f"goal int8 >= 2x HF at batch 1: {results[1]['int8'] / results[1]['hf']:.2f}x")
+    if 16 in results and "bf16" in results[16]:
+        print(f"goal bf16 >= 4x HF bf16 at batch 16: {results[16]['bf16'] / results[16]['hf_bf16']:.2f}x")
 
 
 def llama_cpp_reference(args, prompts: list[list[int]], n: int, results: dict) -> None:

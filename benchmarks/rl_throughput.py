@@ -1,6 +1,6 @@
 """GRPO throughput on a CPU: protege `train grpo` vs TRL's GRPOTrainer, same model, prompts, reward, LoRA.
 
-    python benchmarks/rl_throughput.py [--prompts 32] [--group 4] [--new-tokens 64] [--only protege|trl]
+    python benchmarks/rl_throughput.py [--prompts 32] [--group 4] [--new-tokens 64] [--precision fp32|bf16] [--only protege|trl]
 
 gemma-3-270m, the first `--prompts` items of protege's arithmetic set asked in chat format, G answers per
 prompt, at most `--new-tokens` new tokens, temperature 1, LoRA r=16 on every linear layer, beta 0 (TRL's
@@ -37,7 +37,7 @@ def prompts_file(workdir: Path, n: int) -> Path:
     return path
 
 
-def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
+def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int, precision: str) -> dict:
     from protege.train.grpo import GRPOConfig, run
 
     n = sum(1 for _ in prompts.open())
@@ -46,7 +46,7 @@ def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int) -> di
                         learning_rate=1e-5, epochs=1, save_every=0, eval_every=0, tensorboard=False, resume="no",
                         engine_batch=8 * group, lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                                       "target_modules": "all-linear", "trainable_tokens": "none"},
-                        reward={"kind": "rule", "rule": "length", "length_chars": 200})
+                        reward={"kind": "rule", "rule": "length", "length_chars": 200}, precision=precision)
     t0 = time.time()
     s = run(config)
     seconds = time.time() - t0
@@ -55,7 +55,7 @@ def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int) -> di
             "reward": s["train_metrics"].get("reward")}
 
 
-def run_bare_engine(prompts: Path, group: int, new_tokens: int) -> dict:
+def run_bare_engine(prompts: Path, group: int, new_tokens: int, precision: str) -> dict:
     """The engine's own figure on the same prompts: one generate call per 8 prompts x G, as the rollouts do."""
     from protege.chat import ChatFormat
     from protege.engine import Engine
@@ -63,7 +63,7 @@ def run_bare_engine(prompts: Path, group: int, new_tokens: int) -> dict:
     from protege.train.rewards import load_prompt_items
 
     items = load_prompt_items(str(prompts))
-    engine = Engine.from_spec(MODEL, max_batch_size=8 * group)
+    engine = Engine.from_spec(MODEL, dtype="bfloat16" if precision == "bf16" else "float32", max_batch_size=8 * group)
     chat = ChatFormat.from_tokenizer(engine.tokenizer)
     t0, tokens = time.perf_counter(), 0
     for s in range(0, len(items), 8):
@@ -74,7 +74,7 @@ def run_bare_engine(prompts: Path, group: int, new_tokens: int) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
+def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int, precision: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -89,7 +89,8 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
     path = resolve(MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     ChatFormat.from_tokenizer(tok).apply_to(tok)  # the base model ships no template: give TRL the one protege uses
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bf16 = precision == "bf16"  # as a TRL user writes it: the model in bf16 and bf16=True
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     tokens = {"n": 0}
 
     def reward(completions, gold, **_):
@@ -103,7 +104,7 @@ def run_trl(workdir: Path, prompts: Path, group: int, new_tokens: int) -> dict:
     args = GRPOConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=8 * group, num_generations=group,
                       max_completion_length=new_tokens, temperature=1.0, beta=0.0, learning_rate=1e-5,
                       num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                      disable_dropout=True, seed=0)
+                      disable_dropout=True, seed=0, bf16=bf16)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
@@ -122,12 +123,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--only", choices=["protege", "trl", "engine"], default=None)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="all three runs")
     args = ap.parse_args()
     if args.only:
         workdir = Path(args.workdir)
         prompts = workdir / "prompts.jsonl"
         fn = {"protege": run_protege, "trl": run_trl, "engine": run_bare_engine}[args.only]
-        out = fn(prompts, args.group, args.new_tokens) if args.only == "engine" else fn(workdir, prompts, args.group, args.new_tokens)
+        out = (fn(prompts, args.group, args.new_tokens, args.precision) if args.only == "engine"
+               else fn(workdir, prompts, args.group, args.new_tokens, args.precision))
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="rl_throughput_"))
@@ -135,7 +138,7 @@ def main() -> int:
     results = {}
     for side in ("engine", "protege", "trl"):
         cmd = [sys.executable, __file__, "--only", side, "--workdir", str(workdir), "--group", str(args.group),
-               "--new-tokens", str(args.new_tokens)]
+               "--new-tokens", str(args.new_tokens), "--precision", args.precision]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -154,7 +157,7 @@ def main() -> int:
     if t:
         print(f"TRL GRPOTrainer: {t['prompts'] / t['seconds']:.3f} prompts/s ({t['seconds']:.1f} s, {t['steps']} steps)")
     if p and t:
-        print(f"speed ratio protege / TRL: {t['seconds'] / p['seconds']:.2f}x prompts/s (goal >= 4x)")
+        print(f"speed ratio protege / TRL at {args.precision}: {t['seconds'] / p['seconds']:.2f}x prompts/s (goal >= 4x)")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

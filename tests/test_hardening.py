@@ -107,6 +107,23 @@ def test_curate_refuses_to_write_over_its_input(tmp_path):
     assert (a / "records.jsonl").read_bytes() == before
 
 
+def test_reexporting_an_export_into_its_own_folder_keeps_the_model(tmp_path, tiny_llama_dir):
+    """Issue 31 HIGH 1: `export ship/hf --out ship` used to remove ship/hf before loading it (empty folder,
+    then "looked up on the hub"). The HF folder is now written beside and swapped in."""
+    from safetensors.torch import load_file
+
+    from protege.export import ExportConfig, run
+
+    ship = tmp_path / "ship"
+    run(ExportConfig(model=str(tiny_llama_dir), out_dir=str(ship), verify=False))
+    before = load_file(str(ship / "hf" / "model.safetensors"))
+    run(ExportConfig(model=str(ship / "hf"), out_dir=str(ship), verify=False))
+    after = load_file(str(ship / "hf" / "model.safetensors"))
+    assert sorted(before) == sorted(after) and all((before[k] == after[k]).all() for k in before)
+    assert (ship / "hf" / "tokenizer_config.json").is_file() and not (ship / ".hf-partial").exists()
+    assert (ship / "hf" / "README.md").read_text().startswith("# hf\n")
+
+
 def test_data_convert_refuses_same_input_and_output(tmp_path):
     src = tmp_path / "a.jsonl"
     write_records(src, conversations(2))
@@ -387,6 +404,29 @@ def test_malformed_values_are_400s_in_openai_shape(guarded, body, needle):
     assert needle in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
+     "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_options_the_server_cannot_honour_are_400s_not_silent_200s(guarded, extra, param):
+    """Issue 31 MED: these were accepted and ignored (200, `logprobs: null`); the official client now sees
+    a BadRequestError naming the parameter, and the harmless spellings still pass."""
+    import openai
+
+    client = openai.OpenAI(base_url=guarded + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       **extra)
+    assert err.value.body["param"] == param and "not" in err.value.body["message"]
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                        logprobs=False, response_format={"type": "text"}, tool_choice="none",
+                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert ok.choices[0].message.content is not None
+
+
 def test_static_files_carry_security_headers(guarded):
     for path in ("/", "/web/app.js", "/web/style.css"):
         r = httpx.get(guarded + path, timeout=10)
@@ -422,6 +462,78 @@ def test_a_full_wait_queue_answers_429_with_retry_after(tiny_llama):
         busy = next(r for r in codes if r.status_code == 429)
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
         assert httpx.get(url + "/health", timeout=5).json()["waiting"] == 0
+
+
+def test_a_streamed_request_meeting_a_full_queue_is_a_429_not_an_empty_200(tiny_llama):
+    """Issue 31 HIGH 2: the queue check ran after the stream's 200 was sent (17 of 32 streams came back
+    empty). Admission now happens first: the official client raises RateLimitError for a streamed request
+    exactly as for an unstreamed one, and every stream that got a 200 ends with [DONE]."""
+    import concurrent.futures as cf
+
+    import openai
+
+    from protege.serve import background_server, create_app
+
+    app = create_app(_slow_engine(*tiny_llama, 0.05), "tiny", max_batch=1, max_waiting=1)
+    with background_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+        def one(_):
+            try:
+                stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                        max_tokens=30, temperature=0, stream=True)
+                chunks = list(stream)
+                return "ok" if chunks and chunks[-1].choices and chunks[-1].choices[0].finish_reason else "empty"
+            except openai.RateLimitError as err:
+                assert err.response.headers["retry-after"] == "1"
+                return "429"
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(one, range(6)))
+        assert "429" in outcomes and "ok" in outcomes and "empty" not in outcomes, outcomes
+        raw = _post(url, json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                     "stream": True}))
+        assert raw.status_code == 200 and raw.text.rstrip().endswith("data: [DONE]")
+        time.sleep(0.5)
+        assert httpx.get(url + "/health", timeout=5).json()["waiting"] == 0
+
+
+def test_long_message_lists_are_refused_or_rendered_once_and_never_stall_others(tiny_llama):
+    """Issue 31 HIGH 3: the template was rendered for every prefix of the conversation (two requests of
+    5,001 one-character messages held a normal request for 80 s). Now: more than `max_messages` is a fast
+    400; a long list under it is rendered and tokenised once; a normal request alongside stays fast."""
+    import concurrent.futures as cf
+
+    from protege.chat import ChatFormat
+    from protege.serve import background_server, create_app
+
+    model, tok = tiny_llama
+    history = [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(1001)]
+    chat = ChatFormat.from_tokenizer(tok)
+    # one rendering gives the ids that message-by-message tokenisation gives, for this template
+    assert chat.encode_prompt(history) == [t for text, _ in chat._segments(history, True) for t in chat._tokenize(text)]
+    from protege.engine import Engine
+
+    app = create_app(Engine(model, tok, max_batch_size=4), "tiny", context_length=100_000)
+    with background_server(app) as url:
+        huge = json.dumps({"messages": [{"role": "user", "content": "x"}] * 5001, "max_tokens": 1})
+        long = json.dumps({"messages": history, "max_tokens": 1})
+        normal = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(4) as pool:
+            attacks = [pool.submit(_post, url, huge) for _ in range(2)]
+            time.sleep(0.05)
+            t1 = time.monotonic()
+            ok = _post(url, normal)
+            normal_s = time.monotonic() - t1
+            refused = [f.result() for f in attacks]
+        assert ok.status_code == 200 and normal_s < 5, normal_s
+        assert all(r.status_code == 400 and r.json()["error"]["code"] == "too_many_messages" for r in refused)
+        assert time.monotonic() - t0 < 10
+        t2 = time.monotonic()
+        r = _post(url, long)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t2 < 10
 
 
 def test_a_request_past_its_deadline_is_cancelled_with_504(tiny_llama):

@@ -336,3 +336,48 @@ def test_gemma_270m_bf16_engine_greedy_departs_from_hf_generate_only_at_bf16_tie
         ulp = 2.0 ** (math.floor(math.log2(abs(theirs))) - 7)  # bf16: 8 significant bits
         assert abs(theirs - ours) <= ulp, (i, ours, theirs)
     assert identical >= 2, identical  # measured: 4 of 16 identical for all 32 tokens
+
+
+def test_a_model_trained_in_bf16_exports_and_passes_the_export_checks(tmp_path, tiny_llama_dir):
+    pytest.importorskip("llama_cpp")
+    from test_export import _converter_or_skip
+    from test_train_sft import write_chats
+
+    from protege.export import ExportConfig, run
+
+    _converter_or_skip()
+    config, _ = _sft(tmp_path, tiny_llama_dir, write_chats(tmp_path / "chats.jsonl"), "bf16", precision="bf16",
+                     max_steps=8)
+    out = tmp_path / "ship"
+    result = run(ExportConfig(model=f"{config.out_dir}/adapter", out_dir=str(out), gguf=["f16"], verify_prompts=8,
+                              verify_tokens=16, ppl_n=4))
+    report = json.loads((out / "verify.json").read_text())
+    assert report["template"]["ok"] and report["parity"]["prompts"] == 8
+    assert report["parity"]["equal"] >= 7, report["parity"]["rows"]
+    assert result["greedy_equal"] == f"{report['parity']['equal']}/8"
+    from protege.models import load
+
+    model, _ = load(str(out / "hf"))
+    assert next(model.parameters()).dtype == torch.float32  # merged in fp32, then loads back as any HF folder
+
+
+def test_gpu_check_smoke_runs_every_setting_on_the_cpu(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    settings = ["fp32 lora", "bf16 lora+ckpt"]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        settings.append("nf4 qlora+ckpt")
+    except ImportError:
+        pass
+    rows = gpu_check.run(["tiny-llama"], settings, seq=64, batches=[1, 4], new_tokens=4, steps=1, device="cpu")
+    assert len(rows) == 2 * len(settings) + 2 * 2  # sft + dpo per setting; decode fp32/bf16 at 2 batches
+    failed = [r for r in rows if r.tokens_per_s is None]
+    assert not failed, failed
+    assert all(r.tokens_per_s > 0 and r.peak_gb > 0 for r in rows)

@@ -26,6 +26,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE"]
 
+SEGMENTED_PROMPT_MESSAGES = 64  # see ChatFormat.encode_prompt
+
 GEMMA_TEMPLATE = (
     "{{ bos_token }}"
     "{% set loop_messages = messages %}{% set first_user_prefix = '' %}"
@@ -202,9 +204,16 @@ class ChatFormat:
         return Encoded(ids, mask)
 
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Ids a server feeds to get the next assistant turn for this history."""
+        """Ids a server feeds to get the next assistant turn for this history.
+
+        Up to `SEGMENTED_PROMPT_MESSAGES` messages are tokenised message by message, exactly as training
+        tokenises them; splitting renders every prefix of the history, which is quadratic in its length
+        (5,001 one-character messages took ~40 s). A longer history is rendered and tokenised once, as
+        vLLM does: the same ids wherever a message ends in a special token (every mainstream template)."""
         if messages and messages[-1]["role"] == "assistant":
             raise ChatTemplateError("the history ends with an assistant message; nothing to answer")
+        if len(messages) > SEGMENTED_PROMPT_MESSAGES:
+            return self._tokenize(self.render(messages, add_generation_prompt=True))
         ids: list[int] = []
         for text, _ in self._segments(messages, add_generation_prompt=True):
             ids.extend(self._tokenize(text))

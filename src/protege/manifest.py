@@ -64,6 +64,16 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def _precision_settings(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every `precision` setting in a config dump, as (dotted path, value), outermost first."""
+    if not isinstance(cfg, dict):
+        return []
+    found = [(f"{prefix}precision", cfg["precision"])] if isinstance(cfg.get("precision"), str) else []
+    for key, value in cfg.items():
+        found += _precision_settings(value, f"{prefix}{key}.")
+    return found
+
+
 def write_manifest(
     out_dir: str | Path,
     stage: str,
@@ -89,15 +99,19 @@ def write_manifest(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     manifest["hardware"] = hardware()
-    precision = getattr(config, "precision", None) if isinstance(config, BaseModel) else cfg.get("precision")
-    if isinstance(precision, str):
+    settings = _precision_settings(cfg)
+    if settings:
         from .errors import StageError
         from .precision import resolve_precision
 
+        # The stage's own `precision`, else the first nested one (a generator's teacher, a judge).
+        where, precision = next(((k, v) for k, v in settings if k == "precision"), settings[0])
         try:
             manifest["precision"] = resolve_precision(precision).manifest()
         except StageError as err:  # a stage that ran never gets here with an impossible choice
             manifest["precision"] = {"precision": precision, "error": str(err)}
+        if where != "precision":
+            manifest["precision"]["setting"] = where
     if extra:
         manifest.update(extra)
     path = out_dir / "manifest.json"

@@ -383,6 +383,6 @@ def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device)
     if parts is None:
         return None, ModelHead()
     body, softcap = parts.decoder, parts.softcap
-    if device.type == "cpu" and type(head) is nn.Linear and head.weight.dtype == torch.float32:
+    if device.type == "cpu" and type(head) is nn.Linear and head.weight.dtype in (torch.float32, torch.bfloat16):
         return body, ScreenedHead(head, softcap)
     return body, LinearHead(head, softcap)

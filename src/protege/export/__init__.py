@@ -99,9 +99,15 @@ def run(config: ExportConfig) -> dict[str, Any]:
     if config.gguf:
         require_llama_cpp()  # fail before the merge, not after
     hf_dir = out / "hf"
+    # Written beside and swapped in: the model being exported may be this very folder (re-exporting
+    # `ship/hf` into `ship` to add GGUF files), so nothing is removed until its replacement is complete.
+    partial = out / ".hf-partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    model, tok, chat, info = save_hf(config.model, partial, name=hf_dir.name)
     if hf_dir.exists():
         shutil.rmtree(hf_dir)
-    model, tok, chat, info = save_hf(config.model, hf_dir)
+    partial.rename(hf_dir)
     outputs: list[Path] = [hf_dir]
     files: dict[str, Path] = {}
     stem = config.name or out.resolve().name

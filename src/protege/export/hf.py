@@ -85,8 +85,9 @@ def _card(name: str, source: str, run: Path | None, base: str, chat: Any, extra:
     return "\n".join(lines) + "\n"
 
 
-def save_hf(spec: str, out: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Merge (fp32) and save `spec` as an HF folder in `out`; return (model, tokenizer, chat format, info)."""
+def save_hf(spec: str, out: Path, name: str | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Merge (fp32) and save `spec` as an HF folder in `out` (named `name` in its model card, default the
+    folder's name); return (model, tokenizer, chat format, info)."""
     from ..chat import ChatFormat
     from ..models import load
 
@@ -112,7 +113,7 @@ def save_hf(spec: str, out: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
         base = json.loads(adapter_cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or source
     info = {"architecture": arch, "parameters": sum(p.numel() for p in model.parameters()), "base": base,
             "source": spec, "run": str(run) if run else None}
-    (out / "README.md").write_text(_card(out.name, spec, run, base, chat,
+    (out / "README.md").write_text(_card(name or out.name, spec, run, base, chat,
                                          {"architecture": arch, "parameters": f"{info['parameters']:,}"}),
                                    encoding="utf-8")
     return model, tok, chat, info

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,7 +74,8 @@ class Message(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's request we honour; other OpenAI fields are accepted and ignored."""
+    """The subset of OpenAI's request we honour; `logprobs`, a required tool call and JSON response formats
+    are refused with a 400 (`_unsupported`); other OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -88,6 +90,12 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
+    # ask for (no log-probs, free text where JSON was required, no tool call where one was required).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -103,6 +111,20 @@ def _validation_error(err: ValidationError | RequestValidationError) -> APIError
     first = err.errors()[0]
     param = _loc(tuple(first.get("loc", ())))
     return APIError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None)
+
+
+def _unsupported(req: ChatCompletionRequest) -> None:
+    """400 for the OpenAI options this server cannot honour (see ChatCompletionRequest)."""
+    if req.logprobs or req.top_logprobs is not None:
+        param = "logprobs" if req.logprobs else "top_logprobs"
+        raise APIError(400, f"{param} is not supported by this server; send the request without it", param=param)
+    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
+        raise APIError(400, "tool_choice requires a tool call, and this server does not call tools; use "
+                            "tool_choice \"none\" or \"auto\" (answers are plain text)", param="tool_choice")
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise APIError(400, f"response_format {kind!r} is not supported by this server (answers are plain text); "
+                            "send response_format {\"type\": \"text\"} or leave it out", param="response_format")
 
 
 def _message_text(msg: Message, i: int) -> str:
@@ -153,7 +175,7 @@ class _Server:
     """Request handling shared by the routes; holds the engine's scheduler."""
 
     def __init__(self, engine: Any, model_name: str, max_batch: int, context_length: int | None,
-                 default_max_tokens: int, max_waiting: int, request_timeout_s: float):
+                 default_max_tokens: int, max_waiting: int, request_timeout_s: float, max_messages: int = 1024):
         self.engine = engine
         self.model_name = model_name
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
@@ -166,6 +188,10 @@ class _Server:
         # Parsing and tokenising a large body takes a second of CPU: never on the event loop (it
         # would stall every other client and /health), and at most two at a time.
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-prepare")
+        # Requests being parsed/tokenised or waiting for the pool: bounded like the generation queue, so a
+        # flood of huge bodies gets fast 429s instead of a queue that grows without end.
+        self.preparing, self.max_preparing = 0, max(4, min(max_waiting, 32))
+        self.max_messages = max_messages
 
     # ---- validation ----------------------------------------------------------------------------
 
@@ -178,8 +204,13 @@ class _Server:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as err:
             raise _validation_error(err) from None
+        _unsupported(req)
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
+        if len(req.messages) > self.max_messages:
+            raise APIError(400, f"messages has {len(req.messages):,} entries; this server takes at most "
+                                f"{self.max_messages:,} per request (--max-messages)", param="messages",
+                           code="too_many_messages")
         messages = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role  # newer OpenAI clients say "developer"
@@ -227,6 +258,25 @@ class _Server:
                                 top_k=req.top_k, stop=stop_strings, seed=req.seed)
         return req, prompt_ids, params
 
+    async def prepare_async(self, raw: bytes, deadline: float) -> tuple[ChatCompletionRequest, list[int], Any]:
+        """`prepare` in the 2-thread pool, never on the event loop: 429 when too many wait for it, 504 when
+        it runs past the request's deadline (its thread finishes on its own; the counter follows it)."""
+        if self.preparing >= self.max_preparing:
+            raise APIError(429, f"the server is busy: {self.preparing} requests are being prepared; retry shortly",
+                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        self.preparing += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.prepare_pool, _parse_and_prepare, self, raw)
+
+        def done(_: Any) -> None:
+            self.preparing -= 1
+
+        fut.add_done_callback(done)  # runs on the loop thread: no lock needed
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=max(0.01, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+
     def submit(self, prompt_ids: list[int], params: Any, n: int) -> tuple[list[GenRequest], asyncio.Queue]:
         """Submit the n choices sharing one event queue; choice i gets seed + i so they differ.
 
@@ -252,13 +302,12 @@ class _Server:
     # ---- responses -----------------------------------------------------------------------------
 
     async def complete(self, http: Request, req: ChatCompletionRequest, prompt_ids: list[int],
-                       params: Any) -> JSONResponse:
+                       params: Any, deadline: float) -> JSONResponse:
         reqs, events = self.submit(prompt_ids, params, req.n)
         index = {r.id: i for i, r in enumerate(reqs)}
         texts = [""] * req.n
         finals: list[Any] = [None] * req.n
         open_ = req.n
-        deadline = time.monotonic() + self.request_timeout_s
         try:
             while open_:
                 if time.monotonic() > deadline:
@@ -291,9 +340,11 @@ class _Server:
             "model": self.model_name, "system_fingerprint": None, "choices": choices,
             "usage": self._usage(len(prompt_ids), completion_tokens)})
 
-    async def stream(self, req: ChatCompletionRequest, prompt_ids: list[int], params: Any) -> AsyncIterator[str]:
-        """SSE in OpenAI's chunk format; the `finally` cancels generation when the client disconnects."""
-        reqs, events = self.submit(prompt_ids, params, req.n)
+    async def stream(self, req: ChatCompletionRequest, prompt_ids: list[int], reqs: list[GenRequest],
+                     events: asyncio.Queue, deadline: float) -> AsyncIterator[str]:
+        """SSE in OpenAI's chunk format for requests already admitted by `submit` (before the response's
+        200 went out, so a full queue is a real 429); the `finally` cancels generation when the client
+        disconnects."""
         index = {r.id: i for i, r in enumerate(reqs)}
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -306,7 +357,6 @@ class _Server:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         completion_tokens, open_ = 0, req.n
-        deadline = time.monotonic() + self.request_timeout_s
         try:
             for i in range(req.n):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -359,20 +409,22 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
 
 def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, default_max_tokens: int = 1024, *,
-               guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0) -> FastAPI:
+               guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0,
+               max_messages: int = 1024) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`.
 
     `api_key`: when set, /v1/* requires `Authorization: Bearer <key>` (401 otherwise); /health and the
     page stay open. `max_batch`: most requests decoded together (continuous batching); more wait, up
     to `max_waiting` (then 429). `context_length`: defaults to the model config's
     max_position_embeddings. `guard`: Host/Origin/Content-Type checks and the body limit (default:
-    loopback names only, 2 MiB). `request_timeout_s`: a request still unanswered after this is cancelled.
+    loopback names only, 2 MiB). `request_timeout_s`: a request still unanswered after this (preparation
+    included) is cancelled. `max_messages`: longer message lists are refused with a 400.
     """
     engine_cap = getattr(engine, "max_batch_size", None)
     if isinstance(engine_cap, int) and engine_cap > 0:
         max_batch = min(max_batch, engine_cap)
     server = _Server(engine, model_name, max_batch, context_length, default_max_tokens, max_waiting,
-                     request_timeout_s)
+                     request_timeout_s, max_messages)
     guard = guard or Guard()
 
     @contextlib.asynccontextmanager
@@ -430,13 +482,18 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        deadline = time.monotonic() + server.request_timeout_s  # preparation counts against the deadline
         raw = await guard.read_body(request)
-        loop = asyncio.get_running_loop()
-        req, prompt_ids, params = await loop.run_in_executor(server.prepare_pool, _parse_and_prepare, server, raw)
+        req, prompt_ids, params = await server.prepare_async(raw, deadline)
         if req.stream:
-            return StreamingResponse(server.stream(req, prompt_ids, params), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await server.complete(request, req, prompt_ids, params)
+            # Admission first: a full queue must answer 429 + Retry-After like an unstreamed request, not a
+            # 200 whose body never comes. The background task frees the slots even if the body never starts.
+            reqs, events = server.submit(prompt_ids, params, req.n)
+            release = BackgroundTask(lambda: [server.scheduler.cancel(r) for r in reqs])
+            return StreamingResponse(server.stream(req, prompt_ids, reqs, events, deadline), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=release)
+        return await server.complete(request, req, prompt_ids, params, deadline)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

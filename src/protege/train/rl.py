@@ -143,7 +143,8 @@ def merged_adapters(model: Any, enabled: bool = True):
     """
     layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer")] if enabled else []
     if (not layers or not hasattr(model, "merge_adapter") or any(getattr(m, "merged", False) for m in layers)
-            or any(getattr(m, "disable_adapters", False) for m in layers)):  # the reference decodes as it is
+            or any(getattr(m, "disable_adapters", False) for m in layers)  # the reference decodes as it is
+            or any(not m.get_base_layer().weight.dtype.is_floating_point for m in layers)):  # a 4/8-bit base
         yield
         return
     saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
