@@ -143,6 +143,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _fastest_step(loss_fn: Any, opt: Any, device: str, autocast: torch.dtype | None, steps: int) -> float:
+    """Seconds of the fastest of `steps` optimizer steps (forward under autocast, backward, AdamW), after one
+    untimed warm-up step (allocator, kernels)."""
+    ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
+    times = []
+    for _ in range(steps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        with ctx:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int) -> float:
     from protege.train.sft import SFTModule
 
@@ -151,19 +169,7 @@ def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, st
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, seq), device=device)
     pos = torch.arange(seq, device=device)[None]
-    ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
-    times = []
-    for _ in range(steps + 1):  # the first step warms up (allocator, kernels)
-        _sync(device)
-        t0 = time.perf_counter()
-        with ctx:
-            loss = module(ids, pos, ids, normalizer=float(seq))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return seq / min(times[1:])
+    return seq / _fastest_step(lambda: module(ids, pos, ids, normalizer=float(seq)), opt, device, autocast, steps)
 
 
 def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int) -> float:
@@ -180,22 +186,14 @@ def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, st
     target = ids[0, torch.tensor(answer, device=device)]
     owner = torch.tensor([0 if i < half else 1 for i in answer], device=device)
     args = (ids, pos, None, index, target, owner, 2)
-    ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
-    times = []
-    for _ in range(steps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        with ctx:
-            with torch.no_grad(), model.disable_adapter():
-                ref = module(*args)
-            logps = module(*args)
-            loss = dpo_loss(logps[0:1], logps[1:2], ref[0:1], ref[1:2], beta=0.1)[0].sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return seq / min(times[1:])
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad(), model.disable_adapter():
+            ref = module(*args)
+        logps = module(*args)
+        return dpo_loss(logps[0:1], logps[1:2], ref[0:1], ref[1:2], beta=0.1)[0].sum()
+
+    return seq / _fastest_step(loss, opt, device, autocast, steps)
 
 
 def decode(model: Any, batch: int, new_tokens: int, device: str) -> float:

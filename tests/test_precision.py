@@ -363,11 +363,13 @@ def test_a_model_trained_in_bf16_exports_and_passes_the_export_checks(tmp_path, 
 
 def test_gpu_check_smoke_runs_every_setting_on_the_cpu(capsys):
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(gpu_check)
     settings = ["fp32 lora", "bf16 lora+ckpt"]
     try:
