@@ -23,10 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import Guard, GuardMiddleware, error_payload
+from .guard import Guard, GuardMiddleware
+from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest, message_text,
+                      refuse_unsupported, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -35,121 +37,10 @@ __all__ = ["create_app", "APIError", "ChatCompletionRequest"]
 log = logging.getLogger("protege.serve")
 
 WEB_DIR = Path(__file__).parent / "web"
-ROLES = ("system", "user", "assistant")
-MAX_N = 16
-MAX_STOP = 16
-INT64 = 1 << 63  # OpenAI's seed is an int64; a bigger one is a 400, not an overflow deep in torch
 # The page may only run our own script and style files: model output that slipped past the escaping
 # would still not execute (defence in depth; the escaping in app.js is the first line).
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_payload(self.message, self.code, self.type, self.param)
-
-    def response(self) -> JSONResponse:
-        # The security headers are added to every response by GuardMiddleware.
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's request we honour; `logprobs`, a required tool call and JSON response formats
-    are refused with a 400 (`_unsupported`); other OpenAI fields are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    messages: list[Message]
-    temperature: float = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
-    top_p: float = 1.0
-    top_k: int = Field(0, description="extension (vLLM/llama.cpp): keep the k most likely tokens; 0 = off")
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
-    # ask for (no log-probs, free text where JSON was required, no tool call where one was required).
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if part == "body":
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _validation_error(err: ValidationError | RequestValidationError) -> APIError:
-    first = err.errors()[0]
-    param = _loc(tuple(first.get("loc", ())))
-    return APIError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None)
-
-
-def _unsupported(req: ChatCompletionRequest) -> None:
-    """400 for the OpenAI options this server cannot honour (see ChatCompletionRequest)."""
-    if req.logprobs or req.top_logprobs is not None:
-        param = "logprobs" if req.logprobs else "top_logprobs"
-        raise APIError(400, f"{param} is not supported by this server; send the request without it", param=param)
-    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
-        raise APIError(400, "tool_choice requires a tool call, and this server does not call tools; use "
-                            "tool_choice \"none\" or \"auto\" (answers are plain text)", param="tool_choice")
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise APIError(400, f"response_format {kind!r} is not supported by this server (answers are plain text); "
-                            "send response_format {\"type\": \"text\"} or leave it out", param="response_format")
-
-
-def _message_text(msg: Message, i: int) -> str:
-    """OpenAI content is a string or a list of parts; we take the text parts (no images here)."""
-    if msg.content is None:
-        return ""
-    if isinstance(msg.content, str):
-        return _unicode(msg.content, f"messages[{i}].content")
-    texts = []
-    for part in msg.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"messages[{i}].content: only text parts are supported, got type "
-                                f"{part.get('type')!r}", param=f"messages[{i}].content")
-        texts.append(part["text"])
-    return _unicode("".join(texts), f"messages[{i}].content")
-
-
-def _unicode(text: str, param: str) -> str:
-    """JSON can carry a lone surrogate (`"\\ud800"`) that no tokenizer can encode: a 400, not a 500."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise APIError(400, f"{param}: invalid Unicode at character {err.start} (a lone surrogate "
-                            f"{text[err.start]!r}); send well-formed UTF-8 text", param=param) from None
-    return text
 
 
 def _max_token_chars(tokenizer: Any) -> int:
@@ -203,8 +94,8 @@ class _Server:
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as err:
-            raise _validation_error(err) from None
-        _unsupported(req)
+            raise validation_error(err) from None
+        refuse_unsupported(req)
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
         if len(req.messages) > self.max_messages:
@@ -217,7 +108,7 @@ class _Server:
             if role not in ROLES:
                 raise APIError(400, f"messages[{i}].role is {m.role!r}; expected one of "
                                     f"{', '.join(ROLES)}", param=f"messages[{i}].role")
-            messages.append({"role": role, "content": _message_text(m, i)})
+            messages.append({"role": role, "content": message_text(m, i)})
         if not 0.0 <= req.temperature <= 2.0:
             raise APIError(400, f"temperature is {req.temperature}; expected 0..2", param="temperature")
         if not 0.0 < req.top_p <= 1.0:
@@ -229,7 +120,7 @@ class _Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP:
             raise APIError(400, f"stop has {len(stop)} strings; at most {MAX_STOP}", param="stop")
-        stop = [_unicode(s, "stop") for s in stop]
+        stop = [unicode_text(s, "stop") for s in stop]
         if req.seed is not None and not -INT64 <= req.seed < INT64:
             raise APIError(400, f"seed is {req.seed}; expected a 64-bit signed integer", param="seed")
         chars = sum(len(m["content"]) for m in messages)
@@ -444,7 +335,7 @@ def create_app(engine: Any, model_name: str, api_key: str | None = None, max_bat
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
-        return _validation_error(err).response()
+        return validation_error(err).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Guard", "GuardMiddleware", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS", "error_payload"]
+from starlette.responses import JSONResponse
+
+__all__ = ["Guard", "GuardMiddleware", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS", "error_payload",
+           "APIError"]
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECURITY_HEADERS = {
@@ -39,6 +42,23 @@ def error_payload(message: str, code: str | None = None, type: str = "invalid_re
                   param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, for every refusal."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_payload(self.message, self.code, self.type, self.param)
+
+    def response(self) -> JSONResponse:
+        # The security headers are added to every response by GuardMiddleware.
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def is_loopback(host: str) -> bool:
@@ -139,7 +159,6 @@ class Guard:
     async def read_body(self, request: Any) -> bytes:
         """The request body, or APIError(413) once a body without Content-Length passes the limit
         (a declared size over the limit never gets here: the middleware refuses it first)."""
-        from .api import APIError
 
         chunks, size = [], 0
         async for chunk in request.stream():

@@ -1,0 +1,109 @@
+"""The request side of the OpenAI-compatible API: the schema of `/v1/chat/completions` bodies, the
+checks that turn a bad one into a 400 naming its parameter (as `guard.APIError`, OpenAI's error shape)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .guard import APIError
+
+__all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
+           "validation_error", "message_text", "unicode_text", "refuse_unsupported"]
+
+ROLES = ("system", "user", "assistant")
+MAX_N = 16
+MAX_STOP = 16
+INT64 = 1 << 63  # OpenAI's seed is an int64; a bigger one is a 400, not an overflow deep in torch
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's request we honour; `logprobs`, a required tool call and JSON response formats
+    are refused with a 400 (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message]
+    temperature: float = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
+    top_p: float = 1.0
+    top_k: int = Field(0, description="extension (vLLM/llama.cpp): keep the k most likely tokens; 0 = off")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
+    # ask for (no log-probs, free text where JSON was required, no tool call where one was required).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if part == "body":
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_error(err: ValidationError | RequestValidationError) -> APIError:
+    first = err.errors()[0]
+    param = _loc(tuple(first.get("loc", ())))
+    return APIError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None)
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 for the OpenAI options this server cannot honour (see ChatCompletionRequest)."""
+    if req.logprobs or req.top_logprobs is not None:
+        param = "logprobs" if req.logprobs else "top_logprobs"
+        raise APIError(400, f"{param} is not supported by this server; send the request without it", param=param)
+    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
+        raise APIError(400, "tool_choice requires a tool call, and this server does not call tools; use "
+                            "tool_choice \"none\" or \"auto\" (answers are plain text)", param="tool_choice")
+    kind = (req.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise APIError(400, f"response_format {kind!r} is not supported by this server (answers are plain text); "
+                            "send response_format {\"type\": \"text\"} or leave it out", param="response_format")
+
+
+def message_text(msg: Message, i: int) -> str:
+    """OpenAI content is a string or a list of parts; we take the text parts (no images here)."""
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return unicode_text(msg.content, f"messages[{i}].content")
+    texts = []
+    for part in msg.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise APIError(400, f"messages[{i}].content: only text parts are supported, got type "
+                                f"{part.get('type')!r}", param=f"messages[{i}].content")
+        texts.append(part["text"])
+    return unicode_text("".join(texts), f"messages[{i}].content")
+
+
+def unicode_text(text: str, param: str) -> str:
+    """JSON can carry a lone surrogate (`"\\ud800"`) that no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{param}: invalid Unicode at character {err.start} (a lone surrogate "
+                            f"{text[err.start]!r}); send well-formed UTF-8 text", param=param) from None
+    return text
