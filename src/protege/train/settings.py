@@ -48,8 +48,9 @@ class TrainSettings(StageConfig):
                                  "parameters and optimizer state stay fp32, matmuls run under autocast")
     quantization: Literal["none", "nf4", "int8"] = Field(
         "none", description="load the frozen base through bitsandbytes (QLoRA: nf4; LLM.int8: int8); method lora only")
-    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer's activations in backward "
-                                         "(non-reentrant): less memory, ~30% more compute")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (non-reentrant): activation "
+        "memory of one layer at a time, for one more forward of each layer")
     logits_chunk: int = Field(256, ge=1, description="scored positions per LM-head chunk (memory vs speed)")
     seed: int = Field(0, description="seed for data order, LoRA init and dropout")
     eval_dataset: str | None = Field(None, description="held-out records for eval metrics (default: split off eval_fraction)")
