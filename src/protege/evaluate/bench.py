@@ -128,11 +128,8 @@ class _Runner:
 
 
 def _task_key(cfg: BenchConfig, spec: TaskSpec, style: str, fewshot: int) -> str:
-    parts = [cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length]
-    precision = resolve_precision(cfg.precision, cfg.device).name
-    if precision != "fp32":  # fp32 items keep the keys they had before precision existed
-        parts.append(precision)
-    blob = json.dumps(parts, sort_keys=True)
+    blob = json.dumps([cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length,
+                       *resolve_precision(cfg.precision, cfg.device).cache_tag], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

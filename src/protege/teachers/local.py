@@ -40,10 +40,8 @@ class LocalTeacher(Teacher):
 
         spec = self.config.model
         gguf = str(spec).endswith(".gguf") or (spec in ALIASES and not ALIASES[spec].convert)
-        precision = resolve_precision(self.config.precision).name
-        # fp32 (and llama.cpp, which runs the file's own quantization) keep the keys they had before
-        # precision existed, so earlier caches stay valid.
-        return super()._identity() | ({} if gguf or precision == "fp32" else {"precision": precision})
+        tag = [] if gguf else resolve_precision(self.config.precision).cache_tag  # llama.cpp: the file's own
+        return super()._identity() | ({"precision": tag[0]} if tag else {})
 
     @property
     def is_chat_model(self) -> bool:

@@ -164,11 +164,6 @@ def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Pat
     return done
 
 
-def _precision_key(config: DPOConfig, precision: str) -> list[str]:
-    # fp32 runs keep the cache keys they had before precision existed (their cached log-probs stay valid).
-    return [] if precision == "fp32" and config.quantization == "none" else [precision, config.quantization]
-
-
 def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Compute (or reuse) reference log-probs, then train with DPO through `fit`; returns summary counts."""
     from ..chat import ChatFormat
@@ -190,7 +185,9 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     model = prepare_model(config, model, chat).to(accelerator.device)
     # The reference log-probs depend on the precision they are computed in (as the policy's must match them).
     key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length, data_hash,
-                                     *_precision_key(config, ctx.precision.name)]).encode()).hexdigest()[:20]
+                                     *ctx.precision.cache_tag,
+                                     *([] if config.quantization == "none" else [config.quantization])]
+                                    ).encode()).hexdigest()[:20]
     cache = Path(config.reference_cache or protege_home() / "reference_logps") / f"{key}.jsonl"
     share = can_share_prompt(model, config)
     if main:

@@ -91,13 +91,12 @@ class RunContext:
 def start_run(name: str, config: TrainSettings) -> RunContext:
     """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from .loop import set_seed
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(config.precision, "cpu" if cpu else "cuda")
-    from accelerate.state import AcceleratorState
-
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision.mixed_precision:
         # accelerate keeps one precision per process; a pipeline (or RS's inner SFT) may run stages of
         # different precisions in one process. The process group (PartialState) is kept.

@@ -179,14 +179,17 @@ def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: An
     return outputs
 
 
-def merged_fp32(config: TrainSettings, model: Any, adapter_dir: Path, load_fp32: Callable[[], Any] | None = None) -> Any:
-    """The base with the adapters (saved in `adapter_dir`) folded in, in fp32. A base stored in bf16 or
-    quantized is loaded again in fp32 (`load_fp32`, default: the causal LM) and the adapter applied to it:
-    folding a fp32 delta into bf16 weights would round it away (bf16 keeps 8 bits of mantissa), and a
-    4-bit base would have to be re-quantized."""
+def merged_fp32(config: TrainSettings, model: Any, adapter_dir: Path | None = None,
+                load_fp32: Callable[[], Any] | None = None) -> Any:
+    """The base with the adapters folded in, in fp32. A base stored in bf16 or quantized is loaded again in
+    fp32 (`load_fp32`, default: the causal LM) and the adapter (`adapter_dir`, else saved to a temporary
+    folder) applied to it: folding a fp32 delta into bf16 weights would round it away (bf16 keeps 8 bits
+    of mantissa), and a 4-bit base would have to be re-quantized."""
     low = any(p.dtype != torch.float32 for p in model.base_model.parameters()) or config.quantization != "none"
     if not low:
         return model.merge_and_unload()
+    import tempfile
+
     from peft import PeftModel
 
     if load_fp32 is None:
@@ -195,4 +198,8 @@ def merged_fp32(config: TrainSettings, model: Any, adapter_dir: Path, load_fp32:
         base = load(config.model, dtype="float32", device="cpu")[0]
     else:
         base = load_fp32()
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with tempfile.TemporaryDirectory(prefix="protege-adapter-") as tmp:
+        model.save_pretrained(tmp)
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()

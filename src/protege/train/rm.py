@@ -259,16 +259,11 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
         chat.apply_to(tok)
         target = out_dir / "model"
         if config.method == "lora":
-            import tempfile
-
             from ..precision import resolve_precision
 
-            with tempfile.TemporaryDirectory(dir=out_dir) as adapter:
-                model.save_pretrained(adapter)
-                fp32 = resolve_precision("fp32")
-                final = merged_fp32(config, model, Path(adapter),
-                                    lambda: _load_classifier(config.model_copy(update={"quantization": "none"}), pad,
-                                                             fp32, "cpu"))
+            fp32 = config.model_copy(update={"quantization": "none"})
+            final = merged_fp32(config, model,
+                                load_fp32=lambda: _load_classifier(fp32, pad, resolve_precision("fp32"), "cpu"))
         else:
             final = model
         final.save_pretrained(str(target))
