@@ -124,6 +124,12 @@ def test_full_finetuning_in_bf16_learns(tmp_path, tiny_gemma):
     config, _ = _sft(tmp_path, tmp_path / "g", data, "full", precision="bf16", method="full", learning_rate=1e-3)
     curve = _losses(config.out_dir)
     assert curve[-1] < curve[0] - 0.3, curve
+    from safetensors.torch import load_file
+
+    before = {k: v for k, v in model.state_dict().items()}
+    after = load_file(f"{config.out_dir}/model/model.safetensors")
+    assert all(v.dtype == torch.float32 for v in after.values())  # fp32 master weights were trained and saved
+    assert any(not torch.equal(after[k], before[k]) for k in after if k in before)
 
 
 # ---- gradient checkpointing ---------------------------------------------------------------------
