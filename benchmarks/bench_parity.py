@@ -1,7 +1,7 @@
 """Multiple-choice scoring: protege vs lm-evaluation-harness on the same checkpoint and items.
 
 Both score the same questions with the same model object (an HF folder loaded once, float32):
-- protege: `evaluate.loglik` (context encoded once per question, its KV cache shared by the options;
+- protege: `engine.loglik` (context encoded once per question, its KV cache shared by the options;
   questions on one passage batched together so the passage runs once; LM head only on scored positions);
 - lm-eval: its `hf` model (`HFLM`) on a custom `multiple_choice` task built from the very same
   context strings and options, through `lm_eval.simple_evaluate`.
@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def protege_scores(model, tok, contexts, options, batch_size):
     """What `protege eval bench` does: encode every question, then `score_sorted` (batched by length)."""
-    from protege.evaluate.loglik import encode_question, score_sorted
+    from protege.engine.loglik import encode_question, score_sorted
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     qs = [encode_question(tok, c, [" " + o for o in opts]) for c, opts in zip(contexts, options)]
@@ -82,7 +82,7 @@ def main() -> int:
 
     from protege.evaluate.scoring import mc_metrics
     from protege.evaluate.prompts import PromptBuilder
-    from protege.evaluate.task import load_items, resolve_task, split_fewshot
+    from protege.tasks.spec import load_items, resolve_task, split_fewshot
     from protege.models import load, resolve
 
     torch.manual_seed(0)

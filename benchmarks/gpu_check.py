@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -199,7 +200,8 @@ def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, st
 def decode(model: Any, batch: int, new_tokens: int, device: str) -> float:
     from protege.chat import ChatFormat
     from protege.engine import Engine, SamplingParams
-    from protege.models import tiny_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' in-process tokenizer
+    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     eng = Engine(model, _AnyIds(tok), chat_format=ChatFormat.from_tokenizer(tok), max_batch_size=batch)

@@ -31,14 +31,14 @@ def _torch_threads(request):
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     return tiny_model("llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma():
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     return tiny_model("gemma", seed=0)
 
@@ -59,7 +59,7 @@ def tiny_policy_dir(tmp_path):
     (log p ~ -log 512 everywhere) and no adapter can move them in a few steps."""
     import torch
 
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     model, tok = tiny_model("llama", seed=0)
     torch.manual_seed(1)

@@ -331,7 +331,7 @@ def test_random_raters_are_flagged_and_the_judge_is_compared(tmp_path):
 
 
 def test_report_shows_human_ratings_next_to_the_judge(tmp_path):
-    from protege.evaluate.report import ReportConfig, run
+    from protege.report import ReportConfig, run
 
     db = ArenaDB(tmp_path / "arena.sqlite")
     rid = db.new_rater()

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import builtin_model
 from protege.chat import CHATML_TEMPLATE, ChatFormat, ChatTemplateError
-from protege.models import load_tokenizer, tiny_tokenizer
+from protege.models import load_tokenizer
+from tiny import tiny_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "It is 5."}],

@@ -73,7 +73,7 @@ def test_clean_keeps_code_with_angle_brackets():
 # ---- split --------------------------------------------------------------------------------------
 
 def test_split_at_turn_boundaries_within_budget():
-    from protege.models import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     rng = random.Random(0)

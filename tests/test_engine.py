@@ -250,7 +250,7 @@ def test_smooth_int8_linear_keeps_the_product():
 
 
 def test_int8_weights_mode(tiny_gemma):
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     model, tok = tiny_model("gemma", seed=0)  # a private copy: int8 mode quantizes the Linear layers in place
     fp32_model, _ = tiny_gemma

@@ -8,10 +8,10 @@ import random
 import pytest
 
 from protege.errors import StageError
-from protege.evaluate.loglik import encode_question, loglikelihood_reference, score_questions
+from protege.engine.loglik import encode_question, loglikelihood_reference, score_questions
 from protege.evaluate.scoring import (exact_match, extract_answer, extract_sql, mc_metrics, normalize_answer,
                                       open_sqlite, parse_label, run_sql, sql_match)
-from protege.evaluate.task import builtin_tasks, load_items, resolve_task, split_fewshot
+from protege.tasks.spec import builtin_tasks, load_items, resolve_task, split_fewshot
 
 # ---- multiple-choice metrics on hand-computed log-likelihoods ----------------------------------
 
@@ -309,7 +309,7 @@ def test_passage_groups_share_their_prefix_and_match_full_forward(tiny_llama, mo
     """Reading-comprehension layout: several questions per passage, in shuffled order, plus loners.
     `iter_sorted` must batch each passage's questions together (so its prefix runs once) and still
     return every question's exact log-likelihoods under its own index."""
-    from protege.evaluate import loglik
+    from protege.engine import loglik
 
     model, tok = tiny_llama
     passages = [" ".join(f"passage {p} sentence {k} about the river and the town." for k in range(6)) for p in range(3)]

@@ -40,7 +40,7 @@ def eval_dirs(tmp_path):
 
 
 def test_model_table_and_imitation_gap(eval_dirs):
-    from protege.evaluate.report import collect, model_table
+    from protege.report import collect, model_table
 
     t = model_table(collect([str(eval_dirs)]), base="base-270m", teacher=None)
     assert t["teacher"] == "teacher"  # the usual pairwise opponent
@@ -57,7 +57,7 @@ def test_model_table_and_imitation_gap(eval_dirs):
 
 
 def test_judge_sides_are_inverted_when_the_model_was_the_opponent(tmp_path):
-    from protege.evaluate.report import collect, model_table
+    from protege.report import collect, model_table
 
     _judge(tmp_path / "j", "teacher", "student", [("A", "B")] * 3 + [("B", "A")])  # teacher wins 3 of 4
     t = model_table(collect([str(tmp_path)]), base="student", teacher="teacher")
@@ -68,7 +68,7 @@ def test_judge_sides_are_inverted_when_the_model_was_the_opponent(tmp_path):
 
 
 def test_report_html_and_markdown(eval_dirs, tmp_path):
-    from protege.evaluate.report import ReportConfig, run
+    from protege.report import ReportConfig, run
 
     out = tmp_path / "rep" / "report.html"
     r = run(ReportConfig(inputs=[str(eval_dirs)], output=str(out), base="base-270m"))
@@ -82,7 +82,7 @@ def test_report_html_and_markdown(eval_dirs, tmp_path):
 
 def test_report_without_inputs_is_an_actionable_error(tmp_path):
     from protege.errors import StageError
-    from protege.evaluate.report import ReportConfig, run
+    from protege.report import ReportConfig, run
 
     with pytest.raises(StageError, match="no results.json"):
         run(ReportConfig(inputs=[str(tmp_path)], output=str(tmp_path / "r.html")))
@@ -101,7 +101,7 @@ def test_report_cli(eval_dirs, tmp_path):
 def test_report_renders_in_headless_chromium(eval_dirs, tmp_path):
     from browser import headless_chromium
 
-    from protege.evaluate.report import ReportConfig, run
+    from protege.report import ReportConfig, run
 
     out = tmp_path / "report.html"
     run(ReportConfig(inputs=[str(eval_dirs)], output=str(out), base="base-270m"))
@@ -131,7 +131,7 @@ def _answers(path, name, answers, finish_reasons=None):
 
 
 def test_stop_rate_per_model_with_n_and_cut_answers_marked(tmp_path):
-    from protege.evaluate.report import ReportConfig, collect, model_table, run
+    from protege.report import ReportConfig, collect, model_table, run
 
     _answers(tmp_path / "base", "base", ["a" * 10] * 4)  # old file: no reasons, so no stop rate
     _answers(tmp_path / "student", "student", ["ok", "ok", "ok", "and so on and so on"],

@@ -23,8 +23,8 @@ def write_answers(folder, model, good: bool, n=8):
 
 
 def test_eval_rm_ranks_answer_sets_and_report_shows_it(tmp_path, tiny_llama_dir):
-    from protege.evaluate.report import ReportConfig
-    from protege.evaluate.report import run as report
+    from protege.report import ReportConfig
+    from protege.report import run as report
     from protege.evaluate.rm_score import RMScoreConfig, run
     from protege.train.rm import run as train_rm
 

@@ -31,7 +31,7 @@ def _converter_or_skip():
 
 @pytest.fixture(params=["llama", "gemma"])
 def exported(request, tmp_path_factory):
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     _converter_or_skip()
     model, tok = tiny_model(request.param, seed=0)
@@ -78,7 +78,7 @@ def test_hf_folder_has_template_stop_ids_and_card(exported):
 
 
 def test_gguf_metadata_is_consistent_with_the_template(exported):
-    from protege.export.gguf import read_metadata
+    from protege.engine.gguf import read_metadata
 
     arch, model, tok, out, _ = exported
     meta = read_metadata(next(out.glob("*-f16.gguf")))
@@ -129,7 +129,7 @@ def test_llama_cpp_option_logprobs_match_torch(exported):
 
 
 def test_quantized_files_are_written_and_measured(tmp_path):
-    from protege.models import tiny_model
+    from tiny import tiny_model
 
     _converter_or_skip()
     model, tok = tiny_model("llama", seed=1)
@@ -139,14 +139,14 @@ def test_quantized_files_are_written_and_measured(tmp_path):
     result = run(ExportConfig(model=str(src), out_dir=str(tmp_path / "out"), gguf=["q8_0", "q4_0"], verify=False))
     files = sorted(p.name for p in (tmp_path / "out").glob("*.gguf"))
     assert files == ["out-q4_0.gguf", "out-q8_0.gguf"] and result["gguf_files"] == 2
-    from protege.export.gguf import read_metadata
+    from protege.engine.gguf import read_metadata
 
     assert read_metadata(tmp_path / "out" / "out-q4_0.gguf")["general.file_type"] == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, tiny_llama):
     from protege.export.hf import resolve_source
-    from protege.export.verify import open_gguf
+    from protege.engine.gguf import open_gguf
 
     with pytest.raises(StageError, match="neither a model folder"):
         resolve_source(str(tmp_path))
@@ -169,7 +169,7 @@ def test_an_unsupported_architecture_lists_the_supported_ones(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from protege.export.hf import save_hf
-    from protege.models import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer("chatml")
     torch.manual_seed(0)

@@ -138,8 +138,8 @@ def test_a_length_rewarding_proxy_fires_the_warning_while_gold_falls(tmp_path, t
     assert s["best"]["gold"] == max(h["gold"] for h in hist)
     assert (tmp_path / "o" / "best" / "adapter_config.json").exists()
     # the report shows the run: proxy and gold start -> end, the warning count, the sqrt(KL) figure
-    from protege.evaluate.report import ReportConfig
-    from protege.evaluate.report import run as report
+    from protege.report import ReportConfig
+    from protege.report import run as report
 
     out = report(ReportConfig(inputs=[str(tmp_path / "o")], output=str(tmp_path / "rep" / "report.html")))
     page = (tmp_path / "rep" / "report.html").read_text()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import builtin_model
-from protege.models import ALIASES, ModelError, gguf_path, is_pulled, load, pull, tiny_model
+from protege.models import ALIASES, ModelError, gguf_path, is_pulled, load, pull
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])

@@ -239,7 +239,7 @@ def llama64_dir(tmp_path):
     needs at least one whole block per row (32-wide layers train but cannot be evaluated)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from protege.models import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)

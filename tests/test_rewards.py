@@ -80,7 +80,7 @@ def _tiny_rm(path, seed):
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from protege.models import tiny_tokenizer
+    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer("chatml")
     torch.manual_seed(seed)

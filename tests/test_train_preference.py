@@ -330,7 +330,7 @@ def test_dpo_matches_trl_dpo_trainer(tiny_llama, request):
         kw = {k: v for k, v in batch.items() if k != "completion_mask"}
         trl_ref = trainer.ref_model(**kw, labels=ids.masked_fill(comp == 0, -100), use_cache=False,
                                     fused_lm_head=True).log_probs.sum(1)
-        from protege.models import tiny_model
+        from tiny import tiny_model
 
         exact_model = tiny_model("llama", seed=0)[0].double()  # the reference's weights, untouched by TRL
         assert all(torch.equal(a.double(), b) for a, b in zip(ref.parameters(), exact_model.parameters()))

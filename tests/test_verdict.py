@@ -166,7 +166,7 @@ def _judge(path, a, b, outcomes, trusted):
 
 
 def test_report_flags_an_untrustworthy_judge_and_uses_teacher_likeness(tmp_path):
-    from protege.evaluate.report import ReportConfig, collect, model_table, run
+    from protege.report import ReportConfig, collect, model_table, run
 
     n = 60
     _bench(tmp_path / "b-base", "base", "plain", [float(i % 2) for i in range(n)])
@@ -202,7 +202,7 @@ def test_report_flags_an_untrustworthy_judge_and_uses_teacher_likeness(tmp_path)
 
 
 def test_report_uses_a_trusted_judge_for_style(tmp_path):
-    from protege.evaluate.report import collect, model_table
+    from protege.report import collect, model_table
 
     _bench(tmp_path / "b-base", "base", "plain", [1.0, 0.0] * 20)
     _bench(tmp_path / "b-student", "student", "plain", [1.0, 0.0] * 20)
@@ -215,7 +215,7 @@ def test_report_uses_a_trusted_judge_for_style(tmp_path):
 
 def test_style_verdict_when_each_round_is_judged_against_its_starting_model():
     """LLaMA-2-style rounds: teacher == base (the SFT model), so the base's own win rate is 0.5 by definition."""
-    from protege.evaluate.report import verdict
+    from protege.report import verdict
 
     items = {"arithmetic": {f"q{i}": float(i % 2) for i in range(40)}}
     row = {"plain_items": items, "items": items, "prompt_style": "plain", "teacher_nll": None}

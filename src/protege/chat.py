@@ -24,6 +24,8 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import UserError
+
 __all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE"]
 
 SEGMENTED_PROMPT_MESSAGES = 64  # see ChatFormat.encode_prompt
@@ -62,7 +64,7 @@ PLAIN_TEMPLATE = (
 _EOT_CANDIDATES = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The template cannot render these messages, or is unusable for training."""
 
 

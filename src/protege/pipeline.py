@@ -48,23 +48,6 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-class PullConfig(StageConfig):
-    aliases: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"],
-                               description="built-in model aliases to fetch and convert")
-    out_dir: str = Field("", description="set by the runner")
-
-
-def run_pull(config: PullConfig) -> dict[str, Any]:
-    from .manifest import write_manifest
-    from .models import pull
-
-    t0 = time.time()
-    paths = {name: str(pull(name)) for name in config.aliases}
-    write_manifest(config.out_dir, "pull", config, outputs=list(paths.values()), counts={"models": len(paths)},
-                   seconds=time.time() - t0, extra={"models": paths})
-    return {"models": len(paths)}
-
-
 class StageSpec(StageConfig):
     name: str = Field(..., description="stage name, unique in the recipe; used in ${name} references")
     kind: str = Field(..., description=f"what runs: one of {', '.join(STAGE_KINDS)}")

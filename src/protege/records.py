@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
+from .errors import UserError
+
 __all__ = [
     "SkipRecord",
     "MissingSource",
@@ -43,7 +45,7 @@ __all__ = [
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that does not fit its schema. `str()` is `file:line: problem` when known."""
 
     def __init__(self, problem: str, path: str | None = None, line: int | None = None):

@@ -24,7 +24,7 @@ class StageKind(NamedTuple):
 
 
 STAGE_KINDS: dict[str, StageKind] = {
-    "pull": StageKind("protege.pipeline:PullConfig:run_pull", "fetch + verify + convert built-in models"),
+    "pull": StageKind("protege.models.pull:PullConfig:run_pull", "fetch + verify + convert built-in models"),
     "data.sample": StageKind("protege.data_tools:SampleConfig:run_sample", "a seeded sample of a record file (+ the rest)"),
     "generate.self-instruct": StageKind(
         "protege.generate.selfinstruct:SelfInstructConfig:run",
@@ -60,7 +60,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "eval.rm": StageKind("protege.evaluate.rm_score:RMScoreConfig:run", "score answer sets with a reward model"),
     "export": StageKind("protege.export:ExportConfig:run",
                         "merged HF folder + GGUF files (llama.cpp converter/quantizer), verified in llama.cpp"),
-    "report": StageKind("protege.evaluate.report:ReportConfig:run", "style vs substance report (HTML + Markdown)"),
+    "report": StageKind("protege.report:ReportConfig:run", "style vs substance report (HTML + Markdown)"),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from .config import StageConfig
-from .evaluate.figures import png_base64
+from .figures import png_base64, pyplot
 from .models import DEFAULT_JUDGE
 from .pipeline import Recipe, StageSpec, run_recipe
 from .teachers import TeacherConfig
@@ -95,7 +95,7 @@ def build_recipe(cfg: SweepConfig) -> Recipe:
 
 def _points(run_dir: Path, sizes: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Style and substance per N, read back from the stage folders through the report's own table."""
-    from .evaluate.report import collect, model_table
+    from .report import collect, model_table
 
     table = model_table(collect([str(run_dir)]), base="base", teacher="teacher")
     by_model = {r["model"]: r for r in table["rows"]}
@@ -119,10 +119,7 @@ def _points(run_dir: Path, sizes: list[int]) -> tuple[list[dict[str, Any]], dict
 
 
 def _figure(points: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ns = [p["n"] for p in points]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     from ..evaluate.answer import AnswerConfig
     from ..evaluate.bench import BenchConfig
     from ..evaluate.judge import JudgeConfig
-    from ..evaluate.report import ReportConfig
+    from ..report import ReportConfig
     from ..evaluate.rm_score import RMScoreConfig
 
     ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style), reward model",

@@ -63,11 +63,11 @@ def _bin_labels(bins: list[int]) -> list[str]:
 
 def lengths_png(report: dict[str, Any]) -> bytes:
     """Bar charts of words per message, one panel per role, input vs output."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from ..figures import pyplot
+
+    plt = pyplot()
 
     before, after = report["inputs"]["lengths"], report["lengths_out"]
     roles = sorted(set(before) | set(after), key=["system", "user", "assistant"].index)

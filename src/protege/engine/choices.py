@@ -36,7 +36,7 @@ def torch_option_logprobs(model: Any, prompts: list[list[int]], options: Sequenc
     on the last position only (a common prefix, the judge's system prompt, run once per batch); options
     longer than one token add one short forward on the copied cache.
     """
-    from ..evaluate.loglik import EncodedQuestion, iter_sorted
+    from .loglik import EncodedQuestion, iter_sorted
 
     conts = [list(map(int, o)) for o in options]
     questions = [EncodedQuestion(p, conts) for p in prompts]

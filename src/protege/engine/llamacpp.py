@@ -38,7 +38,7 @@ class LlamaCppEngine(RequestDriver):
     max_batch_size = 1
 
     def __init__(self, gguf: str | Path, tokenizer: Any = None, n_ctx: int = 4096, threads: int | None = None):
-        from ..export.verify import open_gguf
+        from .gguf import open_gguf
         from ..models import load_tokenizer  # the `hf/` folder beside an exported GGUF, else the GGUF's own
 
         self.path = Path(gguf)

@@ -29,7 +29,7 @@ from ..errors import StageError
 from ..manifest import write_manifest
 from ..precision import PRECISION_HELP, Precision
 from ..records import write_records
-from .task import iter_jsonl
+from ..tasks.spec import iter_jsonl
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 

@@ -24,7 +24,7 @@ from ..manifest import write_manifest
 from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
 from .intervals import bootstrap_ci
-from .task import TaskSpec, load_items, resolve_task, split_fewshot
+from ..tasks.spec import TaskSpec, load_items, resolve_task, split_fewshot
 
 __all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat import ChatFormat
-from .loglik import tok_encode
-from .task import LETTERS, TaskSpec, format_template
+from ..engine.loglik import tok_encode
+from ..tasks.spec import LETTERS, TaskSpec, format_template
 
 __all__ = ["PromptBuilder", "gold_text"]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import StageError
-from .loglik import encode_question, score_sorted
+from ..engine.loglik import encode_question, score_sorted
 from .prompts import PromptBuilder, gold_text
 from .scoring import exact_match, extract_answer, extract_sql, mc_metrics, open_sqlite, parse_label, sql_match
-from .task import TaskSpec
+from ..tasks.spec import TaskSpec
 
 __all__ = ["make_scorer", "sqlite_schema"]
 

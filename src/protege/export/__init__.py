@@ -90,7 +90,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def run(config: ExportConfig) -> dict[str, Any]:
     """Export `config.model`; see the module docstring for what lands where."""
     from ..manifest import write_manifest
-    from .gguf import GGUF_TYPES, conversion_input, convert, quantize, require_llama_cpp
+    from ..engine.gguf import require_llama_cpp
+    from .gguf import GGUF_TYPES, conversion_input, convert, quantize
     from .hf import save_hf
 
     t0 = time.perf_counter()
@@ -146,7 +147,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
 def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[str, Path],
             add_bos: bool) -> dict[str, Any]:
     from ..engine import Engine
-    from .verify import (decode_speed, greedy_parity, load_texts, open_gguf, perplexity_gguf, perplexity_hf,
+    from ..engine.gguf import open_gguf
+    from .verify import (decode_speed, greedy_parity, load_texts, perplexity_gguf, perplexity_hf,
                          template_check, _token_ids)
 
     ref_type = next((t for t in ("f32", "f16", "bf16", "q8_0") if t in files), next(iter(files)))

@@ -26,11 +26,11 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from ..engine.gguf import require_llama_cpp
 from ..errors import StageError
 
-__all__ = ["GGUF_TYPES", "converter_dir", "convert", "quantize", "read_metadata", "require_llama_cpp"]
+__all__ = ["GGUF_TYPES", "converter_dir", "convert", "quantize"]
 
 # Output types: (written by the converter, or quantized from the F32 file by llama.cpp).
 GGUF_TYPES = {"f32": "convert", "f16": "convert", "bf16": "convert", "q8_0": "quantize", "q4_0": "quantize",
@@ -76,15 +76,6 @@ sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
 import convert_hf_to_gguf
 convert_hf_to_gguf.main()
 """
-
-
-def require_llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise StageError("this needs llama.cpp's Python binding: pip install 'protege[llamacpp]' "
-                         "(builds llama-cpp-python from source, a few minutes)") from None
-    return llama_cpp
 
 
 def _home() -> Path:
@@ -172,26 +163,6 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Pa
         tmp.unlink(missing_ok=True)
         raise StageError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
     tmp.replace(out)
-    return out
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The scalar and string key/values of a GGUF header (arrays left out), via the `gguf` reader."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as err:  # noqa: BLE001 — any parse failure: the file is not a usable GGUF
-        raise StageError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or len(field.types) != 1:
-            continue
-        try:
-            value = field.contents()
-        except Exception:  # noqa: BLE001
-            continue
-        out[key] = value
     return out
 
 

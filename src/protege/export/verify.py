@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .gguf import read_metadata, require_llama_cpp
+from ..engine.gguf import read_metadata
 
-__all__ = ["open_gguf", "greedy_parity", "template_check", "perplexity_hf", "perplexity_gguf", "load_texts",
+__all__ = ["greedy_parity", "template_check", "perplexity_hf", "perplexity_gguf", "load_texts",
            "VERIFY_PROMPTS"]
 
 VERIFY_PROMPTS = [
@@ -31,23 +31,6 @@ VERIFY_PROMPTS = [
     "Suggest a name for a cat.", "Summarise the plot of Cinderella.", "What is the boiling point of water?",
     "Write one sentence about the moon.",
 ]
-
-
-def open_gguf(path: Path, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Any:
-    """A llama-cpp-python `Llama` on `path`, quiet; a corrupt or truncated file is a StageError."""
-    from ..errors import StageError
-
-    llama_cpp = require_llama_cpp()
-    read_metadata(path)  # a clear error for a file llama.cpp would crash on or refuse obscurely
-    if threads is None:
-        # llama-cpp-python's default is half the logical CPUs (1 thread on a 2-core machine: 0.59x of a
-        # 2-thread run, measured); use what torch uses, i.e. the physical cores, like protege's engine.
-        threads = torch.get_num_threads()
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                               logits_all=logits_all, verbose=False)
-    except (ValueError, RuntimeError) as err:
-        raise StageError(f"{path}: llama.cpp could not load it ({err})") from None
 
 
 def _llama_greedy(llm: Any, prompt: list[int], n: int, stop: set[int]) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import Teacher
+from .base import Teacher
 
 __all__ = ["LocalTeacher"]
 

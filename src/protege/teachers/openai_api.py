@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from . import Teacher, TeacherError
+from .base import Teacher, TeacherError
 
 __all__ = ["OpenAITeacher", "DEFAULT_BASE_URL"]
 

@@ -186,7 +186,7 @@ def load_prompt_items(source: str, limit: int | None = None) -> list[PromptItem]
     its question, gold = the answer or the gold choice's text) or a JSONL file of records with
     `prompt` (or `messages`, or `turns`) and optional `gold` / `answer`."""
     if source.startswith("task:"):
-        from ..evaluate.task import load_items, resolve_task
+        from ..tasks.spec import load_items, resolve_task
 
         spec = resolve_task(source[5:])
         items = []
@@ -203,7 +203,7 @@ def load_prompt_items(source: str, limit: int | None = None) -> list[PromptItem]
     path = Path(source)
     if not path.exists():
         raise StageError(f"prompts: {source} does not exist (a JSONL file, or task:<name>)")
-    from ..evaluate.task import iter_jsonl
+    from ..tasks.spec import iter_jsonl
     from ..formats import from_prompt
     from ..records import RecordError
 

@@ -241,8 +241,7 @@ class OverOptimisationWatch:
 
     def figure(self) -> Path | None:
         """gold and proxy against sqrt(KL) (Gao et al. 2022's axes) as overoptimisation.png."""
-        from ..evaluate.figures import pyplot
-        from ..evaluate.rl_report import overoptimisation_figure
+        from ..figures import overoptimisation_figure, pyplot
 
         fig = overoptimisation_figure([{"run": self.out_dir.name, "history": self.history}])
         if fig is None:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from ..config import save_config
 from ..errors import StageError
-from ..evaluate.task import iter_jsonl
+from ..tasks.spec import iter_jsonl
 from ..manifest import write_manifest
 from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
@@ -90,10 +90,9 @@ def _previous_best(paths: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _figure(curve: list[dict[str, float]], out: Path) -> Path:
-    import matplotlib
+    from ..figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([c["k"] for c in curve], [c["reward"] for c in curve], "o-", label="mean best-of-k reward")

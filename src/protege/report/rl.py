@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .figures import png_base64, pyplot
+from ..figures import overoptimisation_figure, png_base64
 
-__all__ = ["collect_rl", "overoptimisation_figure", "rl_section", "rl_markdown"]
+__all__ = ["collect_rl", "rl_section", "rl_markdown"]
 
 
 def collect_rl(files: list[Path]) -> list[dict[str, Any]]:
@@ -28,26 +28,6 @@ def collect_rl(files: list[Path]) -> list[dict[str, Any]]:
         stage = json.loads(manifest.read_text()).get("stage", "") if manifest.exists() else ""
         runs.append({"run": f.parent.name, "where": str(f.parent), "method": stage or "rl", **data})
     return runs
-
-
-def overoptimisation_figure(runs: list[dict[str, Any]]) -> Any | None:
-    """Gold and proxy against sqrt(KL) for each run (`run`, `history`), steps marked; None below two evals."""
-    if not any(len(r["history"]) > 1 for r in runs):
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, r in enumerate(runs):
-        x = [h["sqrt_kl"] for h in r["history"]]
-        color = f"C{i % 10}"
-        ax.plot(x, [h["gold"] for h in r["history"]], "s-", color=color, label=f"{r['run']}: gold (held out)")
-        ax.plot(x, [h["proxy"] for h in r["history"]], "o--", color=color, alpha=0.6, label=f"{r['run']}: proxy")
-        for h in r["history"]:
-            ax.annotate(str(h["step"]), (h["sqrt_kl"], h["gold"]), fontsize=6, alpha=0.6)
-    ax.set_xlabel("sqrt(KL to reference), sqrt(nats per answer)")
-    ax.set_ylabel("mean score, held-out prompts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
 
 
 def _row(r: dict[str, Any]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:

@@ -1,7 +1,7 @@
 """Benchmark tasks: a YAML spec + items, loaded from protege JSONL, AGIEval, BBH or any `datasets` source.
 
 A task reference (what `--tasks` takes) is one of
-- a built-in task name (`world_knowledge`, `arithmetic`, `clickbait`, `sql_shop`; see `evaluate/tasks/`),
+- a built-in task name (`world_knowledge`, `arithmetic`, `clickbait`, `sql_shop`; see `tasks/builtin/`),
 - a path to a task YAML,
 - `agieval:FILE.jsonl` or `bbh:FILE.json` (the public formats, with protege's default prompts).
 
@@ -29,7 +29,7 @@ from ..errors import StageError
 __all__ = ["TaskSpec", "BUILTIN_DIR", "builtin_tasks", "resolve_task", "load_items", "split_fewshot",
            "format_template", "LETTERS"]
 
-BUILTIN_DIR = Path(__file__).parent / "tasks"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TaskType = Literal["multiple_choice", "generate", "classify", "sql"]
 
