@@ -13,7 +13,7 @@ from protege.curate import (CleanStep, CurateConfig, DecontaminateStep, DedupSte
 from protege.curate import clean, decontam, dedup, langid, mix, quality, split, tag
 from protege.curate.minhash import (candidate_pairs, estimated_jaccard, minhash_signatures, near_duplicate_clusters,
                                     optimal_bands, shingle_hashes)
-from protege.errors import StageError
+from protege.errors import RecordError, StageError
 from protege.records import Comparison, Conversation
 
 WORDS = ("apple river stone cloud paper window garden music light table summer winter road bridge forest "
@@ -261,7 +261,7 @@ def test_eval_loaders_task_formats_and_errors(tmp_path):
     with pytest.raises(StageError, match=r"bad.jsonl:2: no eval prompt.*set `fields`"):
         decontam.load_eval_prompts(bad, fields)
     bad.write_text("{not json\n")
-    with pytest.raises(StageError, match=r"bad.jsonl:1: bad JSON"):
+    with pytest.raises(RecordError, match=r"bad.jsonl:1: bad JSON"):
         decontam.load_eval_prompts(bad, fields)
     with pytest.raises(FileNotFoundError):
         decontam.load_eval_prompts(tmp_path / "none.jsonl", fields)

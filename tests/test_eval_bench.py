@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from protege.errors import StageError
+from protege.errors import RecordError, StageError
 from protege.engine.loglik import encode_question, loglikelihood_reference, score_questions
 from protege.evaluate.scoring import (exact_match, extract_answer, extract_sql, mc_metrics, normalize_answer,
                                       open_sqlite, parse_label, run_sql, sql_match)
@@ -188,7 +188,7 @@ def test_bad_task_inputs_name_the_problem(tmp_path):
     bad.write_text('{"question": "q", "choices": ["a", "b"], "gold": 0}\n{not json\n')
     yaml = tmp_path / "t.yaml"
     yaml.write_text(f"name: t\ntype: multiple_choice\ndata: {bad.name}\n")
-    with pytest.raises(StageError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: bad JSON"):
         load_items(resolve_task(str(yaml)))
     bad.write_text('{"question": "q", "choices": ["a", "b"], "gold": 7}\n')
     with pytest.raises(StageError, match="gold"):

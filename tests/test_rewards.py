@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from protege.errors import StageError
+from protege.errors import RecordError, StageError
 from protege.train.rewards import PromptItem, RewardConfig, contains_gold, final_number, load_prompt_items, make_reward
 
 
@@ -70,7 +70,7 @@ def test_load_prompt_items(tmp_path):
     with pytest.raises(StageError, match=r"bad.jsonl:2: a prompt record needs"):
         load_prompt_items(str(bad))
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    with pytest.raises(StageError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: bad JSON"):
         load_prompt_items(str(bad))
     with pytest.raises(StageError, match="does not exist"):
         load_prompt_items(str(tmp_path / "missing.jsonl"))

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from .config import StageConfig
 from .errors import StageError
+from .files import atomic_path
 from .outputs import publish, refuse_clobber
 from .formats import iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
 from .records import RecordError
@@ -41,21 +42,14 @@ def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_form
     refuse_clobber([src] if Path(src).exists() else [], [out], "data convert")
     if out.is_dir():
         raise StageError(f"{out}: is a folder; give the output file's path (e.g. {out}/records.jsonl)")
-    tmp = out.with_name(out.name + ".tmp")
     write = _WRITERS[to_format]
     if to_format in ("alpaca", "sharegpt", "openai"):
         write = _conversation_writer(write, to_format)
     skipped = skipped if skipped is not None else {}
-    try:
-        with JsonlWriter(tmp) as w:
-            for rec in iter_source(src, from_format, skipped=skipped):
-                w.write(write(rec))
-            n = w.written
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out)
-    return n
+    with atomic_path(out) as tmp, JsonlWriter(tmp) as w:
+        for rec in iter_source(src, from_format, skipped=skipped):
+            w.write(write(rec))
+    return w.written
 
 
 def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:

@@ -15,4 +15,15 @@ class StageError(UserError, RuntimeError):
     """A stage cannot run as configured (missing input, inconsistent options); the message says why."""
 
 
+class RecordError(UserError, ValueError):
+    """A record or line of a data file that does not fit its schema. `str()` is `file:line: problem` when known."""
+
+    def __init__(self, problem: str, path: str | None = None, line: int | None = None):
+        self.problem = problem
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}: " if path is not None and line is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)

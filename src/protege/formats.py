@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from .files import json_lines
 from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
 from .records import (Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord, check_messages,
                       parse_record, check_file, record_id)
@@ -196,33 +196,7 @@ def _iter_json_objects(path: Path, keep_going: bool = False) -> Iterator[tuple[i
     A line that does not decode raises `RecordError(file:line)`, or with `keep_going` is yielded
     as (line, that error) so a validator can report every bad line.
     """
-    with path.open("rb") as fh:
-        head = fh.read(64).lstrip()
-    if path.suffix == ".json" and head.startswith(b"["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError(f"bad JSON: {err}", str(path), 1) from None
-        for i, obj in enumerate(data, start=1):
-            yield i, obj
-        return
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-                if not text.strip():
-                    continue
-                obj = json.loads(text)
-            except UnicodeDecodeError as err:
-                bad = RecordError(f"invalid UTF-8 at byte {err.start}", str(path), lineno)
-            except json.JSONDecodeError as err:
-                bad = RecordError(f"bad JSON: {err.msg} at column {err.colno}", str(path), lineno)
-            else:
-                yield lineno, obj
-                continue
-            if not keep_going:
-                raise bad
-            yield lineno, bad
+    return json_lines(path, keep_going=keep_going, json_array=True)
 
 
 def _convert_all(objects: Iterator[tuple[int, Any]], fmt: str, label: str, where: str,

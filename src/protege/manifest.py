@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .files import atomic_write_json
+
 __all__ = ["sha256_file", "sha256_path", "write_manifest", "read_manifest", "package_versions", "hardware", "Timer"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
@@ -115,10 +117,7 @@ def write_manifest(
     if extra:
         manifest.update(extra)
     path = out_dir / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, manifest)
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .config import ConfigError, StageConfig, parse_overrides, read_yaml, validate_dict
+from .files import atomic_write_text
 from .manifest import sha256_file
 from .outputs import inside, remove_tree
 from .stages import STAGE_KINDS, StageKind, stage_kind
@@ -248,9 +249,7 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def _write_marker(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
-from .errors import UserError
+from .errors import RecordError
+from .files import atomic_path, parse_jsonl_line
 
 __all__ = [
     "SkipRecord",
@@ -43,17 +44,6 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
-
-
-class RecordError(UserError, ValueError):
-    """A record that does not fit its schema. `str()` is `file:line: problem` when known."""
-
-    def __init__(self, problem: str, path: str | None = None, line: int | None = None):
-        self.problem = problem
-        self.path = path
-        self.line = line
-        where = f"{path}:{line}: " if path is not None and line is not None else ""
-        super().__init__(f"{where}{problem}")
 
 
 class MissingSource(RecordError, FileNotFoundError):
@@ -238,17 +228,8 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def _decode_line(raw: bytes, kind: str) -> Record | None:
     """Parse one JSONL line; None for a blank line; RecordError (without location) otherwise."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RecordError(f"invalid UTF-8 at byte {err.start}") from None
-    if not text.strip():
-        return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"bad JSON: {err.msg} at column {err.colno}") from None
-    return parse_record(obj, kind)
+    obj = parse_jsonl_line(raw)
+    return None if obj is None else parse_record(obj, kind)
 
 
 class RecordReader:
@@ -344,11 +325,7 @@ class JsonlWriter:
 
 def write_records(path: str | Path, records: Iterable[Record | dict[str, Any]]) -> int:
     """Write records to a JSONL file (atomically: a temp file renamed at the end); return the count."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with JsonlWriter(tmp) as w:
+    with atomic_path(path) as tmp, JsonlWriter(tmp) as w:
         for rec in records:
             w.write(rec)
-        n = w.written
-    tmp.replace(path)
-    return n
+    return w.written

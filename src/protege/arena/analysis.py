@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import jsonl_rows
 from .ratings import Vote, bradley_terry, leaderboard, win_matrix
 
 __all__ = ["win_rate_matrix", "by_category", "judge_agreement", "random_raters"]
@@ -64,10 +65,7 @@ def _judge_verdicts(judge_dir: str | Path) -> dict[tuple[str, str, str], str]:
     m1, m2 = results["models"][:2]
     x, y = sorted((m1, m2))
     out = {}
-    for line in (d / "judgments.jsonl").read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for _, row in jsonl_rows(d / "judgments.jsonl"):
         outcome = row.get("outcome")
         if outcome not in ("win", "loss", "tie"):
             continue  # the judge gave no usable verdict

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import StageError
+from ..files import json_lines
 from ..formats import convert_obj
 from ..records import Record, RecordError
 from .common import StepResult, messages_of, normalize, progress, removal, texts, words
@@ -50,13 +51,7 @@ def _objects(path: Path) -> Iterator[tuple[int, Any]]:
             raise StageError(f"{path}: expected a list of items (or an object with one of {', '.join(_LIST_KEYS)})")
         yield from enumerate(data, start=1)
         return
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise StageError(f"{path}:{lineno}: bad JSON: {err.msg}") from None
+    yield from json_lines(path)
 
 
 def load_eval_prompts(path: str | Path, fields: list[str]) -> list[EvalPrompt]:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from ..config import save_config
 from ..errors import StageError
+from ..files import atomic_write_json, json_lines, read_jsonl
 from ..formats import convert_obj, iter_source
 from ..manifest import write_manifest
 from ..outputs import publish, refuse_clobber
@@ -63,24 +64,11 @@ def _log(msg: str) -> None:
 
 def _json_objects(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line, object, error) for each non-blank line of JSONL or item of a JSON list."""
-    if path.suffix == ".json" and path.read_bytes()[:64].lstrip().startswith(b"["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError(f"bad JSON: {err}", str(path), 1) from None
-        for i, obj in enumerate(data, start=1):
-            yield i, obj, None
-        return
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-                if text.strip():
-                    yield lineno, json.loads(text), None
-            except UnicodeDecodeError as err:
-                yield lineno, None, f"invalid UTF-8 at byte {err.start}"
-            except json.JSONDecodeError as err:
-                yield lineno, None, f"bad JSON: {err.msg} at column {err.colno}"
+    for lineno, obj in json_lines(path, keep_going=True, json_array=True):
+        if isinstance(obj, RecordError):
+            yield lineno, None, obj.problem
+        else:
+            yield lineno, obj, None
 
 
 def _loose_conversation(obj: Any, source: str) -> Conversation | None:
@@ -224,9 +212,7 @@ def _save_step(ckpt: Path, fp: str, records: list[Record], removed: list[dict[st
     ckpt.mkdir(parents=True, exist_ok=True)
     write_records(ckpt / "kept.jsonl", records)
     write_records(ckpt / "removed.jsonl", removed)
-    tmp = ckpt / "state.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp, **state}), encoding="utf-8")
-    tmp.replace(ckpt / "state.json")  # written last: marks the step finished
+    atomic_write_json(ckpt / "state.json", {"fingerprint": fp, **state}, indent=None)  # last: marks the step finished
 
 
 def _load_step(ckpt: Path, fp: str) -> tuple[list[Record], list[dict[str, Any]], dict[str, Any]] | None:
@@ -237,11 +223,7 @@ def _load_step(ckpt: Path, fp: str) -> tuple[list[Record], list[dict[str, Any]],
     if state.get("fingerprint") != fp:
         return None
 
-    def lines(name: str) -> list[dict[str, Any]]:
-        with (ckpt / name).open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-    return [_from_dict(o) for o in lines("kept.jsonl")], lines("removed.jsonl"), state
+    return [_from_dict(o) for o in read_jsonl(ckpt / "kept.jsonl")], read_jsonl(ckpt / "removed.jsonl"), state
 
 
 def run(config: CurateConfig) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ..errors import StageError
 from ..manifest import write_manifest
 from ..precision import PRECISION_HELP, Precision
 from ..records import write_records
-from ..tasks.spec import iter_jsonl
+from ..files import jsonl_rows, read_jsonl
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 
@@ -83,7 +83,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
     if not path.exists():
         raise StageError(f"prompt file {path} not found")
     out = []
-    for n, row in iter_jsonl(path):
+    for n, row in jsonl_rows(path):
         ref = row.get("reference")
         out.append({"id": str(row.get("question_id", row.get("id", n))), "category": row.get("category", ""),
                     "turns": _turns(row, f"{path}:{n}"), "reference": [ref] if isinstance(ref, str) else ref})
@@ -99,14 +99,7 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
         path = path / ANSWERS_FILE
     if not path.exists():
         raise StageError(f"answers file {path} not found (run `protege eval answer` first)")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
-    return rows
+    return read_jsonl(path)
 
 
 def stop_counts(records: list[dict[str, Any]]) -> dict[str, Any]:

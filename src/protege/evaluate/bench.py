@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..config import StageConfig, save_config
+from ..files import tolerant_jsonl
 from ..manifest import write_manifest
 from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
@@ -140,12 +141,9 @@ def _load_done(path: Path, key_path: Path, key: str) -> dict[str, dict[str, Any]
         key_path.write_text(key)
         return {}
     done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write; the item is scored again
-        done[rec["id"]] = rec
+    for rec in tolerant_jsonl(path):  # a line cut by a kill mid-write is skipped: that item is scored again
+        if "id" in rec:
+            done[rec["id"]] = rec
     return done
 
 

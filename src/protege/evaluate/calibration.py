@@ -19,7 +19,6 @@ always answers "A" scores 0.5 and consistency 0; one that always picks the bette
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -38,11 +37,10 @@ def load_items(path: str | Path = CALIBRATION_FILE) -> list[dict[str, Any]]:
     """The calibration items: {"id", "prompt", "good", "wrong_fact", "other_language"} per line."""
     from ..errors import StageError
 
+    from ..files import jsonl_rows
+
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in jsonl_rows(path):
         missing = [k for k in ("id", "prompt", "good", "wrong_fact", "other_language") if not row.get(k)]
         if missing:
             raise StageError(f"{path}:{n}: calibration item lacks {', '.join(missing)}")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..engine.gguf import require_llama_cpp
 from ..errors import StageError
+from ..files import atomic_path
 
 __all__ = ["GGUF_TYPES", "converter_dir", "convert", "quantize"]
 
@@ -132,16 +133,14 @@ def convert(hf_dir: Path, out: Path, outtype: str) -> Path:
     """Run llama.cpp's converter on an HF folder; `outtype` f32, f16, bf16 or q8_0."""
     conv = converter_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    cmd = [sys.executable, "-c", _DRIVER, str(conv), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(line for line in proc.stderr.splitlines()[-15:])
-        if "is not supported" in proc.stderr or "NotImplementedError" in proc.stderr:
-            raise StageError(f"llama.cpp's converter cannot convert {hf_dir}: {tail}")
-        raise StageError(f"llama.cpp's converter failed on {hf_dir} (exit {proc.returncode}):\n{tail}")
-    tmp.replace(out)
+    with atomic_path(out, ".partial") as tmp:
+        cmd = [sys.executable, "-c", _DRIVER, str(conv), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not tmp.is_file():
+            tail = "\n".join(line for line in proc.stderr.splitlines()[-15:])
+            if "is not supported" in proc.stderr or "NotImplementedError" in proc.stderr:
+                raise StageError(f"llama.cpp's converter cannot convert {hf_dir}: {tail}")
+            raise StageError(f"llama.cpp's converter failed on {hf_dir} (exit {proc.returncode}):\n{tail}")
     return out
 
 
@@ -154,15 +153,13 @@ def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Pa
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
-    tmp = out.with_name(out.name + ".partial")
     from llama_cpp._logger import set_verbose
 
     set_verbose(False)  # llama.cpp prints a line per tensor otherwise; errors still come through
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise StageError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
-    tmp.replace(out)
+    with atomic_path(out, ".partial") as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0 or not tmp.is_file():
+            raise StageError(f"llama.cpp could not quantize {src} to {qtype} (return code {rc})")
     return out
 
 

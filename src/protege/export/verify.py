@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ..engine.gguf import read_metadata
+from ..files import jsonl_rows
 
 __all__ = ["greedy_parity", "template_check", "perplexity_hf", "perplexity_gguf", "load_texts",
            "VERIFY_PROMPTS"]
@@ -102,10 +102,7 @@ def load_texts(path: str | None, n: int) -> list[str]:
 
     texts: list[str] = []
     if path:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            obj = json.loads(line)
+        for _, obj in jsonl_rows(path):
             if isinstance(obj.get("text"), str):
                 texts.append(obj["text"])
             elif isinstance(obj.get("messages"), list):
@@ -113,8 +110,7 @@ def load_texts(path: str | None, n: int) -> list[str]:
     else:
         # The Self-Instruct seed tasks ship with protege and are not what a student is trained on.
         seed = resources.files("protege.generate").joinpath("data/seed_tasks.jsonl").read_text(encoding="utf-8")
-        for line in seed.splitlines():
-            obj = json.loads(line)
+        for _, obj in jsonl_rows("seed_tasks.jsonl", text=seed):
             body = "\n".join(x for x in (obj.get(k) for k in ("instruction", "input", "output")) if isinstance(x, str) and x)
             if len(body) > 80:
                 texts.append(body)

@@ -9,7 +9,6 @@ start on each run, so it never holds duplicates or half-written lines.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -23,26 +22,12 @@ from ..manifest import write_manifest
 from ..records import JsonlWriter
 from ..teachers import Teacher, TeacherConfig, make_teacher
 
-__all__ = ["GeneratorRun", "data_file", "read_jsonl_data", "read_yaml_data", "sampling", "clean_reply"]
+__all__ = ["GeneratorRun", "data_file", "read_yaml_data", "sampling", "clean_reply"]
 
 
 def data_file(name: str) -> Path:
     """Path of a data file shipped in `protege/generate/data/`."""
     return Path(str(resources.files("protege.generate") / "data" / name))
-
-
-def read_jsonl_data(path: str | Path) -> list[dict[str, Any]]:
-    out = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    from ..records import RecordError
-
-                    raise RecordError(f"bad JSON: {err.msg}", str(path), lineno) from None
-    return out
 
 
 def read_yaml_data(path: str | Path) -> Any:

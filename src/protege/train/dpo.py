@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 
 from ..config import save_config
+from ..files import tolerant_jsonl
 from ..lm_head import embed_inputs, head_rows
 from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
@@ -123,13 +124,11 @@ def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
 def read_reference_cache(cache: Path) -> dict[str, tuple[float, float]]:
     """pair id -> (chosen, rejected) reference log-probs from a cache file (missing file: empty)."""
     done: dict[str, tuple[float, float]] = {}
-    if cache.exists():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                done[row["id"]] = (float(row["chosen"]), float(row["rejected"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a line cut by a kill: that pair is recomputed
+    for row in tolerant_jsonl(cache):
+        try:
+            done[row["id"]] = (float(row["chosen"]), float(row["rejected"]))
+        except (KeyError, TypeError, ValueError):
+            continue  # a line cut by a kill: that pair is recomputed
     return done
 
 

@@ -203,12 +203,12 @@ def load_prompt_items(source: str, limit: int | None = None) -> list[PromptItem]
     path = Path(source)
     if not path.exists():
         raise StageError(f"prompts: {source} does not exist (a JSONL file, or task:<name>)")
-    from ..tasks.spec import iter_jsonl
+    from ..files import jsonl_rows
     from ..formats import from_prompt
     from ..records import RecordError
 
     items = []
-    for n, rec in iter_jsonl(path):
+    for n, rec in jsonl_rows(path):
         if "messages" in rec:
             msgs = list(rec["messages"])
             if msgs and msgs[-1].get("role") == "assistant":  # a full conversation: its last answer is not a prompt

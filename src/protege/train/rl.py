@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ from typing import Any, Callable
 import torch
 from pydantic import Field
 
+from ..files import atomic_write_json
 from .data import Example, collate
 from .losses import IGNORE_INDEX
 from .pairs import scored_positions
@@ -117,9 +117,7 @@ class RolloutCache:
             return None
 
     def store(self, name: str, data: Any) -> None:
-        tmp = self.root / f"{name}.tmp"
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, self.root / f"{name}.json")
+        atomic_write_json(self.root / f"{name}.json", data, indent=None)
 
     def get(self, index: int) -> list[Rollout] | None:
         data = self.load(f"mb-{index:06d}")

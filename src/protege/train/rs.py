@@ -25,7 +25,7 @@ from pydantic import Field
 
 from ..config import save_config
 from ..errors import StageError
-from ..tasks.spec import iter_jsonl
+from ..files import jsonl_rows
 from ..manifest import write_manifest
 from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
@@ -79,7 +79,7 @@ def _previous_best(paths: list[str]) -> dict[str, dict[str, Any]]:
         p = Path(path)
         if not p.exists():
             raise StageError(f"rs: previous round's {path} does not exist")
-        for n, rec in iter_jsonl(p):
+        for n, rec in jsonl_rows(p):
             try:
                 key, reward = rec["prompt_id"], float(rec["reward"])
             except (KeyError, TypeError, ValueError):

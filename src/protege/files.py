@@ -1,0 +1,147 @@
+"""One I/O kit for every stage: JSONL reading, atomic writes.
+
+- `parse_jsonl_line` decodes one line strictly: invalid UTF-8, bad JSON, NaN/Infinity (not JSON, and
+  they poison a mean), integers too long to read, nesting deep enough to exhaust the parser, and lone
+  UTF-16 surrogates (they cannot be written back as UTF-8) are each a `RecordError` saying which.
+- `jsonl_rows` / `read_jsonl`: every non-blank line of a file, each a JSON object; a bad line is a
+  `RecordError` naming `file:line`. For inputs a person wrote.
+- `tolerant_jsonl`: the same lines, skipping any that do not parse. For append-only logs and caches that
+  protege itself writes, whose last line a kill may have cut: that item is simply done again.
+- `atomic_path` / `atomic_write_text` / `atomic_write_json`: write beside the target and rename over it,
+  so a reader (or a crash) sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import RecordError
+
+__all__ = ["parse_jsonl_line", "json_lines", "jsonl_rows", "read_jsonl", "tolerant_jsonl", "atomic_path", "atomic_write_text",
+           "atomic_write_json"]
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise RecordError(f"{name} is not a JSON number (write null or a finite number)")
+
+
+def parse_jsonl_line(line: str | bytes) -> Any:
+    """One JSONL line -> its value; None for a blank line; RecordError (without location) when it is not JSON."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecordError(f"invalid UTF-8 at byte {err.start}") from None
+    line = line.lstrip("\ufeff")  # a byte-order mark, as Windows editors write on the first line
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"bad JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise RecordError("JSON nested too deeply to read") from None
+    except ValueError as err:  # int longer than Python's digit limit
+        raise RecordError(f"bad JSON: {err}") from None
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair)") from None
+    return obj
+
+
+def json_lines(path: str | Path, text: str | None = None, keep_going: bool = False,
+               json_array: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of `path` (or of `text`, named `path` in errors).
+
+    A bad line raises `RecordError` naming `file:line`; with `keep_going` it is yielded as (line, that
+    error) instead, so a validator can report every bad line. With `json_array`, a `.json` file holding
+    one JSON array yields (item number, item) for its items.
+    """
+    path = Path(path)
+    if json_array and text is None and path.suffix == ".json":
+        with path.open("rb") as fh:
+            is_array = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        if is_array:
+            try:
+                data = parse_jsonl_line(path.read_bytes().replace(b"\n", b" "))
+            except RecordError as err:
+                raise RecordError(err.problem, str(path), 1) from None
+            yield from enumerate(data, start=1)
+            return
+    lines: Any = text.splitlines() if text is not None else path.open("rb")
+    try:
+        for n, line in enumerate(lines, 1):
+            try:
+                obj = parse_jsonl_line(line)
+            except RecordError as err:
+                bad = RecordError(err.problem, str(path), n)
+                if not keep_going:
+                    raise bad from None
+                yield n, bad
+                continue
+            if obj is not None:
+                yield n, obj
+    finally:
+        if text is None:
+            lines.close()
+
+
+def jsonl_rows(path: str | Path, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line or a non-object is a `RecordError` at `file:line`."""
+    for n, obj in json_lines(path, text):
+        if not isinstance(obj, dict):
+            raise RecordError(f"expected a JSON object, got {type(obj).__name__}", str(Path(path)), n)
+        yield n, obj
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every object of a JSONL file, strictly (see `jsonl_rows`)."""
+    return [obj for _, obj in jsonl_rows(path)]
+
+
+def tolerant_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The objects of a log protege appends to; lines that do not parse (cut by a kill) are skipped; no file: none."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for line in fh:
+            try:
+                obj = parse_jsonl_line(line)
+            except RecordError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed over `path` when the block ends without error, else removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() and tmp != path:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")

@@ -1,0 +1,67 @@
+"""The one I/O kit: strict JSONL with file:line errors for hostile input, tolerant logs, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protege.errors import RecordError
+from protege.files import atomic_path, atomic_write_json, json_lines, jsonl_rows, read_jsonl, tolerant_jsonl
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"a": NaN}', "NaN is not a JSON number"),
+    ('{"a": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"a": ' + "9" * 5000 + "}", "bad JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"a": "\\ud800"}', "lone UTF-16 surrogate"),
+    ('{"a": 1', "bad JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+])
+def test_a_hostile_line_is_an_error_at_its_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"ok": 1}\n\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(RecordError) as err:
+        read_jsonl(path)
+    assert str(err.value).startswith(f"{path}:3: ") and problem in str(err.value)
+
+
+def test_bom_invalid_utf8_and_paired_surrogates(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"a": "\\ud83d\\ude00"}\n{"b": 2}\n')
+    assert read_jsonl(path) == [{"a": "\U0001F600"}, {"b": 2}]  # BOM skipped; a surrogate *pair* is one character
+    path.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(RecordError, match=r"in.jsonl:2: invalid UTF-8 at byte"):
+        read_jsonl(path)
+
+
+def test_keep_going_reports_every_bad_line_and_json_arrays_read_as_items(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\nnope\n{"b": NaN}\n{"c": 3}\n')
+    rows = list(json_lines(path, keep_going=True))
+    assert [n for n, _ in rows] == [1, 2, 3, 4]
+    assert [type(v).__name__ for _, v in rows] == ["dict", "RecordError", "RecordError", "dict"]
+    arr = tmp_path / "in.json"
+    arr.write_text('\n  [{"a": 1},\n {"b": 2}]\n')
+    assert list(json_lines(arr, json_array=True)) == [(1, {"a": 1}), (2, {"b": 2})]
+    assert list(jsonl_rows("inline.jsonl", text='{"x": 1}\n')) == [(1, {"x": 1})]
+
+
+def test_tolerant_reader_skips_a_cut_last_line_and_a_missing_file(tmp_path):
+    log = tmp_path / "cache.jsonl"
+    assert list(tolerant_jsonl(log)) == []
+    log.write_text('{"id": 1}\n{"id": 2}\n{"id": 3, "val')
+    assert [r["id"] for r in tolerant_jsonl(log)] == [1, 2]
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    atomic_write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
+    atomic_write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 2}
