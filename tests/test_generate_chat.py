@@ -12,8 +12,8 @@ from protege.generate import distill, orca, selfchat
 from protege.generate.common import GeneratorRun
 from protege.generate.orca import TASK_TYPES, assign_system_message, load_system_messages, task_type
 from protege.generate.selfchat import clean_turn, load_topics
-from protege.manifest import read_manifest
-from protege.records import RecordError, validate_file
+from protege.formats import validate_source
+from protege.records import RecordError
 
 from fake_openai_server import FakeServer
 
@@ -55,7 +55,7 @@ def test_distill_answers_turn_by_turn_with_own_answers_in_context(scripted, prom
                                                chunk_size=2, progress=False))
     rows = _rows(out / "records.jsonl")
     assert counts["records"] == len(rows) == 4 and counts["rejected"]["empty_answer"] == 1
-    assert counts["truncated_conversations"] == 1 and validate_file(out / "records.jsonl")[1] == []
+    assert counts["truncated_conversations"] == 1 and validate_source(out / "records.jsonl")[1] == []
     first = rows[0]["messages"]
     assert [m["role"] for m in first] == ["user", "assistant", "user", "assistant"]
     assert first[1]["content"].startswith("(turn 1") and "old answer" not in json.dumps(first)
@@ -63,7 +63,7 @@ def test_distill_answers_turn_by_turn_with_own_answers_in_context(scripted, prom
     assert rows[0]["meta"]["k"] == 1 and rows[0]["meta"]["prompt_source"] == "mine"
     assert rows[1]["messages"][0]["content"] == "Translate to French\n\ngood night"
     assert rows[3]["messages"][0] == {"role": "system", "content": "Be brief."} and len(rows[3]["messages"]) == 3
-    assert read_manifest(out)["counts"]["records"] == 4
+    assert json.loads((out / "manifest.json").read_text())["counts"]["records"] == 4
     again = distill.run(distill.DistillConfig(prompts=str(prompts), out_dir=str(out), teacher=_teacher(scripted.url),
                                               progress=False))
     assert again["teacher"]["sent"] == 0 and _rows(out / "records.jsonl") == rows
@@ -151,8 +151,8 @@ def test_orca_single_and_progressive(scripted, prompts, tmp_path):
     s1, s2 = (_rows(tmp_path / "prog" / f"stage{k}" / "records.jsonl") for k in (1, 2))
     assert len(s1) == 4 and len(s2) == 2 and prog["records"] == 6
     assert [r["meta"]["stage"] for r in _rows(tmp_path / "prog" / "records.jsonl")] == [1, 1, 1, 1, 2, 2]
-    assert read_manifest(tmp_path / "prog")["counts"]["stages"][1]["prompts"] == 2
-    assert read_manifest(tmp_path / "prog" / "stage2")["stage"] == "generate.orca.stage2"
+    assert json.loads((tmp_path / "prog" / "manifest.json").read_text())["counts"]["stages"][1]["prompts"] == 2
+    assert json.loads((tmp_path / "prog" / "stage2" / "manifest.json").read_text())["stage"] == "generate.orca.stage2"
     with pytest.raises(StageError, match="one per teacher"):
         orca.run(orca.OrcaConfig(prompts=str(prompts), out_dir=str(tmp_path / "x"), teachers=teachers, stage_limits=[1]))
 
@@ -173,7 +173,7 @@ def test_self_chat_turn_limit_end_and_degenerate(scripted, tmp_path):
     counts = selfchat.run(cfg)
     rows = _rows(tmp_path / "o" / "records.jsonl")
     assert counts["records"] == len(rows) == 2 and counts["rejected"]["no_usable_answer"] == 1
-    assert validate_file(tmp_path / "o" / "records.jsonl")[1] == []
+    assert validate_source(tmp_path / "o" / "records.jsonl")[1] == []
     by_topic = {r["meta"]["topic"]: r for r in rows}
     tides = by_topic["How do tides work?"]["messages"]
     assert [m["role"] for m in tides] == ["user", "assistant"] * 3 and tides[2]["content"].startswith("Interesting")
@@ -189,6 +189,6 @@ def test_self_chat_with_tiny_local_model_and_cli(tiny_llama_dir, tmp_path):
     code = cli_main(["generate", "self-chat", f"--topics={topics}", f"--out_dir={tmp_path / 'o'}", "--max_turns=2",
                      "--max_new_tokens=8", f"--teacher.model={tiny_llama_dir}", "--n=3", "--progress=false"])
     assert code == 0
-    counts = read_manifest(tmp_path / "o")["counts"]
+    counts = json.loads((tmp_path / "o" / "manifest.json").read_text())["counts"]
     assert counts["conversations"] == 3 and counts["records"] + counts["rejected"]["no_usable_answer"] == 3
-    assert validate_file(tmp_path / "o" / "records.jsonl")[1] == []
+    assert validate_source(tmp_path / "o" / "records.jsonl")[1] == []

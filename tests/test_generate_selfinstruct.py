@@ -11,8 +11,7 @@ from protege.generate.common import data_file
 from protege.generate.selfinstruct import (SelfInstructConfig, Task, chat_task_prompt, completion_task_prompt,
                                            parse_tasks, run, task_problem)
 from protege.generate.text import RougePool
-from protege.manifest import read_manifest
-from protege.records import validate_file
+from protege.formats import validate_source
 
 from fake_openai_server import FakeServer
 
@@ -81,11 +80,11 @@ def test_prompts_list_examples():
 def _check_run(out, counts, n):
     assert counts["kept"] == counts["records"] == n
     assert counts["generated"] == counts["kept"] + sum(counts["rejected"].values())
-    good, errors = validate_file(out / "records.jsonl")
+    good, errors, _ = validate_source(out / "records.jsonl")
     assert good == n and not errors
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == n
-    manifest = read_manifest(out)
+    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["kept"] == n and manifest["teacher"].startswith("openai:scripted@")
     return rows
 
@@ -120,7 +119,7 @@ def test_weak_teacher_terminates_at_request_cap(tiny_llama_dir, tmp_path):
     assert counts["stopped"] == "max_requests" and counts["task_requests"] == 4 and counts["prompt_mode"] == "completion"
     assert counts["generated"] == counts["kept"] + sum(counts["rejected"].values())
     assert counts["malformed_replies"] + counts["generated"] > 0
-    assert validate_file(tmp_path / "records.jsonl")[1] == []
+    assert validate_source(tmp_path / "records.jsonl")[1] == []
 
 
 def test_cli_runs_with_config_and_overrides(scripted, tmp_path, capsys):
@@ -150,4 +149,4 @@ def test_builtin_teacher_small_run(tmp_path):
     counts = run(cfg)
     assert counts["prompt_mode"] == "chat" and counts["kept"] <= 3
     assert counts["generated"] == counts["kept"] + sum(counts["rejected"].values())
-    assert validate_file(tmp_path / "records.jsonl") == (counts["kept"], [])
+    assert validate_source(tmp_path / "records.jsonl")[:2] == (counts["kept"], [])

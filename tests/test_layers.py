@@ -180,3 +180,27 @@ def test_the_checker_catches_a_planted_upward_import_and_cycle(planted):
     assert "package cycle: high -> low" in problems
     unplaced = violations(graph, {"": 0, "low": 0, "high": 1, "d": 1})
     assert "toy.c: its package 'c' has no floor in the ```layers table" in unplaced
+
+
+# Files that docstrings may name although protege does not ship them: other projects' code.
+EXTERNAL_FILES = {"convert_hf_to_gguf.py",  # llama.cpp's converter, fetched with llama-cpp-python's sources
+                  "rlhf/loss/dpo.py"}  # torchtune's DPO loss, named as the model for protege's
+_DOC_MD = re.compile(r"\b([A-Z][A-Z_]+\.md)\b")
+_DOC_PY = re.compile(r"\b((?:[a-z_.]+/)*[a-z_]+\.py)\b")
+
+
+def test_every_file_a_docstring_names_exists():
+    """Comments and docstrings name README.md / BENCHMARKS.md / a module; never a file a user does not have."""
+    src = SRC / "protege"
+    shipped = {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+    problems = []
+    for path in sorted(src.rglob("*.py")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            problems += [f"{where}: {m}" for m in _DOC_MD.findall(line) if not (ROOT / m).is_file()]
+            for m in _DOC_PY.findall(line):
+                ok = (any(m.endswith(e) for e in EXTERNAL_FILES) or any(s == m or s.endswith("/" + m) for s in shipped)
+                      or (ROOT / m).is_file() or (ROOT / "benchmarks" / m).is_file() or m.startswith("."))
+                if not ok:
+                    problems.append(f"{where}: {m}")
+    assert not problems, "files named in src/ that do not exist:\n" + "\n".join(problems)

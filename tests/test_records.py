@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from protege.records import (Comparison, Conversation, JsonlWriter, RecordError, RecordReader, content_id,
-                             parse_record, read_records, validate_file, write_records)
+                             parse_record, read_records, write_records)
+from protege.formats import validate_source
 
 GOOD = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello!"}]}
@@ -68,7 +69,7 @@ def _planted_file(tmp_path):
 
 def test_validate_reports_every_bad_line(tmp_path):
     path, bad_lines = _planted_file(tmp_path)
-    good, errors = validate_file(path)
+    good, errors, _ = validate_source(path)
     assert good == 4
     assert [e.line for e in errors] == bad_lines
     assert all(str(e).startswith(f"{path}:") for e in errors)

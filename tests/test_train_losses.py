@@ -7,9 +7,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from protege.train.losses import IGNORE_INDEX, full_logits_cross_entropy, linear_cross_entropy, sft_loss
+from protege.train.losses import IGNORE_INDEX, linear_cross_entropy, sft_loss
 from protege.train.sft import SFTModule
+
+
+def full_logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The textbook loss on full (B, T, V) logits with shifted labels: the reference `sft_loss` must match."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def test_uniform_logits_give_log_vocab():

@@ -194,20 +194,25 @@ def save_config(config: BaseModel, out_dir: str | Path, name: str = "config.yaml
     return out
 
 
-def config_help(cls: type[BaseModel], prefix: str = "") -> str:
-    """One line per field: `key (type, default): description` — used in `--help`."""
+def config_help(cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> str:
+    """One line per field: `key (type, default): description` — used in `--help`.
+
+    A nested config shows the defaults its parent gives it (`JudgeConfig.judge` is a `TeacherConfig` whose
+    model is the calibrated judge, not `TeacherConfig`'s own default model).
+    """
     lines = []
     for name, field in _model_fields(cls).items():
         sub = _nested_model(field.annotation)
+        default: Any = None
+        if defaults is not None:
+            default = getattr(defaults, name)
+        elif not field.is_required():
+            default = field.default if field.default_factory is None else field.default_factory()
         if sub is not None and sub is not cls:
             lines.append(f"  {prefix}{name}: {field.description or ''}")
-            lines.append(config_help(sub, prefix=f"{prefix}{name}."))
+            lines.append(config_help(sub, prefix=f"{prefix}{name}.", defaults=default if isinstance(default, sub) else None))
             continue
         type_name = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-        if field.is_required():
-            default_s = "required"
-        else:
-            default = field.default if field.default_factory is None else field.default_factory()
-            default_s = f"default {default!r}"
+        default_s = "required" if field.is_required() and defaults is None else f"default {default!r}"
         lines.append(f"  --{prefix}{name}  ({type_name}, {default_s}): {field.description or ''}")
     return "\n".join(lines)

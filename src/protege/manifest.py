@@ -7,7 +7,6 @@ sha256, the outputs, counts, wall seconds and package versions.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from importlib import metadata
@@ -18,7 +17,7 @@ from pydantic import BaseModel
 
 from .files import atomic_write_json
 
-__all__ = ["sha256_file", "sha256_path", "write_manifest", "read_manifest", "package_versions", "hardware", "Timer"]
+__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -118,13 +117,6 @@ def write_manifest(
         manifest.update(extra)
     path = out_dir / "manifest.json"
     return atomic_write_json(path, manifest)
-
-
-def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(out_dir) / "manifest.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 class Timer:

@@ -1,6 +1,6 @@
 """Conversation and Comparison records, validated streaming JSONL I/O.
 
-Record shapes (DESIGN.md "Records"):
+Record shapes:
 
     Conversation: {"id", "messages": [{"role", "content"}], "source", "meta"}
     Comparison:   {"id", "prompt": [messages], "chosen": {"role": "assistant", "content"},
@@ -38,7 +38,6 @@ __all__ = [
     "RecordReader",
     "write_records",
     "JsonlWriter",
-    "validate_file",
     "check_file",
     "record_id",
 ]
@@ -284,18 +283,6 @@ def read_records(path: str | Path, kind: str = "auto", skip_invalid: bool = Fals
                  rejected_path: str | Path | None = None) -> Iterator[Record]:
     """Stream validated records from a JSONL file (see `RecordReader`)."""
     return iter(RecordReader(path, kind, skip_invalid, rejected_path))
-
-
-def validate_file(path: str | Path, kind: str = "auto") -> tuple[int, list[RecordError]]:
-    """Check every line; return (number of good records, errors with file:line)."""
-    good, errors = 0, []
-    for lineno, raw in _iter_lines(check_file(path)):
-        try:
-            if _decode_line(raw, kind) is not None:
-                good += 1
-        except RecordError as err:
-            errors.append(RecordError(err.problem, str(path), lineno))
-    return good, errors
 
 
 class JsonlWriter:

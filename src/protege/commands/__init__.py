@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from ..config import config_help
 
 
-def add_stage_parser(sub: Any, name: str, config_cls: type, help: str, func: Any, **kw: Any) -> argparse.ArgumentParser:
-    """A subcommand driven by a stage config: `--config FILE` plus `--key=value` overrides, defaults in --help."""
+def add_config_parser(sub: Any, name: str, config_cls: type, help: str, func: Any) -> argparse.ArgumentParser:
+    """A subcommand driven by a config class: `--config FILE` plus `--key=value` overrides, defaults in --help."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="config keys (set in --config YAML or as --key=value):\n" + config_help(config_cls), **kw)
+                       epilog="config keys (set in --config YAML or as --key=value):\n" + config_help(config_cls))
     p.add_argument("--config", "-c", default=None, help="YAML file with this stage's config")
     p.set_defaults(func=func, accepts_overrides=True)
     return p
+
+
+def add_stage_parser(sub: Any, name: str, kind: str, func: Any = None, help: str | None = None) -> argparse.ArgumentParser:
+    """The subcommand of a registered stage kind (`stages.STAGE_KINDS`), which gives its config class and help
+    line, so the CLI cannot drift from what recipes run; `func` defaults to `run_stage`."""
+    from ..stages import STAGE_KINDS, stage_kind
+
+    p = add_config_parser(sub, name, stage_kind(kind)[0], help or STAGE_KINDS[kind].help, func or run_stage)
+    p.set_defaults(stage_kind=kind)
+    return p
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    """Run `args.stage_kind` with its config from `--config` and the `--key=value` overrides; print the result."""
+    from ..config import load_config
+    from ..stages import stage_kind
+
+    config_cls, run = stage_kind(args.stage_kind)
+    print(json.dumps(run(load_config(config_cls, args.config, args.overrides)), indent=2, default=str))
+    return 0

@@ -11,14 +11,13 @@ ORDER = 30
 
 
 def register(sub: Any) -> None:
-    from ..curate.config import CurateConfig
 
-    p = add_stage_parser(sub, "curate", CurateConfig,
-                         "clean, split, deduplicate, language/quality-filter, decontaminate, mix and tag record "
-                         "files; writes records.jsonl, removed.jsonl and a data card (card.md, card.html)", _curate)
+    p = add_stage_parser(sub, "curate", "curate", _curate,
+                         help="clean, split, deduplicate, language/quality-filter, decontaminate, mix and tag record "
+                         "files; writes records.jsonl, removed.jsonl and a data card (card.md, card.html)")
     p.epilog = _help_epilog()
     p.add_argument("inputs", nargs="*", help="record files (override `inputs` of the config)")
-    p.add_argument("--out", "-o", default=None, help="output folder (overrides `out_dir`)")
+    p.add_argument("--out", "--out_dir", "-o", dest="out", default=None, help="output folder (the config's `out_dir`)")
 
 
 def _short(value: Any, width: int = 60) -> str:

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from . import add_stage_parser
+
 ORDER = 10
 
 
@@ -32,6 +34,7 @@ def register(sub: Any) -> None:
     v.add_argument("--kind", default="auto", choices=["auto", "conversation", "comparison"])
     v.set_defaults(func=_validate)
 
+    add_stage_parser(dsub, "sample", "data.sample")
     s = dsub.add_parser("stats", help="counts, turns, characters (and tokens with --model) per role",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("file")

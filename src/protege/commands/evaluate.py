@@ -22,47 +22,45 @@ def _merge(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
 
 
 def register(sub: Any) -> None:
-    from ..evaluate.answer import AnswerConfig
-    from ..evaluate.bench import BenchConfig
-    from ..evaluate.judge import JudgeConfig
-    from ..report import ReportConfig
-    from ..evaluate.rm_score import RMScoreConfig
-
     ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style), reward model",
                         description="Evaluate models. Subcommands: bench, answer, judge, rm.")
     evsub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     ev.set_defaults(func=lambda a: ev.print_help() or 0)
 
-    b = add_stage_parser(evsub, "bench", BenchConfig, "score a model on benchmark tasks (MC log-likelihood, "
-                         "generation exact match, classification + format adherence, text-to-SQL)", _bench)
+    b = add_stage_parser(evsub, "bench", "eval.bench", _bench,
+                         help="score a model on benchmark tasks (MC log-likelihood, "
+                         "generation exact match, classification + format adherence, text-to-SQL)")
     b.add_argument("--model", help="model alias, HF folder or .gguf")
     b.add_argument("--tasks", nargs="+", help="built-in task names, task YAMLs, agieval:FILE, bbh:FILE")
-    b.add_argument("--out", help="output folder")
+    b.add_argument("--out", "--out_dir", dest="out", help="output folder (the config's `out_dir`)")
     b.add_argument("--limit", type=int, help="items per task")
 
-    a = add_stage_parser(evsub, "answer", AnswerConfig, "answer a prompt set turn by turn (the judge's input)",
-                         _answer)
+    a = add_stage_parser(evsub, "answer", "eval.answer", _answer,
+                         help="answer a prompt set turn by turn (the judge's input)")
     a.add_argument("--model", help="model alias, HF folder or .gguf")
     a.add_argument("--prompts", help="prompt JSONL (MT-bench `turns`, protege `messages`, or `prompt`)")
-    a.add_argument("--out", help="output folder")
+    a.add_argument("--out", "--out_dir", dest="out", help="output folder (the config's `out_dir`)")
     a.add_argument("--limit", type=int, help="prompts to answer")
 
-    j = add_stage_parser(evsub, "judge", JudgeConfig, "LLM judge: pairwise (both orders), single or "
-                         "reference-guided grading, with its position and length biases", _judge)
+    j = add_stage_parser(evsub, "judge", "eval.judge", _judge,
+                         help="LLM judge: pairwise (both orders), single or "
+                         "reference-guided grading, with its position and length biases")
     j.add_argument("--answers", nargs="+", help="answer sets or model specs (pairwise: candidate, opponent)")
     j.add_argument("--prompts", help="prompt JSONL, when --answers names models")
     j.add_argument("--judge-model", help="judge model (alias/folder for local, API model name for openai)")
     j.add_argument("--mode", choices=["pairwise", "single", "reference"])
-    j.add_argument("--out", help="output folder")
+    j.add_argument("--out", "--out_dir", dest="out", help="output folder (the config's `out_dir`)")
     j.add_argument("--limit", type=int, help="prompts to judge")
 
-    m = add_stage_parser(evsub, "rm", RMScoreConfig, "score answer sets with a reward model (from `train rm`)", _rm)
+    m = add_stage_parser(evsub, "rm", "eval.rm", _rm,
+                         help="score answer sets with a reward model (from `train rm`)")
     m.add_argument("answers_pos", nargs="*", metavar="ANSWERS", help="answer sets (`eval answer` folders)")
     m.add_argument("--rm", help="reward model folder")
-    m.add_argument("--out", help="output folder")
+    m.add_argument("--out", "--out_dir", dest="out", help="output folder (the config's `out_dir`)")
 
-    r = add_stage_parser(sub, "report", ReportConfig, "one HTML page (+ report.md): style vs substance of "
-                         "base, students and teacher, imitation gap, plots, judge consistency", _report)
+    r = add_stage_parser(sub, "report", "report", _report,
+                         help="one HTML page (+ report.md): style vs substance of "
+                         "base, students and teacher, imitation gap, plots, judge consistency")
     r.add_argument("inputs_pos", nargs="*", metavar="DIR", help="bench/judge/answer/run folders")
     r.add_argument("-o", "--output", help="HTML file to write (report.md goes next to it)")
     r.add_argument("--base", help="name of the base model row")

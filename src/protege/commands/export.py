@@ -12,13 +12,11 @@ ORDER = 85
 
 
 def register(sub: Any) -> None:
-    from ..export import ExportConfig
-
-    p = add_stage_parser(sub, "export", ExportConfig,
-                         "merge a model / adapter / training run into an HF folder and write GGUF files "
-                         "(llama.cpp's converter and quantizer), checked in llama.cpp", _export)
+    p = add_stage_parser(sub, "export", "export", _export,
+                         help="merge a model / adapter / training run into an HF folder and write GGUF files "
+                         "(llama.cpp's converter and quantizer), checked in llama.cpp")
     p.add_argument("model_pos", nargs="?", metavar="MODEL_OR_RUN", help="alias, HF folder, adapter or run folder")
-    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--out", "--out_dir", dest="out", default=None, help="output folder (the config's `out_dir`)")
     p.add_argument("--gguf", default=None, help="comma-separated GGUF types, e.g. f16,q8_0,q4_0,q4_k_m")
     p.add_argument("--no-verify", action="store_true", help="skip the llama.cpp checks")
 

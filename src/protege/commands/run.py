@@ -51,10 +51,10 @@ def _print_next_steps(rows: list[dict]) -> None:
 
 
 def register_sweep(sub: Any) -> None:
-    from ..commands import add_stage_parser
+    from ..commands import add_config_parser
     from ..sweep import SweepConfig
 
-    add_stage_parser(sub, "sweep", SweepConfig,
+    add_config_parser(sub, "sweep", SweepConfig,
                      "the False Promise experiment: SFT on N imitation examples for several N, bench + judge each, "
                      "plot style and substance against N", _sweep)
 

@@ -12,18 +12,17 @@ ORDER = 40
 
 
 def register(sub: Any) -> None:
-    from ..stages import kinds_under, stage_kind
+    from ..stages import kinds_under
 
     methods = kinds_under("train")
     p = sub.add_parser("train", help=f"train a model: {', '.join(methods)}",
                        description="Train a model with one method; each takes --config FILE and --key=value overrides.")
     msub = p.add_subparsers(dest="method", metavar="METHOD", title="methods")
     for name, kind in methods.items():
-        mp = add_stage_parser(msub, name, stage_kind(f"train.{name}")[0], kind.help, _run_method)
+        mp = add_stage_parser(msub, name, f"train.{name}", _run_method)
         mp.add_argument("--resume", action="store_true",
                         help="require a checkpoint in out_dir and continue from it (default: resume automatically "
                              "when one exists and the config is unchanged)")
-        mp.set_defaults(train_method=name)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -31,7 +30,7 @@ def _run_method(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..stages import stage_kind
 
-    config_cls, run = stage_kind(f"train.{args.train_method}")
+    config_cls, run = stage_kind(args.stage_kind)
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("--resume=yes")

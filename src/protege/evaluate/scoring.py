@@ -105,9 +105,9 @@ def exact_match(predicted: str | None, targets: str | Sequence[str]) -> bool:
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
     """The label a generation gives, or None if it does not *start* with a valid label.
 
-    Format adherence is strict on purpose (SEEDS.md: models must follow the format): leading
-    whitespace, case, quotes and trailing punctuation are forgiven; "Yes, because..." is "yes",
-    but "I think yes" is a format failure.
+    Format adherence is strict on purpose (a chat model that ignores the asked-for format has not
+    learned the task): leading whitespace, case, quotes and trailing punctuation are forgiven;
+    "Yes, because..." is "yes", but "I think yes" is a format failure.
     """
     head = text.strip().strip("\"'`*").lower()
     for label in sorted(labels, key=len, reverse=True):  # longest first: "not sure" before "not"

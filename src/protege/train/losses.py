@@ -1,4 +1,4 @@
-"""Training losses as pure functions of tensors (DESIGN.md "Training": one function per loss).
+"""Training losses as pure functions of tensors: one function per loss, no model inside.
 
 `sft_loss` is the language-modelling loss of supervised fine-tuning, computed only
 where there is a label. It never builds the full (B, T, V) logits tensor: Gemma-3's
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "full_logits_cross_entropy", "reward_loss",
+__all__ = ["IGNORE_INDEX", "sft_loss", "linear_cross_entropy", "reward_loss",
            "MARGIN_SCHEMES", "margin_values", "dpo_loss"]
 
 IGNORE_INDEX = -100
@@ -186,13 +186,6 @@ def sft_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.T
     if normalizer is None:
         normalizer = max(int(keep.numel()), 1)
     return total / normalizer
-
-
-def full_logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The textbook loss on full (B, T, V) logits with shifted labels: the reference `sft_loss` must match."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
 
 
 # LLaMA-2 (Touvron et al. 2023, Table 27): a margin per preference rating, "significantly better" (3),
