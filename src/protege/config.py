@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
 
 __all__ = [
+    "Temperature",
+    "TopP",
+    "MaxNewTokens",
     "StageConfig",
     "ConfigError",
     "load_config",
@@ -28,6 +31,12 @@ __all__ = [
     "config_help",
     "validate_dict",
 ]
+
+# How every config that samples declares it: the bounds live here once; each field gives its default and
+# what the value is for (`temperature: Temperature = Field(0.7, description="...")`).
+Temperature = Annotated[float, Field(ge=0.0)]  # 0 = greedy
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]  # 1 = off
+MaxNewTokens = Annotated[int, Field(ge=1)]
 
 
 class ConfigError(UserError, ValueError):

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .files import atomic_write_json
+from .outputs import MANIFEST
 
 __all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer"]
 
@@ -115,7 +116,7 @@ def write_manifest(
             manifest["precision"]["setting"] = where
     if extra:
         manifest.update(extra)
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST
     return atomic_write_json(path, manifest)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .config import StageConfig
+from .config import MaxNewTokens, StageConfig
 from .figures import png_base64, pyplot
 from .models import DEFAULT_JUDGE
 from .pipeline import Recipe, StageSpec, run_recipe
@@ -44,7 +44,7 @@ class SweepConfig(StageConfig):
                                  description="the judge (any teacher backend); default: the built-in calibrated judge")
     tasks: list[str] | None = Field(None, description="benchmark tasks (default: protege's built-in tasks)")
     bench_limit: int | None = Field(None, description="items per benchmark task (None: all)")
-    answer_max_new_tokens: int = Field(128, description="answer budget per judged prompt")
+    answer_max_new_tokens: MaxNewTokens = Field(128, description="answer budget per judged prompt")
     judge_limit: int | None = Field(None, description="judge at most this many prompts per point")
     judge_calibration: int = Field(24, description="known-better calibration pairs per judge run (a built-in "
                                    "judge's are cached, so only the first point pays for them)")

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluate.judge import JUDGE_RESULTS_FILE, JUDGMENTS_FILE
 from ..files import jsonl_rows
 from .ratings import Vote, bradley_terry, leaderboard, win_matrix
 
@@ -61,11 +62,11 @@ def _human_verdicts(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], st
 
 def _judge_verdicts(judge_dir: str | Path) -> dict[tuple[str, str, str], str]:
     d = Path(judge_dir)
-    results = json.loads((d / "judge_results.json").read_text(encoding="utf-8"))
+    results = json.loads((d / JUDGE_RESULTS_FILE).read_text(encoding="utf-8"))
     m1, m2 = results["models"][:2]
     x, y = sorted((m1, m2))
     out = {}
-    for _, row in jsonl_rows(d / "judgments.jsonl"):
+    for _, row in jsonl_rows(d / JUDGMENTS_FILE):
         outcome = row.get("outcome")
         if outcome not in ("win", "loss", "tie"):
             continue  # the judge gave no usable verdict

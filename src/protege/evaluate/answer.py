@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import MaxNewTokens, StageConfig, Temperature, TopP, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from ..precision import PRECISION_HELP, Precision
@@ -52,9 +52,9 @@ class AnswerConfig(StageConfig):
     out_dir: str = Field("runs/eval/answers", description="output folder")
     limit: int | None = Field(None, description="answer at most this many prompts")
     system: str | None = Field(None, description="system message put before every conversation")
-    max_new_tokens: int = Field(256, description="answer length budget per turn")
-    temperature: float = Field(0.0, description="0 = greedy (reproducible)")
-    top_p: float = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
+    max_new_tokens: MaxNewTokens = Field(256, description="answer length budget per turn")
+    temperature: Temperature = Field(0.0, description="0 = greedy (reproducible)")
+    top_p: TopP = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
     seed: int = Field(0, description="sampling seed: same seed + same prompt = same answer")
     batch_size: int = Field(16, description="local backend: sequences decoded together")
     precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")

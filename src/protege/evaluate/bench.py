@@ -27,7 +27,9 @@ from ..records import JsonlWriter
 from .intervals import bootstrap_ci
 from ..tasks.spec import TaskSpec, load_items, resolve_task, split_fewshot
 
-__all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC"]
+__all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC", "RESULTS_FILE"]
+
+RESULTS_FILE = "results.json"
 
 DEFAULT_TASKS = ["world_knowledge", "arithmetic", "clickbait", "sql_shop"]
 PRIMARY_METRIC = {"multiple_choice": "acc", "generate": "exact_match", "classify": "acc", "sql": "execution_accuracy"}
@@ -210,11 +212,11 @@ def run(cfg: BenchConfig, model: Any = None, tokenizer: Any = None) -> dict[str,
     summary = {"model": cfg.model, "model_name": _model_name(cfg),
                "prompt_style": "chat" if runner.chat is not None else "plain",
                "tasks": results, "other_style": other, "seconds": round(seconds, 2)}
-    (out / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True), encoding="utf-8")
+    (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2, allow_nan=True), encoding="utf-8")
     inputs = [s.path(s.data) for s in specs if not s.data.startswith("hf:")]
     model_path = Path(cfg.model)
     write_manifest(out, "eval-bench", cfg, inputs=inputs + ([model_path] if model_path.is_dir() else []),
-                   outputs=[out / "results.json"] + [out / "items" / f"{n}{x}.jsonl" for n in names
+                   outputs=[out / RESULTS_FILE] + [out / "items" / f"{n}{x}.jsonl" for n in names
                                                      for x in ([""] + ([".plain"] if other else []))],
                    counts={n: results[n]["n"] for n in names}, seconds=seconds)
     return {n: {"score": r["score"], "metric": r["primary"], "n": r["n"]} for n, r in results.items()}

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import MaxNewTokens, StageConfig, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
 from ..models import DEFAULT_JUDGE
@@ -46,6 +46,9 @@ from .intervals import bootstrap_ci
 
 __all__ = ["JudgeConfig", "run", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary", "bootstrap_ci"]
+
+JUDGE_RESULTS_FILE = "judge_results.json"
+JUDGMENTS_FILE = "judgments.jsonl"
 
 JUDGE_SYSTEM = ("You are a strict, impartial judge of AI assistant answers. You judge helpfulness, correctness, "
                 "relevance and clarity. Length is not quality: a short correct answer beats a long wrong one. "
@@ -188,8 +191,8 @@ class JudgeConfig(StageConfig):
                                  "that passes calibration (see benchmarks/judge_candidates.py)")
     out_dir: str = Field("runs/eval/judge", description="output folder")
     limit: int | None = Field(None, description="judge at most this many prompts")
-    max_new_tokens: int = Field(96, description="judge reply budget (the verdict comes first)")
-    answer_max_new_tokens: int = Field(256, description="answer budget when answering `prompts` here")
+    max_new_tokens: MaxNewTokens = Field(96, description="judge reply budget (the verdict comes first)")
+    answer_max_new_tokens: MaxNewTokens = Field(256, description="answer budget when answering `prompts` here")
     max_answer_chars: int = Field(3000, description="answers longer than this are cut (marked) in the judge "
                                   "prompt, so a rambling model cannot overflow the judge's context")
     use_reference: bool = Field(True, description="pairwise: show the reference answer when the prompt has one")
@@ -469,11 +472,11 @@ def run(cfg: JudgeConfig, teacher: Any = None) -> dict[str, Any]:
                "models": names, "mean_length": mean_len, "summary": summary, "calibration": calib, "trust": trust,
                "seconds_per_verdict": round(t_verdicts / n_verdicts, 4) if n_verdicts else None,
                "seconds": round(time.perf_counter() - t0, 2)}
-    write_records(out / "judgments.jsonl", rows)
+    write_records(out / JUDGMENTS_FILE, rows)
     write_records(out / "calibration.jsonl", cal_rows)
-    (out / "judge_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    (out / JUDGE_RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     inputs = [e for e in cfg.answers if Path(e).exists()] + ([cfg.prompts] if cfg.prompts else [])
     write_manifest(out, f"eval-judge-{cfg.mode}", cfg, inputs=inputs,
-                   outputs=[out / "judgments.jsonl", out / "calibration.jsonl", out / "judge_results.json"],
+                   outputs=[out / JUDGMENTS_FILE, out / "calibration.jsonl", out / JUDGE_RESULTS_FILE],
                    counts={"prompts": len(groups), "judgments": len(rows)}, seconds=results["seconds"])
     return results

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import StageError
+from ..outputs import MANIFEST
 
 __all__ = ["resolve_source", "save_hf", "SUPPORTED_ARCHITECTURES"]
 
@@ -60,13 +61,13 @@ def _card(name: str, source: str, run: Path | None, base: str, chat: Any, extra:
     for k, v in extra.items():
         lines.append(f"| {k} | {v} |")
     if run is not None:
-        manifest = run / "manifest.json"
+        manifest = run / MANIFEST
         if manifest.is_file():
             m = json.loads(manifest.read_text(encoding="utf-8"))
             lines += ["", "## Training", "", f"stage `{m.get('stage')}`, finished {m.get('finished_at')}, "
                       f"{m.get('seconds')} s; counts: {json.dumps(m.get('counts', {}))}", ""]
             for inp in m.get("inputs", []):
-                data_manifest = Path(inp["path"]).parent / "manifest.json"
+                data_manifest = Path(inp["path"]).parent / MANIFEST
                 line = f"- data `{inp['path']}` (sha256 {inp['sha256'][:12]})"
                 if data_manifest.is_file():
                     dm = json.loads(data_manifest.read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from ..config import StageConfig
+from ..config import MaxNewTokens, StageConfig, Temperature, TopP
 from ..errors import StageError
 from ..formats import iter_source
 from ..manifest import Timer
@@ -35,9 +35,9 @@ class DistillConfig(StageConfig):
     system_prompt: str | None = Field(None, description="system message added to prompts that have none")
     max_turns: int = Field(0, ge=0, description="answer at most this many user turns per conversation (0: all)")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
-    max_new_tokens: int = Field(256, ge=1, description="token budget per answer")
-    temperature: float = Field(0.0, ge=0, description="sampling temperature (0 = greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: MaxNewTokens = Field(256, description="token budget per answer")
+    temperature: Temperature = Field(0.0, description="sampling temperature (0 = greedy)")
+    top_p: TopP = Field(1.0, description="nucleus sampling")
     seed: int = Field(0, description="seeds sampling (per prompt and turn)")
     chunk_size: int = Field(64, ge=1, description="conversations answered together; each chunk is written when done")
     progress: bool = Field(True, description="show a progress bar")

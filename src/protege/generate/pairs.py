@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import StageConfig
+from ..config import MaxNewTokens, StageConfig, Temperature, TopP
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Comparison, JsonlWriter
@@ -48,9 +48,9 @@ class PairsConfig(StageConfig):
     out_dir: str = Field("runs/pairs", description="where records.jsonl (pairs), samples.jsonl, manifest.json and the cache go")
     policy: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="gemma-3-270m"), description="who samples the answers")
     k: int = Field(4, ge=2, description="answers sampled per prompt")
-    max_new_tokens: int = Field(128, ge=1, description="token budget per answer")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (> 0: the K answers must differ)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: MaxNewTokens = Field(128, description="token budget per answer")
+    temperature: Temperature = Field(1.0, gt=0, description="sampling temperature (> 0: the K answers must differ)")
+    top_p: TopP = Field(1.0, description="nucleus sampling")
     seed: int = Field(0, description="seeds sampling and the choice of pairs")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
     label: Literal["rule", "rm", "judge"] = Field("rule", description="who labels: a rule with a known truth, a reward model, or an LLM judge")
@@ -58,7 +58,7 @@ class PairsConfig(StageConfig):
     rm: str | None = Field(None, description="label rm: reward model folder (from `train rm`)")
     min_margin: float = Field(0.0, ge=0.0, description="label rm: drop pairs whose score difference is below this")
     judge: TeacherConfig = Field(default_factory=TeacherConfig, description="label judge: who judges (asked in both orders)")
-    judge_max_new_tokens: int = Field(64, ge=1, description="label judge: verdict length budget")
+    judge_max_new_tokens: MaxNewTokens = Field(64, description="label judge: verdict length budget")
     max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
     gold_field: str = Field("answer", description="contains_gold / final_number: the prompt record's meta field with the gold answer")
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")

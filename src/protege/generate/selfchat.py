@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import StageConfig
+from ..config import MaxNewTokens, StageConfig, Temperature, TopP
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
@@ -39,9 +39,9 @@ class SelfChatConfig(StageConfig):
     topics: str | None = Field(None, description="YAML list or JSONL ({topic}) of opening messages; default: protege's 64")
     n: int = Field(0, ge=0, description="conversations to make (0: one per topic; more cycles through shuffled topics)")
     max_turns: int = Field(3, ge=1, description="user turns per conversation at most")
-    max_new_tokens: int = Field(192, ge=1, description="token budget per message")
-    temperature: float = Field(0.7, ge=0, description="sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
+    max_new_tokens: MaxNewTokens = Field(192, description="token budget per message")
+    temperature: Temperature = Field(0.7, description="sampling temperature")
+    top_p: TopP = Field(0.95, description="nucleus sampling")
     seed: int = Field(0, description="seeds topic order and sampling")
     max_repetition: float = Field(0.5, ge=0, le=1, description="a message whose repeated word-3-gram share exceeds this is degenerate")
     max_similarity: float = Field(0.8, ge=0, le=1, description="a message with ROUGE-L above this vs an earlier one of the same speaker is degenerate")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import StageConfig
+from ..config import MaxNewTokens, StageConfig, Temperature, TopP
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
@@ -47,11 +47,11 @@ class SelfInstructConfig(StageConfig):
     new_tasks_per_prompt: int = Field(5, ge=1, description="new tasks asked for per request")
     requests_per_round: int = Field(8, ge=1, description="task-writing requests sent together per round")
     max_requests: int = Field(0, ge=0, description="cap on task-writing requests so a weak teacher still stops (0: 2*n)")
-    task_max_new_tokens: int = Field(160, ge=1, description="token budget of a task-writing reply")
-    answer_max_new_tokens: int = Field(160, ge=1, description="token budget of an answer")
-    temperature: float = Field(0.7, ge=0, description="sampling temperature for task writing")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling for task writing")
-    answer_temperature: float = Field(0.0, ge=0, description="sampling temperature for answers (0 = greedy)")
+    task_max_new_tokens: MaxNewTokens = Field(160, description="token budget of a task-writing reply")
+    answer_max_new_tokens: MaxNewTokens = Field(160, description="token budget of an answer")
+    temperature: Temperature = Field(0.7, description="sampling temperature for task writing")
+    top_p: TopP = Field(0.95, description="nucleus sampling for task writing")
+    answer_temperature: Temperature = Field(0.0, description="sampling temperature for answers (0 = greedy)")
     rouge_threshold: float = Field(0.7, ge=0, le=1, description="reject a task whose ROUGE-L with any pool task exceeds this")
     min_words: int = Field(3, ge=1, description="shortest instruction kept, in words")
     max_words: int = Field(150, ge=1, description="longest instruction kept, in words")

@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StageError
-from ..evaluate.answer import stop_counts
+from ..evaluate.answer import ANSWERS_FILE, LIKENESS_FILE, stop_counts
+from ..evaluate.bench import RESULTS_FILE
 from ..evaluate.headline import Estimate, StyleShift, headline
+from ..evaluate.judge import JUDGE_RESULTS_FILE, JUDGMENTS_FILE
+from ..evaluate.rm_score import RM_SCORES_FILE
 from ..evaluate.intervals import paired_diff, paired_ratio_diff, stratified_ci
 from ..evaluate.style import style_measures
+from ..train.rl import OVEROPTIMISATION_FILE
 from .rl import collect_rl
 
 __all__ = ["collect", "model_table", "verdict"]
@@ -42,7 +46,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             raise StageError(f"report input {root} not found")
         files = [root_p] if root_p.is_file() else sorted(root_p.rglob("*"))
         for f in files:
-            if f.name == "results.json":
+            if f.name == RESULTS_FILE:
                 r = _read_json(f)
                 if "tasks" in r and "model_name" in r:
                     bench.setdefault(r["model_name"], {}).update(r["tasks"])
@@ -50,30 +54,30 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                     if r.get("other_style"):
                         other.setdefault(r["model_name"], {}).update(r["other_style"]["tasks"])
                     order.append(r["model_name"])
-            elif f.name == "judge_results.json":
+            elif f.name == JUDGE_RESULTS_FILE:
                 r = _read_json(f)
-                rows = f.with_name("judgments.jsonl")
+                rows = f.with_name(JUDGMENTS_FILE)
                 r["judgments"] = [json.loads(x) for x in rows.read_text().splitlines() if x.strip()] \
                     if rows.exists() else []
                 r["where"] = str(f.parent)
                 judges.append(r)
                 order.extend(r["models"])
-            elif f.name == "rm_scores.json":
+            elif f.name == RM_SCORES_FILE:
                 r = _read_json(f)
                 rm[r["model"]] = r
                 order.append(r["model"])
             elif f.suffix in (".sqlite", ".db") and _is_arena(f):
                 human = _human(f)
                 order.extend(r["model"] for r in human["leaderboard"])
-            elif f.name == "overoptimisation.json":
+            elif f.name == OVEROPTIMISATION_FILE:
                 rl_files.append(f)
-            elif f.name == "answers.jsonl":
+            elif f.name == ANSWERS_FILE:
                 recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
                 if recs:
                     name = recs[0].get("model", f.parent.name)
                     answers.setdefault(name, recs)
                     order.append(name)
-                    like = f.with_name("teacher_nll.json")
+                    like = f.with_name(LIKENESS_FILE)
                     if like.exists():
                         likeness[name] = _read_json(like)
     models = list(dict.fromkeys(order))

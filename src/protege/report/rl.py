@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..figures import overoptimisation_figure, png_base64
+from ..outputs import MANIFEST
 
 __all__ = ["collect_rl", "rl_section", "rl_markdown"]
 
@@ -24,7 +25,7 @@ def collect_rl(files: list[Path]) -> list[dict[str, Any]]:
         data = json.loads(f.read_text(encoding="utf-8"))
         if not data.get("history"):
             continue
-        manifest = f.with_name("manifest.json")
+        manifest = f.with_name(MANIFEST)
         stage = json.loads(manifest.read_text()).get("stage", "") if manifest.exists() else ""
         runs.append({"run": f.parent.name, "where": str(f.parent), "method": stage or "rl", **data})
     return runs

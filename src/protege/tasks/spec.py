@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import ConfigError, StageConfig, read_yaml, validate_dict
+from ..config import ConfigError, MaxNewTokens, StageConfig, read_yaml, validate_dict
 from ..errors import RecordError, StageError
 from ..files import jsonl_rows
 
@@ -62,7 +62,7 @@ class TaskSpec(StageConfig):
     stop: list[str] = Field(default_factory=lambda: ["\n\n"], description="generation stop strings (plain)")
     chat_stop: list[str] = Field(default_factory=list, description="generation stop strings (chat); the "
                                  "model's end-of-turn token always stops")
-    max_new_tokens: int = Field(64, description="generation budget per item")
+    max_new_tokens: MaxNewTokens = Field(64, description="generation budget per item")
     answer_regex: list[str] = Field(default_factory=list, description="generate: patterns tried in order; "
                                     "group 1 (or the match) is the answer")
     answer_match: Literal["first", "last"] = Field("last", description="which match of the winning pattern")

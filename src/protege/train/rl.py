@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 from pydantic import Field
 
+from ..config import MaxNewTokens, Temperature, TopP
+
 from ..files import atomic_write_json
 from .data import Example, collate
 from .losses import IGNORE_INDEX
@@ -40,6 +42,8 @@ __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_
            "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
            "merged_adapters", "make_rewards", "watched_fit", "rl_summary", "prompt_plan", "eval_plan", "load_policy",
            "save_policy"]
+
+OVEROPTIMISATION_FILE = "overoptimisation.json"  # read by the report
 
 
 class RLSettings(TrainSettings):
@@ -53,9 +57,9 @@ class RLSettings(TrainSettings):
                                "(or a list of weighted terms, summed)")
     gold: RewardSpec | None = Field(None, description="held-out gold scorer for the over-optimisation watch "
                                       "(default: the reward itself when it is a rule, which then measures success)")
-    max_new_tokens: int = Field(64, ge=1, description="answer budget of a rollout")
-    temperature: float = Field(1.0, ge=0.0, description="rollout sampling temperature")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="rollout nucleus sampling")
+    max_new_tokens: MaxNewTokens = Field(64, description="answer budget of a rollout")
+    temperature: Temperature = Field(1.0, description="rollout sampling temperature")
+    top_p: TopP = Field(1.0, description="rollout nucleus sampling")
     kl_estimator: str = Field("k3", pattern="^(k1|k3)$", description="per-token KL estimate: k1 (logp - ref) or k3")
     beta: float = Field(0.0, ge=0.0, description="KL penalty coefficient")
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0),
@@ -214,7 +218,7 @@ class OverOptimisationWatch:
 
     def __init__(self, out_dir: Path, save_best: Callable[[Path], None], log: Callable[[str], None]):
         self.out_dir, self.save_best, self.log = out_dir, save_best, log
-        self.path = out_dir / "overoptimisation.json"
+        self.path = out_dir / OVEROPTIMISATION_FILE
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.history: list[dict[str, float]] = data.get("history", [])
         self.warnings: list[dict[str, Any]] = data.get("warnings", [])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..config import save_config
+from ..config import MaxNewTokens, Temperature, save_config
 from ..errors import StageError
 from ..files import jsonl_rows
 from ..manifest import write_manifest
@@ -40,8 +40,8 @@ __all__ = ["RSConfig", "run", "expected_best_of", "best_of_curve"]
 class RSConfig(RLSettings):
     out_dir: str = Field("runs/rs", description="samples, kept answers, the fine-tuned model, curves and manifest")
     k: int = Field(8, ge=1, description="answers sampled per prompt")
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (LLaMA-2: 1.2-1.3 for its larger models)")
-    max_new_tokens: int = Field(128, ge=1, description="answer budget of a sample")
+    temperature: Temperature = Field(1.0, description="sampling temperature (LLaMA-2: 1.2-1.3 for its larger models)")
+    max_new_tokens: MaxNewTokens = Field(128, description="answer budget of a sample")
     previous: list[str] = Field(default_factory=list, description="earlier rounds' best.jsonl: each prompt keeps its best over all rounds")
     chunk: int = Field(8, ge=1, description="prompts sampled (and cached) together")
     # SFT defaults, not RL's: this is supervised fine-tuning on the kept answers.
