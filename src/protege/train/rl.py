@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -36,9 +36,9 @@ from .data import Example, collate
 from .losses import IGNORE_INDEX
 from .pairs import scored_positions
 from .rewards import PromptItem, Reward, RewardConfig, RewardSpec
-from .settings import LoraSettings, TrainSettings
+from .settings import LoraSettings, Schedule, TrainSettings
 
-__all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
+__all__ = ["RolloutSettings", "RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
            "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
            "merged_adapters", "make_rewards", "watched_fit", "rl_summary", "prompt_plan", "eval_plan", "load_policy",
            "save_policy"]
@@ -46,8 +46,8 @@ __all__ = ["RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_
 OVEROPTIMISATION_FILE = "overoptimisation.json"  # read by the report
 
 
-class RLSettings(TrainSettings):
-    """Shared by GRPO, PPO and rejection sampling."""
+class RolloutSettings(TrainSettings):
+    """What GRPO, PPO and rejection sampling share: the policy, its prompts and rewards, and how it samples."""
 
     model: str = Field(..., description="the policy to start from (usually the SFT student's merged folder)")
     prompts: str = Field(..., description="training prompts: JSONL ({prompt, gold?} / {messages}) or task:<name>")
@@ -60,16 +60,7 @@ class RLSettings(TrainSettings):
     max_new_tokens: MaxNewTokens = Field(64, description="answer budget of a rollout")
     temperature: Temperature = Field(1.0, description="rollout sampling temperature")
     top_p: TopP = Field(1.0, description="rollout nucleus sampling")
-    kl_estimator: str = Field("k3", pattern="^(k1|k3)$", description="per-token KL estimate: k1 (logp - ref) or k3")
-    beta: float = Field(0.0, ge=0.0, description="KL penalty coefficient")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0),
-                               description="LoRA settings; dropout 0 so rollout and training log-probs agree")
     max_length: int = Field(512, ge=2, description="prompt tokens kept (from the end) + max_new_tokens")
-    learning_rate: float = Field(2e-5, gt=0.0, description="peak learning rate")
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
-    schedule: str = Field("constant", pattern="^(cosine|linear|constant)$", description="LR decay after warmup")
-    eval_every: int = Field(5, ge=0, description="held-out eval (proxy, gold, KL) every N steps, and at the end")
-    save_every: int = Field(5, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
     eval_max_examples: int = Field(64, ge=0, description="cap on held-out prompts")
     engine_batch: int = Field(32, ge=1, description="rollouts decoded together by the engine")
     merge_for_rollouts: bool = Field(True, description="fold the LoRA adapters into the weights while decoding "
@@ -84,6 +75,21 @@ class RLSettings(TrainSettings):
     def max_prompt(self) -> int:
         """Prompt tokens kept (from the end) so that prompt + answer fit `max_length`."""
         return max(1, self.max_length - self.max_new_tokens)
+
+
+class RLSettings(RolloutSettings):
+    """GRPO and PPO: online RL against a KL penalty, with online RL's optimizer defaults (small constant LR,
+    frequent held-out evals, LoRA without dropout)."""
+
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimate: k1 (logp - ref) or k3")
+    beta: float = Field(0.0, ge=0.0, description="KL penalty coefficient")
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(dropout=0.0),
+                               description="LoRA settings; dropout 0 so rollout and training log-probs agree")
+    learning_rate: float = Field(2e-5, gt=0.0, description="peak learning rate")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
+    schedule: Schedule = Field("constant", description="LR decay after warmup")
+    eval_every: int = Field(5, ge=0, description="held-out eval (proxy, gold, KL) every N steps, and at the end")
+    save_every: int = Field(5, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
 
 
 @dataclass

@@ -28,27 +28,25 @@ from ..errors import StageError
 from ..files import jsonl_rows
 from ..manifest import write_manifest
 from .fit import pad_id, run_logger
-from .rl import (OverOptimisationWatch, RLSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
+from .rl import (OverOptimisationWatch, RolloutSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
                  sample_rollouts, score_rollouts, split_prompts)
 from .rewards import describe_reward
 from .rl_losses import best_of_n_kl
-from .settings import LoraSettings, TrainSettings
+from .settings import TrainSettings
 
 __all__ = ["RSConfig", "run", "expected_best_of", "best_of_curve"]
 
 
-class RSConfig(RLSettings):
+class RSConfig(RolloutSettings):
+    """Rejection sampling: rollouts as in RL, then supervised fine-tuning on the best answers, with SFT's optimizer
+    defaults (TrainSettings: LoRA with dropout, 2e-4, cosine, warmup)."""
+
     out_dir: str = Field("runs/rs", description="samples, kept answers, the fine-tuned model, curves and manifest")
     k: int = Field(8, ge=1, description="answers sampled per prompt")
     temperature: Temperature = Field(1.0, description="sampling temperature (LLaMA-2: 1.2-1.3 for its larger models)")
     max_new_tokens: MaxNewTokens = Field(128, description="answer budget of a sample")
     previous: list[str] = Field(default_factory=list, description="earlier rounds' best.jsonl: each prompt keeps its best over all rounds")
     chunk: int = Field(8, ge=1, description="prompts sampled (and cached) together")
-    # SFT defaults, not RL's: this is supervised fine-tuning on the kept answers.
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings of the fine-tuning")
-    learning_rate: float = Field(2e-4, gt=0.0, description="peak learning rate of the fine-tuning")
-    schedule: str = Field("cosine", pattern="^(cosine|linear|constant)$", description="LR decay after warmup")
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
     epochs: int = Field(2, ge=1, description="passes over the kept answers")
     eval_every: int = Field(0, ge=0, description="SFT eval loss every N steps (0: at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N optimizer steps")

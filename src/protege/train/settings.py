@@ -18,6 +18,9 @@ from ..precision import PRECISION_HELP, Precision
 __all__ = ["LoraSettings", "TrainSettings", "PreferenceSettings", "RESUME_NEUTRAL", "fingerprint"]
 
 
+Schedule = Literal["cosine", "linear", "constant"]  # learning-rate decay after warmup (`loop.lr_lambda`)
+
+
 class LoraSettings(StageConfig):
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: float = Field(32.0, description="LoRA alpha (the update is scaled by alpha / r)")
@@ -41,7 +44,7 @@ class TrainSettings(StageConfig):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (also sets the schedule length)")
     learning_rate: float = Field(2e-4, gt=0.0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not on biases/norms)")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup")
+    schedule: Schedule = Field("cosine", description="LR decay after warmup")
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm (0 = off)")
     precision: Precision = Field("auto", description=f"{PRECISION_HELP}. Frozen weights are stored in it, trainable "
