@@ -80,7 +80,7 @@ def main() -> int:
         return 2
     import torch
 
-    from protege.evaluate.scoring import mc_metrics
+    from protege.evaluate.metrics import mc_metrics
     from protege.evaluate.prompts import PromptBuilder
     from protege.tasks.spec import load_items, resolve_task, split_fewshot
     from protege.models import load, resolve

@@ -37,7 +37,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def run_protege(workdir: Path, data: Path, batch: int, precision: str) -> dict:
     from protege.train.dpo import DPOConfig, run
-    from protege.train.loop import peak_rss_mb
+    from protege.train.state import peak_rss_mb
 
     shutil.rmtree(workdir / "refcache", ignore_errors=True)
     config = DPOConfig(model=MODEL, datasets=[str(data)], out_dir=str(workdir / "protege"), max_length=512,
@@ -60,7 +60,7 @@ def run_trl(workdir: Path, data: Path, batch: int, precision: str) -> dict:
 
     from protege.chat import ChatFormat
     from protege.models import load
-    from protege.train.loop import peak_rss_mb
+    from protege.train.state import peak_rss_mb
 
     t0 = time.time()
     bf16 = precision == "bf16"

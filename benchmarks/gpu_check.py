@@ -133,7 +133,7 @@ def peak(device: str):
         torch.cuda.synchronize()
         out["gb"] = torch.cuda.max_memory_allocated() / 2**30
     else:
-        from protege.train.loop import peak_rss_mb
+        from protege.train.state import peak_rss_mb
 
         yield out
         out["gb"] = peak_rss_mb() / 1024  # the process's peak so far: coarse on CPU
@@ -174,7 +174,7 @@ def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, st
 
 
 def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int) -> float:
-    from protege.train.dpo import PolicyLogprobs
+    from protege.train.policy import PolicyLogprobs
     from protege.train.losses import dpo_loss
 
     module = PolicyLogprobs(model, logits_chunk=1024)

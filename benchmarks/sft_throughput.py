@@ -40,7 +40,7 @@ def synthetic_chats(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 
 
 def run_protege(workdir: Path, data: Path, steps: int, warmup: int, precision: str) -> dict:
-    from protege.train.loop import peak_rss_mb
+    from protege.train.state import peak_rss_mb
     from protege.train.sft import SFTConfig, run
 
     config = SFTConfig(model=MODEL, datasets=[str(data)], out_dir=str(workdir / f"protege-{precision}"), max_length=256,
@@ -65,7 +65,7 @@ def run_trl(workdir: Path, data: Path, steps: int, warmup: int, precision: str) 
 
     from protege.chat import ChatFormat
     from protege.models import load
-    from protege.train.loop import peak_rss_mb
+    from protege.train.state import peak_rss_mb
 
     bf16 = precision == "bf16"
     model, tok = load(MODEL, dtype="bfloat16" if bf16 else "float32", device="cpu")

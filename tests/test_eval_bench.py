@@ -9,7 +9,7 @@ import pytest
 
 from protege.errors import RecordError, StageError
 from protege.engine.loglik import encode_question, loglikelihood_reference, score_questions
-from protege.evaluate.scoring import (exact_match, extract_answer, extract_sql, mc_metrics, normalize_answer,
+from protege.evaluate.metrics import (exact_match, extract_answer, extract_sql, mc_metrics, normalize_answer,
                                       open_sqlite, parse_label, run_sql, sql_match)
 from protege.tasks.spec import builtin_tasks, load_items, resolve_task, split_fewshot
 

@@ -257,7 +257,7 @@ def test_prompts_option_accepts_a_space_separated_value(tmp_path):
 
 
 def test_sql_scorer_cannot_attach_files_or_lift_read_only(tmp_path):
-    from protege.evaluate.scoring import open_sqlite, run_sql
+    from protege.evaluate.metrics import open_sqlite, run_sql
 
     con = open_sqlite("CREATE TABLE t (a INT); INSERT INTO t VALUES (1), (2);")
     target = tmp_path / "created.db"

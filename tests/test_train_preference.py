@@ -159,8 +159,8 @@ def test_dpo_reference_is_the_base_model_with_adapters_disabled(tiny_llama):
     import copy
 
     from protege.chat import ChatFormat
-    from protege.train.dpo import PolicyLogprobs, batch_args
-    from protege.train.pairs import PairStats, collate_pairs, tokenize_pairs
+    from protege.train.policy import PolicyLogprobs, batch_args
+    from protege.train.pair_data import PairStats, collate_pairs, tokenize_pairs
     from protege.train.settings import TrainSettings
     from protege.train.model import prepare_model
     from protege.records import Comparison
@@ -188,7 +188,7 @@ def test_dpo_reference_is_the_base_model_with_adapters_disabled(tiny_llama):
 
 def test_policy_logprobs_score_under_the_sampling_temperature(tiny_llama, tiny_gemma):
     """RL scores rollouts as they were sampled: log_softmax(logits / T), not the T = 1 distribution."""
-    from protege.train.dpo import PolicyLogprobs
+    from protege.train.policy import PolicyLogprobs
 
     model, _ = tiny_llama
     ids = torch.tensor([[3, 7, 11, 5, 9]])
@@ -216,8 +216,8 @@ def test_shared_prompt_layout_gives_the_same_logprobs_scores_and_gradients(arch,
 
     from protege.chat import ChatFormat
     from protege.records import Comparison
-    from protege.train.dpo import PolicyLogprobs, batch_args
-    from protege.train.pairs import PairStats, collate_pairs, tokenize_pairs
+    from protege.train.policy import PolicyLogprobs, batch_args
+    from protege.train.pair_data import PairStats, collate_pairs, tokenize_pairs
     from protege.train.rm import RewardModule
 
     model, tok = request.getfixturevalue(f"tiny_{arch}")
@@ -289,7 +289,7 @@ def test_dpo_matches_trl_dpo_trainer(tiny_llama, request):
 
     from datasets import Dataset
 
-    from protege.train.dpo import PolicyLogprobs
+    from protege.train.policy import PolicyLogprobs
 
     warnings.filterwarnings("ignore")
     model, tok = copy.deepcopy(tiny_llama[0]), tiny_llama[1]
@@ -450,7 +450,7 @@ def test_preference_trainers_bad_input(tmp_path, tiny_llama_dir):
 def test_pairs_truncate_with_one_prompt_cut_and_count(tiny_llama):
     from protege.chat import ChatFormat
     from protege.records import Comparison
-    from protege.train.pairs import PairStats, tokenize_pairs
+    from protege.train.pair_data import PairStats, tokenize_pairs
 
     _, tok = tiny_llama
     chat = ChatFormat.from_tokenizer(tok)

@@ -1,7 +1,7 @@
 """One scorer per task type: a batch of items in, one result record per item out.
 
 Multiple choice runs the model's forward directly (`loglik.score_questions`); the generative types
-(generate, classify, sql) decode greedily with the engine and score the text (`scoring`).
+(generate, classify, sql) decode greedily with the engine and score the text (`metrics`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Callable
 from ..errors import StageError
 from ..engine.loglik import encode_question, score_sorted
 from .prompts import PromptBuilder, gold_text
-from .scoring import exact_match, extract_answer, extract_sql, mc_metrics, open_sqlite, parse_label, sql_match
+from .metrics import exact_match, extract_answer, extract_sql, mc_metrics, open_sqlite, parse_label, sql_match
 from ..tasks.spec import TaskSpec
 
 __all__ = ["make_scorer", "sqlite_schema"]

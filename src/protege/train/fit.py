@@ -32,7 +32,7 @@ import torch
 
 from ..errors import StageError
 from ..precision import ResolvedPrecision, resolve_precision
-from .loop import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
+from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
                    save_checkpoint)
 from .settings import TrainSettings
 
@@ -93,7 +93,7 @@ def start_run(name: str, config: TrainSettings) -> RunContext:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from .loop import set_seed
+    from .state import set_seed
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(config.precision, "cpu" if cpu else "cuda")

@@ -28,7 +28,7 @@ from pydantic import Field
 from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
-from .dpo import PolicyLogprobs
+from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
 from .rl import (RLSettings, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
@@ -49,7 +49,7 @@ class GRPOConfig(RLSettings):
     clip: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon")
 
 
-class _TokenLogprobs(PolicyLogprobs):
+class _RolloutLogprobs(PolicyLogprobs):
     """The policy module DDP wraps: a rollout batch -> log p of each answer token (N,)."""
 
     def forward(self, input_ids, position_ids, score_index, score_target):  # type: ignore[override]
@@ -88,7 +88,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     proxy, gold, gold_cfg = make_rewards(config, log)
 
     model, tok, chat, pad, engine = load_policy(config, ctx)
-    module = accelerator.prepare_model(_TokenLogprobs(model, config.logits_chunk, config.score_temperature))
+    module = accelerator.prepare_model(_RolloutLogprobs(model, config.logits_chunk, config.score_temperature))
     if main:
         save_config(config, out_dir)
 

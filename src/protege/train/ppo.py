@@ -33,7 +33,7 @@ from pydantic import Field
 from ..config import save_config
 from ..errors import StageError
 from ..manifest import write_manifest
-from .dpo import PolicyLogprobs
+from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
 from .rl import (RLSettings, Rollout, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,

@@ -34,7 +34,7 @@ from ..config import MaxNewTokens, Temperature, TopP
 from ..files import atomic_write_json
 from .data import Example, collate
 from .losses import IGNORE_INDEX
-from .pairs import scored_positions
+from .pair_data import scored_positions
 from .rewards import PromptItem, Reward, RewardConfig, RewardSpec
 from .settings import LoraSettings, Schedule, TrainSettings
 

@@ -30,7 +30,7 @@ from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import margin_values, reward_loss
 from .model import merged_fp32, prepare_model
-from .pairs import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
+from .pair_data import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 
 __all__ = ["RMConfig", "RewardModule", "run", "rm_report", "llama2_reward", "load_reward_model", "score"]

@@ -192,7 +192,7 @@ def run(config: RSConfig) -> dict[str, Any]:
     if held and adapter.exists():
         from peft import PeftModel
 
-        from .dpo import PolicyLogprobs
+        from .policy import PolicyLogprobs
 
         policy = PeftModel.from_pretrained(model, str(adapter)).eval()
         scorer = PolicyLogprobs(policy, config.logits_chunk, config.score_temperature)  # KL of the sampled answers

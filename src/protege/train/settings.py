@@ -18,7 +18,7 @@ from ..precision import PRECISION_HELP, Precision
 __all__ = ["LoraSettings", "TrainSettings", "PreferenceSettings", "RESUME_NEUTRAL", "fingerprint"]
 
 
-Schedule = Literal["cosine", "linear", "constant"]  # learning-rate decay after warmup (`loop.lr_lambda`)
+Schedule = Literal["cosine", "linear", "constant"]  # learning-rate decay after warmup (`state.lr_lambda`)
 
 
 class LoraSettings(StageConfig):

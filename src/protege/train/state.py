@@ -1,4 +1,4 @@
-"""Pieces every protege training loop shares: seeding, AdamW, LR schedule, checkpoints, metrics.
+"""A training run's state and its parts: seeding, AdamW, LR schedule, checkpoints, metrics (the loop is `fit.py`).
 
 Checkpoints hold no pickles: trainable weights as safetensors, optimizer/scheduler/RNG as a
 tensors-only `torch.save` read back with `weights_only=True`, the data position as JSON.
