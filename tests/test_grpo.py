@@ -154,6 +154,7 @@ def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_po
     from protege.models import load
     from protege.train.model import prepare_model
     from protege.train.rewards import PromptItem
+    from protege.config import Sampling
     from protege.train.rl import merged_adapters, reference_off, sample_rollouts
     from protege.train.settings import TrainSettings
 
@@ -167,15 +168,16 @@ def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_po
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = Engine(model, tok, chat)
     items = [PromptItem(str(i), [{"role": "user", "content": f"hello {i}"}]) for i in range(3)]
-    plain = sample_rollouts(engine, chat, items, [0, 1, 2], 2, 5, 1.0, 1.0, 0, 0, 64, merge=False)
-    merged = sample_rollouts(engine, chat, items, [0, 1, 2], 2, 5, 1.0, 1.0, 0, 0, 64, merge=True)
+    sampled = Sampling(max_new_tokens=5, temperature=1.0)
+    plain = sample_rollouts(engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64, merge=False)
+    merged = sample_rollouts(engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64, merge=True)
     assert [r.answer_ids for r in plain] == [r.answer_ids for r in merged]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     with reference_off(model), merged_adapters(model):  # disabled adapters are never merged in
-        ref = sample_rollouts(engine, chat, items, [0], 1, 5, 0.0, 1.0, 0, 0, 64, merge=True)
+        ref = sample_rollouts(engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64, merge=True)
     with reference_off(model):
-        ref2 = sample_rollouts(engine, chat, items, [0], 1, 5, 0.0, 1.0, 0, 0, 64)
+        ref2 = sample_rollouts(engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64)
     assert ref[0].answer_ids == ref2[0].answer_ids
 
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 
 __all__ = [
+    "Sampling",
+    "sampling_field",
+    "move_flat_keys",
     "Temperature",
     "TopP",
     "MaxNewTokens",
@@ -44,9 +47,73 @@ class ConfigError(UserError, ValueError):
 
 
 class StageConfig(BaseModel):
-    """Base for every stage config: unknown keys are errors, assignments are validated."""
+    """Base for every stage config: unknown keys are errors, assignments are validated.
+
+    Keys that moved into a nested group are still accepted in their old flat spelling and moved in:
+    a field typed `Sampling` takes `max_new_tokens` / `temperature` / `top_p` given beside it, and
+    `moved_keys` names any other move (`{"answer_temperature": "answer_sampling.temperature"}`).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    moved_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_flat_keys(cls, data: Any) -> Any:
+        return move_flat_keys(cls, data)
+
+
+class Sampling(StageConfig):
+    """How a stage samples replies, declared once; every config that samples nests one (`sampling:`)."""
+
+    max_new_tokens: MaxNewTokens = Field(256, description="token budget per reply")
+    temperature: Temperature = Field(0.0, description="0 = greedy (reproducible)")
+    top_p: TopP = Field(1.0, description="nucleus sampling (1 = off)")
+
+
+def sampling_field(description: str, **defaults: Any) -> Any:
+    """A config field holding a `Sampling` with this stage's defaults."""
+    return Field(default_factory=lambda: Sampling(**defaults), description=description)
+
+
+def move_flat_keys(cls: type[BaseModel], data: Any) -> Any:
+    """`data` with old flat keys moved into their nested groups (see `StageConfig`); a key given both ways is an error."""
+    if not isinstance(data, dict):
+        return data
+    fields = _model_fields(cls)
+    moves = dict(getattr(cls, "moved_keys", {}))
+    for name, field in fields.items():
+        if _nested_model(field.annotation) is Sampling:
+            moves.update({k: f"{name}.{k}" for k in Sampling.model_fields if k not in fields and k not in moves})
+    # A partly given group keeps this stage's defaults for the rest (`sampling: {top_p: 0.9}` keeps the
+    # stage's temperature), not the group class's.
+    partial = [name for name, f in fields.items() if _nested_model(f.annotation) is Sampling
+               and isinstance(data.get(name), dict) and set(data[name]) < set(Sampling.model_fields)]
+    flat = [k for k in data if k in moves and k not in fields]
+    if not flat and not partial:
+        return data
+    original = data
+    data = dict(data)
+    for name in partial:
+        default = fields[name].get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            data[name] = {**default.model_dump(), **data[name]}
+    for key in flat:
+        group, sub = moves[key].split(".", 1)
+        given = original.get(group)
+        if isinstance(given, BaseModel):
+            given = given.model_dump()
+        if isinstance(given, dict) and sub in given:
+            raise ConfigError(f"`{key}` and `{group}.{sub}` are the same setting, given twice; keep `{group}.{sub}`")
+        if group not in data or data[group] is None:  # start from this stage's defaults, not the group class's
+            default = fields[group].get_default(call_default_factory=True)
+            data[group] = default.model_dump() if isinstance(default, BaseModel) else {}
+        elif isinstance(data[group], BaseModel):
+            data[group] = data[group].model_dump()
+        else:
+            data[group] = dict(data[group])
+        data[group][sub] = data.pop(key)
+    return data
 
 
 C = TypeVar("C", bound=StageConfig)
@@ -66,6 +133,14 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _flat_names(cls: type[BaseModel]) -> list[str]:
+    """The old flat spellings `cls` still accepts (for "did you mean")."""
+    names = list(getattr(cls, "moved_keys", {}))
+    if any(_nested_model(f.annotation) is Sampling for f in _model_fields(cls).values()):
+        names += list(Sampling.model_fields)
+    return names
+
+
 def _check_keys(cls: type[BaseModel], data: Any, where: str, prefix: str = "") -> None:
     """Raise on the first unknown key, with the closest valid key as a hint.
 
@@ -74,11 +149,12 @@ def _check_keys(cls: type[BaseModel], data: Any, where: str, prefix: str = "") -
     """
     if not isinstance(data, dict):
         return
+    data = move_flat_keys(cls, data)
     fields = _model_fields(cls)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), list(fields) + _flat_names(cls), n=1, cutoff=0.5)
             hint = f" — did you mean `{close[0]}`?" if close else ""
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"{where}: unknown key `{dotted}`{hint} (valid keys: {valid})")

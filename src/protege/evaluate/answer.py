@@ -20,15 +20,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP, save_config
+from ..config import Sampling, StageConfig, sampling_field, save_config
 from ..errors import StageError
 from ..manifest import write_manifest
-from ..precision import PRECISION_HELP, Precision
 from ..records import write_records
+from ..teachers import TeacherConfig
 from ..files import jsonl_rows, read_jsonl
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
@@ -44,20 +44,19 @@ def display_name(spec: str) -> str:
 
 
 class AnswerConfig(StageConfig):
-    model: str = Field("smollm2-135m-instruct", description="model alias / HF folder / .gguf (local) or API model name")
-    model_name: str | None = Field(None, description="name in judgments and reports (default: from `model`)")
-    backend: Literal["local", "openai"] = Field("local", description="local engine or an OpenAI-compatible API")
-    base_url: str | None = Field(None, description="openai backend: API root ending in /v1")
+    # The old flat spellings (`model`, `backend`, `base_url`, `batch_size`, `precision`) still work.
+    moved_keys: ClassVar[dict[str, str]] = {"model": "answerer.model", "backend": "answerer.backend",
+                                            "base_url": "answerer.base_url", "batch_size": "answerer.max_batch_size",
+                                            "precision": "answerer.precision"}
+    answerer: TeacherConfig = Field(default_factory=TeacherConfig, description="who answers: a local model (alias / "
+                                    "HF folder / .gguf) or any OpenAI-compatible API (model, key env, concurrency)")
+    model_name: str | None = Field(None, description="name in judgments and reports (default: from the model)")
     prompts: str = Field(..., description="prompt set (JSONL: MT-bench `turns`, protege `messages`, or `prompt`)")
     out_dir: str = Field("runs/eval/answers", description="output folder")
     limit: int | None = Field(None, description="answer at most this many prompts")
     system: str | None = Field(None, description="system message put before every conversation")
-    max_new_tokens: MaxNewTokens = Field(256, description="answer length budget per turn")
-    temperature: Temperature = Field(0.0, description="0 = greedy (reproducible)")
-    top_p: TopP = Field(1.0, description="nucleus sampling when temperature > 0 (1 = off)")
+    sampling: Sampling = sampling_field("how each turn is answered (greedy by default: reproducible)", max_new_tokens=256)
     seed: int = Field(0, description="sampling seed: same seed + same prompt = same answer")
-    batch_size: int = Field(16, description="local backend: sequences decoded together")
-    precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
     teacher_answers: str | None = Field(None, description="held-out answers of the teacher (answers.jsonl or its "
                                         "folder): their per-token NLL under this model is written to "
                                         "teacher_nll.json (teacher-likeness; local torch models only)")
@@ -118,11 +117,11 @@ def _teacher_likeness(teacher: Any, cfg: AnswerConfig, out: Path) -> dict[str, A
     from .style import teacher_nll
 
     theirs = read_answers(cfg.teacher_answers)
-    engine = getattr(teacher, "engine", None) if cfg.backend == "local" else None
+    engine = getattr(teacher, "engine", None) if cfg.answerer.backend == "local" else None
     model = getattr(engine, "model", None)
     if model is None:
-        result: dict[str, Any] = {"nll": None, "why": f"teacher-likeness needs a local torch model; {cfg.model} "
-                                  f"runs on the {cfg.backend if engine is None else 'llama.cpp'} backend"}
+        result: dict[str, Any] = {"nll": None, "why": f"teacher-likeness needs a local torch model; {cfg.answerer.model} "
+                                  f"runs on the {cfg.answerer.backend if engine is None else 'llama.cpp'} backend"}
     else:
         convs = []
         for r in theirs:
@@ -140,17 +139,16 @@ def _teacher_likeness(teacher: Any, cfg: AnswerConfig, out: Path) -> dict[str, A
 def run(cfg: AnswerConfig) -> dict[str, Any]:
     """Answer every prompt turn by turn; writes answers.jsonl + manifest into `out_dir`."""
     from ..engine import SamplingParams
-    from ..teachers import TeacherConfig, make_teacher
+    from ..teachers import make_teacher
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     prompts = read_prompts(cfg.prompts, cfg.limit)
-    teacher = make_teacher(TeacherConfig(backend=cfg.backend, model=cfg.model, base_url=cfg.base_url,
-                                         max_batch_size=cfg.batch_size, precision=cfg.precision), cache_dir=out)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=cfg.seed)
+    teacher = make_teacher(cfg.answerer, cache_dir=out)
+    sp = cfg.sampling
+    params = SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=cfg.seed)
     histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]
     answers: list[list[str]] = [[] for _ in prompts]
     finish: list[list[str]] = [[] for _ in prompts]  # parallel to answers: "stop" | "length"
@@ -167,11 +165,11 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
         likeness = _teacher_likeness(teacher, cfg, out) if cfg.teacher_answers else None
     finally:
         teacher.close()
-    name = cfg.model_name or display_name(cfg.model)
+    name = cfg.model_name or display_name(cfg.answerer.model)
     records = [{**p, "answers": a, "finish_reasons": f, "model": name} for p, a, f in zip(prompts, answers, finish)]
     write_records(out / ANSWERS_FILE, records)
     seconds = time.perf_counter() - t0
-    model_path = Path(cfg.model)
+    model_path = Path(cfg.answerer.model)
     counts = {"prompts": len(records), "turns": sum(len(a) for a in answers), **stop_counts(records)}
     if likeness is not None:
         counts["teacher_nll"] = likeness.get("nll")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import save_config
+from ..config import Sampling, save_config
 from ..manifest import write_manifest
 from ..records import JsonlWriter
 from ..teachers import Teacher, TeacherConfig, make_teacher
@@ -34,14 +34,13 @@ def read_yaml_data(path: str | Path) -> Any:
     return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
-def sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None,
-             stop: list[str] | None = None) -> Any:
-    """Engine `SamplingParams` (imported here so `protege --help` does not load torch)."""
+def sampling(s: Sampling, seed: int | None = None, stop: list[str] | None = None) -> Any:
+    """Engine `SamplingParams` for a config's `Sampling` (imported here so `protege --help` does not load torch)."""
     from ..engine import SamplingParams
 
     # Greedy decoding ignores the seed; leaving it out keeps identical greedy requests one cache entry.
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed if temperature > 0 else None, stop=list(stop or []))
+    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                          seed=seed if s.temperature > 0 else None, stop=list(stop or []))
 
 
 def clean_reply(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP
+from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..formats import iter_source
 from ..manifest import Timer
@@ -35,9 +35,7 @@ class DistillConfig(StageConfig):
     system_prompt: str | None = Field(None, description="system message added to prompts that have none")
     max_turns: int = Field(0, ge=0, description="answer at most this many user turns per conversation (0: all)")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
-    max_new_tokens: MaxNewTokens = Field(256, description="token budget per answer")
-    temperature: Temperature = Field(0.0, description="sampling temperature (0 = greedy)")
-    top_p: TopP = Field(1.0, description="nucleus sampling")
+    sampling: Sampling = sampling_field("how the teacher samples each answer", max_new_tokens=256)
     seed: int = Field(0, description="seeds sampling (per prompt and turn)")
     chunk_size: int = Field(64, ge=1, description="conversations answered together; each chunk is written when done")
     progress: bool = Field(True, description="show a progress bar")
@@ -116,7 +114,7 @@ def distill_into(gen: GeneratorRun, prompts: list[tuple[str, str, list[dict[str,
             chunk = prompts[start:start + cfg.chunk_size]
 
             def params_for(i: int, turn: int) -> Any:
-                return sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                return sampling(cfg.sampling,
                                 seed=cfg.seed * 1_000_003 + (start + i) * 101 + turn)
 
             convs, cut, finish = answer_turn_by_turn(teacher, [p for _, _, p, _ in chunk], params_for,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP
+from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..manifest import Timer, write_manifest
 from ..records import JsonlWriter, content_id, read_records
@@ -42,9 +42,8 @@ class OrcaConfig(StageConfig):
     system_messages: str | None = Field(None, description="YAML list of {id, task_types, text}; default: protege's 16")
     max_turns: int = Field(1, ge=0, description="user turns answered per prompt (Orca: 1; 0: all)")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
-    max_new_tokens: MaxNewTokens = Field(384, description="token budget per answer (explanations are long)")
-    temperature: Temperature = Field(0.0, description="sampling temperature (0 = greedy)")
-    top_p: TopP = Field(1.0, description="nucleus sampling")
+    sampling: Sampling = sampling_field("how the teacher samples each answer (explanations are long)",
+                                        max_new_tokens=384)
     seed: int = Field(0, description="seeds the system-message pick and sampling")
     chunk_size: int = Field(64, ge=1, description="prompts answered together; each chunk is written when done")
     progress: bool = Field(True, description="show a progress bar")

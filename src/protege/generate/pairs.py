@@ -28,9 +28,9 @@ import random
 from collections import Counter
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP
+from ..config import MaxNewTokens, Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Comparison, JsonlWriter
@@ -48,9 +48,8 @@ class PairsConfig(StageConfig):
     out_dir: str = Field("runs/pairs", description="where records.jsonl (pairs), samples.jsonl, manifest.json and the cache go")
     policy: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model="gemma-3-270m"), description="who samples the answers")
     k: int = Field(4, ge=2, description="answers sampled per prompt")
-    max_new_tokens: MaxNewTokens = Field(128, description="token budget per answer")
-    temperature: Temperature = Field(1.0, gt=0, description="sampling temperature (> 0: the K answers must differ)")
-    top_p: TopP = Field(1.0, description="nucleus sampling")
+    sampling: Sampling = sampling_field("how the K answers are sampled (temperature > 0: they must differ)",
+                                        max_new_tokens=128, temperature=1.0)
     seed: int = Field(0, description="seeds sampling and the choice of pairs")
     limit: int = Field(0, ge=0, description="use only the first N prompts (0: all)")
     label: Literal["rule", "rm", "judge"] = Field("rule", description="who labels: a rule with a known truth, a reward model, or an LLM judge")
@@ -64,6 +63,13 @@ class PairsConfig(StageConfig):
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
     chunk_size: int = Field(32, ge=1, description="prompts sampled together; each chunk is written when done")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampled(cls, value: Sampling) -> Sampling:
+        if value.temperature <= 0:
+            raise ValueError("temperature must be > 0: greedy decoding gives K equal answers, so no pairs")
+        return value
 
 
 def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str | None = None) -> bool:
@@ -119,7 +125,7 @@ def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], max
         stats["no_contrast_equal"] += 1
         return []
     convs = [pairwise_messages(question, [texts[x]], [texts[y]]) for a, b in duos for x, y in ((a, b), (b, a))]
-    replies = judge.complete(convs, sampling(max_new_tokens, 0.0, 1.0))
+    replies = judge.complete(convs, sampling(Sampling(max_new_tokens=max_new_tokens)))
     out = []
     for n, (a, b) in enumerate(duos):
         outcome = combine_orders(parse_pairwise(replies[2 * n].text), parse_pairwise(replies[2 * n + 1].text))
@@ -156,7 +162,7 @@ def run(config: PairsConfig) -> dict[str, Any]:
         for start in range(0, len(prompts), cfg.chunk_size):
             chunk = prompts[start:start + cfg.chunk_size]
             convs = [p for _, _, p, _ in chunk for _ in range(cfg.k)]
-            params = [sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+            params = [sampling(cfg.sampling,
                                seed=cfg.seed * 1_000_003 + (start + i) * 101 + j)
                       for i in range(len(chunk)) for j in range(cfg.k)]
             outs = gen.teacher.complete(convs, params)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP
+from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
@@ -39,9 +39,7 @@ class SelfChatConfig(StageConfig):
     topics: str | None = Field(None, description="YAML list or JSONL ({topic}) of opening messages; default: protege's 64")
     n: int = Field(0, ge=0, description="conversations to make (0: one per topic; more cycles through shuffled topics)")
     max_turns: int = Field(3, ge=1, description="user turns per conversation at most")
-    max_new_tokens: MaxNewTokens = Field(192, description="token budget per message")
-    temperature: Temperature = Field(0.7, description="sampling temperature")
-    top_p: TopP = Field(0.95, description="nucleus sampling")
+    sampling: Sampling = sampling_field("how each message is sampled", max_new_tokens=192, temperature=0.7, top_p=0.95)
     seed: int = Field(0, description="seeds topic order and sampling")
     max_repetition: float = Field(0.5, ge=0, le=1, description="a message whose repeated word-3-gram share exceeds this is degenerate")
     max_similarity: float = Field(0.8, ge=0, le=1, description="a message with ROUGE-L above this vs an earlier one of the same speaker is degenerate")
@@ -115,7 +113,7 @@ def run(config: SelfChatConfig) -> dict[str, Any]:
                     break
                 seed = lambda i, side: cfg.seed * 1_000_003 + (start + i) * 101 + 2 * turn + side  # noqa: E731
                 outs = teacher.complete([convs[i] for i in live], [
-                    sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 0)) for i in live])
+                    sampling(cfg.sampling, seed(i, 0)) for i in live])
                 for i, out in zip(live, outs):
                     text = clean_turn(out.text)
                     earlier = [m["content"] for m in convs[i] if m["role"] == "assistant"]
@@ -131,7 +129,7 @@ def run(config: SelfChatConfig) -> dict[str, Any]:
                         why[i] = "turn_limit"
                     break
                 outs = teacher.complete([[{"role": "user", "content": user_turn_prompt(convs[i])}] for i in live], [
-                    sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed(i, 1)) for i in live])
+                    sampling(cfg.sampling, seed(i, 1)) for i in live])
                 for i, out in zip(live, outs):
                     text = clean_turn(out.text)
                     earlier = [m["content"] for m in convs[i] if m["role"] == "user"]

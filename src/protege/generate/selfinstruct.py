@@ -18,11 +18,11 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, Temperature, TopP
+from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..manifest import Timer
 from ..records import Conversation
@@ -47,11 +47,13 @@ class SelfInstructConfig(StageConfig):
     new_tasks_per_prompt: int = Field(5, ge=1, description="new tasks asked for per request")
     requests_per_round: int = Field(8, ge=1, description="task-writing requests sent together per round")
     max_requests: int = Field(0, ge=0, description="cap on task-writing requests so a weak teacher still stops (0: 2*n)")
-    task_max_new_tokens: MaxNewTokens = Field(160, description="token budget of a task-writing reply")
-    answer_max_new_tokens: MaxNewTokens = Field(160, description="token budget of an answer")
-    temperature: Temperature = Field(0.7, description="sampling temperature for task writing")
-    top_p: TopP = Field(0.95, description="nucleus sampling for task writing")
-    answer_temperature: Temperature = Field(0.0, description="sampling temperature for answers (0 = greedy)")
+    moved_keys: ClassVar[dict[str, str]] = {
+        "task_max_new_tokens": "task_sampling.max_new_tokens", "temperature": "task_sampling.temperature",
+        "top_p": "task_sampling.top_p", "answer_max_new_tokens": "answer_sampling.max_new_tokens",
+        "answer_temperature": "answer_sampling.temperature"}
+    task_sampling: Sampling = sampling_field("how task-writing replies are sampled", max_new_tokens=160,
+                                             temperature=0.7, top_p=0.95)
+    answer_sampling: Sampling = sampling_field("how answers are sampled", max_new_tokens=160)
     rouge_threshold: float = Field(0.7, ge=0, le=1, description="reject a task whose ROUGE-L with any pool task exceeds this")
     min_words: int = Field(3, ge=1, description="shortest instruction kept, in words")
     max_words: int = Field(150, ge=1, description="longest instruction kept, in words")
@@ -222,7 +224,7 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
         while kept < cfg.n and requests < max_requests:
             k = min(cfg.requests_per_round, max_requests - requests)
             examples = [_examples(rng, seeds, generated, cfg) for _ in range(k)]
-            params = [sampling(cfg.task_max_new_tokens, cfg.temperature, cfg.top_p,
+            params = [sampling(cfg.task_sampling,
                                seed=cfg.seed * 1_000_003 + requests + j) for j in range(k)]
             if mode == "chat":
                 replies = teacher.complete([[{"role": "user", "content": chat_task_prompt(ex, cfg.new_tasks_per_prompt)}]
@@ -253,7 +255,7 @@ def run(config: SelfInstructConfig) -> dict[str, Any]:
             if not new:
                 continue
             answer_requests += len(new)
-            ap = sampling(cfg.answer_max_new_tokens, cfg.answer_temperature, 1.0, seed=cfg.seed)
+            ap = sampling(cfg.answer_sampling, seed=cfg.seed)
             if mode == "chat":
                 answers = teacher.complete([[{"role": "user", "content": t.prompt()}] for t in new], ap,
                                            progress=cfg.progress)

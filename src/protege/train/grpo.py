@@ -115,8 +115,8 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         rollouts = cache.get(index)
         if rollouts is None:
             t0 = time.perf_counter()
-            rollouts = sample_rollouts(engine, chat, items, prompt_idx, config.group_size, config.max_new_tokens,
-                                       config.temperature, config.top_p, config.seed, index, config.max_prompt,
+            rollouts = sample_rollouts(engine, chat, items, prompt_idx, config.group_size, config.sampling,
+                                       config.seed, index, config.max_prompt,
                                        config.merge_for_rollouts)
             for r, s in zip(rollouts, score_rollouts(proxy, items, rollouts)):
                 r.reward = s

@@ -164,8 +164,8 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                 beta = adaptive_beta(prev["beta"], prev["kl_mean"], config.target_kl, config.rollout_prompts,
                                      config.kl_horizon)
             t0 = time.perf_counter()
-            ro = sample_rollouts(engine, chat, items, batch_prompts[b], 1, config.max_new_tokens, config.temperature,
-                                 config.top_p, config.seed, b, config.max_prompt, config.merge_for_rollouts)
+            ro = sample_rollouts(engine, chat, items, batch_prompts[b], 1, config.sampling, config.seed, b,
+                                 config.max_prompt, config.merge_for_rollouts)
             for r, s in zip(ro, score_rollouts(proxy, items, ro)):
                 r.reward = s
             stats["rollout_seconds"] += time.perf_counter() - t0

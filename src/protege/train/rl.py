@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import Field
 
-from ..config import MaxNewTokens, Temperature, TopP
+from ..config import Sampling, sampling_field
 
 from ..files import atomic_write_json
 from .data import Example, collate
@@ -57,10 +57,9 @@ class RolloutSettings(TrainSettings):
                                "(or a list of weighted terms, summed)")
     gold: RewardSpec | None = Field(None, description="held-out gold scorer for the over-optimisation watch "
                                       "(default: the reward itself when it is a rule, which then measures success)")
-    max_new_tokens: MaxNewTokens = Field(64, description="answer budget of a rollout")
-    temperature: Temperature = Field(1.0, description="rollout sampling temperature")
-    top_p: TopP = Field(1.0, description="rollout nucleus sampling")
-    max_length: int = Field(512, ge=2, description="prompt tokens kept (from the end) + max_new_tokens")
+    sampling: Sampling = sampling_field("how rollouts are sampled (held-out evals are greedy too)", max_new_tokens=64,
+                                        temperature=1.0)
+    max_length: int = Field(512, ge=2, description="prompt tokens kept (from the end) + sampling.max_new_tokens")
     eval_max_examples: int = Field(64, ge=0, description="cap on held-out prompts")
     engine_batch: int = Field(32, ge=1, description="rollouts decoded together by the engine")
     merge_for_rollouts: bool = Field(True, description="fold the LoRA adapters into the weights while decoding "
@@ -69,12 +68,12 @@ class RolloutSettings(TrainSettings):
     @property
     def score_temperature(self) -> float:
         """The temperature rollouts are scored at: the one they were sampled at, 1 for greedy (0) rollouts."""
-        return self.temperature or 1.0
+        return self.sampling.temperature or 1.0
 
     @property
     def max_prompt(self) -> int:
         """Prompt tokens kept (from the end) so that prompt + answer fit `max_length`."""
-        return max(1, self.max_length - self.max_new_tokens)
+        return max(1, self.max_length - self.sampling.max_new_tokens)
 
 
 class RLSettings(RolloutSettings):
@@ -168,8 +167,7 @@ def merged_adapters(model: Any, enabled: bool = True):
 
 @torch.no_grad()
 def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: list[int], samples: int,
-                    max_new_tokens: int, temperature: float, top_p: float, seed: int, key: int,
-                    max_prompt: int, merge: bool = False) -> list[Rollout]:
+                    sampling: Sampling, seed: int, key: int, max_prompt: int, merge: bool = False) -> list[Rollout]:
     """`samples` answers per prompt (laid out prompt by prompt) from the engine's current weights."""
     from ..engine.sampling import SamplingParams
 
@@ -178,8 +176,8 @@ def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: li
         ids = chat.encode_prompt(items[i].messages)[-max_prompt:]
         for j in range(samples):
             prompts.append(ids)
-            params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                         seed=sample_seed(seed, key, i, j)))
+            params.append(SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                         top_p=sampling.top_p, seed=sample_seed(seed, key, i, j)))
     was_training = engine.model.training
     engine.model.eval()
     head = engine.model.get_output_embeddings()
@@ -331,10 +329,11 @@ def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[in
     """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
     tokens, and KL(policy || reference) summed per answer (k1) over one sampled answer per prompt.
     `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""
-    greedy = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, 0.0, 1.0, config.seed, key,
+    greedy = sample_rollouts(engine, chat, held, indices, 1, Sampling(max_new_tokens=config.sampling.max_new_tokens),
+                             config.seed, key,
                              config.max_prompt, config.merge_for_rollouts)
-    sampled = sample_rollouts(engine, chat, held, indices, 1, config.max_new_tokens, config.temperature,
-                              config.top_p, config.seed, key, config.max_prompt, config.merge_for_rollouts)
+    sampled = sample_rollouts(engine, chat, held, indices, 1, config.sampling, config.seed, key, config.max_prompt,
+                              config.merge_for_rollouts)
     batch = rollout_batch(sampled, pad, device)
     kl = token_kl(logps(batch, False), logps(batch, True), batch["score_seq"], len(sampled))
     return {"proxy": sum(score_rollouts(proxy, held, greedy)), "gold": sum(score_rollouts(gold, held, greedy)),

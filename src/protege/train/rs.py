@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..config import MaxNewTokens, Temperature, save_config
+from ..config import Sampling, sampling_field, save_config
 from ..errors import StageError
 from ..files import jsonl_rows
 from ..manifest import write_manifest
@@ -43,8 +43,8 @@ class RSConfig(RolloutSettings):
 
     out_dir: str = Field("runs/rs", description="samples, kept answers, the fine-tuned model, curves and manifest")
     k: int = Field(8, ge=1, description="answers sampled per prompt")
-    temperature: Temperature = Field(1.0, description="sampling temperature (LLaMA-2: 1.2-1.3 for its larger models)")
-    max_new_tokens: MaxNewTokens = Field(128, description="answer budget of a sample")
+    sampling: Sampling = sampling_field("how the k answers are sampled (LLaMA-2: temperature 1.2-1.3 for its larger "
+                                        "models)", max_new_tokens=128, temperature=1.0)
     previous: list[str] = Field(default_factory=list, description="earlier rounds' best.jsonl: each prompt keeps its best over all rounds")
     chunk: int = Field(8, ge=1, description="prompts sampled (and cached) together")
     epochs: int = Field(2, ge=1, description="passes over the kept answers")
@@ -141,8 +141,7 @@ def run(config: RSConfig) -> dict[str, Any]:
     for c, idx in enumerate(tqdm(chunks, desc=f"rs: sampling {config.k} per prompt", unit="chunk")):
         got = cache.get(c)
         if got is None:
-            got = sample_rollouts(engine, chat, items, idx, config.k, config.max_new_tokens, config.temperature,
-                                  config.top_p, config.seed, c, config.max_prompt)
+            got = sample_rollouts(engine, chat, items, idx, config.k, config.sampling, config.seed, c, config.max_prompt)
             for r, s in zip(got, score_rollouts(proxy, items, got)):
                 r.reward = s
             cache.put(c, got)
