@@ -11,14 +11,16 @@ from . import add_stage_parser
 ORDER = 60
 
 
-def _merge(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
-    """Explicit flags become `key=value` overrides (YAML-parsed like any other override)."""
-    extra = []
-    for flag, key in mapping.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            extra.append(f"{key}={json.dumps(value)}")
-    return extra + list(args.overrides or [])
+def _load(args: argparse.Namespace, mapping: dict[str, str]) -> tuple[Any, Any]:
+    """(config, run) of the command's stage; explicit flags become `key=value` overrides (YAML-parsed like any
+    other override, so `--out X` and `--out_dir=X` are one setting)."""
+    from ..config import load_config
+    from ..stages import stage_kind
+
+    config_cls, run = stage_kind(args.stage_kind)
+    extra = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in mapping.items()
+             if getattr(args, flag, None) is not None]
+    return load_config(config_cls, args.config, extra + list(args.overrides or [])), run
 
 
 def register(sub: Any) -> None:
@@ -68,13 +70,7 @@ def register(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..stages import stage_kind
-
-    BenchConfig, run = stage_kind("eval.bench")
-
-    cfg = load_config(BenchConfig, args.config, _merge(args, {"model": "model", "tasks": "tasks", "out": "out_dir",
-                                                                "limit": "limit"}))
+    cfg, run = _load(args, {"model": "model", "tasks": "tasks", "out": "out_dir", "limit": "limit"})
     for task, r in run(cfg).items():
         print(f"{task:<28} {r['metric']:<20} {r['score']:.4f}  (n={r['n']})")
     print(f"results: {cfg.out_dir}/results.json")
@@ -82,13 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..stages import stage_kind
-
-    AnswerConfig, run = stage_kind("eval.answer")
-
-    cfg = load_config(AnswerConfig, args.config, _merge(args, {"model": "model", "prompts": "prompts",
-                                                                 "out": "out_dir", "limit": "limit"}))
+    cfg, run = _load(args, {"model": "model", "prompts": "prompts", "out": "out_dir", "limit": "limit"})
     r = run(cfg)
     rate = "–" if r["stop_rate"] is None else f"{r['stop_rate']:.3f}"
     print(f"{r['model']}: {r['prompts']} prompts, {r['turns']} turns answered; {r['stopped']} ended their turn, "
@@ -97,14 +87,8 @@ def _answer(args: argparse.Namespace) -> int:
 
 
 def _judge(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..stages import stage_kind
-
-    JudgeConfig, run = stage_kind("eval.judge")
-
-    cfg = load_config(JudgeConfig, args.config, _merge(args, {"answers": "answers", "prompts": "prompts",
-                                                                "judge_model": "judge.model", "mode": "mode",
-                                                                "out": "out_dir", "limit": "limit"}))
+    cfg, run = _load(args, {"answers": "answers", "prompts": "prompts", "judge_model": "judge.model", "mode": "mode",
+                            "out": "out_dir", "limit": "limit"})
     r = run(cfg)
     s = r["summary"]
     if r["mode"] == "pairwise":
@@ -126,14 +110,9 @@ def _judge(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..stages import stage_kind
-
-    RMScoreConfig, run = stage_kind("eval.rm")
-
     if args.answers_pos:
         args.answers = args.answers_pos
-    cfg = load_config(RMScoreConfig, args.config, _merge(args, {"answers": "answers", "rm": "rm", "out": "out_dir"}))
+    cfg, run = _load(args, {"answers": "answers", "rm": "rm", "out": "out_dir"})
     for name, mean in run(cfg).items():
         print(f"{name:<28} mean reward {mean:.4f}")
     print(f"scores: {cfg.out_dir}/<model>/rm_scores.json")
@@ -141,15 +120,9 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..stages import stage_kind
-
-    ReportConfig, run = stage_kind("report")
-
     if args.inputs_pos:
         args.inputs = args.inputs_pos
-    cfg = load_config(ReportConfig, args.config, _merge(args, {"inputs": "inputs", "output": "output",
-                                                                 "base": "base", "teacher": "teacher"}))
+    cfg, run = _load(args, {"inputs": "inputs", "output": "output", "base": "base", "teacher": "teacher"})
     r = run(cfg)
     print(f"report: {r['html']} (and {r['markdown']}); {r['models']} models")
     return 0
