@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 __all__ = [
+    "deep_merge",
     "Sampling",
     "sampling_field",
     "move_flat_keys",
@@ -77,7 +78,9 @@ def sampling_field(description: str, **defaults: Any) -> Any:
 
 
 def move_flat_keys(cls: type[BaseModel], data: Any) -> Any:
-    """`data` with old flat keys moved into their nested groups (see `StageConfig`); a key given both ways is an error."""
+    """`data` with old flat keys moved into their nested groups (see `StageConfig`).
+
+    A key given both ways is an error."""
     if not isinstance(data, dict):
         return data
     fields = _model_fields(cls)
@@ -227,11 +230,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` laid over it, nested mappings merged key by key (inputs unchanged)."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -266,7 +270,7 @@ def load_config(
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         _check_keys(cls, extra, "command line")
-        data = _deep_merge(data, extra)
+        data = deep_merge(data, extra)
         where = f"{where} + command line" if path else "command line"
     return validate_dict(cls, data, where)
 

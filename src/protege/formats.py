@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 from .files import json_lines
 from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
-from .records import (Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord, check_messages,
-                      parse_record, check_file, record_id)
+from .records import (ROLE_ALIASES, Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord,
+                      check_file, check_messages, parse_record, record_id)
 
 __all__ = [
     "FORMATS",
@@ -38,8 +38,6 @@ __all__ = [
 
 FORMATS = ("alpaca", "sharegpt", "openai", "protege", "prompt", *PREFERENCE_FORMATS)
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-                   "bard": "assistant", "bing": "assistant", "assistant": "assistant", "system": "system"}
 _TO_SHAREGPT = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
@@ -80,7 +78,7 @@ def from_sharegpt(obj: dict[str, Any], source: str = "sharegpt") -> Conversation
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RecordError(f"`conversations[{i}]`: expected an object with `from` and `value`")
-        role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        role = ROLE_ALIASES.get(str(turn["from"]).lower())
         if role is None:
             raise RecordError(f"`conversations[{i}].from`: unknown speaker {turn['from']!r} (expected human, gpt or system)")
         messages.append({"role": role, "content": turn["value"]})

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from .config import ConfigError, StageConfig, parse_overrides, read_yaml, validate_dict
+from .config import ConfigError, StageConfig, deep_merge, parse_overrides, read_yaml, validate_dict
 from .files import atomic_write_text
 from .manifest import sha256_file
 from .outputs import inside, remove_tree
@@ -86,15 +86,8 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
         stage = next((s for s in recipe.stages if s.name == key), None)
         if stage is None or not isinstance(value, dict):
             raise ConfigError(f"--set {key}...: no stage named `{key}` (stages: {', '.join(names)})")
-        stage.config = _deep_merge(stage.config, value)
+        stage.config = deep_merge(stage.config, value)
     return recipe
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str) -> Any:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .records import Comparison, RecordError, SkipRecord, check_messages, record_id
+from .records import ROLE_ALIASES, Comparison, RecordError, SkipRecord, check_messages, record_id
 
 __all__ = ["PREFERENCE_FORMATS", "detect_preference_format", "convert_preference", "parse_transcript"]
 
 PREFERENCE_FORMATS = ("hh", "trl", "sharegpt-pref", "ultrafeedback", "webgpt", "summarize")
 
 _SPEAKER = re.compile(r"\n\n(Human|Assistant):[ \t]?")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
 
 
 def detect_preference_format(obj: dict[str, Any]) -> str | None:
@@ -141,7 +139,7 @@ def _from_trl(obj: dict[str, Any], source: str) -> Comparison:
 def _sharegpt_turn(turn: Any, field: str) -> dict[str, str]:
     if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
         raise RecordError(f"`{field}`: expected an object with `from` and `value`")
-    role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
+    role = ROLE_ALIASES.get(str(turn["from"]).lower())
     if role is None:
         raise RecordError(f"`{field}.from`: unknown speaker {turn['from']!r} (expected human, gpt or system)")
     return {"role": role, "content": turn["value"]}

@@ -26,6 +26,7 @@ from .files import atomic_path, parse_jsonl_line
 
 __all__ = [
     "SkipRecord",
+    "ROLE_ALIASES",
     "MissingSource",
     "Conversation",
     "Comparison",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
+# Every speaker name the supported formats use (ShareGPT `from`, OpenAssistant, scraped exports), lower-cased.
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
+                "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                "bing": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 class MissingSource(RecordError, FileNotFoundError):

@@ -12,7 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from ..records import Comparison, Conversation, Record
+from ..records import ROLE_ALIASES, Comparison, Conversation, Record
 from .common import StepResult, progress, removal
 from .config import CleanStep
 
@@ -21,8 +21,6 @@ __all__ = ["apply", "html_to_markdown", "repair_roles", "teacher_pattern", "Phra
 # Only tags that ShareGPT's rendered pages actually contain trigger a conversion: running
 # markdownify on text that merely mentions `<T>` in code would mangle it.
 _HTML = re.compile(r"</?(?:p|div|br|pre|code|ul|ol|li|h[1-6]|strong|em|b|i|a|table|tr|td|th|span|blockquote)\b[^>]*>", re.I)
-_ROLE_ALIASES = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "assistant": "assistant",
-                 "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "system": "system"}
 
 
 def html_to_markdown(text: str) -> str:
@@ -112,7 +110,7 @@ def repair_roles(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
     fixes: list[str] = []
     out: list[dict[str, str]] = []
     for i, m in enumerate(messages):
-        role = _ROLE_ALIASES.get(str(m.get("role", "")).lower())
+        role = ROLE_ALIASES.get(str(m.get("role", "")).lower())
         if role is None:
             fixes.append(f"dropped turn {i} with unknown role {m.get('role')!r}")
             continue
