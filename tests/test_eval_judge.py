@@ -7,8 +7,9 @@ import json
 import pytest
 
 from protege.errors import StageError
-from protege.evaluate.judge import (bootstrap_ci, combine_orders, pairwise_messages, pairwise_summary,
-                                    parse_pairwise, parse_rating, single_messages)
+from protege.evaluate.intervals import bootstrap_ci
+from protege.evaluate.verdicts import (combine_orders, pairwise_messages, pairwise_summary, parse_pairwise, parse_rating,
+                                       single_messages)
 
 
 @pytest.mark.parametrize("text, verdict", [

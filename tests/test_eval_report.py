@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from protege.evaluate.judge import combine_orders, pairwise_summary
+from protege.evaluate.verdicts import combine_orders, pairwise_summary
 
 
 def _bench(path, name, wk, ar, fmt):

@@ -55,7 +55,7 @@ def test_eval_rm_bad_input(tmp_path):
 
 
 def test_bootstrap_interval_covers_the_true_mean():
-    from protege.evaluate.judge import bootstrap_ci
+    from protege.evaluate.intervals import bootstrap_ci
 
     covered = 0
     for seed in range(40):

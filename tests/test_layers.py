@@ -204,3 +204,10 @@ def test_every_file_a_docstring_names_exists():
                 if not ok:
                     problems.append(f"{where}: {m}")
     assert not problems, "files named in src/ that do not exist:\n" + "\n".join(problems)
+
+
+def test_no_module_is_over_400_lines():
+    """A module past 400 lines holds more than one idea: split it along its seam (docs/architecture.md)."""
+    sizes = {p.relative_to(SRC).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+             for p in (SRC / "protege").rglob("*.py")}
+    assert not {k: n for k, n in sizes.items() if n > 400}

@@ -155,7 +155,7 @@ def _judge(path, a, b, outcomes, trusted):
     rows = [{"id": str(i), "outcome": o, "verdicts": ["A", "B"], "length": [1, 1], "turns": ["q"],
              "answers": [["x"], ["y"]]} for i, o in enumerate(outcomes)]
     (path / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from protege.evaluate.judge import pairwise_summary
+    from protege.evaluate.verdicts import pairwise_summary
 
     calib = {"n_judged": 48, "accuracy": 0.5 if not trusted else 0.95, "accuracy_ci": (0.4, 0.6), "by_kind": {},
              "position_consistency": 0.0 if not trusted else 0.9}

@@ -116,7 +116,7 @@ def _rm_pairs(scores: list[float], texts: list[str], min_margin: float, stats: C
 def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], max_new_tokens: int,
                  stats: Counter) -> list[tuple[int, int, None]]:
     """Samples paired off (0, 1), (2, 3), ...; each pair judged in both orders; a consistent verdict labels it."""
-    from ..evaluate.judge import combine_orders, pairwise_messages, parse_pairwise
+    from ..evaluate.verdicts import combine_orders, pairwise_messages, parse_pairwise
 
     question = [next(m["content"] for m in reversed(prompt) if m["role"] == "user")]
     duos = [(a, b) for a, b in zip(range(0, len(texts) - 1, 2), range(1, len(texts), 2))
