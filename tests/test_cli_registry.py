@@ -53,3 +53,12 @@ def test_a_nested_config_shows_the_default_its_parent_gives_it():
     from protege.models import DEFAULT_JUDGE
 
     assert f"--judge.model  (str, default {DEFAULT_JUDGE!r})" in text
+
+
+def test_the_architecture_notes_say_where_every_stage_lives():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    where = doc.split("## Where to find X", 1)[1].split("\n## ", 1)[0]
+    missing = [kind for kind in STAGE_KINDS if f"`{kind}`" not in where and f"`{kind.split('.')[0]}.*`" not in where]
+    assert not missing, f"docs/architecture.md 'Where to find X' does not name {missing}"
