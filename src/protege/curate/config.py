@@ -18,7 +18,7 @@ stage configs do (`protege.config` cannot see inside a list of unions).
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -160,7 +160,7 @@ class TagStep(_Step):
 
 Step = Annotated[Union[CleanStep, SplitStep, DedupStep, LanguageStep, QualityStep, DecontaminateStep, MixStep, TagStep],
                  Field(discriminator="step")]
-STEP_KINDS = ("clean", "split", "dedup", "language", "quality", "decontaminate", "mix", "tag")
+STEP_KINDS: tuple[str, ...] = tuple(c.model_fields["step"].default for c in get_args(get_args(Step)[0]))  # in order
 
 
 def default_steps() -> list[Any]:

@@ -31,7 +31,7 @@ from ..outputs import publish, refuse_clobber
 from ..records import Comparison, Conversation, Record, RecordError, check_messages, write_records
 from . import clean, decontam, dedup, langid, mix, quality, split, tag
 from .common import StepResult, messages_of, progress, removal, words
-from .config import CurateConfig
+from .config import STEP_KINDS, CurateConfig
 
 __all__ = ["run", "Context", "read_inputs"]
 
@@ -39,6 +39,7 @@ APPLY: dict[str, Callable[..., StepResult]] = {
     "clean": clean.apply, "split": split.apply, "dedup": dedup.apply, "language": langid.apply,
     "quality": quality.apply, "decontaminate": decontam.apply, "mix": mix.apply, "tag": tag.apply,
 }
+assert set(APPLY) == set(STEP_KINDS), "every step kind of curate/config.py needs its apply function here"
 LENGTH_BINS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
 
 

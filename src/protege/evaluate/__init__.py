@@ -1,7 +1,9 @@
-"""Honest evaluation: benchmarks (substance), an LLM judge that reports its own biases (style), a report.
+"""Honest evaluation: benchmarks (substance), answers, an LLM judge that reports its own biases (style),
+reward-model scores. Each is a stage (`stages.STAGE_KINDS`); the report that puts them side by side is
+`protege.report`.
 
-    bench.run(BenchConfig(model=..., tasks=[...], out_dir=...))     per-item JSONL + results.json
-    answer.run(AnswerConfig(model=..., prompts=..., out_dir=...))   a model's answers to a prompt set
-    judge.run(JudgeConfig(answers_a=..., answers_b=..., ...))       pairwise / single / reference grading
-    report.run(ReportConfig(inputs=[...], output="report.html"))     style vs substance, one HTML page
+    bench.run(BenchConfig(model=..., tasks=[...], out_dir=...))        per-item JSONL + results.json
+    answer.run(AnswerConfig(model=..., prompts=..., out_dir=...))      a model's answers to a prompt set
+    judge.run(JudgeConfig(answers=[a, b], out_dir=...))                pairwise / single / reference grading
+    rm_score.run(RMScoreConfig(answers=[...], rm=..., out_dir=...))    reward-model scores of answer sets
 """

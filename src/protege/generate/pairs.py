@@ -35,7 +35,7 @@ from ..errors import StageError
 from ..manifest import Timer
 from ..records import Comparison, JsonlWriter
 from ..teachers import TeacherConfig, TeacherResponse, make_teacher
-from ..train.rewards import GOLD_RULES, matches_gold  # one definition for pair labels and RL rewards
+from ..train.rewards import GOLD_RULES, ends_within, matches_gold  # one definition for pair labels and RL rewards
 from .common import GeneratorRun, clean_reply, sampling
 from .distill import load_prompts
 
@@ -76,7 +76,7 @@ def rule_passes(rule: str, response: TeacherResponse, max_tokens: int, gold: str
     """Whether one sampled answer satisfies the labelling rule."""
     tokens = int(response.usage.get("completion_tokens", 0))
     if rule == "ends_turn":
-        return response.finish_reason == "stop" and tokens <= max_tokens
+        return ends_within(response.finish_reason, tokens, max_tokens)
     if rule == "shorter":
         return tokens <= max_tokens
     if rule in GOLD_RULES:

@@ -33,7 +33,7 @@ from ..config import StageConfig
 from ..errors import StageError
 
 __all__ = ["PromptItem", "RewardConfig", "RewardSpec", "Reward", "make_reward", "describe_reward", "load_prompt_items",
-           "contains_gold", "final_number", "matches_gold", "GOLD_RULES"]
+           "contains_gold", "final_number", "matches_gold", "ends_within", "GOLD_RULES"]
 
 GOLD_RULES = ("contains_gold", "final_number")  # rules that read the prompt's gold answer (`matches_gold`)
 
@@ -111,6 +111,12 @@ def final_number(answer: str) -> float | None:
     return _as_number(found[-1]) if found else None
 
 
+def ends_within(finish_reason: str, n_tokens: int, max_tokens: int) -> bool:
+    """The answer ended its turn (a stop, not the length limit) within `max_tokens` tokens: the RL rule
+    `ends_within` and the pair-label rule `ends_turn` are this one check."""
+    return finish_reason == "stop" and n_tokens <= max_tokens
+
+
 def matches_gold(rule: str, answer: str, gold: str) -> bool:
     """`contains_gold` or `final_number` against the gold answer (pair labels and RL rewards share it)."""
     if rule == "contains_gold":
@@ -171,7 +177,7 @@ def _rule(cfg: RewardConfig) -> Reward:
                     raise StageError(f"reward rule {cfg.rule}: prompt {it.id} has no gold answer")
                 out.append(float(matches_gold(cfg.rule, ans, it.gold)))
             elif cfg.rule == "ends_within":
-                out.append(float(fin == "stop" and n <= cfg.max_tokens))
+                out.append(float(ends_within(fin, n, cfg.max_tokens)))
             elif cfg.rule == "format":
                 out.append(float(re.search(cfg.pattern or "", ans) is not None))
             else:
