@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from .engine.core import RequestDriver
 
 __all__ = ["Sampling", "LocalBackend", "RemoteBackend", "run_repl", "HELP"]
 
@@ -36,7 +39,7 @@ class Backend(Protocol):
 class LocalBackend:
     """A model loaded in this process; generation through the engine (same tokens as training)."""
 
-    def __init__(self, engine: Any, name: str):
+    def __init__(self, engine: RequestDriver, name: str):
         self.engine = engine
         self.name = name
 

@@ -17,15 +17,13 @@ also turns the decoder's Linear layers into SmoothQuant int8 ones in place (see 
 bytes per token, greedy output close to but not identical with fp32.
 """
 
-from typing import Any
-
-from .core import Completion, Engine, StepOutput
+from .core import Completion, Engine, RequestDriver, StepOutput
 from .sampling import SamplingParams
 
 __all__ = ["Engine", "SamplingParams", "Completion", "StepOutput", "engine_for"]
 
 
-def engine_for(spec: str, backend: str = "auto", precision: str = "auto", max_batch: int = 16) -> Any:
+def engine_for(spec: str, backend: str = "auto", precision: str = "auto", max_batch: int = 16) -> RequestDriver:
     """The engine for a model spec: llama.cpp for a `.gguf` when llama-cpp-python is installed (or
     `backend="llama.cpp"`), protege's torch engine otherwise (`backend="torch"` forces it), its weights
     in `precision` (`auto`: bf16 where the device runs it fast; see `protege.precision`)."""

@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,10 @@ from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionReq
                       refuse_unsupported, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from ..engine.core import RequestDriver
+    from ..engine.sampling import SamplingParams
 
 __all__ = ["create_app", "APIError", "ChatCompletionRequest"]
 
@@ -52,7 +56,7 @@ def _max_token_chars(tokenizer: Any) -> int:
     return max((len(t) for t in vocab), default=0)
 
 
-def _context_length(engine: Any) -> int:
+def _context_length(engine: RequestDriver) -> int:
     for obj, attr in ((engine, "max_positions"), (getattr(engine, "model", None), "config")):
         value = getattr(obj, attr, None) if obj is not None else None
         if isinstance(value, int):
@@ -65,7 +69,7 @@ def _context_length(engine: Any) -> int:
 class _Server:
     """Request handling shared by the routes; holds the engine's scheduler."""
 
-    def __init__(self, engine: Any, model_name: str, max_batch: int, context_length: int | None,
+    def __init__(self, engine: RequestDriver, model_name: str, max_batch: int, context_length: int | None,
                  default_max_tokens: int, max_waiting: int, request_timeout_s: float, max_messages: int = 1024):
         self.engine = engine
         self.model_name = model_name
@@ -168,7 +172,7 @@ class _Server:
         except asyncio.TimeoutError:
             raise self._timeout() from None
 
-    def submit(self, prompt_ids: list[int], params: Any, n: int) -> tuple[list[GenRequest], asyncio.Queue]:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int) -> tuple[list[GenRequest], asyncio.Queue]:
         """Submit the n choices sharing one event queue; choice i gets seed + i so they differ.
 
         A full wait queue is a 429 with Retry-After, as OpenAI's rate limits are: clients retry."""
@@ -193,7 +197,7 @@ class _Server:
     # ---- responses -----------------------------------------------------------------------------
 
     async def complete(self, http: Request, req: ChatCompletionRequest, prompt_ids: list[int],
-                       params: Any, deadline: float) -> JSONResponse:
+                       params: SamplingParams, deadline: float) -> JSONResponse:
         reqs, events = self.submit(prompt_ids, params, req.n)
         index = {r.id: i for i, r in enumerate(reqs)}
         texts = [""] * req.n
@@ -298,7 +302,7 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
     return server.prepare(body)
 
 
-def create_app(engine: Any, model_name: str, api_key: str | None = None, max_batch: int = 16,
+def create_app(engine: RequestDriver, model_name: str, api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, default_max_tokens: int = 1024, *,
                guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0,
                max_messages: int = 1024) -> FastAPI:

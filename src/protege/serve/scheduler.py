@@ -16,7 +16,11 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..engine.core import RequestDriver
+    from ..engine.sampling import SamplingParams
 
 __all__ = ["Scheduler", "Request", "SchedulerStats"]
 
@@ -30,7 +34,7 @@ class Request:
     choices of one API call) may share one `events` queue."""
 
     prompt_ids: list[int]
-    params: Any
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = 0
@@ -62,7 +66,7 @@ class Scheduler:
     its client's patience runs out long before the queue does).
     """
 
-    def __init__(self, engine: Any, max_batch: int = 16, max_waiting: int = 256):
+    def __init__(self, engine: RequestDriver, max_batch: int = 16, max_waiting: int = 256):
         self.engine = engine
         self.max_batch = max(1, int(max_batch))
         self.max_waiting = max(1, int(max_waiting))
@@ -103,7 +107,7 @@ class Scheduler:
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, prompt_ids: list[int], params: Any, events: asyncio.Queue | None = None,
+    def submit(self, prompt_ids: list[int], params: SamplingParams, events: asyncio.Queue | None = None,
                reserved: bool = False) -> Request:
         """Queue a generation; read `events` until this request's None. Must be called on the event loop.
 

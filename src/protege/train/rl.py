@@ -24,19 +24,22 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from pydantic import Field
 
 from ..config import Sampling, sampling_field
-
 from ..files import atomic_write_json
 from .data import Example, collate
 from .losses import IGNORE_INDEX
 from .pair_data import scored_positions
 from .rewards import PromptItem, Reward, RewardConfig, RewardSpec
 from .settings import LoraSettings, Schedule, TrainSettings
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
+    from ..engine import Engine
 
 __all__ = ["RolloutSettings", "RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
            "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
@@ -166,7 +169,7 @@ def merged_adapters(model: Any, enabled: bool = True):
 
 
 @torch.no_grad()
-def sample_rollouts(engine: Any, chat: Any, items: list[PromptItem], indices: list[int], samples: int,
+def sample_rollouts(engine: Engine, chat: ChatFormat, items: list[PromptItem], indices: list[int], samples: int,
                     sampling: Sampling, seed: int, key: int, max_prompt: int, merge: bool = False) -> list[Rollout]:
     """`samples` answers per prompt (laid out prompt by prompt) from the engine's current weights."""
     from ..engine.sampling import SamplingParams
@@ -296,7 +299,7 @@ def load_policy(config: RLSettings, ctx: Any) -> tuple[Any, Any, Any, int, Any]:
     return model, tok, chat, pad_id(tok), Engine(model, tok, chat, max_batch_size=config.engine_batch)
 
 
-def save_policy(model: Any, tok: Any, chat: Any, path: Path) -> None:
+def save_policy(model: Any, tok: Any, chat: ChatFormat, path: Path) -> None:
     """The adapter folder with its tokenizer and chat template (the best-by-gold model)."""
     model.save_pretrained(str(path))
     chat.apply_to(tok)
@@ -323,7 +326,7 @@ def split_prompts(config: RLSettings, method: str) -> tuple[list[PromptItem], li
 
 
 @torch.no_grad()
-def policy_eval(engine: Any, chat: Any, held: list[PromptItem], indices: list[int], proxy: Reward, gold: Reward,
+def policy_eval(engine: Engine, chat: ChatFormat, held: list[PromptItem], indices: list[int], proxy: Reward, gold: Reward,
                 logps: Callable[[dict[str, torch.Tensor], bool], torch.Tensor], config: RLSettings, key: int,
                 pad: int, device: Any) -> dict[str, float]:
     """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
