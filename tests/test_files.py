@@ -65,3 +65,33 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
     atomic_write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 2}
+
+
+def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
+    from protege.config import ConfigError, read_yaml
+
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):  # 10^8 values once expanded, from 8 short lines
+        bomb.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 10) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(bomb) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: YAML aliases expand to more than"):
+        read_yaml(path)
+    path.write_text("a: &loop [1, *loop]\n")
+    with pytest.raises(ConfigError, match="alias that refers to itself"):
+        read_yaml(path)
+    path.write_text("base: &b {lr: 0.1}\nrun: {<<: *b, epochs: 2}\n")  # ordinary aliases still work
+    assert read_yaml(path) == {"base": {"lr": 0.1}, "run": {"lr": 0.1, "epochs": 2}}
+
+
+def test_a_pipe_is_refused_instead_of_blocking(tmp_path):
+    import os
+
+    from protege.records import read_records
+
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(RecordError, match="not a regular file"):
+        read_jsonl(fifo)
+    with pytest.raises(RecordError, match="not a regular file"):
+        list(read_records(fifo))

@@ -223,7 +223,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 text = f"{text}=true"
         key, raw = text.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_yaml(raw, f"override `{arg}`") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(out, key.strip().replace("-", "_"), value)
@@ -241,13 +241,37 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# A YAML file is a tree once its aliases are expanded, and every consumer (validation, JSON dumps, merges)
+# expands them: a few lines of nested aliases ("billion laughs") would take all memory there. Refuse a
+# document whose expanded tree is larger than this many values; real configs and data files have thousands.
+YAML_MAX_VALUES = 1_000_000
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load` that refuses an alias bomb or a self-referencing alias (ConfigError naming `where`)."""
+    data = yaml.safe_load(text)
+    if "*" in text:  # only documents with aliases can share (or loop) structure
+        count, stack = 0, [data]
+        while stack:
+            node = stack.pop()
+            count += 1
+            if count > YAML_MAX_VALUES:
+                raise ConfigError(f"{where}: YAML aliases expand to more than {YAML_MAX_VALUES:,} values "
+                                  "(an alias bomb, or an alias that refers to itself)")
+            if isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    return data
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning syntax errors into `ConfigError(file:line: ...)`."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -77,6 +77,8 @@ def json_lines(path: str | Path, text: str | None = None, keep_going: bool = Fal
                 raise RecordError(err.problem, str(path), 1) from None
             yield from enumerate(data, start=1)
             return
+    if text is None and path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise RecordError(f"{path}: not a regular file (a folder, pipe or device?)")
     lines: Any = text.splitlines() if text is not None else path.open("rb")
     try:
         for n, line in enumerate(lines, 1):

@@ -221,6 +221,8 @@ def check_file(path: str | Path) -> Path:
         raise MissingSource(f"{p}: no such file")
     if p.is_dir():
         raise RecordError(f"{p}: is a folder, expected a record file (.jsonl)")
+    if not p.is_file():  # a FIFO or device would block the reader or never end
+        raise RecordError(f"{p}: not a regular file (a pipe or device?); expected a record file (.jsonl)")
     return p
 
 

@@ -15,9 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from ..config import Sampling, save_config
+from ..config import Sampling, safe_yaml, save_config
 from ..manifest import write_manifest
 from ..records import JsonlWriter
 from ..teachers import Teacher, TeacherConfig, make_teacher
@@ -31,7 +30,8 @@ def data_file(name: str) -> Path:
 
 
 def read_yaml_data(path: str | Path) -> Any:
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """A YAML data file (topics, system messages), alias bombs refused."""
+    return safe_yaml(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def sampling(s: Sampling, seed: int | None = None, stop: list[str] | None = None) -> Any:
