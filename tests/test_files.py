@@ -95,3 +95,20 @@ def test_a_pipe_is_refused_instead_of_blocking(tmp_path):
         read_jsonl(fifo)
     with pytest.raises(RecordError, match="not a regular file"):
         list(read_records(fifo))
+
+
+def test_data_validate_reports_every_hostile_line_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    lines = [good, '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}',
+             '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',
+             '{"messages": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000]
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "data", "validate", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert [int(line.split(":")[1]) for line in proc.stdout.splitlines()] == [2, 3, 4, 5]
+    assert "1 valid records" in proc.stderr

@@ -48,8 +48,8 @@ def parse_jsonl_line(line: str | bytes) -> Any:
         raise RecordError(f"bad JSON: {err.msg} at column {err.colno}") from None
     except RecursionError:
         raise RecordError("JSON nested too deeply to read") from None
-    except ValueError as err:  # int longer than Python's digit limit
-        raise RecordError(f"bad JSON: {err}") from None
+    except ValueError as err:  # an int longer than Python's digit limit (sys.get_int_max_str_digits)
+        raise RecordError(f"bad JSON: a number too long to read ({str(err).split(':')[0]}); write it as a string") from None
     if _SURROGATE_ESCAPE.search(line):
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
