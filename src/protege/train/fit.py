@@ -166,8 +166,12 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         out_dir: Path, micro_batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
         tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
         eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,
-        on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = ()) -> FitResult:
+        on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = (),
+        eval_fn: Callable[[Any, Any], LossOutput] | None = None) -> FitResult:
     """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
+
+    Held-out batches are scored by `eval_fn` (default: `loss_fn` in eval mode); RL evaluates by decoding
+    and scoring answers, not by its training loss.
 
     `progress` names step metrics shown beside the loss in the progress bar (RL: the mean reward and KL,
     which say more than a surrogate loss that sits near 0).
@@ -264,7 +268,7 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
             metrics.log(done, loss=last_loss, **last_metrics, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                         tokens_per_s=round(tok_s, 2), tokens=step_tokens, **{unit: float(total[1])})
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
-            results = evaluate(module, eval_batches, loss_fn, accelerator)
+            results = evaluate(module, eval_batches, eval_fn or loss_fn, accelerator)
             metrics.log(done, **(results or {}))
             if on_eval is not None and results is not None:
                 on_eval(done, results)
@@ -283,7 +287,7 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     else:
         if start_step < total_steps or latest_checkpoint(ckpt_root) is None:
             checkpoint(total_steps)
-        result.eval = evaluate(module, eval_batches, loss_fn, accelerator)
+        result.eval = evaluate(module, eval_batches, eval_fn or loss_fn, accelerator)
         if result.eval is not None:
             metrics.log(total_steps, **result.eval)
             if on_eval is not None:

@@ -154,15 +154,13 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
                            index, pad, accelerator.device)
         return LossOutput(torch.zeros(()), len(prompt_idx), sums)
 
-    def loss_fn(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
-        return train_loss(m, mb) if m.training else eval_loss(m, mb)
 
     def save_best(path: Any) -> None:
         if main:
             save_policy(model, tok, chat, path)
 
     result, watch = watched_fit("grpo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
-                                log=log, micro_batches=micro_batches, loss_fn=loss_fn,
+                                log=log, micro_batches=micro_batches, loss_fn=train_loss, eval_fn=eval_loss,
                                 tokens_of=lambda mb: len(mb[1]) * config.group_size, data_hash=data_hash,
                                 unit="answers", eval_batches=eval_batches, save_best=save_best,
                                 stop_after_steps=stop_after_steps)

@@ -225,8 +225,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                            lambda b, ref: forward(m, b, ref)[0], config, index, pad, accelerator.device)
         return LossOutput(torch.zeros(()), len(prompt_idx), sums)
 
-    def loss_fn(m: Any, mb: Any) -> LossOutput:
-        return train_loss(m, mb) if m.training else eval_loss(m, mb)
 
     def save_best(path: Any) -> None:
         if main:
@@ -235,8 +233,8 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                       str(path / "value_head.safetensors"))
 
     result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
-                                log=log, micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda mb: per_mb,
-                                data_hash=data_hash, unit="answers", eval_batches=eval_batches,
+                                log=log, micro_batches=plan, loss_fn=train_loss, eval_fn=eval_loss,
+                                tokens_of=lambda mb: per_mb, data_hash=data_hash, unit="answers", eval_batches=eval_batches,
                                 save_best=save_best, stop_after_steps=stop_after_steps)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}

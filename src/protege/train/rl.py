@@ -360,8 +360,9 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
 
 def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Any, out_dir: Path,
                 log: Callable[[str], None], micro_batches: Any, loss_fn: Callable[[Any, Any], Any],
-                tokens_of: Callable[[Any], int], data_hash: str, unit: str, eval_batches: list[Any],
-                save_best: Callable[[Path], None], stop_after_steps: int | None) -> tuple[Any, OverOptimisationWatch]:
+                eval_fn: Callable[[Any, Any], Any], tokens_of: Callable[[Any], int], data_hash: str, unit: str,
+                eval_batches: list[Any], save_best: Callable[[Path], None],
+                stop_after_steps: int | None) -> tuple[Any, OverOptimisationWatch]:
     """`fit` with the over-optimisation watch on every held-out eval, the first one before step 1 (KL 0)."""
     from .fit import evaluate, fit
     from .settings import fingerprint
@@ -374,13 +375,13 @@ def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accel
             f"KL {results['eval_kl']:.2f} nats/answer, stop rate {results['eval_stop_rate']:.2f}")
 
     if eval_batches and not watch.history:  # the starting point anchors the over-optimisation curve
-        start = evaluate(module, eval_batches, loss_fn, accelerator)
+        start = evaluate(module, eval_batches, eval_fn, accelerator)
         if start is not None:
             on_eval(0, start)
     result = fit(name, config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=micro_batches, loss_fn=loss_fn, tokens_of=tokens_of, fingerprint=fingerprint(config),
                  data_hash=data_hash, unit=unit, eval_batches=eval_batches, stop_after_steps=stop_after_steps,
-                 on_eval=on_eval, progress=("reward", "kl"))
+                 on_eval=on_eval, progress=("reward", "kl"), eval_fn=eval_fn)
     return result, watch
 
 
