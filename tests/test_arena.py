@@ -344,3 +344,36 @@ def test_report_shows_human_ratings_next_to_the_judge(tmp_path):
     assert "People (blind A/B votes)" in page and "12 votes" in page
     md = (tmp_path / "report.md").read_text()
     assert "| alpha |" in md and "95% interval" in md
+
+
+def test_export_and_stats_never_create_convert_or_overwrite_a_database(tmp_path, capsys):
+    """Issue 31: `export DB --out DB` overwrote the votes; a missing DB was created (exit 0); `stats` wrote a
+    schema into an empty file and gave a traceback on a non-database file; CSV cells could be formulas."""
+    import csv
+
+    from protege.cli import main as cli_main
+
+    db_path = tmp_path / "votes.sqlite"
+    db = ArenaDB(db_path)
+    rater = db.new_rater()
+    battle = db.add_battle(rater, "p1", "general", "a", "b")
+    db.vote("v1", battle, rater, "left", comment="=HYPERLINK(\"http://x\",\"y\")")
+    before = db_path.read_bytes()
+    assert cli_main(["arena", "export", str(db_path), "--out", str(db_path)]) == 1
+    assert "is the vote database itself" in capsys.readouterr().err
+    assert db_path.read_bytes() == before and len(ArenaDB.existing(db_path).votes()) == 1
+    missing = tmp_path / "missing.sqlite"
+    assert cli_main(["arena", "export", str(missing), "--out", str(tmp_path / "v.jsonl")]) == 1
+    assert not missing.exists() and "no such arena database" in capsys.readouterr().err
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    assert cli_main(["arena", "stats", str(empty)]) == 1
+    assert empty.read_bytes() == b"" and "not an arena database" in capsys.readouterr().err
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database at all, just text " * 100)
+    assert cli_main(["arena", "stats", str(junk)]) == 1
+    assert "not an arena database" in capsys.readouterr().err
+    out = tmp_path / "votes.csv"
+    assert cli_main(["arena", "export", str(db_path), "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open(encoding="utf-8")))
+    assert row["comment"].startswith("'=HYPERLINK") and row["winner"] == "left"

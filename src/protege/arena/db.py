@@ -47,14 +47,45 @@ class VoteError(ValueError):
 class ArenaDB:
     """One connection per thread (sqlite3 objects are not shared across threads)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self._local = threading.local()
-        self._migrate()
+        if readonly:
+            self._check_existing()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._migrate()
+
+    @classmethod
+    def existing(cls, path: str | Path) -> "ArenaDB":
+        """A votes database that must already exist, opened read-only (`stats`, `export`, the report)."""
+        return cls(path, readonly=True)
+
+    def _check_existing(self) -> None:
+        from ..errors import StageError
+
+        if not self.path.is_file():
+            raise StageError(f"{self.path}: no such arena database")
+        try:
+            version = self.conn().execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in self.conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as err:
+            raise StageError(f"{self.path}: not an arena database ({err})") from None
+        if version == 0 or not {"votes", "battles"} <= tables:
+            raise StageError(f"{self.path}: not an arena database (no votes schema); "
+                             "`protege arena ANSWERS... --db FILE` creates one")
+        if version > len(MIGRATIONS):
+            raise StageError(f"{self.path}: schema version {version} is newer than this protege knows "
+                             f"({len(MIGRATIONS)}); upgrade protege")
 
     def conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
+        if con is None and self.readonly:  # reading never creates, migrates or converts the file
+            con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                  isolation_level=None)
+            con.row_factory = sqlite3.Row
+            self._local.con = con
         if con is None:
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             con.execute("PRAGMA journal_mode=WAL")

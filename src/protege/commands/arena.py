@@ -65,18 +65,14 @@ def _arena(args: argparse.Namespace) -> int:
 
 
 def _stats(path: str, args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from ..arena.app import votes_of
     from ..arena.db import ArenaDB
     from ..arena.ratings import leaderboard
-    from ..errors import StageError
 
-    if not Path(path).is_file():
-        raise StageError(f"{path}: no such arena database")
     from ..arena.analysis import by_category, judge_agreement, random_raters, win_rate_matrix
 
-    db = ArenaDB(path)
+    db = ArenaDB.existing(path)
     raw = db.votes()
     votes = votes_of(db)
     rows = leaderboard(votes, rounds=args.rounds)
@@ -107,21 +103,36 @@ def _stats(path: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: a leading = + - @ (or tab / CR) would make it a formula (OWASP)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _export(path: str, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..arena.db import ArenaDB
     from ..errors import StageError
+    from ..files import atomic_path
 
     if not args.out:
         raise StageError("export needs --out votes.jsonl or --out votes.csv")
-    rows = ArenaDB(path).votes()
-    if args.out.endswith(".csv"):
-        with open(args.out, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["id"])
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    out = Path(args.out)
+    db_files = {Path(path).resolve(), *(Path(f"{path}{x}").resolve() for x in ("-wal", "-shm", "-journal"))}
+    if out.resolve() in db_files:
+        raise StageError(f"--out {args.out} is the vote database itself; choose another file")
+    rows = ArenaDB.existing(path).votes()
+    with atomic_path(out) as tmp:
+        if out.suffix == ".csv":
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["id"])
+                writer.writeheader()
+                writer.writerows({k: _csv_cell(v) for k, v in r.items()} for r in rows)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} votes to {args.out}")
     return 0

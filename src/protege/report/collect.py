@@ -112,7 +112,7 @@ def _human(path: Path) -> dict[str, Any]:
     from ..arena.db import ArenaDB
     from ..arena.ratings import leaderboard
 
-    db = ArenaDB(path)
+    db = ArenaDB.existing(path)  # read-only: the report never writes to a vote database
     rows = db.votes()
     return {"where": str(path), "votes": len(rows), "rows": rows, "leaderboard": leaderboard(votes_of(db), rounds=100)}
 
