@@ -105,8 +105,8 @@ def test_identical_requests_in_one_batch_are_sent_once(server):
 
 
 def test_hard_error_stops_with_clear_message_and_never_leaks_key(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_TEACHER_KEY", "sk-secret-123")
-    cfg = _cfg(server.url, model="hard-401", api_key_env="FAKE_TEACHER_KEY")
+    monkeypatch.setenv("FAKE_TEACHER_API_KEY", "sk-secret-123")
+    cfg = _cfg(server.url, model="hard-401", api_key_env="FAKE_TEACHER_API_KEY")
     teacher = make_teacher(cfg, cache_dir=tmp_path)
     with pytest.raises(TeacherError) as err:
         teacher.complete(_convs(4), SamplingParams(max_new_tokens=8))
@@ -218,3 +218,20 @@ def test_local_backend_on_tiny_model_caches_and_skips_model_load(tiny_llama_dir,
     assert [r.text for r in again.complete(convs, params)] == [r.text for r in out]
     assert again._engine is None  # everything came from the cache: the model was never loaded
     assert again.stats["cache_hits"] == 3
+
+
+def test_a_config_cannot_name_an_arbitrary_secret_as_its_api_key(server, monkeypatch, capsys):
+    """Issue 31: a recipe set `api_key_env: AWS_SECRET_ACCESS_KEY` and sent it as a Bearer token over plain http."""
+    from protege.config import ConfigError, validate_dict
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-secret")
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY.*only environment variables named \\*_API_KEY"):
+        validate_dict(TeacherConfig, {"backend": "openai", "api_key_env": "AWS_SECRET_ACCESS_KEY"}, "recipe.yaml")
+    monkeypatch.setenv("PROTEGE_KEY_ENVS", "AWS_SECRET_ACCESS_KEY")  # the user's own choice, on their command line
+    assert TeacherConfig(api_key_env="AWS_SECRET_ACCESS_KEY").api_key_env == "AWS_SECRET_ACCESS_KEY"
+    monkeypatch.setenv("REMOTE_API_KEY", "sk-remote")
+    teacher = make_teacher(_cfg("http://192.0.2.1:9/v1", api_key_env="REMOTE_API_KEY"))
+    assert teacher._headers() == {"Authorization": "Bearer sk-remote"}
+    assert "over plain http to 192.0.2.1" in capsys.readouterr().err
+    make_teacher(_cfg(server.url, api_key_env="REMOTE_API_KEY"))._headers()  # loopback: no warning
+    assert "plain http" not in capsys.readouterr().err

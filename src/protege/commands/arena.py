@@ -43,7 +43,8 @@ def _arena(args: argparse.Namespace) -> int:
 
     from ..arena.app import create_arena_app, load_pool
     from ..arena.db import ArenaDB
-    from ..serve.guard import Guard, is_loopback
+    from ..net import is_loopback
+    from ..serve.guard import Guard
 
     token = os.environ.get(args.token_env, "") if args.token_env else None
     if args.token_env and not token:

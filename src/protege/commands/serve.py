@@ -50,7 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ..errors import StageError
     from ..engine import engine_for
     from ..serve import create_app
-    from ..serve.guard import Guard, is_loopback
+    from ..net import is_loopback
+    from ..serve.guard import Guard
 
     api_key = None
     if args.api_key_env:

@@ -18,7 +18,6 @@ everyone's tokenisation.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +25,10 @@ from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
-__all__ = ["Guard", "GuardMiddleware", "LOOPBACK_NAMES", "is_loopback", "SECURITY_HEADERS", "error_payload",
-           "APIError"]
+from ..net import LOOPBACK_NAMES, is_loopback
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+__all__ = ["Guard", "GuardMiddleware", "SECURITY_HEADERS", "error_payload", "APIError"]
+
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -59,17 +58,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         # The security headers are added to every response by GuardMiddleware.
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def is_loopback(host: str) -> bool:
-    """True for loopback names and addresses (127.0.0.0/8, ::1, localhost)."""
-    host = host.strip("[]").lower()
-    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _hostname(value: str) -> str:

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import StageConfig
-from ..precision import PRECISION_HELP, Precision
 from ..errors import StageError
+from ..net import key_env_allowed
+from ..precision import PRECISION_HELP, Precision
 from .cache import ResponseCache, request_key
 
 __all__ = ["TeacherConfig", "TeacherResponse", "TeacherError", "Teacher", "sampling_dict"]
@@ -31,6 +32,15 @@ class TeacherConfig(StageConfig):
     backoff_max: float = Field(60.0, ge=0, description="openai backend: longest wait between retries unless the server's Retry-After asks for more")
     max_batch_size: int = Field(16, ge=1, description="local backend: prompts decoded together")
     precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, name: str) -> str:
+        if not key_env_allowed(name):
+            raise ValueError(f"{name!r}: protege sends only environment variables named *_API_KEY as API keys "
+                             "(so a recipe cannot send another secret to a server of its choosing); to use "
+                             f"{name}, list it yourself: PROTEGE_KEY_ENVS={name} protege ...")
+        return name
 
 
 @dataclass

@@ -14,12 +14,15 @@ import asyncio
 import email.utils
 import os
 import random
+import sys
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from ..net import is_loopback
 from .base import Teacher, TeacherError
 
 __all__ = ["OpenAITeacher", "DEFAULT_BASE_URL"]
@@ -95,6 +98,7 @@ def _parse(kind: str, data: Any) -> dict[str, Any]:
 
 class OpenAITeacher(Teacher):
     backend = "openai"
+    _warned_http = False
 
     @property
     def base_url(self) -> str:
@@ -106,6 +110,13 @@ class OpenAITeacher(Teacher):
 
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.config.api_key_env, "")
+        if key and not self._warned_http:
+            self._warned_http = True
+            url = urlsplit(self.base_url)
+            if url.scheme == "http" and not is_loopback(url.hostname or ""):
+                print(f"[protege] warning: teacher {self.name} sends the API key in ${self.config.api_key_env} "
+                      f"over plain http to {url.hostname}; anyone on the path can read it (use https)",
+                      file=sys.stderr, flush=True)
         # Local servers (vLLM, llama.cpp) need no key; send none rather than an empty bearer.
         return {"Authorization": f"Bearer {key}"} if key else {}
 
