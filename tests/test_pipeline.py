@@ -160,3 +160,14 @@ stages:
     assert "resuming from checkpoint" in done.stderr
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "killed" / "01-sft" / "metrics.jsonl").read_text().splitlines()]
     assert max(m.get("step", 0) for m in metrics) == 400
+
+
+def test_an_input_inside_its_own_stage_folder_is_refused_before_anything_is_deleted(tmp_path):
+    """Issue 31: the runner cleared a stage's folder (input included) before the overwrite check could run."""
+    path = _recipe(tmp_path)
+    pipeline.run_recipe(pipeline.load_recipe(path))
+    own = tmp_path / "runs" / "demo" / "02-total" / "numbers.txt"
+    own.write_text("1 2 3\n")
+    with pytest.raises(ConfigError, match=r"stage total: input .*numbers.txt lies inside the stage's own folder"):
+        pipeline.run_recipe(pipeline.load_recipe(path, [f"total.src={own}"]))
+    assert own.read_text() == "1 2 3\n"

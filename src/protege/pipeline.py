@@ -106,20 +106,19 @@ def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str) -
     return value
 
 
-def _input_files(value: Any, run_dir: Path) -> list[Path]:
-    """Existing files named in a config that do not live in this run (user data: hash them)."""
-    found: list[Path] = []
+def _named_paths(value: Any) -> list[Path]:
+    """Existing files and folders named by the strings of a config (anything path-like)."""
     if isinstance(value, str) and len(value) < 4096 and ("/" in value or value.endswith((".jsonl", ".json", ".yaml"))):
         p = Path(value)
-        if p.is_file() and run_dir.resolve() not in p.resolve().parents:
-            found.append(p)
-    elif isinstance(value, list):
-        for v in value:
-            found += _input_files(v, run_dir)
-    elif isinstance(value, dict):
-        for v in value.values():
-            found += _input_files(v, run_dir)
-    return found
+        return [p] if p.exists() else []
+    if isinstance(value, (list, dict)):
+        return [p for v in (value.values() if isinstance(value, dict) else value) for p in _named_paths(v)]
+    return []
+
+
+def _input_files(value: Any, run_dir: Path) -> list[Path]:
+    """Existing files named in a config that do not live in this run (user data: hash them)."""
+    return [p for p in _named_paths(value) if p.is_file() and run_dir.resolve() not in p.resolve().parents]
 
 
 def _file_fingerprint(p: Path) -> str:
@@ -187,8 +186,12 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
         dirs[spec.name] = stage_dir
         config_cls, run_fn = stage_kind(spec.kind)
         config = _stage_config(config_cls, resolved, stage_dir, where)
-        fp = _fingerprint(spec.kind, config.model_dump(mode="json"), [fingerprints[r] for r in sorted(refs)],
-                          _input_files(resolved, run_dir))
+        files = _input_files(resolved, run_dir)
+        own = [f for f in _named_paths(resolved) if inside(f, stage_dir)]
+        if own:  # a rerun clears the stage folder before the stage could refuse to overwrite its input
+            raise ConfigError(f"{where}: input {own[0]} lies inside the stage's own folder {stage_dir}, which a "
+                              "rerun clears; keep inputs outside it (e.g. in another stage's folder or data/)")
+        fp = _fingerprint(spec.kind, config.model_dump(mode="json"), [fingerprints[r] for r in sorted(refs)], files)
         fingerprints[spec.name] = fp
         forced = forced or spec.name == from_stage
         if only is not None and spec.name != only:
