@@ -96,7 +96,7 @@ def test_sse_wire_format_ends_with_done(server):
 
 
 def test_streaming_n_choices_are_indexed(client):
-    stream = client.chat.completions.create(model="m", messages=user("hi"), temperature=0, max_tokens=6, n=2,
+    stream = client.chat.completions.create(model="tiny-llama", messages=user("hi"), temperature=0, max_tokens=6, n=2,
                                             stream=True)
     texts, finished = ["", ""], set()
     for c in stream:
@@ -111,11 +111,11 @@ def test_stop_string_n_and_seed(client, tiny_llama):
     greedy, _ = reference(*tiny_llama, user("hello"), max_new_tokens=20)
     assert len(greedy.text) > 5  # the seeded tiny model says something to cut
     piece = greedy.text[3:5]  # stop on a piece of the greedy answer: the reply is cut before it
-    out = client.chat.completions.create(model="m", messages=user("hello"), temperature=0, max_tokens=20,
+    out = client.chat.completions.create(model="tiny-llama", messages=user("hello"), temperature=0, max_tokens=20,
                                          stop=piece)
     assert out.choices[0].message.content == greedy.text.split(piece, 1)[0]
     assert out.choices[0].finish_reason == "stop"
-    kw = dict(model="m", messages=user("hello"), temperature=1.0, max_tokens=12, n=3, seed=7)
+    kw = dict(model="tiny-llama", messages=user("hello"), temperature=1.0, max_tokens=12, n=3, seed=7)
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
@@ -133,7 +133,7 @@ def test_32_concurrent_streaming_clients(server, tiny_llama):
     expected = {p: reference(*tiny_llama, user(p), max_new_tokens=16)[0].text for p in PROMPTS}
 
     async def one(aclient, prompt):
-        stream = await aclient.chat.completions.create(model="m", messages=user(prompt), temperature=0,
+        stream = await aclient.chat.completions.create(model="tiny-llama", messages=user(prompt), temperature=0,
                                                        max_tokens=16, stream=True)
         return prompt, "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
@@ -184,9 +184,9 @@ def test_bad_requests_get_openai_error_shape(server, body, status, needle, param
 
 def test_openai_client_raises_bad_request_with_message(client):
     with pytest.raises(openai.BadRequestError, match="expected one of system, user, assistant"):
-        client.chat.completions.create(model="m", messages=[{"role": "robot", "content": "x"}])
+        client.chat.completions.create(model="tiny-llama", messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.chat.completions.create(model="m", messages=user("word " * 3000))
+        client.chat.completions.create(model="tiny-llama", messages=user("word " * 3000))
 
 
 def test_unknown_route_is_openai_shaped_404(server):
@@ -285,3 +285,20 @@ def test_protege_serve_cli_refuses_an_unset_key_variable(tiny_llama_dir):
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "serve", str(tiny_llama_dir), "--api-key-env",
                            "PROTEGE_TEST_UNSET_VAR"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "PROTEGE_TEST_UNSET_VAR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unknown_model_name_is_a_404_unless_served_under_it(client, tiny_llama):
+    """Issue 31: any `model` got a 200; OpenAI and vLLM answer 404 model_not_found."""
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist") as err:
+        client.chat.completions.create(model="gpt-4o", messages=user("hi"), max_tokens=2)
+    assert err.value.code == "model_not_found"
+    app = create_app(Engine(*tiny_llama), "tiny", model_aliases=("gpt-4o",))
+    with background_server(app) as url:
+        aliased = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert aliased.chat.completions.create(model="gpt-4o", messages=user("hi"), max_tokens=2).choices
+        assert [m.id for m in aliased.models.list().data] == ["tiny", "gpt-4o"]
+        with pytest.raises(openai.NotFoundError):
+            aliased.chat.completions.create(model="other", messages=user("hi"), max_tokens=2)
+    with background_server(create_app(Engine(*tiny_llama), "tiny", model_aliases=("*",))) as url:
+        anyname = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert anyname.chat.completions.create(model="whatever", messages=user("hi"), max_tokens=2).choices

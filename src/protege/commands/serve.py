@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "llama.cpp"],
                    help="auto: llama.cpp for .gguf files when llama-cpp-python is installed, else protege's engine")
     p.add_argument("--name", default=None, help="model name reported by /v1/models (default: MODEL)")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="another name a request's `model` may give (repeatable; '*' accepts any); other names get "
+                        "404 model_not_found, as from OpenAI and vLLM")
     p.add_argument("--allow-no-key", action="store_true",
                    help="allow binding beyond loopback without --api-key-env (anyone who can reach the port can use it)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -73,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,
                      max_waiting=args.max_waiting, request_timeout_s=args.request_timeout,
-                     max_messages=args.max_messages)
+                     max_messages=args.max_messages, model_aliases=tuple(args.served_model_name))
     print(f"serving {name} on http://{args.host}:{args.port}  (chat page: /, API: /v1/chat/completions"
           f"{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

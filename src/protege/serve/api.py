@@ -70,9 +70,11 @@ class _Server:
     """Request handling shared by the routes; holds the engine's scheduler."""
 
     def __init__(self, engine: RequestDriver, model_name: str, max_batch: int, context_length: int | None,
-                 default_max_tokens: int, max_waiting: int, request_timeout_s: float, max_messages: int = 1024):
+                 default_max_tokens: int, max_waiting: int, request_timeout_s: float, max_messages: int = 1024,
+                 model_aliases: tuple[str, ...] = ()):
         self.engine = engine
         self.model_name = model_name
+        self.model_names = [model_name, *[a for a in model_aliases if a != model_name]]
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
         self.context_length = context_length or _context_length(engine)
         self.default_max_tokens = default_max_tokens
@@ -100,6 +102,11 @@ class _Server:
         except ValidationError as err:
             raise validation_error(err) from None
         refuse_unsupported(req)
+        if req.model and "*" not in self.model_names and req.model not in self.model_names:
+            served = ", ".join(f"`{n}`" for n in self.model_names)
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves {served} (more "
+                                "names: --served-model-name NAME, any name: --served-model-name '*')",
+                           param="model", code="model_not_found")
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
         if len(req.messages) > self.max_messages:
@@ -305,7 +312,7 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
 def create_app(engine: RequestDriver, model_name: str, api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, default_max_tokens: int = 1024, *,
                guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0,
-               max_messages: int = 1024) -> FastAPI:
+               max_messages: int = 1024, model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`.
 
     `api_key`: when set, /v1/* requires `Authorization: Bearer <key>` (401 otherwise); /health and the
@@ -313,13 +320,15 @@ def create_app(engine: RequestDriver, model_name: str, api_key: str | None = Non
     to `max_waiting` (then 429). `context_length`: defaults to the model config's
     max_position_embeddings. `guard`: Host/Origin/Content-Type checks and the body limit (default:
     loopback names only, 2 MiB). `request_timeout_s`: a request still unanswered after this (preparation
-    included) is cancelled. `max_messages`: longer message lists are refused with a 400.
+    included) is cancelled. `max_messages`: longer message lists are refused with a 400. `model_aliases`:
+    more names a request's `model` may give (`*`: any); another name is a 404 `model_not_found`, as OpenAI
+    and vLLM answer. A request without `model` is served.
     """
     engine_cap = getattr(engine, "max_batch_size", None)
     if isinstance(engine_cap, int) and engine_cap > 0:
         max_batch = min(max_batch, engine_cap)
     server = _Server(engine, model_name, max_batch, context_length, default_max_tokens, max_waiting,
-                     request_timeout_s, max_messages)
+                     request_timeout_s, max_messages, tuple(model_aliases))
     guard = guard or Guard()
 
     @contextlib.asynccontextmanager
@@ -372,8 +381,9 @@ def create_app(engine: RequestDriver, model_name: str, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
-                                            "owned_by": "protege", "context_length": server.context_length}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created,
+                                            "owned_by": "protege", "context_length": server.context_length}
+                                           for name in server.model_names if name != "*"]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
