@@ -170,6 +170,9 @@ def test_32_concurrent_streaming_clients(server, tiny_llama):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n is 0", "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature", "temperature"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "assistant", "messages"),
+    # no lax coercion (issue 31): a string is not a number, "yes" is not a boolean
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "3"}, 400, "valid integer", "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "valid boolean", "stream"),
 ])
 def test_bad_requests_get_openai_error_shape(server, body, status, needle, param):
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \

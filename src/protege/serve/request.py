@@ -20,12 +20,12 @@ INT64 = 1 << 63  # OpenAI's seed is an int64; a bigger one is a 400, not an over
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "3" is not 3, "yes" is not true (OpenAI: 400)
     include_usage: bool = False
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: str
     content: str | list[dict[str, Any]] | None = None
 
@@ -34,7 +34,7 @@ class ChatCompletionRequest(BaseModel):
     """The subset of OpenAI's request we honour; `logprobs`, a required tool call and JSON response formats
     are refused with a 400 (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[Message]
     temperature: float = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
