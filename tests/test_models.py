@@ -83,3 +83,22 @@ def test_converted_gemma_matches_gguf_read_by_transformers():
         a = model.generate(**ids, max_new_tokens=20, do_sample=False)
         b = direct.generate(**ids, max_new_tokens=20, do_sample=False)
         assert a[0].tolist() == b[0].tolist(), prompt
+
+
+def test_pickled_weights_are_refused_unless_the_user_opts_in(tmp_path, monkeypatch):
+    """Issue 31: a model folder with only `pytorch_model.bin` (a pickle) loaded silently."""
+    import torch
+
+    from protege.models import ModelError, load
+
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    monkeypatch.delenv("PROTEGE_ALLOW_PICKLE", raising=False)
+    with pytest.raises(ModelError, match="weights are pickled.*PROTEGE_ALLOW_PICKLE=1"):
+        load(str(tmp_path))
+    monkeypatch.setenv("PROTEGE_ALLOW_PICKLE", "1")
+    loaded, _ = load(str(tmp_path))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -70,6 +70,20 @@ def quantization_kwargs(quantization: str, dtype: Any, device: str) -> dict[str,
     return {"quantization_config": _quantization_config(quantization, dtype), "device_map": {"": device}}
 
 
+ALLOW_PICKLE_ENV = "PROTEGE_ALLOW_PICKLE"
+
+
+def _safetensors_only(folder: Path) -> bool | None:
+    """True (weights must be safetensors) unless the user set PROTEGE_ALLOW_PICKLE=1; a local folder holding only
+    pickled weights (`*.bin`, `*.pt`) gets a ModelError saying so, instead of transformers' generic miss."""
+    if os.environ.get(ALLOW_PICKLE_ENV) == "1":
+        return None
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")) | any(folder.glob("*.pt")):
+        raise ModelError(f"{folder}: its weights are pickled (*.bin / *.pt), which can run code when loaded; protege "
+                         f"loads safetensors only. Convert them, or trust this folder: {ALLOW_PICKLE_ENV}=1 protege ...")
+    return True
+
+
 def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = None,
          quantization: str = "none") -> tuple[Any, Any]:
     """Load (model, tokenizer) from an alias, an HF folder or hub id, or a `.gguf` file.
@@ -107,7 +121,8 @@ def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = N
             model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
             model.to(torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **quant)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=_safetensors_only(p),
+                                                         **quant)
     except OSError as err:
         where = "" if p.exists() else f" (there is no local folder {path}, so it was looked up on the hub)"
         raise ModelError(f"cannot load model {spec!r}{where}: {err}") from None
