@@ -133,3 +133,15 @@ def test_trl_prompt_only_and_prompt_completion_records():
     assert detect_format({"prompt": "p", "chosen": "a", "rejected": "b"}) != "prompt"  # still a preference pair
     with pytest.raises(Exception, match="expected text or a list of messages"):
         convert_obj({"prompt": 3})
+
+
+def test_convert_reports_repeated_ids(tmp_path):
+    """Issue 31 (LOW): `data convert` passed repeated ids without a word."""
+    from protege.data_tools import convert
+
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({**rec, "id": i}) + "\n" for i in ("a", "b", "a", "a")))
+    repeated: list[str] = []
+    assert convert(src, tmp_path / "out.jsonl", repeated=repeated) == 4
+    assert repeated == ["a", "a"]

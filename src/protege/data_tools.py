@@ -32,11 +32,12 @@ def _conversation_writer(write: Any, fmt: str) -> Any:
 
 
 def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_format: str = "protege",
-            skipped: dict[str, int] | None = None) -> int:
+            skipped: dict[str, int] | None = None, repeated: list[str] | None = None) -> int:
     """Convert a file/dataset in `from_format` to `to_format` JSONL; return the record count.
 
     Written to a temp file and renamed, so a bad line (reported as `file:line`) leaves no half-written output.
-    Unusable preference pairs (equal answers, differing prompts, ties) are counted by reason into `skipped`.
+    Unusable preference pairs (equal answers, differing prompts, ties) are counted by reason into `skipped`;
+    ids an earlier record already used are appended to `repeated` (kept as they are: `curate` renames them).
     """
     out = Path(out)
     refuse_clobber([src] if Path(src).exists() else [], [out], "data convert")
@@ -46,8 +47,12 @@ def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_form
     if to_format in ("alpaca", "sharegpt", "openai"):
         write = _conversation_writer(write, to_format)
     skipped = skipped if skipped is not None else {}
+    seen: set[str] = set()
     with atomic_path(out) as tmp, JsonlWriter(tmp) as w:
         for rec in iter_source(src, from_format, skipped=skipped):
+            if rec.id in seen and repeated is not None:
+                repeated.append(rec.id)
+            seen.add(rec.id)
             w.write(write(rec))
     return w.written
 

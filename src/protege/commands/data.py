@@ -47,9 +47,13 @@ def _convert(args: argparse.Namespace) -> int:
     from ..data_tools import convert
 
     skipped: dict[str, int] = {}
-    n = convert(args.src, args.out, args.from_format, args.to_format, skipped)
+    repeated: list[str] = []
+    n = convert(args.src, args.out, args.from_format, args.to_format, skipped, repeated)
     note = f"; skipped {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
     print(f"wrote {n} records to {args.out}{note}")
+    if repeated:
+        print(f"warning: {len(repeated)} record(s) reuse an earlier record's id (first: {repeated[0]!r}); kept as "
+              "they are (`protege curate` renames repeats; `data validate` lists them)", file=sys.stderr)
     return 0
 
 
