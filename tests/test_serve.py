@@ -305,3 +305,20 @@ def test_an_unknown_model_name_is_a_404_unless_served_under_it(client, tiny_llam
     with background_server(create_app(Engine(*tiny_llama), "tiny", model_aliases=("*",))) as url:
         anyname = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert anyname.chat.completions.create(model="whatever", messages=user("hi"), max_tokens=2).choices
+
+
+def test_an_unstreamed_client_that_hangs_up_frees_its_slot_while_tokens_flow(tiny_llama):
+    """Issue 31: disconnects were only noticed after 1 s without a token, so a client that hung up mid-answer
+    kept its slot until the answer (or the 600 s timeout) was done."""
+    model, tok = tiny_llama
+    app = create_app(PacedEngine(model, tok), "tiny", max_batch=1)
+    scheduler = app.state.scheduler
+    # greedy: the tiny model runs to the 400-token limit (8 s at one step per 20 ms)
+    body = {"messages": user("Tell me a long story."), "max_tokens": 400, "temperature": 0}
+    with background_server(app) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s: ~50 of 400 steps done
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=1.0)
+        deadline = time.monotonic() + 3
+        while scheduler.stats.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.stats.cancelled == 1 and scheduler.stats.active == 0 and scheduler.stats.finished == 0

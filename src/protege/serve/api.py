@@ -210,15 +210,21 @@ class _Server:
         texts = [""] * req.n
         finals: list[Any] = [None] * req.n
         open_ = req.n
+        checked = time.monotonic()
         try:
             while open_:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise self._timeout()
-                try:
-                    r, item = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                # A client that hung up frees its slot now, not when its answer is done: asked every 0.25 s
+                # whether tokens are flowing or not (vLLM aborts on disconnect too).
+                if now - checked > 0.25:
+                    checked = now
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody is listening; finally cancels
+                try:
+                    r, item = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
                     continue
                 if isinstance(item, Exception):
                     raise APIError(500, f"generation failed: {item}", type="server_error")
@@ -309,6 +315,29 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
     return server.prepare(body)
 
 
+class _KeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/* (401 otherwise). Plain ASGI, not `@app.middleware("http")`:
+    Starlette's BaseHTTPMiddleware wraps `receive`, and behind it a route never sees its client hang up
+    (`Request.is_disconnected` stays False), so an abandoned request would keep its engine slot."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not given:
+                err = APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                               code="invalid_api_key")
+                await err.response()(scope, receive, send)
+                return
+            if not hmac.compare_digest(given.encode(), self.key):
+                await APIError(401, "incorrect API key", code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: RequestDriver, model_name: str, api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, default_max_tokens: int = 1024, *,
                guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0,
@@ -361,17 +390,8 @@ def create_app(engine: RequestDriver, model_name: str, api_key: str | None = Non
         log.error("unexpected error serving a request", exc_info=err)
         return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not given:
-                return APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
-                                code="invalid_api_key").response()
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return APIError(401, "incorrect API key", code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_KeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
