@@ -377,3 +377,15 @@ def test_export_and_stats_never_create_convert_or_overwrite_a_database(tmp_path,
     assert cli_main(["arena", "export", str(db_path), "--out", str(out)]) == 0
     row = next(csv.DictReader(out.open(encoding="utf-8")))
     assert row["comment"].startswith("'=HYPERLINK") and row["winner"] == "left"
+
+
+def test_polling_next_shows_the_unvoted_pair_again_instead_of_adding_battles(arena):
+    """Issue 31 (LOW): every /api/next wrote a new battle row, so a reload loop grew the database."""
+    url, db, _ = arena
+    client = _rater(url)
+    first = client.get("/api/next").json()
+    assert all(client.get("/api/next").json() == first for _ in range(20))
+    assert sum(db.battle_counts().values()) == 1
+    assert _vote(client, first, "left").status_code == 200
+    second = client.get("/api/next").json()
+    assert second["battle_id"] != first["battle_id"] and sum(db.battle_counts().values()) == 2

@@ -72,6 +72,15 @@ class _Arena:
 
     def next_battle(self, rater: str) -> dict[str, Any] | None:
         with self.lock:  # pair choice reads counts, then writes the battle: one rater page at a time
+            # A reload (or a script polling /api/next) gets the pair it has not voted on yet, not a new
+            # battle row per request.
+            shown = self.db.open_battle(rater)
+            if shown is not None and shown["prompt_id"] in self.pool:
+                entry = self.pool[shown["prompt_id"]]
+                if shown["model_left"] in entry["answers"] and shown["model_right"] in entry["answers"]:
+                    return {"battle_id": shown["id"], "turns": entry["turns"],
+                            "left": entry["answers"][shown["model_left"]],
+                            "right": entry["answers"][shown["model_right"]]}
             seen = self.db.seen(rater)
             counts = self.db.battle_counts()
             cells = [(pid, a, b) for pid, e in self.pool.items()

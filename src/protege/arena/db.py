@@ -118,6 +118,14 @@ class ArenaDB:
     def has_rater(self, rater_id: str) -> bool:
         return self.conn().execute("SELECT 1 FROM raters WHERE id = ?", (rater_id,)).fetchone() is not None
 
+    def open_battle(self, rater_id: str) -> dict[str, Any] | None:
+        """The rater's newest battle that has no vote yet (shown again instead of drawing a new one)."""
+        row = self.conn().execute(
+            "SELECT b.id, b.prompt_id, b.model_left, b.model_right FROM battles b LEFT JOIN votes v "
+            "ON v.battle_id = b.id WHERE b.rater_id = ? AND v.id IS NULL ORDER BY b.created DESC LIMIT 1",
+            (rater_id,)).fetchone()
+        return dict(row) if row is not None else None
+
     def add_battle(self, rater_id: str, prompt_id: str, category: str, left: str, right: str) -> str:
         bid = uuid.uuid4().hex
         self.conn().execute("INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?)",
