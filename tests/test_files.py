@@ -112,3 +112,19 @@ def test_data_validate_reports_every_hostile_line_without_a_traceback(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
     assert [int(line.split(":")[1]) for line in proc.stdout.splitlines()] == [2, 3, 4, 5]
     assert "1 valid records" in proc.stderr
+
+
+def test_atomic_dir_replaces_a_folder_only_when_complete(tmp_path):
+    from protege.files import atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as work:
+        (work / "half.txt").write_text("half")
+        raise RuntimeError("killed mid-save")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "old.txt").is_file()
+    with atomic_dir(target) as work:
+        (work / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

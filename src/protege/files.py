@@ -8,7 +8,8 @@
 - `tolerant_jsonl`: the same lines, skipping any that do not parse. For append-only logs and caches that
   protege itself writes, whose last line a kill may have cut: that item is simply done again.
 - `atomic_path` / `atomic_write_text` / `atomic_write_json`: write beside the target and rename over it,
-  so a reader (or a crash) sees the old file or the new one, never half of one.
+  so a reader (or a crash) sees the old file or the new one, never half of one. `atomic_dir` does the
+  same for a folder (a checkpoint, a converted model, an exported HF folder).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import RecordError
 
 __all__ = ["parse_jsonl_line", "json_lines", "jsonl_rows", "read_jsonl", "tolerant_jsonl", "atomic_path", "atomic_write_text",
-           "atomic_write_json"]
+           "atomic_write_json", "atomic_dir"]
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -147,3 +149,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
+    """A fresh folder to fill (`tmp`, default `path` + ".partial"); it replaces `path` when the block ends
+    without error (the old folder is removed only then, so the input of a re-export survives until its
+    replacement is complete), and is removed otherwise."""
+    path = Path(path)
+    work = Path(tmp) if tmp is not None else path.with_name(path.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        os.replace(work, path)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from ..config import StageConfig
+from ..files import atomic_dir
 
 __all__ = ["ExportConfig", "run", "gguf_template"]
 
@@ -102,13 +103,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
     hf_dir = out / "hf"
     # Written beside and swapped in: the model being exported may be this very folder (re-exporting
     # `ship/hf` into `ship` to add GGUF files), so nothing is removed until its replacement is complete.
-    partial = out / ".hf-partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    model, tok, chat, info = save_hf(config.model, partial, name=hf_dir.name)
-    if hf_dir.exists():
-        shutil.rmtree(hf_dir)
-    partial.rename(hf_dir)
+    with atomic_dir(hf_dir, tmp=out / ".hf-partial") as partial:
+        model, tok, chat, info = save_hf(config.model, partial, name=hf_dir.name)
     outputs: list[Path] = [hf_dir]
     files: dict[str, Path] = {}
     stem = config.name or out.resolve().name

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..engine.gguf import require_llama_cpp
 from ..errors import StageError
-from ..files import atomic_path
+from ..files import atomic_dir, atomic_path
 
 __all__ = ["GGUF_TYPES", "converter_dir", "convert", "quantize"]
 
@@ -106,9 +106,7 @@ def converter_dir() -> Path:
         if proc.returncode != 0 or not archives:
             raise StageError(f"could not fetch llama.cpp's converter ({' '.join(cmd)}): {proc.stderr[-500:]}; "
                              "offline, set PROTEGE_LLAMA_CPP to a llama.cpp checkout")
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(archives[0]) as tar:
+        with atomic_dir(target) as partial, tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/vendor/llama.cpp/", 1)
                 if len(parts) != 2 or not parts[1].startswith(_MEMBERS) or not (member.isfile() or member.isdir()):
@@ -123,9 +121,8 @@ def converter_dir() -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as src, dest.open("wb") as out:  # type: ignore[union-attr]
                     shutil.copyfileobj(src, out)
-        if not (partial / "convert_hf_to_gguf.py").is_file():
-            raise StageError(f"{archives[0].name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
-        partial.replace(target)
+            if not (partial / "convert_hf_to_gguf.py").is_file():
+                raise StageError(f"{archives[0].name} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
     return target
 
 

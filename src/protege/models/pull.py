@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from ..config import StageConfig
-from ..files import atomic_path
+from ..files import atomic_dir, atomic_path
 from ..manifest import sha256_file, write_manifest
 from .registry import ALIASES, Alias, ModelError, alias_dir, is_pulled
 
@@ -70,16 +70,13 @@ def _convert_gguf_to_hf(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = torch.float32
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.pop("quantization_config", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic_dir(out, tmp=out.with_name(out.name + ".tmp")) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     log(f"converted in {time.time() - t0:.0f} s")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..files import atomic_dir
 
 __all__ = ["set_seed", "make_optimizer", "lr_lambda", "make_scheduler", "trainable_state", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "MetricsLogger", "peak_rss_mb"]
@@ -72,17 +73,15 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
 
     root = Path(ckpt_root)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = trainable_state(model)
-    # safetensors refuses shared storage (tied weights in full fine-tuning); clone breaks the sharing.
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": _py_rng_to_json()}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    # The work folder's name must not match `step-*` (latest_checkpoint's glob) if a kill leaves it behind.
+    with atomic_dir(final, tmp=root / f".tmp-step-{step:08d}") as tmp:
+        tensors = trainable_state(model)
+        # safetensors refuses shared storage (tied weights in full fine-tuning); clone breaks the sharing.
+        save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": _py_rng_to_json()},
+                                                   indent=2))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
