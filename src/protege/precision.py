@@ -20,18 +20,21 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from .errors import StageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Precision", "ResolvedPrecision", "resolve_precision", "cpu_bf16_units", "upcast_trainable"]
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISION_HELP = ("auto (bf16 where the device runs it fast: CUDA with bf16, a CPU with AMX-BF16 or "
                   "AVX512-BF16; fp32 elsewhere) | fp32 | bf16 | fp16 (GPU only)")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch is imported where a dtype or device is needed, not here: configs import this module, and
+# `protege --help` should not pay ~1.2 s for torch.
+_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Spellings people bring from transformers / vLLM / accelerate configs.
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "no": "fp32", "fp32": "fp32",
             "bf16": "bf16", "fp16": "fp16", "auto": "auto"}
@@ -45,12 +48,14 @@ class ResolvedPrecision:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.name]
+        import torch
+
+        return getattr(torch, _TORCH_NAMES[self.name])
 
     @property
     def torch_name(self) -> str:
         """The name `models.load` and transformers' `dtype=` take ("float32", "bfloat16", "float16")."""
-        return str(self.dtype).removeprefix("torch.")
+        return _TORCH_NAMES[self.name]
 
     @property
     def cache_tag(self) -> list[str]:
@@ -70,6 +75,8 @@ class ResolvedPrecision:
 @functools.cache
 def cpu_bf16_units() -> tuple[str, ...]:
     """The CPU's bf16 matrix/vector units ("amx_bf16", "avx512_bf16"), detected once."""
+    import torch
+
     found = []
     probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
     for flag, probe in probes:
@@ -94,6 +101,8 @@ def _proc_cpu_flags() -> set[str]:
 
 
 def _device_type(device: str | torch.device | None) -> str:
+    import torch
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device).type
@@ -102,6 +111,8 @@ def _device_type(device: str | torch.device | None) -> str:
 def resolve_precision(precision: str, device: str | torch.device | None = None) -> ResolvedPrecision:
     """`auto` -> the fastest exact-enough precision for `device` (default: CUDA if present, else CPU),
     with the reason; an explicit choice is checked against the device."""
+    import torch
+
     requested = _ALIASES.get(str(precision).lower())
     if requested is None:
         raise StageError(f"precision: {precision!r} is not one of auto, fp32, bf16, fp16")
@@ -134,6 +145,8 @@ def resolve_precision(precision: str, device: str | torch.device | None = None) 
 def upcast_trainable(model: torch.nn.Module) -> int:
     """Trainable parameters in bf16/fp16 -> fp32 (master weights and AdamW state stay fp32); returns
     how many were cast. Frozen weights keep their low-precision storage."""
+    import torch
+
     n = 0
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
