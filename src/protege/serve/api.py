@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -26,9 +25,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .guard import Guard, GuardMiddleware
-from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest, message_text,
-                      refuse_unsupported, unicode_text, validation_error)
+from .guard import Guard, GuardMiddleware, KeyMiddleware
+from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest, max_token_chars,
+                      message_text, refuse_unsupported, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -45,15 +44,6 @@ WEB_DIR = Path(__file__).parent / "web"
 # would still not execute (defence in depth; the escaping in app.js is the first line).
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-
-def _max_token_chars(tokenizer: Any) -> int:
-    """The longest token's text: no prompt of c characters can be fewer than c / this many tokens."""
-    try:
-        vocab = tokenizer.get_vocab()
-    except Exception:  # noqa: BLE001 — an unusual tokenizer: no pre-check, tokenisation decides
-        return 0
-    return max((len(t) for t in vocab), default=0)
 
 
 def _context_length(engine: RequestDriver) -> int:
@@ -81,7 +71,7 @@ class _Server:
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
         tok = getattr(engine, "tokenizer", None) or getattr(getattr(engine, "chat_format", None), "tokenizer", None)
-        self.max_token_chars = _max_token_chars(tok) if tok is not None else 0
+        self.max_token_chars = max_token_chars(tok) if tok is not None else 0
         # Parsing and tokenising a large body takes a second of CPU: never on the event loop (it
         # would stall every other client and /health), and at most two at a time.
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-prepare")
@@ -315,29 +305,6 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
     return server.prepare(body)
 
 
-class _KeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/* (401 otherwise). Plain ASGI, not `@app.middleware("http")`:
-    Starlette's BaseHTTPMiddleware wraps `receive`, and behind it a route never sees its client hang up
-    (`Request.is_disconnected` stays False), so an abandoned request would keep its engine slot."""
-
-    def __init__(self, app: Any, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
-            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if not given:
-                err = APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
-                               code="invalid_api_key")
-                await err.response()(scope, receive, send)
-                return
-            if not hmac.compare_digest(given.encode(), self.key):
-                await APIError(401, "incorrect API key", code="invalid_api_key").response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(engine: RequestDriver, model_name: str, api_key: str | None = None, max_batch: int = 16,
                context_length: int | None = None, default_max_tokens: int = 1024, *,
                guard: Guard | None = None, max_waiting: int = 256, request_timeout_s: float = 600.0,
@@ -391,7 +358,7 @@ def create_app(engine: RequestDriver, model_name: str, api_key: str | None = Non
         return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
 
     if api_key:
-        app.add_middleware(_KeyMiddleware, api_key=api_key)
+        app.add_middleware(KeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -18,6 +18,7 @@ everyone's tokenisation.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from starlette.responses import JSONResponse
 
 from ..net import LOOPBACK_NAMES, is_loopback
 
-__all__ = ["Guard", "GuardMiddleware", "SECURITY_HEADERS", "error_payload", "APIError"]
+__all__ = ["Guard", "GuardMiddleware", "KeyMiddleware", "SECURITY_HEADERS", "error_payload", "APIError"]
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -201,3 +202,26 @@ class GuardMiddleware:
     def _security(self, path: str) -> list[tuple[bytes, bytes]]:
         # The page and its files also get the CSP: our own scripts only.
         return self._api_headers if path.startswith("/v1/") else self._page_headers
+
+
+class KeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/* (401 otherwise). Plain ASGI, not `@app.middleware("http")`:
+    Starlette's BaseHTTPMiddleware wraps `receive`, and behind it a route never sees its client hang up
+    (`Request.is_disconnected` stays False), so an abandoned request would keep its engine slot."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
+            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            if not given:
+                err = APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
+                               code="invalid_api_key")
+                await err.response()(scope, receive, send)
+                return
+            if not hmac.compare_digest(given.encode(), self.key):
+                await APIError(401, "incorrect API key", code="invalid_api_key").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

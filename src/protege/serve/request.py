@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .guard import APIError
 
 __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
-           "validation_error", "message_text", "unicode_text", "refuse_unsupported"]
+           "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars"]
 
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
@@ -107,3 +107,12 @@ def unicode_text(text: str, param: str) -> str:
         raise APIError(400, f"{param}: invalid Unicode at character {err.start} (a lone surrogate "
                             f"{text[err.start]!r}); send well-formed UTF-8 text", param=param) from None
     return text
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The longest token's text: no prompt of c characters can be fewer than c / this many tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 — an unusual tokenizer: no pre-check, tokenisation decides
+        return 0
+    return max((len(t) for t in vocab), default=0)
