@@ -7,8 +7,7 @@ Starts `protege serve MODEL` on a free loopback port. Phase "idle": 8 concurrent
 requests; their latency is the baseline. Then, per attack, the same 8 run again while 8 other clients:
 - bodies: send 5 MB bodies as fast as the server answers (4 with Content-Length, refused from the
   header; 4 chunked, refused once the running count passes the limit);
-- messages: send 5,001 one-character messages (refused: --max-messages) or 1,000 (under the cap: the
-  history is rendered and tokenised once, then the request runs) as fast as the server answers;
+- messages: send 5,001 one-character messages (refused: --max-messages) as fast as the server answers;
 - slow: open a request with a 1 MB Content-Length and trickle 16 bytes every 0.5 s, never finishing.
 Throughout, /health is polled every 0.2 s and the server's RSS is sampled from /proc. When an attack
 stops, its clients disconnect and the server's CPU is measured over the next 2 s: work done for
@@ -74,9 +73,8 @@ async def abusive_client(url: str, chunked: bool, stop: asyncio.Event, counts: d
     await _hammer(url, lambda: apieces() if chunked else body, stop, counts)
 
 
-async def message_list_client(url: str, many: bool, stop: asyncio.Event, counts: dict[str, int]) -> None:
-    n = 5001 if many else 1000
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(n)]
+async def message_list_client(url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(5001)]
     body = json.dumps({"messages": turns, "max_tokens": 4}).encode()
     await _hammer(url, lambda: body, stop, counts)
 
@@ -133,7 +131,7 @@ async def phase(url: str, model: str, pid: int, args: argparse.Namespace, abuse:
     counts: dict[str, int] = {}
     mon = asyncio.create_task(monitor(url, pid, stop, health, rss))
     attackers = {"bodies": lambda i: abusive_client(url, i % 2 == 1, stop, counts),
-                 "messages": lambda i: message_list_client(url, i % 2 == 0, stop, counts),
+                 "messages": lambda i: message_list_client(url, stop, counts),
                  "slow": lambda i: slow_client(url, stop, counts)}
     bad = [asyncio.create_task(attackers[abuse](i)) for i in range(args.abusers)] if abuse else []
     if abuse:

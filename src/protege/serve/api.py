@@ -26,8 +26,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard, GuardMiddleware, KeyMiddleware
-from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest, max_token_chars,
-                      message_text, refuse_unsupported, unicode_text, validation_error)
+from .request import (INT64, MAX_N, MAX_STOP, ROLES, SLOW_REFUSALS, APIError, ChatCompletionRequest,
+                      engine_context_length, max_token_chars, message_text, refuse_too_many_messages,
+                      refuse_unsupported, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -46,16 +47,6 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
-def _context_length(engine: RequestDriver) -> int:
-    for obj, attr in ((engine, "max_positions"), (getattr(engine, "model", None), "config")):
-        value = getattr(obj, attr, None) if obj is not None else None
-        if isinstance(value, int):
-            return value
-        if value is not None and isinstance(getattr(value, "max_position_embeddings", None), int):
-            return value.max_position_embeddings
-    return 4096
-
-
 class _Server:
     """Request handling shared by the routes; holds the engine's scheduler."""
 
@@ -66,7 +57,7 @@ class _Server:
         self.model_name = model_name
         self.model_names = [model_name, *[a for a in model_aliases if a != model_name]]
         self.scheduler = Scheduler(engine, max_batch=max_batch, max_waiting=max_waiting)
-        self.context_length = context_length or _context_length(engine)
+        self.context_length = context_length or engine_context_length(engine)
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
         self.created = int(time.time())
@@ -99,10 +90,7 @@ class _Server:
                            param="model", code="model_not_found")
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
-        if len(req.messages) > self.max_messages:
-            raise APIError(400, f"messages has {len(req.messages):,} entries; this server takes at most "
-                                f"{self.max_messages:,} per request (--max-messages)", param="messages",
-                           code="too_many_messages")
+        refuse_too_many_messages(len(req.messages), self.max_messages)
         messages = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role  # newer OpenAI clients say "developer"
@@ -302,6 +290,8 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
         raise APIError(400, "the request body nests too deeply to parse") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if isinstance(body.get("messages"), list):  # before validating thousands of messages only to refuse them
+        refuse_too_many_messages(len(body["messages"]), server.max_messages)
     return server.prepare(body)
 
 
@@ -376,7 +366,15 @@ def create_app(engine: RequestDriver, model_name: str, api_key: str | None = Non
     async def chat_completions(request: Request) -> Any:
         deadline = time.monotonic() + server.request_timeout_s  # preparation counts against the deadline
         raw = await guard.read_body(request)
-        req, prompt_ids, params = await server.prepare_async(raw, deadline)
+        try:
+            req, prompt_ids, params = await server.prepare_async(raw, deadline)
+        except APIError as err:
+            if err.code in SLOW_REFUSALS:
+                # Oversized requests cost real work to refuse (read, parse, count); answering them at once lets a
+                # client that resends in a loop take the GIL from the engine (benchmarks/serve_abuse.py). A
+                # pause, as for an oversized body, costs no CPU and caps each such client at 2 refusals a second.
+                await asyncio.sleep(guard.refuse_delay_s)
+            raise
         if req.stream:
             # Admission first: a full queue must answer 429 + Retry-After like an unstreamed request, not a
             # 200 whose body never comes. The background task frees the slots even if the body never starts.

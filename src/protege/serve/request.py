@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .guard import APIError
 
 __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
-           "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars"]
+           "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars",
+           "engine_context_length", "refuse_too_many_messages", "SLOW_REFUSALS"]
 
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
@@ -116,3 +117,24 @@ def max_token_chars(tokenizer: Any) -> int:
     except Exception:  # noqa: BLE001 — an unusual tokenizer: no pre-check, tokenisation decides
         return 0
     return max((len(t) for t in vocab), default=0)
+
+
+def engine_context_length(engine: Any) -> int:
+    """The longest prompt + answer the engine takes: its own limit, else the model config's, else 4096."""
+    for obj, attr in ((engine, "max_positions"), (getattr(engine, "model", None), "config")):
+        value = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(value, int):
+            return value
+        if value is not None and isinstance(getattr(value, "max_position_embeddings", None), int):
+            return value.max_position_embeddings
+    return 4096
+
+
+# Refusals that cost real work (read, parse, count, tokenise): answered after a pause (see api.py).
+SLOW_REFUSALS = frozenset({"too_many_messages", "context_length_exceeded"})
+
+
+def refuse_too_many_messages(n: int, limit: int) -> None:
+    if n > limit:
+        raise APIError(400, f"messages has {n:,} entries; this server takes at most {limit:,} per request "
+                            "(--max-messages)", param="messages", code="too_many_messages")
