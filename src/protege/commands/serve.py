@@ -42,6 +42,8 @@ def register(sub: Any) -> None:
                    help="requests that may wait for a batch slot; more get 429 + Retry-After (default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="cancel a request unanswered after this long (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive within this long, else 408 (default: %(default)s)")
     p.add_argument("--max-messages", type=int, default=1024,
                    help="longest message list one request may carry; longer ones get a 400 (default: %(default)s)")
     p.set_defaults(func=_serve)
@@ -68,10 +70,11 @@ def _serve(args: argparse.Namespace) -> int:
                              "$VAR`), or --allow-no-key if that is what you want")
         print(f"warning: serving on {args.host} without an API key; anyone who can reach port {args.port} "
               "can use this model", file=sys.stderr, flush=True)
-    if args.max_body_mb <= 0 or args.max_waiting < 1 or args.request_timeout <= 0 or args.max_messages < 1:
-        raise StageError("--max-body-mb, --max-waiting, --request-timeout and --max-messages must be positive")
+    if min(args.max_body_mb, args.max_waiting, args.request_timeout, args.max_messages, args.body_timeout) <= 0:
+        raise StageError("--max-body-mb, --max-waiting, --request-timeout, --body-timeout and --max-messages "
+                         "must be positive")
     guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-                  max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                  max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
     engine = engine_for(args.model, args.backend, args.precision, args.max_batch)
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,

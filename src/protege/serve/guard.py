@@ -81,6 +81,9 @@ class Guard:
     # nothing (a sleep, no read), and slows a flood of retries to a trickle: without it, 8 clients
     # resending 5 MB bodies in a loop took 0.7 of this machine's 2 cores and tripled normal latency.
     refuse_delay_s: float = 0.5
+    # A body must arrive within this long: a client trickling bytes would otherwise hold its socket (and
+    # its place in the prepare bound) forever. uvicorn times out neither headers nor bodies.
+    body_timeout_s: float = 30.0
     json_prefixes: tuple[str, ...] = ("/v1/",)  # POSTs under these must be application/json
 
     def __post_init__(self) -> None:
@@ -150,7 +153,16 @@ class Guard:
         (a declared size over the limit never gets here: the middleware refuses it first)."""
 
         chunks, size = [], 0
-        async for chunk in request.stream():
+        stream = request.stream().__aiter__()
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), deadline - asyncio.get_running_loop().time())
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                               code="request_timeout", headers={"Connection": "close"}) from None
             size += len(chunk)
             if size > self.max_body_bytes:
                 # `Connection: close`: stop reading now instead of draining megabytes to keep it alive.
