@@ -84,14 +84,11 @@ def move_flat_keys(cls: type[BaseModel], data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     fields = _model_fields(cls)
-    moves = dict(getattr(cls, "moved_keys", {}))
-    for name, field in fields.items():
-        if _nested_model(field.annotation) is Sampling:
-            moves.update({k: f"{name}.{k}" for k in Sampling.model_fields if k not in fields and k not in moves})
+    moves = _moves(cls)
     # A partly given group keeps this stage's defaults for the rest (`sampling: {top_p: 0.9}` keeps the
     # stage's temperature), not the group class's.
-    partial = [name for name, f in fields.items() if _nested_model(f.annotation) is Sampling
-               and isinstance(data.get(name), dict) and set(data[name]) < set(Sampling.model_fields)]
+    partial = [name for name in _sampling_groups(cls)
+               if isinstance(data.get(name), dict) and set(data[name]) < set(Sampling.model_fields)]
     flat = [k for k in data if k in moves and k not in fields]
     if not flat and not partial:
         return data
@@ -136,12 +133,18 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _flat_names(cls: type[BaseModel]) -> list[str]:
-    """The old flat spellings `cls` still accepts (for "did you mean")."""
-    names = list(getattr(cls, "moved_keys", {}))
-    if any(_nested_model(f.annotation) is Sampling for f in _model_fields(cls).values()):
-        names += list(Sampling.model_fields)
-    return names
+def _sampling_groups(cls: type[BaseModel]) -> list[str]:
+    """The fields of `cls` that hold a `Sampling`."""
+    return [name for name, f in _model_fields(cls).items() if _nested_model(f.annotation) is Sampling]
+
+
+def _moves(cls: type[BaseModel]) -> dict[str, str]:
+    """Old flat key -> its place in a nested group (`moved_keys`, then each `Sampling` group's own keys)."""
+    fields = _model_fields(cls)
+    moves = dict(getattr(cls, "moved_keys", {}))
+    for name in _sampling_groups(cls):
+        moves.update({k: f"{name}.{k}" for k in Sampling.model_fields if k not in fields and k not in moves})
+    return moves
 
 
 def _check_keys(cls: type[BaseModel], data: Any, where: str, prefix: str = "") -> None:
@@ -157,7 +160,7 @@ def _check_keys(cls: type[BaseModel], data: Any, where: str, prefix: str = "") -
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields) + _flat_names(cls), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), list(fields) + list(_moves(cls)), n=1, cutoff=0.5)
             hint = f" — did you mean `{close[0]}`?" if close else ""
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"{where}: unknown key `{dotted}`{hint} (valid keys: {valid})")

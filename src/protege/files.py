@@ -7,6 +7,8 @@
   `RecordError` naming `file:line`. For inputs a person wrote.
 - `tolerant_jsonl`: the same lines, skipping any that do not parse. For append-only logs and caches that
   protege itself writes, whose last line a kill may have cut: that item is simply done again.
+- `allow_nan`: NaN/Infinity are refused in what people write, but protege's own outputs (metrics, bench
+  items, judgments) may hold them, as `json.dumps` writes them: readers of those files pass `allow_nan=True`.
 - `atomic_path` / `atomic_write_text` / `atomic_write_json`: write beside the target and rename over it,
   so a reader (or a crash) sees the old file or the new one, never half of one. `atomic_dir` does the
   same for a folder (a checkpoint, a converted model, an exported HF folder).
@@ -34,7 +36,7 @@ def _refuse_constant(name: str) -> Any:
     raise RecordError(f"{name} is not a JSON number (write null or a finite number)")
 
 
-def parse_jsonl_line(line: str | bytes) -> Any:
+def parse_jsonl_line(line: str | bytes, allow_nan: bool = False) -> Any:
     """One JSONL line -> its value; None for a blank line; RecordError (without location) when it is not JSON."""
     if isinstance(line, bytes):
         try:
@@ -45,7 +47,7 @@ def parse_jsonl_line(line: str | bytes) -> Any:
     if not line.strip():
         return None
     try:
-        obj = json.loads(line, parse_constant=_refuse_constant)
+        obj = json.loads(line) if allow_nan else json.loads(line, parse_constant=_refuse_constant)
     except json.JSONDecodeError as err:
         raise RecordError(f"bad JSON: {err.msg} at column {err.colno}") from None
     except RecursionError:
@@ -61,7 +63,7 @@ def parse_jsonl_line(line: str | bytes) -> Any:
 
 
 def json_lines(path: str | Path, text: str | None = None, keep_going: bool = False,
-               json_array: bool = False) -> Iterator[tuple[int, Any]]:
+               json_array: bool = False, allow_nan: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, value) for each non-blank line of `path` (or of `text`, named `path` in errors).
 
     A bad line raises `RecordError` naming `file:line`; with `keep_going` it is yielded as (line, that
@@ -74,7 +76,7 @@ def json_lines(path: str | Path, text: str | None = None, keep_going: bool = Fal
             is_array = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
         if is_array:
             try:
-                data = parse_jsonl_line(path.read_bytes().replace(b"\n", b" "))
+                data = parse_jsonl_line(path.read_bytes(), allow_nan)
             except RecordError as err:
                 raise RecordError(err.problem, str(path), 1) from None
             yield from enumerate(data, start=1)
@@ -85,7 +87,7 @@ def json_lines(path: str | Path, text: str | None = None, keep_going: bool = Fal
     try:
         for n, line in enumerate(lines, 1):
             try:
-                obj = parse_jsonl_line(line)
+                obj = parse_jsonl_line(line, allow_nan)
             except RecordError as err:
                 bad = RecordError(err.problem, str(path), n)
                 if not keep_going:
@@ -99,32 +101,24 @@ def json_lines(path: str | Path, text: str | None = None, keep_going: bool = Fal
             lines.close()
 
 
-def jsonl_rows(path: str | Path, text: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def jsonl_rows(path: str | Path, text: str | None = None,
+               allow_nan: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a bad line or a non-object is a `RecordError` at `file:line`."""
-    for n, obj in json_lines(path, text):
+    for n, obj in json_lines(path, text, allow_nan=allow_nan):
         if not isinstance(obj, dict):
             raise RecordError(f"expected a JSON object, got {type(obj).__name__}", str(Path(path)), n)
         yield n, obj
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, allow_nan: bool = False) -> list[dict[str, Any]]:
     """Every object of a JSONL file, strictly (see `jsonl_rows`)."""
-    return [obj for _, obj in jsonl_rows(path)]
+    return [obj for _, obj in jsonl_rows(path, allow_nan=allow_nan)]
 
 
 def tolerant_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """The objects of a log protege appends to; lines that do not parse (cut by a kill) are skipped; no file: none."""
-    path = Path(path)
-    if not path.exists():
-        return
-    with path.open("rb") as fh:
-        for line in fh:
-            try:
-                obj = parse_jsonl_line(line)
-            except RecordError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
+    if Path(path).exists():
+        yield from (obj for _, obj in json_lines(path, keep_going=True, allow_nan=True) if isinstance(obj, dict))
 
 
 @contextlib.contextmanager
@@ -137,8 +131,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists() and tmp != path:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # gone already after the rename
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

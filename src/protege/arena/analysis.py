@@ -66,7 +66,7 @@ def _judge_verdicts(judge_dir: str | Path) -> dict[tuple[str, str, str], str]:
     m1, m2 = results["models"][:2]
     x, y = sorted((m1, m2))
     out = {}
-    for _, row in jsonl_rows(d / JUDGMENTS_FILE):
+    for _, row in jsonl_rows(d / JUDGMENTS_FILE, allow_nan=True):  # protege's own output
         outcome = row.get("outcome")
         if outcome not in ("win", "loss", "tie"):
             continue  # the judge gave no usable verdict

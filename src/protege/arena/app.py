@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..serve.guard import Guard, GuardMiddleware, error_payload
+from ..serve.guard import Guard, GuardMiddleware, bearer_token, error_payload
 from .db import ArenaDB, VoteError
 from .ratings import Vote, leaderboard
 
@@ -111,7 +111,9 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
         if not token:
             return True
         header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get("arena_access", "")
+        given = bearer_token(header)
+        if given is None:
+            given = request.cookies.get("arena_access", "")
         return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
     def rater_of(request: Request) -> str | None:

@@ -62,18 +62,30 @@ class ArenaDB:
         """A votes database that must already exist, opened read-only (`stats`, `export`, the report)."""
         return cls(path, readonly=True)
 
+    @staticmethod
+    def schema_of(path: str | Path) -> tuple[int, str | None]:
+        """(schema version, why it is not an arena database or None), read without writing anything."""
+        try:
+            con = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as err:
+            return 0, str(err)
+        if version == 0 or not {"votes", "battles"} <= tables:
+            return version, "no votes schema"
+        return version, None
+
     def _check_existing(self) -> None:
         from ..errors import StageError
 
         if not self.path.is_file():
             raise StageError(f"{self.path}: no such arena database")
-        try:
-            version = self.conn().execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in self.conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except sqlite3.DatabaseError as err:
-            raise StageError(f"{self.path}: not an arena database ({err})") from None
-        if version == 0 or not {"votes", "battles"} <= tables:
-            raise StageError(f"{self.path}: not an arena database (no votes schema); "
+        version, problem = self.schema_of(self.path)
+        if problem is not None:
+            raise StageError(f"{self.path}: not an arena database ({problem}); "
                              "`protege arena ANSWERS... --db FILE` creates one")
         if version > len(MIGRATIONS):
             raise StageError(f"{self.path}: schema version {version} is newer than this protege knows "

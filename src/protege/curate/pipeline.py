@@ -224,7 +224,8 @@ def _load_step(ckpt: Path, fp: str) -> tuple[list[Record], list[dict[str, Any]],
     if state.get("fingerprint") != fp:
         return None
 
-    return [_from_dict(o) for o in read_jsonl(ckpt / "kept.jsonl")], read_jsonl(ckpt / "removed.jsonl"), state
+    kept, removed = (read_jsonl(ckpt / name, allow_nan=True) for name in ("kept.jsonl", "removed.jsonl"))
+    return [_from_dict(o) for o in kept], removed, state
 
 
 def run(config: CurateConfig) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
         path = path / ANSWERS_FILE
     if not path.exists():
         raise StageError(f"answers file {path} not found (run `protege eval answer` first)")
-    return read_jsonl(path)
+    return read_jsonl(path, allow_nan=True)  # protege's own output (json.dumps writes NaN)
 
 
 def stop_counts(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StageError
-from ..evaluate.answer import ANSWERS_FILE, LIKENESS_FILE, stop_counts
+from ..evaluate.answer import ANSWERS_FILE, LIKENESS_FILE, read_answers, stop_counts
 from ..evaluate.bench import RESULTS_FILE
 from ..evaluate.headline import Estimate, StyleShift, headline
 from ..evaluate.judge import JUDGE_RESULTS_FILE, JUDGMENTS_FILE
 from ..evaluate.rm_score import RM_SCORES_FILE
 from ..evaluate.intervals import paired_diff, paired_ratio_diff, stratified_ci
 from ..evaluate.style import style_measures
+from ..files import read_jsonl
 from ..train.rl import OVEROPTIMISATION_FILE
 from .rl import collect_rl
 
@@ -57,8 +58,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             elif f.name == JUDGE_RESULTS_FILE:
                 r = _read_json(f)
                 rows = f.with_name(JUDGMENTS_FILE)
-                r["judgments"] = [json.loads(x) for x in rows.read_text().splitlines() if x.strip()] \
-                    if rows.exists() else []
+                r["judgments"] = read_jsonl(rows, allow_nan=True) if rows.exists() else []
                 r["where"] = str(f.parent)
                 judges.append(r)
                 order.extend(r["models"])
@@ -72,7 +72,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             elif f.name == OVEROPTIMISATION_FILE:
                 rl_files.append(f)
             elif f.name == ANSWERS_FILE:
-                recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+                recs = read_answers(f)
                 if recs:
                     name = recs[0].get("model", f.parent.name)
                     answers.setdefault(name, recs)
@@ -95,15 +95,10 @@ def collect(inputs: list[str]) -> dict[str, Any]:
 
 
 def _is_arena(path: Path) -> bool:
-    import sqlite3
+    """A `protege arena` vote database (not, say, the teacher cache beside an answer set)."""
+    from ..arena.db import ArenaDB
 
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        ok = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='votes'").fetchone() is not None
-        con.close()
-        return ok
-    except sqlite3.Error:
-        return False
+    return ArenaDB.schema_of(path)[1] is None
 
 
 def _human(path: Path) -> dict[str, Any]:

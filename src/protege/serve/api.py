@@ -78,6 +78,8 @@ class _Server:
         from ..chat import ChatTemplateError
         from ..engine import SamplingParams
 
+        if isinstance(body.get("messages"), list):  # before validating thousands of messages only to refuse them
+            refuse_too_many_messages(len(body["messages"]), self.max_messages)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as err:
@@ -90,7 +92,6 @@ class _Server:
                            param="model", code="model_not_found")
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
-        refuse_too_many_messages(len(req.messages), self.max_messages)
         messages = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role  # newer OpenAI clients say "developer"
@@ -290,8 +291,6 @@ def _parse_and_prepare(server: _Server, raw: bytes) -> tuple[ChatCompletionReque
         raise APIError(400, "the request body nests too deeply to parse") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    if isinstance(body.get("messages"), list):  # before validating thousands of messages only to refuse them
-        refuse_too_many_messages(len(body["messages"]), server.max_messages)
     return server.prepare(body)
 
 

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 
 from ..net import LOOPBACK_NAMES, is_loopback
 
-__all__ = ["Guard", "GuardMiddleware", "KeyMiddleware", "SECURITY_HEADERS", "error_payload", "APIError"]
+__all__ = ["Guard", "GuardMiddleware", "KeyMiddleware", "bearer_token", "SECURITY_HEADERS", "error_payload", "APIError"]
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -216,6 +216,11 @@ class GuardMiddleware:
         return self._api_headers if path.startswith("/v1/") else self._page_headers
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value (maybe ""); None for any other header."""
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
 class KeyMiddleware:
     """`Authorization: Bearer <key>` on /v1/* (401 otherwise). Plain ASGI, not `@app.middleware("http")`:
     Starlette's BaseHTTPMiddleware wraps `receive`, and behind it a route never sees its client hang up
@@ -227,7 +232,7 @@ class KeyMiddleware:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
-            given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            given = bearer_token(header)
             if not given:
                 err = APIError(401, "missing API key: send the header `Authorization: Bearer <key>`",
                                code="invalid_api_key")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..files import atomic_dir
+from ..files import atomic_dir, atomic_write_text, tolerant_jsonl
 
 __all__ = ["set_seed", "make_optimizer", "lr_lambda", "make_scheduler", "trainable_state", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "MetricsLogger", "peak_rss_mb"]
@@ -155,9 +155,9 @@ class MetricsLogger:
         """Drop rows logged after `step` (they belong to work a resume is about to redo)."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        # A line cut by the kill that made this a resume is dropped with the rows past `step`.
+        rows = [r for r in tolerant_jsonl(self.path) if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         if self.tb is not None:
