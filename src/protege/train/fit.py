@@ -167,7 +167,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
         eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,
         on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = (),
-        eval_fn: Callable[[Any, Any], LossOutput] | None = None) -> FitResult:
+        eval_fn: Callable[[Any, Any], LossOutput] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+        flops_per_token: float | None = None, peak_flops: float | None = None) -> FitResult:
     """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
 
     Held-out batches are scored by `eval_fn` (default: `loss_fn` in eval mode); RL evaluates by decoding
@@ -177,6 +178,9 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     which say more than a surrogate loss that sits near 0).
 
     `on_eval(step, results)` runs after every held-out evaluation (RL keeps its best-by-gold model there).
+
+    `micro_batches` is any sequence addressed by index (a list, or pretraining's lazily computed rows).
+    With `flops_per_token` (and the device's `peak_flops`), model FLOPs/s and MFU are shown and logged.
     """
     from tqdm.auto import tqdm
 
@@ -192,8 +196,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     total_steps = config.max_steps if config.max_steps is not None else math.ceil(len(micro_batches) / per_step)
     warmup = int(config.warmup_ratio * total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps)
+    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay, betas)
+    scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps, config.decay_ratio)
     metrics = MetricsLogger(out_dir, enabled=main, tensorboard=config.tensorboard)
 
     # ---- resume --------------------------------------------------------------------------
@@ -232,7 +236,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     tokens_seen, t0, stopped = 0, time.time(), False
     last_loss, last_metrics = float("nan"), {}
     for step in range(start_step, total_steps):
-        mbs = micro_batches[(step * per_step) % len(micro_batches):][:per_step]
+        first = (step * per_step) % len(micro_batches)  # a short last step at the plan's end, then it wraps
+        mbs = [micro_batches[i] for i in range(first, min(first + per_step, len(micro_batches)))]
         mine, weight = list(mbs[rank::world]), 1.0
         if not mine:  # a short last step: this rank must still join the gradient all-reduce
             mine, weight = list(mbs[:1]), 0.0
@@ -261,12 +266,19 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         tokens_seen += step_tokens
         done = step + 1
         tok_s = tokens_seen / max(time.time() - t0, 1e-9)
+        speed = {f"{unit}_s": round(tok_s, 2)}
+        if flops_per_token:
+            speed["tflops"] = round(tok_s * flops_per_token / 1e12, 4)
+            if peak_flops:
+                speed["mfu"] = round(tok_s * flops_per_token / peak_flops, 4)
         bar.set_postfix(loss=f"{last_loss:.4f}", **{k: f"{last_metrics[k]:.3f}" for k in progress if k in last_metrics},
-                        **{f"{unit}_s": f"{tok_s:.1f}" if tok_s < 100 else f"{tok_s:.0f}"})
+                        **{k: (f"{v:.1f}" if v < 100 else f"{v:.0f}") if k == f"{unit}_s" else f"{v:.3g}"
+                           for k, v in speed.items()})
         bar.update(1)
         if done % config.log_every == 0 or done == total_steps:
             metrics.log(done, loss=last_loss, **last_metrics, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                        tokens_per_s=round(tok_s, 2), tokens=step_tokens, **{unit: float(total[1])})
+                        tokens_per_s=round(tok_s, 2), tokens=step_tokens, **{unit: float(total[1])},
+                        **{k: v for k, v in speed.items() if k in ("tflops", "mfu")})
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
             results = evaluate(module, eval_batches, eval_fn or loss_fn, accelerator)
             metrics.log(done, **(results or {}))

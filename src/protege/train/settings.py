@@ -18,7 +18,7 @@ from ..precision import PRECISION_HELP, Precision
 __all__ = ["LoraSettings", "TrainSettings", "PreferenceSettings", "RESUME_NEUTRAL", "fingerprint"]
 
 
-Schedule = Literal["cosine", "linear", "constant"]  # learning-rate decay after warmup (`state.lr_lambda`)
+Schedule = Literal["cosine", "linear", "constant", "wsd"]  # learning-rate decay after warmup (`state.lr_lambda`)
 
 
 class LoraSettings(StageConfig):
@@ -46,6 +46,7 @@ class TrainSettings(StageConfig):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not on biases/norms)")
     schedule: Schedule = Field("cosine", description="LR decay after warmup")
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="fraction of steps of linear warmup")
+    decay_ratio: float = Field(0.2, gt=0.0, le=1.0, description="schedule wsd: fraction of steps of the final linear decay")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping norm (0 = off)")
     precision: Precision = Field("auto", description=f"{PRECISION_HELP}. Frozen weights are stored in it, trainable "
                                  "parameters and optimizer state stay fp32, matmuls run under autocast")
@@ -88,7 +89,10 @@ RESUME_NEUTRAL = frozenset({"resume", "save_merged", "tensorboard", "log_every",
 
 def fingerprint(config: TrainSettings) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: every key that changes what is trained."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_NEUTRAL}
+    out = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUME_NEUTRAL}
+    if out.get("schedule") != "wsd":
+        out.pop("decay_ratio", None)  # changes nothing then (and checkpoints from before it existed still resume)
+    return out
 
 
 class PreferenceSettings(TrainSettings):

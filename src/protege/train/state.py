@@ -41,14 +41,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier per step: linear warmup from 0, then "linear" decay, "cosine" decay or "constant"."""
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
+              decay_ratio: float = 0.2) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup from 0, then "linear" decay, "cosine" decay, "constant", or
+    "wsd" (warmup-stable-decay: constant, then linear to 0 over the last `decay_ratio` of the steps)."""
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         if schedule == "constant":
             return 1.0
+        if schedule == "wsd":
+            decay_steps = max(1, round(decay_ratio * total_steps))
+            return min(1.0, max(0.0, (total_steps - step) / decay_steps))
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return min_ratio + (1.0 - min_ratio) * decay
@@ -57,8 +62,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
+                   total_steps: int, decay_ratio: float = 0.2) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps,
+                                                                  decay_ratio=decay_ratio))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
