@@ -11,12 +11,13 @@ A source is one of:
 
 Every reader yields documents one at a time, so memory stays bounded whatever the corpus size.
 
-The built-in corpus is the English documentation every CPython installation carries: the docstrings of
-the standard library (modules, classes, functions; test suites excluded) and the language reference
-topics of `pydoc_data`. ~2.1 MB of UTF-8 on CPython 3.11 (PSF License 2.0, the same as Python itself).
-It needs no download, so a fresh machine can pretrain offline; its exact text depends on the Python
-version, which the data card records with the corpus hash. It is small: for more than a CPU-sized
-model point `datasets` at real text.
+The built-in corpora are what every CPython installation carries (PSF License 2.0, as Python itself):
+`builtin:python-docs`, the English documentation — docstrings of the standard library (modules,
+classes, functions; test suites excluded) and the language reference topics of `pydoc_data`, ~2.1 MB
+on CPython 3.11; and `builtin:python-stdlib`, the standard library's source files themselves (code,
+comments and docstrings), ~11 MB. They need no download, so a fresh machine can pretrain offline; their
+exact text depends on the Python version, which the manifest records with the corpus hash. They are
+small: for more than a CPU-sized model point `datasets` at real text.
 """
 
 from __future__ import annotations
@@ -28,9 +29,37 @@ from typing import Iterator
 
 from .errors import RecordError, UserError
 
-__all__ = ["BUILTIN_CORPORA", "CorpusError", "iter_documents", "builtin_python_docs", "describe_source", "held_out"]
+__all__ = ["BUILTIN_CORPORA", "CorpusError", "iter_documents", "builtin_python_docs", "builtin_python_stdlib", "describe_source", "held_out"]
 
-BUILTIN_CORPORA = {"builtin:python-docs": "docstrings of the Python standard library + pydoc language topics (PSF License 2.0)"}
+BUILTIN_CORPORA = {
+    "builtin:python-docs": "docstrings of the Python standard library + pydoc language topics (PSF License 2.0)",
+    "builtin:python-stdlib": "the Python standard library's source files, one document each (PSF License 2.0)",
+}
+_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+
+
+def _stdlib_files() -> Iterator[Path]:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if not _SKIP & set(path.relative_to(stdlib).parts):
+            yield path
+
+
+def builtin_python_stdlib() -> Iterator[str]:
+    """Every standard-library module's source (code with its comments and docstrings), ~11 MB on 3.11."""
+    for path in _stdlib_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield text
+
+
+def builtin(source: str) -> Iterator[str]:
+    return builtin_python_docs() if source == "builtin:python-docs" else builtin_python_stdlib()
 
 
 class CorpusError(UserError, ValueError):
@@ -40,17 +69,12 @@ class CorpusError(UserError, ValueError):
 def builtin_python_docs() -> Iterator[str]:
     """The standard library's docstrings and pydoc topics, in a fixed (sorted) order."""
     import ast
-    import sysconfig
 
     import pydoc_data.topics
 
     for name in sorted(pydoc_data.topics.topics):
         yield pydoc_data.topics.topics[name].strip()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    for path in sorted(stdlib.rglob("*.py")):
-        if skip & set(path.relative_to(stdlib).parts):
-            continue
+    for path in _stdlib_files():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -127,7 +151,7 @@ def _hf_dataset(spec: str, field: str) -> Iterator[str]:
 def iter_documents(source: str, text_field: str = "text", separator: str = "<|endoftext|>") -> Iterator[str]:
     """Documents (non-empty strings) of one corpus source, in file order. See the module docstring."""
     if source in BUILTIN_CORPORA:
-        yield from builtin_python_docs()
+        yield from builtin(source)
         return
     if source.startswith("builtin:"):
         raise CorpusError(f"unknown built-in corpus `{source}` (known: {', '.join(BUILTIN_CORPORA)})")
@@ -155,7 +179,7 @@ def describe_source(source: str) -> dict[str, str]:
         import platform
 
         digest = hashlib.sha256()
-        for doc in builtin_python_docs():
+        for doc in builtin(source):
             digest.update(doc.encode("utf-8") + b"\0")
         return {"source": source, "provenance": BUILTIN_CORPORA[source],
                 "python": platform.python_version(), "sha256": digest.hexdigest()}

@@ -58,6 +58,8 @@ STAGE_KINDS: dict[str, StageKind] = {
                            "PPO with a value head and a per-token KL penalty to the reference (adapters off), GAE"),
     "train.grpo": StageKind("protege.train.grpo:GRPOConfig:run",
                             "GRPO: sample G answers per prompt, reward them (rule or RM), group-relative advantages"),
+    "scaling": StageKind("protege.scaling.run:ScalingConfig:run",
+                         "IsoFLOP scaling (Chinchilla): model sizes per compute budget, then N_opt(C), D_opt(C)"),
     "eval.bench": StageKind("protege.evaluate.bench:BenchConfig:run", "substance: benchmark accuracy"),
     "eval.answer": StageKind("protege.evaluate.answer:AnswerConfig:run", "answer a prompt set with a model"),
     "eval.judge": StageKind("protege.evaluate.judge:JudgeConfig:run", "style: an LLM judge compares two answer sets"),

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import Field
 
 from ..config import StageConfig
+from .pretrain import pretrain_markdown, pretrain_section
 from .rl import rl_markdown, rl_section
 from .collect import collect, model_table, verdict
 from .render import (figures, headline_html, human_markdown, human_section, judge_section, main_table, markdown,
@@ -60,7 +61,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
             "<h2>Figures</h2>"]
     body += [f"<figure><img alt='figure' src='data:image/png;base64,{png}'><figcaption>{e(cap)}</figcaption></figure>"
              for cap, png in figs]
-    body += [rl_section(data["rl"]), "<h2>Judge</h2>", judge_section(data["judges"]), "<h2>People (blind A/B votes)</h2>",
+    body += [pretrain_section(data["pretraining"]), rl_section(data["rl"]), "<h2>Judge</h2>", judge_section(data["judges"]), "<h2>People (blind A/B votes)</h2>",
              human_section(data.get("human")),
              "<h2 id=samples>Sample answers side by side</h2>", samples(data, [r["model"] for r in t["rows"]], cfg.samples)]
     page = Template(TEMPLATE.read_text(encoding="utf-8")).safe_substitute(title=e(cfg.title), body="\n".join(body))
@@ -68,7 +69,7 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     md = out.with_name("report.md") if out.suffix == ".html" else out.with_suffix(".md")
-    text = markdown(cfg.title, t, data["judges"]) + rl_markdown(data["rl"])
+    text = markdown(cfg.title, t, data["judges"]) + pretrain_markdown(data["pretraining"]) + rl_markdown(data["rl"])
     text += human_markdown(data.get("human"))
     md.write_text(text, encoding="utf-8")
     return {"html": str(out), "markdown": str(md), "models": len(t["rows"]), "figures": len(figs)}

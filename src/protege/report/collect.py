@@ -17,6 +17,7 @@ from ..evaluate.intervals import paired_diff, paired_ratio_diff, stratified_ci
 from ..evaluate.style import style_measures
 from ..files import read_jsonl
 from ..train.rl import OVEROPTIMISATION_FILE
+from .pretrain import is_pretrain_manifest, read_pretrain
 from .rl import collect_rl
 
 __all__ = ["collect", "model_table", "verdict"]
@@ -41,6 +42,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
     other: dict[str, dict[str, Any]] = {}  # model -> task -> metrics under the other prompt style
     likeness: dict[str, dict[str, Any]] = {}  # model -> teacher_nll.json
     rl_files: list[Path] = []  # RS / PPO / GRPO over-optimisation histories
+    pretraining: list[dict[str, Any]] = []  # from-scratch bases (train.pretrain manifests)
     for root in inputs:
         root_p = Path(root)
         if not root_p.exists():
@@ -69,6 +71,8 @@ def collect(inputs: list[str]) -> dict[str, Any]:
             elif f.suffix in (".sqlite", ".db") and _is_arena(f):
                 human = _human(f)
                 order.extend(r["model"] for r in human["leaderboard"])
+            elif f.name == "manifest.json" and (m := is_pretrain_manifest(f)) is not None:
+                pretraining.append(read_pretrain(f, m))
             elif f.name == OVEROPTIMISATION_FILE:
                 rl_files.append(f)
             elif f.name == ANSWERS_FILE:
@@ -82,7 +86,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
                         likeness[name] = _read_json(like)
     models = list(dict.fromkeys(order))
     rl = collect_rl(rl_files)
-    if not models and not rl:
+    if not models and not rl and not pretraining:
         raise StageError(f"no results.json, judge_results.json, answers.jsonl, arena database or RL run "
                          f"(overoptimisation.json) under {', '.join(inputs)}")
     if human is not None:
@@ -91,7 +95,7 @@ def collect(inputs: list[str]) -> dict[str, Any]:
         pairwise = [j["where"] for j in judges if j["mode"] == "pairwise"]
         human["agreement"] = judge_agreement(human["rows"], pairwise) if pairwise else None
     return {"bench": bench, "judges": judges, "answers": answers, "rm": rm, "models": models, "human": human,
-            "styles": styles, "other_style": other, "likeness": likeness, "rl": rl}
+            "styles": styles, "other_style": other, "likeness": likeness, "rl": rl, "pretraining": pretraining}
 
 
 def _is_arena(path: Path) -> bool:

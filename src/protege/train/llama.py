@@ -7,7 +7,8 @@ converter and protege's own stages already load.
 Shapes follow nanochat's one knob: `depth` layers of width `depth * aspect_ratio`, heads of `head_dim`,
 `gqa_group` query heads per key/value head (LLaMA-2 70B: 8), SwiGLU hidden size 8/3 of the width rounded
 up to a multiple of 32 (LLaMA rounds to 256, too coarse for models this small). A size given as a
-parameter count ("3M") picks the depth whose non-embedding parameter count is nearest in log scale.
+parameter count ("3M") picks the depth x width shape (width a multiple of 16, within 1.5x of depth *
+aspect_ratio) whose non-embedding count is nearest: a finer ladder than depth alone, of alike shapes.
 
 Counting: N is the *non-embedding* parameter count (Kaplan et al.; with a 4k vocabulary the embedding
 of a tiny model outweighs its body, and its lookup costs no FLOPs). Training FLOPs per token are
@@ -69,7 +70,7 @@ class LlamaShape:
 
     def describe(self) -> str:
         return (f"{fmt_count(self.non_embedding)} non-embedding params ({fmt_count(self.total)} total): "
-                f"{self.depth} layers x {self.width} wide, {self.heads} heads ({self.kv_heads} kv) of {self.head_dim}, "
+                f"{self.depth} layer{'s' if self.depth > 1 else ''} x {self.width} wide, {self.heads} heads ({self.kv_heads} kv) of {self.head_dim}, "
                 f"SwiGLU {self.ffn}, vocab {self.vocab}{', tied' if self.tie else ''}")
 
 
@@ -92,8 +93,8 @@ def shape_for(vocab: int, *, depth: int | None = None, model_size: str | None = 
               head_dim: int = 64, gqa_group: int = 2, tie: bool = False) -> LlamaShape:
     """The shape of `depth` layers, or of the depth whose non-embedding count is nearest `model_size`."""
 
-    def at(L: int) -> LlamaShape:
-        width = L * aspect_ratio
+    def at(L: int, width: int | None = None) -> LlamaShape:
+        width = width or L * aspect_ratio
         heads = max(1, width // head_dim)
         kv = max(1, heads // gqa_group)
         while heads % kv:
@@ -108,4 +109,10 @@ def shape_for(vocab: int, *, depth: int | None = None, model_size: str | None = 
     if model_size is None:
         raise SizeError("give model_size (a parameter count such as 3M) or depth")
     target = parse_count(model_size)
-    return min((at(L) for L in range(1, 129)), key=lambda s: abs(math.log(s.non_embedding / target)))
+    # Depth and width both free, width in steps of 16 and within 1.5x of depth * aspect_ratio: a ladder of sizes
+    # much finer than depth alone gives, whose shapes stay alike (a 5-layer, 32-wide model is not a smaller
+    # 2-layer, 64-wide one: it trains worse, and a size sweep would measure the shape instead of the size).
+    shapes = [at(L, w) for L in range(1, 129)
+              for w in range(16 * max(1, math.ceil(L * aspect_ratio / 1.5 / 16)), int(L * aspect_ratio * 1.5) + 1, 16)]
+    return min(shapes, key=lambda s: (round(abs(math.log(s.non_embedding / target)), 2),
+                                      abs(math.log(s.width / s.depth / aspect_ratio))))

@@ -66,6 +66,8 @@ class PretrainConfig(TrainSettings):
                                      "if shorter); unset: `epochs` passes")
     text_field: str = Field("text", description="the field (.jsonl, datasets) or column (.parquet) that holds the text")
     separator: str = Field("<|endoftext|>", description="what separates documents in .txt files")
+    data_dir: str | None = Field(None, description="where the token files go (default out_dir/data); runs on the same "
+                                 "corpus and tokenizer may share one (a scaling sweep does)")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="documents (by hash) held out for eval loss and bits per byte")
     eval_tokens: int = Field(131072, ge=0, description="held-out tokens scored at each eval (at most)")
     save_every: int = Field(200, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
@@ -79,19 +81,26 @@ def model_shape(config: PretrainConfig, vocab: int) -> Any:
                      tie=config.tie_embeddings)
 
 
-def measure_peak_flops(device: Any, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Dense matmul FLOP/s of this device in `dtype` (the MFU denominator): a 2048^3 matmul timed in a loop."""
-    n = 2048
+def measure_peak_flops(device: Any, dtype: torch.dtype, windows: int = 5, seconds: float = 0.1) -> float:
+    """Dense matmul FLOP/s of this device in `dtype` (the MFU denominator): the best of a few short timed
+    windows of 1024^3 (CPU) or 8192^3 (GPU) matmuls, so one preempted window does not halve the peak."""
+    gpu = torch.device(device).type == "cuda"
+    n = 8192 if gpu else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    (a @ b), sync()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    for _ in range(2):
         a @ b
-        reps += 1
     sync()
-    return 2.0 * n ** 3 * reps / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(windows):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        sync()
+        best = max(best, 2.0 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def _tokenizer(config: PretrainConfig, out_dir: Path, log: Any) -> tuple[Any, str]:
@@ -141,7 +150,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         tok, tok_source = _tokenizer(config, out_dir, log)
     tok_dir = resolve(tok_source) if config.model or config.tokenizer else tok_source
     key = corpus_key(config.datasets, str(tok_dir), config.text_field, config.separator, config.val_fraction)
-    data_dir = out_dir / "data"
+    data_dir = Path(config.data_dir) if config.data_dir else out_dir / "data"
     if main:
         files = tokenize_corpus(config.datasets, tok, data_dir, text_field=config.text_field,
                                 separator=config.separator, val_fraction=config.val_fraction, key=key)
@@ -157,6 +166,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
                          f"max_length={T}; give more text or a smaller max_length")
     per_step_tokens = B * T * config.grad_accum * world
     n_rows = (len(train_tokens) - 1) // T
+    as_given = config  # what save_config and the manifest record (a scaling sweep compares it to find finished runs)
     if config.train_tokens:
         config = config.model_copy(update={"max_steps": max(1, round(config.train_tokens / per_step_tokens))})
     # Passes over the training rows this run makes (max_steps may cut an epoch short or repeat the corpus).
@@ -191,7 +201,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         flops_tok = 6.0 * n_params
     peak = measure_peak_flops(accelerator.device, ctx.precision.dtype)
     if main:
-        save_config(config, out_dir)
+        save_config(as_given, out_dir)
     if epochs > 1:
         log(f"the corpus repeats: {epochs:.2f} passes over {n_rows * T:,} training tokens")
     log(f"{files.meta['train_tokens']:,} training tokens ({files.meta['train_documents']:,} documents), "
@@ -251,7 +261,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         accelerator.unwrap_model(model).save_pretrained(str(target))
         ChatFormat.from_tokenizer(tok).apply_to(tok)
         tok.save_pretrained(str(target))
-        write_manifest(out_dir, "train.pretrain", config, inputs=[d for d in config.datasets if Path(d).is_file()],
+        write_manifest(out_dir, "train.pretrain", as_given, inputs=[d for d in config.datasets if Path(d).is_file()],
                        outputs=[target, out_dir / "metrics.jsonl"], counts=summary, seconds=time.time() - t_start,
                        extra={"corpus": key})
         log(f"done: loss {result.loss:.4f}, eval loss {summary['eval_loss']}, bits/byte {summary['eval_bpb']}, "

@@ -83,7 +83,7 @@ class TrainSettings(StageConfig):
 
 
 # Keys that may change between a run and its resume without changing what is trained.
-RESUME_NEUTRAL = frozenset({"resume", "save_merged", "tensorboard", "log_every", "eval_every", "save_every",
+RESUME_NEUTRAL = frozenset({"resume", "data_dir", "save_merged", "tensorboard", "log_every", "eval_every", "save_every",
                             "keep_checkpoints", "gradient_checkpointing"})
 
 

@@ -1,0 +1,13 @@
+"""`protege scaling --config scaling.yaml`: the IsoFLOP experiment (see `protege.scaling`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import add_stage_parser
+
+ORDER = 72
+
+
+def register(sub: Any) -> None:
+    add_stage_parser(sub, "scaling", "scaling")

@@ -1,0 +1,172 @@
+"""`protege scaling`: Chinchilla's IsoFLOP experiment on protege's own pretraining.
+
+For each compute budget C and each model size, one `train pretrain` run trains that model on exactly
+C / FLOPs-per-token tokens (its steps rounded, so each run's real FLOPs are recorded and used), all on
+the same tokenizer, the same token files and the same held-out tokens. Sizes are non-embedding parameter counts; each budget
+runs the `sizes_per_budget` consecutive sizes centred where tokens per parameter = 20 (as Chinchilla
+centred its grids), and the fit reports whether the minimum landed inside them. Then `fit.py` finds each budget's
+loss-optimal size, fits N_opt ∝ C^a and D_opt ∝ C^b with bootstrap intervals, and the page shows
+loss against size per budget, the optimal N and D against C, and LLaMA's point from the same runs: at a
+fixed size (a fixed inference cost), held-out loss keeps falling as tokens go past the compute-optimal
+count.
+
+Runs live in `out_dir/runs/C<budget>-N<size>/` as ordinary pretraining folders: a finished one (its
+manifest holds this config) is read back, not rerun; a killed one resumes from its checkpoint. Pairs that
+would take fewer than `min_steps` steps or repeat the corpus more than `max_epochs` times are skipped and
+listed, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ..config import StageConfig, save_config
+from ..errors import StageError
+from ..manifest import write_manifest
+from ..train.pretrain import PretrainConfig
+from .fit import Run, ScalingFit, bootstrap
+
+__all__ = ["ScalingConfig", "run", "RESULTS_FILE"]
+
+RESULTS_FILE = "scaling.json"
+
+
+class ScalingConfig(StageConfig):
+    """IsoFLOP scaling experiment (Chinchilla): several model sizes per compute budget, then N_opt(C), D_opt(C)"""
+
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig,
+                                     description="settings shared by every run (corpus, tokenizer, context, batch, lr, precision)")
+    budgets: list[float] = Field(default_factory=lambda: [1e12, 3e12, 1e13], description="compute budgets in training FLOPs")
+    sizes: list[str] = Field(default_factory=lambda: ["12K", "25K", "50K", "100K", "150K", "210K", "400K", "650K"],
+                             description="non-embedding parameter counts (shapes from `train pretrain`'s model_size)")
+    sizes_per_budget: int = Field(5, ge=3, description="sizes run at each budget: the consecutive ones centred where "
+                                  "D/N = center_tokens_per_param (Chinchilla centred its grids too); 0 < ... <= len(sizes)")
+    center_tokens_per_param: float = Field(20.0, gt=0, description="where each budget's window of sizes is centred "
+                                           "(the fit then finds where the minimum really is; an edge minimum is reported)")
+    min_steps: int = Field(20, ge=1, description="skip a (budget, size) that would train fewer optimizer steps")
+    max_epochs: float = Field(4.0, gt=0, description="skip a (budget, size) that would repeat the corpus more often")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the intervals")
+    out_dir: str = Field("runs/scaling", description="where the runs, scaling.json/.html/.md and manifest go")
+    seed: int = Field(0, description="seed of every run and of the bootstrap")
+
+
+def _fmt_c(c: float) -> str:
+    return f"{c:.0e}".replace("+", "")
+
+
+def _finished(run_dir: Path, cfg: PretrainConfig) -> dict[str, Any] | None:
+    path = run_dir / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    return manifest["counts"] if manifest.get("config") == cfg.model_dump(mode="json") else None
+
+
+def _shared_tokenizer(cfg: ScalingConfig, out_dir: Path) -> PretrainConfig:
+    """Every run must see the same tokens: train the tokenizer once here when none is given."""
+    base = cfg.pretrain
+    if base.tokenizer or base.model:
+        return base
+    from ..train.tokenizer import TokenizerConfig, run as train_tokenizer
+
+    tok_dir = out_dir / "tokenizer"
+    if not (tok_dir / "manifest.json").exists():
+        train_tokenizer(TokenizerConfig(datasets=base.datasets, out_dir=str(tok_dir), vocab_size=base.vocab_size,
+                                        text_field=base.text_field, separator=base.separator, compare=[]))
+    return base.model_copy(update={"tokenizer": str(tok_dir / "tokenizer")})
+
+
+def plan_runs(cfg: ScalingConfig, base: PretrainConfig, vocab: int, corpus_tokens: int | None,
+              world: int = 1) -> tuple[list[tuple[float, str, PretrainConfig]], list[dict[str, Any]]]:
+    """(budget, size, pretrain config) for every pair to run, and the skipped pairs with the reason."""
+    import math
+
+    from ..train.llama import parse_count, shape_for
+
+    out_dir = Path(cfg.out_dir)
+    per_step = base.batch_size * base.max_length * base.grad_accum * world
+    by_shape: dict[Any, str] = {}  # two sizes that pick the same shape are one size
+    for s in sorted(set(cfg.sizes), key=parse_count):
+        by_shape.setdefault(shape_for(vocab, model_size=s, aspect_ratio=base.aspect_ratio, head_dim=base.head_dim,
+                                      gqa_group=base.gqa_group, tie=base.tie_embeddings), s)
+    shapes = sorted(by_shape.items(), key=lambda kv: kv[0].non_embedding)
+    k = min(cfg.sizes_per_budget, len(shapes))
+    todo, skipped = [], []
+    for c in sorted(cfg.budgets):
+        # The window of k consecutive sizes whose middle is nearest D/N = center_tokens_per_param.
+        ratio = [c / sh.flops_per_token(base.max_length) / sh.non_embedding for sh, _ in shapes]
+        mid = min(range(len(shapes)), key=lambda i: abs(math.log(ratio[i] / cfg.center_tokens_per_param)))
+        lo = max(0, min(mid - k // 2, len(shapes) - k))
+        for shape, size in shapes[lo:lo + k]:
+            tokens = c / shape.flops_per_token(base.max_length)
+            steps = round(tokens / per_step)
+            why = None
+            if steps < cfg.min_steps:
+                why = f"{steps} steps < min_steps {cfg.min_steps}"
+            elif corpus_tokens and tokens / corpus_tokens > cfg.max_epochs:
+                why = f"{tokens / corpus_tokens:.1f} passes over the corpus > max_epochs {cfg.max_epochs}"
+            if why:
+                skipped.append({"flops": c, "size": size, "params": shape.non_embedding, "reason": why})
+                continue
+            run_cfg = base.model_copy(update={
+                "depth": None, "model_size": size, "train_tokens": steps * per_step, "max_steps": None,
+                "out_dir": str(out_dir / "runs" / f"C{_fmt_c(c)}-N{size}"), "data_dir": str(out_dir / "data"),
+                "seed": cfg.seed})
+            todo.append((c, size, run_cfg))
+    return todo, skipped
+
+
+def run(cfg: ScalingConfig) -> dict[str, Any]:
+    from ..models import load_tokenizer
+    from ..outputs import begin
+    from ..train import pretrain
+    from .report import write_report
+
+    t0 = time.time()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir)
+    base = _shared_tokenizer(cfg, out_dir)
+    vocab = len(load_tokenizer(base.model or base.tokenizer))
+    meta = out_dir / "data" / "tokens.json"
+    corpus = json.loads(meta.read_text())["train_tokens"] if meta.exists() else None
+    todo, skipped = plan_runs(cfg, base, vocab, corpus)
+    if corpus is None and todo:  # the first run tokenizes; plan again against the real corpus size
+        first = todo[0][2]
+        begin(first.out_dir)
+        pretrain.run(first)
+        corpus = json.loads(meta.read_text())["train_tokens"]
+        todo, skipped = plan_runs(cfg, base, vocab, corpus)
+    results = []
+    for i, (c, size, run_cfg) in enumerate(todo):
+        counts = _finished(Path(run_cfg.out_dir), run_cfg)
+        if counts is None:
+            print(f"[protege scaling] run {i + 1}/{len(todo)}: budget {c:.2g} FLOPs, size {size}", flush=True)
+            begin(run_cfg.out_dir)
+            pretrain.run(run_cfg)
+            counts = _finished(Path(run_cfg.out_dir), run_cfg)
+        if counts is None or counts.get("eval_loss") is None:
+            raise StageError(f"scaling: run {run_cfg.out_dir} finished without a held-out loss; raise "
+                             "pretrain.val_fraction or lower pretrain.batch_size so the held-out data fills a batch")
+        results.append({"budget": c, "size": size, "depth": counts["depth"], "width": counts["width"],
+                        "params": counts["non_embedding_params"],
+                        "total_params": counts["params"], "tokens": counts["train_tokens"],
+                        "flops": counts["train_flops"], "eval_loss": counts["eval_loss"], "eval_bpb": counts["eval_bpb"],
+                        "epochs": counts["epochs"], "tokens_per_s": counts["tokens_per_s"], "mfu": counts["mfu"],
+                        "run_dir": run_cfg.out_dir})
+    if not results:
+        raise StageError("scaling: every (budget, size) pair was skipped: " + "; ".join(
+            f"{s['flops']:.2g}/{s['size']}: {s['reason']}" for s in skipped))
+    # Budgets, not each run's rounded FLOPs, group the runs; N and D are the runs' own.
+    fit: ScalingFit = bootstrap([Run(r["budget"], r["params"], r["tokens"], r["eval_loss"]) for r in results],
+                                n=cfg.bootstrap, seed=cfg.seed)
+    summary = write_report(cfg, results, skipped, fit, out_dir, corpus)
+    write_manifest(out_dir, "scaling", cfg, outputs=[out_dir / RESULTS_FILE, out_dir / "scaling.html", out_dir / "scaling.md"],
+                   counts=summary, seconds=time.time() - t0)
+    print(f"[protege scaling] {summary['headline']}\npage: {out_dir / 'scaling.html'}", flush=True)
+    return summary
