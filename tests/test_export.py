@@ -234,3 +234,29 @@ def test_openai_client_against_a_served_gguf(exported):
             assert stopped.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.chat.completions.create(model="tiny-gguf", messages=messages, max_tokens=10**6)
+
+
+def test_a_model_with_protege_trained_tokenizer_exports_to_gguf(tmp_path):
+    """`train tokenizer`'s BPE (GPT-4 split + byte level) is declared as llama.cpp's llama-bpe pre-tokenizer:
+    without it llama.cpp's converter refuses any tokenizer whose hash it does not know."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from protege.train.llama import shape_for
+    from protege.train.tokenizer import TokenizerConfig, build
+
+    _converter_or_skip()
+    texts = [f"the {a} sat on the {b}. {a} {b} {i} times; def f(x): return x + {i}"
+             for i, (a, b) in enumerate([("cat", "mat"), ("dog", "log"), ("owl", "hill")] * 40)]
+    tok = build(TokenizerConfig(vocab_size=400, min_frequency=1), iter(texts))
+    torch.manual_seed(0)
+    shape = shape_for(len(tok), depth=2, aspect_ratio=32, head_dim=16)
+    model = LlamaForCausalLM(shape.config(128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    result = run(ExportConfig(model=str(src), out_dir=str(tmp_path / "out"), gguf=["f16"], verify_prompts=8,
+                              verify_tokens=16, ppl_n=4))
+    report = json.loads((tmp_path / "out" / "verify.json").read_text())
+    assert report["parity"]["equal"] >= 7 and report["template"]["ok"], report
+    assert result["gguf_files"] == 1

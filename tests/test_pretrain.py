@@ -146,6 +146,14 @@ def test_llama_shapes_and_counts():
         assert shape.non_embedding == total - 2 * 1000 * shape.width
         assert model.config.num_key_value_heads * 2 == model.config.num_attention_heads
     assert shape_for(4096, model_size="1M").non_embedding == pytest.approx(1e6, rel=0.7)
+    # Every size of a ladder is a config transformers accepts, within 25% of what was asked.
+    for head_dim, aspect in ((64, 64), (16, 32), (128, 128)):
+        for size in ("20K", "150K", "2M", "3M", "40M", "7B"):
+            shape = shape_for(32000, model_size=size, aspect_ratio=aspect, head_dim=head_dim)
+            shape.config(256)
+            assert shape.width % shape.heads == 0 and shape.heads % shape.kv_heads == 0
+            if parse_count(size) >= 1e6:
+                assert shape.non_embedding == pytest.approx(parse_count(size), rel=0.25)
 
 
 def test_document_masked_loss_equals_transformers_on_each_document(bpe):

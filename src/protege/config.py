@@ -317,7 +317,10 @@ def config_help(cls: type[BaseModel], prefix: str = "", defaults: BaseModel | No
     model is the calibrated judge, not `TeacherConfig`'s own default model).
     """
     lines = []
+    unused = getattr(cls, "unused_fields", frozenset())  # inherited keys this stage ignores (and refuses if set)
     for name, field in _model_fields(cls).items():
+        if name in unused:
+            continue
         sub = _nested_model(field.annotation)
         default: Any = None
         if defaults is not None:

@@ -40,9 +40,11 @@ _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 # Runs inside the converter's subprocess. A tokenizer whose pre-tokenizer hash llama.cpp does not
 # know is refused by the converter; when it is plain GPT-2 byte-level BPE (the regex llama.cpp calls
-# "gpt-2"), that is what we declare, and the round-trip checks then prove the tokens agree.
+# "gpt-2") or GPT-4's split + byte-level (protege's own tokenizer; llama.cpp's "llama-bpe"), that is what
+# we declare, and the round-trip checks then prove the tokens agree.
 _DRIVER = r"""
 import json, sys
+GPT4_SPLIT = @GPT4_SPLIT@
 sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[1] + "/gguf-py")
 import conversion.base as base
 
@@ -56,6 +58,12 @@ def _pre(self, tokenizer):
         pre = tj.get("pre_tokenizer") or {}
         if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
             return "gpt-2"
+        # GPT-4's split then byte-level (protege's own `train tokenizer`, Llama-3): llama.cpp's "llama-bpe".
+        steps = pre.get("pretokenizers") or []
+        if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
+                and steps[0].get("pattern", {}).get("Regex") == GPT4_SPLIT and steps[1].get("type") == "ByteLevel"
+                and not steps[1].get("use_regex", True)):
+            return "llama-bpe"
         raise
 
 base.TextModel.get_vocab_base_pre = _pre
@@ -131,7 +139,10 @@ def convert(hf_dir: Path, out: Path, outtype: str) -> Path:
     conv = converter_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, ".partial") as tmp:
-        cmd = [sys.executable, "-c", _DRIVER, str(conv), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
+        from ..train.tokenizer import GPT4_SPLIT
+
+        driver = _DRIVER.replace("@GPT4_SPLIT@", repr(GPT4_SPLIT))
+        cmd = [sys.executable, "-c", driver, str(conv), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not tmp.is_file():
             tail = "\n".join(line for line in proc.stderr.splitlines()[-15:])

@@ -49,7 +49,10 @@ def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
         ax1.plot(np.exp(xs), np.polyval(bf.coeffs, xs), "-", color=color, alpha=0.6)
         if bf.interior:
             ax1.plot([bf.n_opt], [bf.loss_opt], "*", color=color, ms=14, mec="black")
+    from matplotlib.ticker import NullFormatter
+
     ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels collide over a narrow range
     ax1.set_xlabel("non-embedding parameters N")
     ax1.set_ylabel("held-out loss (nats/token)")
     ax1.set_title("IsoFLOP curves (star: fitted optimum)")
@@ -64,6 +67,7 @@ def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
             grid = np.geomspace(cs.min(), cs.max(), 20)
             ax2.loglog(grid, np.exp(fit.k_n) * grid ** fit.a, "-", color="C0", label=f"N ∝ C^{fit.a:.2f}")
             ax2.loglog(grid, np.exp(fit.k_d) * grid ** fit.b, "-", color="C1", label=f"D ∝ C^{fit.b:.2f}")
+    ax2.xaxis.set_minor_formatter(NullFormatter())
     ax2.set_xlabel("compute C (training FLOPs)")
     ax2.set_title("Compute-optimal size and tokens")
     if ok:

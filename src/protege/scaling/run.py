@@ -10,6 +10,9 @@ loss against size per budget, the optimal N and D against C, and LLaMA's point f
 fixed size (a fixed inference cost), held-out loss keeps falling as tokens go past the compute-optimal
 count.
 
+When the lowest loss of a budget sits at the edge of its sizes, the next size beyond that edge is run too,
+until the minimum is bracketed (or the ladder, `min_steps` or `max_epochs` ends it; the page says which).
+
 Runs live in `out_dir/runs/C<budget>-N<size>/` as ordinary pretraining folders: a finished one (its
 manifest holds this config) is read back, not rerun; a killed one resumes from its checkpoint. Pairs that
 would take fewer than `min_steps` steps or repeat the corpus more than `max_epochs` times are skipped and
@@ -56,7 +59,9 @@ class ScalingConfig(StageConfig):
 
 
 def _fmt_c(c: float) -> str:
-    return f"{c:.0e}".replace("+", "")
+    """1.2e12 -> "1.2e12" (folder names: two budgets must never share one)."""
+    mantissa, exp = f"{c:.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"
 
 
 def _finished(run_dir: Path, cfg: PretrainConfig) -> dict[str, Any] | None:
@@ -81,44 +86,51 @@ def _shared_tokenizer(cfg: ScalingConfig, out_dir: Path) -> PretrainConfig:
     return base.model_copy(update={"tokenizer": str(tok_dir / "tokenizer")})
 
 
-def plan_runs(cfg: ScalingConfig, base: PretrainConfig, vocab: int, corpus_tokens: int | None,
-              world: int = 1) -> tuple[list[tuple[float, str, PretrainConfig]], list[dict[str, Any]]]:
-    """(budget, size, pretrain config) for every pair to run, and the skipped pairs with the reason."""
-    import math
-
+def size_ladder(cfg: ScalingConfig, base: PretrainConfig, vocab: int) -> list[tuple[Any, str]]:
+    """(shape, size name) for every configured size, smallest first; sizes that pick the same shape are one."""
     from ..train.llama import parse_count, shape_for
 
-    out_dir = Path(cfg.out_dir)
-    per_step = base.batch_size * base.max_length * base.grad_accum * world
-    by_shape: dict[Any, str] = {}  # two sizes that pick the same shape are one size
+    by_shape: dict[Any, str] = {}
     for s in sorted(set(cfg.sizes), key=parse_count):
         by_shape.setdefault(shape_for(vocab, model_size=s, aspect_ratio=base.aspect_ratio, head_dim=base.head_dim,
                                       gqa_group=base.gqa_group, tie=base.tie_embeddings), s)
-    shapes = sorted(by_shape.items(), key=lambda kv: kv[0].non_embedding)
-    k = min(cfg.sizes_per_budget, len(shapes))
-    todo, skipped = [], []
-    for c in sorted(cfg.budgets):
-        # The window of k consecutive sizes whose middle is nearest D/N = center_tokens_per_param.
-        ratio = [c / sh.flops_per_token(base.max_length) / sh.non_embedding for sh, _ in shapes]
-        mid = min(range(len(shapes)), key=lambda i: abs(math.log(ratio[i] / cfg.center_tokens_per_param)))
-        lo = max(0, min(mid - k // 2, len(shapes) - k))
-        for shape, size in shapes[lo:lo + k]:
-            tokens = c / shape.flops_per_token(base.max_length)
-            steps = round(tokens / per_step)
-            why = None
-            if steps < cfg.min_steps:
-                why = f"{steps} steps < min_steps {cfg.min_steps}"
-            elif corpus_tokens and tokens / corpus_tokens > cfg.max_epochs:
-                why = f"{tokens / corpus_tokens:.1f} passes over the corpus > max_epochs {cfg.max_epochs}"
-            if why:
-                skipped.append({"flops": c, "size": size, "params": shape.non_embedding, "reason": why})
-                continue
-            run_cfg = base.model_copy(update={
-                "depth": None, "model_size": size, "train_tokens": steps * per_step, "max_steps": None,
-                "out_dir": str(out_dir / "runs" / f"C{_fmt_c(c)}-N{size}"), "data_dir": str(out_dir / "data"),
-                "seed": cfg.seed})
-            todo.append((c, size, run_cfg))
-    return todo, skipped
+    return sorted(by_shape.items(), key=lambda kv: kv[0].non_embedding)
+
+
+def first_window(cfg: ScalingConfig, ladder: list[tuple[Any, str]], budget: float, seq_len: int) -> tuple[int, int]:
+    """[lo, hi) of the `sizes_per_budget` consecutive sizes centred where D/N = center_tokens_per_param."""
+    import math
+
+    k = min(cfg.sizes_per_budget, len(ladder))
+    ratio = [budget / sh.flops_per_token(seq_len) / sh.non_embedding for sh, _ in ladder]
+    mid = min(range(len(ladder)), key=lambda i: abs(math.log(ratio[i] / cfg.center_tokens_per_param)))
+    lo = max(0, min(mid - k // 2, len(ladder) - k))
+    return lo, lo + k
+
+
+def run_config(cfg: ScalingConfig, base: PretrainConfig, shape: Any, size: str, budget: float,
+               corpus_tokens: int | None, world: int = 1) -> tuple[PretrainConfig | None, str | None]:
+    """The pretraining config that spends `budget` on this size, or why that pair is skipped."""
+    per_step = base.batch_size * base.max_length * base.grad_accum * world
+    tokens = budget / shape.flops_per_token(base.max_length)
+    steps = round(tokens / per_step)
+    if steps < cfg.min_steps:
+        return None, f"{steps} steps < min_steps {cfg.min_steps}"
+    if corpus_tokens and tokens / corpus_tokens > cfg.max_epochs:
+        return None, f"{tokens / corpus_tokens:.1f} passes over the corpus > max_epochs {cfg.max_epochs}"
+    out_dir = Path(cfg.out_dir)
+    return base.model_copy(update={
+        "depth": None, "model_size": size, "train_tokens": steps * per_step, "max_steps": None,
+        "out_dir": str(out_dir / "runs" / f"C{_fmt_c(budget)}-N{size}"), "data_dir": str(out_dir / "data"),
+        "seed": cfg.seed}), None
+
+
+def _result(budget: float, size: str, run_cfg: PretrainConfig, counts: dict[str, Any]) -> dict[str, Any]:
+    return {"budget": budget, "size": size, "depth": counts["depth"], "width": counts["width"],
+            "params": counts["non_embedding_params"], "total_params": counts["params"], "tokens": counts["train_tokens"],
+            "flops": counts["train_flops"], "eval_loss": counts["eval_loss"], "eval_bpb": counts["eval_bpb"],
+            "epochs": counts["epochs"], "tokens_per_s": counts["tokens_per_s"], "mfu": counts["mfu"],
+            "run_dir": run_cfg.out_dir}
 
 
 def run(cfg: ScalingConfig) -> dict[str, Any]:
@@ -133,39 +145,66 @@ def run(cfg: ScalingConfig) -> dict[str, Any]:
     save_config(cfg, out_dir)
     base = _shared_tokenizer(cfg, out_dir)
     vocab = len(load_tokenizer(base.model or base.tokenizer))
+    ladder = size_ladder(cfg, base, vocab)
     meta = out_dir / "data" / "tokens.json"
-    corpus = json.loads(meta.read_text())["train_tokens"] if meta.exists() else None
-    todo, skipped = plan_runs(cfg, base, vocab, corpus)
-    if corpus is None and todo:  # the first run tokenizes; plan again against the real corpus size
-        first = todo[0][2]
-        begin(first.out_dir)
-        pretrain.run(first)
-        corpus = json.loads(meta.read_text())["train_tokens"]
-        todo, skipped = plan_runs(cfg, base, vocab, corpus)
-    results = []
-    for i, (c, size, run_cfg) in enumerate(todo):
+
+    def corpus() -> int | None:
+        return json.loads(meta.read_text())["train_tokens"] if meta.exists() else None
+
+    n_run = 0
+
+    def train(budget: float, i: int) -> dict[str, Any] | str:
+        """One (budget, size): its result (run now or read back), or why it is skipped."""
+        nonlocal n_run
+        shape, size = ladder[i]
+        run_cfg, why = run_config(cfg, base, shape, size, budget, corpus())
+        if run_cfg is None:
+            return why or "skipped"
         counts = _finished(Path(run_cfg.out_dir), run_cfg)
         if counts is None:
-            print(f"[protege scaling] run {i + 1}/{len(todo)}: budget {c:.2g} FLOPs, size {size}", flush=True)
+            n_run += 1
+            print(f"[protege scaling] run {n_run}: budget {budget:.2g} FLOPs, size {size} ({shape.describe()})", flush=True)
             begin(run_cfg.out_dir)
             pretrain.run(run_cfg)
             counts = _finished(Path(run_cfg.out_dir), run_cfg)
         if counts is None or counts.get("eval_loss") is None:
             raise StageError(f"scaling: run {run_cfg.out_dir} finished without a held-out loss; raise "
                              "pretrain.val_fraction or lower pretrain.batch_size so the held-out data fills a batch")
-        results.append({"budget": c, "size": size, "depth": counts["depth"], "width": counts["width"],
-                        "params": counts["non_embedding_params"],
-                        "total_params": counts["params"], "tokens": counts["train_tokens"],
-                        "flops": counts["train_flops"], "eval_loss": counts["eval_loss"], "eval_bpb": counts["eval_bpb"],
-                        "epochs": counts["epochs"], "tokens_per_s": counts["tokens_per_s"], "mfu": counts["mfu"],
-                        "run_dir": run_cfg.out_dir})
+        return _result(budget, size, run_cfg, counts)
+
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for budget in sorted(cfg.budgets):
+        # The first window, then one size further down (up) while the lowest loss sits on the lower (upper)
+        # edge: the minimum is bracketed whatever the centring guessed, as far as the ladder and limits allow.
+        lo, hi = first_window(cfg, ladder, budget, base.max_length)
+        done: dict[int, dict[str, Any] | str] = {}
+        while True:
+            for i in range(lo, hi):
+                if i not in done:
+                    done[i] = train(budget, i)
+            ran = {i: r for i, r in done.items() if isinstance(r, dict)}
+            if not ran:
+                break
+            best = min(ran, key=lambda i: ran[i]["eval_loss"])
+            if best == min(ran) and lo > 0 and isinstance(done.get(lo, {}), dict):
+                lo -= 1
+            elif best == max(ran) and hi < len(ladder) and isinstance(done.get(hi - 1, {}), dict):
+                hi += 1
+            else:
+                break
+        for i, r in sorted(done.items()):
+            if isinstance(r, dict):
+                results.append(r)
+            else:
+                skipped.append({"flops": budget, "size": ladder[i][1], "params": ladder[i][0].non_embedding, "reason": r})
     if not results:
         raise StageError("scaling: every (budget, size) pair was skipped: " + "; ".join(
             f"{s['flops']:.2g}/{s['size']}: {s['reason']}" for s in skipped))
     # Budgets, not each run's rounded FLOPs, group the runs; N and D are the runs' own.
     fit: ScalingFit = bootstrap([Run(r["budget"], r["params"], r["tokens"], r["eval_loss"]) for r in results],
                                 n=cfg.bootstrap, seed=cfg.seed)
-    summary = write_report(cfg, results, skipped, fit, out_dir, corpus)
+    summary = write_report(cfg, results, skipped, fit, out_dir, corpus())
     write_manifest(out_dir, "scaling", cfg, outputs=[out_dir / RESULTS_FILE, out_dir / "scaling.html", out_dir / "scaling.md"],
                    counts=summary, seconds=time.time() - t0)
     print(f"[protege scaling] {summary['headline']}\npage: {out_dir / 'scaling.html'}", flush=True)

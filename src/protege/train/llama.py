@@ -7,7 +7,7 @@ converter and protege's own stages already load.
 Shapes follow nanochat's one knob: `depth` layers of width `depth * aspect_ratio`, heads of `head_dim`,
 `gqa_group` query heads per key/value head (LLaMA-2 70B: 8), SwiGLU hidden size 8/3 of the width rounded
 up to a multiple of 32 (LLaMA rounds to 256, too coarse for models this small). A size given as a
-parameter count ("3M") picks the depth x width shape (width a multiple of 16, within 1.5x of depth *
+parameter count ("3M") picks the depth x width shape (width a multiple of the head size (at least 16), within 1.5x of depth *
 aspect_ratio) whose non-embedding count is nearest: a finer ladder than depth alone, of alike shapes.
 
 Counting: N is the *non-embedding* parameter count (Kaplan et al.; with a 4k vocabulary the embedding
@@ -96,6 +96,8 @@ def shape_for(vocab: int, *, depth: int | None = None, model_size: str | None = 
     def at(L: int, width: int | None = None) -> LlamaShape:
         width = width or L * aspect_ratio
         heads = max(1, width // head_dim)
+        while width % heads:  # transformers requires the width to split evenly over the heads
+            heads -= 1
         kv = max(1, heads // gqa_group)
         while heads % kv:
             kv -= 1
@@ -112,7 +114,8 @@ def shape_for(vocab: int, *, depth: int | None = None, model_size: str | None = 
     # Depth and width both free, width in steps of 16 and within 1.5x of depth * aspect_ratio: a ladder of sizes
     # much finer than depth alone gives, whose shapes stay alike (a 5-layer, 32-wide model is not a smaller
     # 2-layer, 64-wide one: it trains worse, and a size sweep would measure the shape instead of the size).
+    step = max(16, head_dim)  # whole heads: width = heads x head_dim
     shapes = [at(L, w) for L in range(1, 129)
-              for w in range(16 * max(1, math.ceil(L * aspect_ratio / 1.5 / 16)), int(L * aspect_ratio * 1.5) + 1, 16)]
+              for w in range(step * max(1, math.ceil(L * aspect_ratio / 1.5 / step)), int(L * aspect_ratio * 1.5) + 1, step)]
     return min(shapes, key=lambda s: (round(abs(math.log(s.non_embedding / target)), 2),
                                       abs(math.log(s.width / s.depth / aspect_ratio))))

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import save_config
 from ..errors import StageError
@@ -71,6 +71,21 @@ class PretrainConfig(TrainSettings):
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="documents (by hash) held out for eval loss and bits per byte")
     eval_tokens: int = Field(131072, ge=0, description="held-out tokens scored at each eval (at most)")
     save_every: int = Field(200, ge=0, description="checkpoint every N optimizer steps (and always at the end)")
+
+    # TrainSettings keys that fine-tuning reads and pretraining does not: hidden from --help, refused if set.
+    unused_fields: ClassVar[frozenset[str]] = frozenset({"lora", "quantization", "eval_dataset", "eval_fraction",
+                                                         "eval_max_examples", "save_merged"})
+
+    @model_validator(mode="after")
+    def _refuse_unused(self) -> "PretrainConfig":
+        defaults = TrainSettings.model_fields
+        set_here = [k for k in sorted(self.unused_fields & self.model_fields_set)
+                    if getattr(self, k) != (defaults[k].default if defaults[k].default_factory is None
+                                            else defaults[k].default_factory())]
+        if set_here:
+            raise ValueError(f"{', '.join(set_here)}: not used by pretraining (it trains every parameter of a new "
+                             "model and holds out documents by val_fraction / eval_tokens)")
+        return self
 
 
 def model_shape(config: PretrainConfig, vocab: int) -> Any:
@@ -128,6 +143,22 @@ def unigram_entropy(tokens: Any, vocab: int) -> float:
         counts += np.bincount(np.asarray(tokens[i:i + (1 << 24)]), minlength=vocab)[:vocab]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def _data_card(path: Path, key: dict[str, Any], meta: dict[str, Any], tokenizer: str) -> None:
+    """What the base was trained on: each source with its provenance, licence and hash, and the token counts."""
+    lines = ["# Pretraining data card", "", "| source | provenance / licence | sha256 |", "|---|---|---|"]
+    for src in key["sources"]:
+        prov = src.get("provenance", "user-supplied (licence: see its origin)")
+        if "python" in src:
+            prov += f"; CPython {src['python']}"
+        lines.append(f"| {src['source']} | {prov} | {src.get('sha256', '–')} |")
+    lines += ["", f"Tokenizer: {tokenizer}. Documents are split into train and held-out by a hash of their text "
+              f"(held-out fraction {key['val_fraction']}).", "",
+              "| split | documents | tokens | UTF-8 bytes |", "|---|---|---|---|"]
+    for split in ("train", "val"):
+        lines.append(f"| {split} | {meta[f'{split}_documents']:,} | {meta[f'{split}_tokens']:,} | {meta[f'{split}_bytes']:,} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -258,11 +289,12 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         from ..chat import ChatFormat
 
         target = out_dir / MODEL_DIR
+        _data_card(out_dir / "data_card.md", key, files.meta, tok_source)
         accelerator.unwrap_model(model).save_pretrained(str(target))
         ChatFormat.from_tokenizer(tok).apply_to(tok)
         tok.save_pretrained(str(target))
         write_manifest(out_dir, "train.pretrain", as_given, inputs=[d for d in config.datasets if Path(d).is_file()],
-                       outputs=[target, out_dir / "metrics.jsonl"], counts=summary, seconds=time.time() - t_start,
+                       outputs=[target, out_dir / "metrics.jsonl", out_dir / "data_card.md"], counts=summary, seconds=time.time() - t_start,
                        extra={"corpus": key})
         log(f"done: loss {result.loss:.4f}, eval loss {summary['eval_loss']}, bits/byte {summary['eval_bpb']}, "
             f"unigram entropy {summary['unigram_entropy']}; model in {target}")
