@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..figures import png_base64, pyplot
+from ..train.llama import fmt_count
 from .fit import ScalingFit
 
 __all__ = ["write_report", "overtraining"]
@@ -53,6 +54,8 @@ def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
 
     ax1.set_xscale("log")
     ax1.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels collide over a narrow range
+    sizes = sorted({r["params"] for r in results})
+    ax1.set_xticks(sizes, [fmt_count(n) for n in sizes], fontsize=7)
     ax1.set_xlabel("non-embedding parameters N")
     ax1.set_ylabel("held-out loss (nats/token)")
     ax1.set_title("IsoFLOP curves (star: fitted optimum)")
@@ -68,6 +71,7 @@ def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
             ax2.loglog(grid, np.exp(fit.k_n) * grid ** fit.a, "-", color="C0", label=f"N ∝ C^{fit.a:.2f}")
             ax2.loglog(grid, np.exp(fit.k_d) * grid ** fit.b, "-", color="C1", label=f"D ∝ C^{fit.b:.2f}")
     ax2.xaxis.set_minor_formatter(NullFormatter())
+    ax2.set_xticks(budgets, [f"{c:.1e}" for c in budgets], fontsize=7)
     ax2.set_xlabel("compute C (training FLOPs)")
     ax2.set_title("Compute-optimal size and tokens")
     if ok:
