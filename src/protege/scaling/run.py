@@ -143,13 +143,15 @@ def run(cfg: ScalingConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
-    base = _shared_tokenizer(cfg, out_dir)
-    vocab = len(load_tokenizer(base.model or base.tokenizer))
-    ladder = size_ladder(cfg, base, vocab)
-    meta = out_dir / "data" / "tokens.json"
+    base = _shared_tokenizer(cfg, out_dir).model_copy(update={"data_dir": str(out_dir / "data")})
+    tok_source = base.model or base.tokenizer
+    tok = load_tokenizer(tok_source)
+    ladder = size_ladder(cfg, base, len(tok))
+    # Tokenized once, before planning: every run reads these files, and max_epochs needs the corpus size.
+    corpus_tokens = int(pretrain.prepare_tokens(base, tok, str(tok_source))[0].meta["train_tokens"])
 
-    def corpus() -> int | None:
-        return json.loads(meta.read_text())["train_tokens"] if meta.exists() else None
+    def corpus() -> int:
+        return corpus_tokens
 
     n_run = 0
 

@@ -33,7 +33,7 @@ from .fit import LossOutput, fit, start_run
 from .losses import IGNORE_INDEX
 from .settings import TrainSettings, fingerprint
 
-__all__ = ["PretrainConfig", "run", "measure_peak_flops", "model_shape"]
+__all__ = ["PretrainConfig", "run", "prepare_tokens", "measure_peak_flops", "model_shape"]
 
 MODEL_DIR = "model"
 
@@ -161,10 +161,21 @@ def _data_card(path: Path, key: dict[str, Any], meta: dict[str, Any], tokenizer:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def prepare_tokens(config: PretrainConfig, tok: Any, tok_source: str, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(token files, their key): the corpus tokenized into `data_dir` (default out_dir/data), or reused."""
+    from ..models.load import resolve
+    from .pretrain_data import corpus_key, tokenize_corpus
+
+    tok_dir = resolve(tok_source) if config.model or config.tokenizer else tok_source
+    key = corpus_key(config.datasets, str(tok_dir), config.text_field, config.separator, config.val_fraction)
+    data_dir = Path(config.data_dir) if config.data_dir else Path(config.out_dir) / "data"
+    return tokenize_corpus(config.datasets, tok, data_dir, text_field=config.text_field, separator=config.separator,
+                           val_fraction=config.val_fraction, key=key, progress=progress), key
+
+
 def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Tokenize (once), build or load the model, train with `fit`, evaluate, save. See the module docstring."""
-    from ..models.load import resolve
-    from .pretrain_data import PackedRows, corpus_key, rows_to_batch, token_byte_lengths, tokenize_corpus
+    from .pretrain_data import PackedRows, rows_to_batch, token_byte_lengths
     from .sft import SFTModule
 
     t_start = time.time()
@@ -179,16 +190,11 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     accelerator.wait_for_everyone()
     if not main:
         tok, tok_source = _tokenizer(config, out_dir, log)
-    tok_dir = resolve(tok_source) if config.model or config.tokenizer else tok_source
-    key = corpus_key(config.datasets, str(tok_dir), config.text_field, config.separator, config.val_fraction)
-    data_dir = Path(config.data_dir) if config.data_dir else out_dir / "data"
     if main:
-        files = tokenize_corpus(config.datasets, tok, data_dir, text_field=config.text_field,
-                                separator=config.separator, val_fraction=config.val_fraction, key=key)
+        files, key = prepare_tokens(config, tok, tok_source)
     accelerator.wait_for_everyone()
     if not main:
-        files = tokenize_corpus(config.datasets, tok, data_dir, text_field=config.text_field,
-                                separator=config.separator, val_fraction=config.val_fraction, key=key, progress=False)
+        files, key = prepare_tokens(config, tok, tok_source, progress=False)
     train_tokens, val_tokens = files.load("train"), files.load("val")
     bos, eos = files.meta["bos"], files.meta["eos"]
     T, B = config.max_length, config.batch_size
