@@ -212,7 +212,11 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     if len(plan) == 0:
         raise StageError(f"pretrain: {n_rows} rows of {T} tokens make no micro-batch of {B}; lower batch_size")
     eval_rows = min((len(val_tokens) - 1) // T, config.eval_tokens // T) if len(val_tokens) > T else 0
-    eval_plan = PackedRows(eval_rows * T + 1, T, B, 1, 0, shuffle=False) if eval_rows >= B else []
+    # A held-out split smaller than one micro-batch is scored in one smaller batch, not skipped.
+    eval_plan = PackedRows(eval_rows * T + 1, T, min(B, eval_rows), 1, 0, shuffle=False) if eval_rows else []
+    if not eval_plan and config.val_fraction > 0 and config.eval_tokens > 0:
+        log(f"warning: {len(val_tokens)} held-out tokens make no row of {T}: no held-out loss or bits per byte; "
+            "raise val_fraction")
     byte_len = token_byte_lengths(tok)
 
     # ---- model ---------------------------------------------------------------------------
