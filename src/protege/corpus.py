@@ -22,6 +22,7 @@ small: for more than a CPU-sized model point `datasets` at real text.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -173,16 +174,23 @@ def iter_documents(source: str, text_field: str = "text", separator: str = "<|en
         raise CorpusError(f"{source}: unknown corpus format `{suffix}` (expected .txt, .md, .jsonl, .parquet)")
 
 
+@functools.lru_cache(maxsize=None)
+def _builtin_digest(source: str) -> str:
+    """sha256 of a built-in corpus: fixed for the life of the process (a scaling sweep asks once per run, and
+    `builtin:python-docs` parses the whole standard library to answer)."""
+    digest = hashlib.sha256()
+    for doc in builtin(source):
+        digest.update(doc.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
 def describe_source(source: str) -> dict[str, str]:
     """What a data card records of a source: its sha256 (files) or its name and provenance (built-ins)."""
     if source in BUILTIN_CORPORA:
         import platform
 
-        digest = hashlib.sha256()
-        for doc in builtin(source):
-            digest.update(doc.encode("utf-8") + b"\0")
         return {"source": source, "provenance": BUILTIN_CORPORA[source],
-                "python": platform.python_version(), "sha256": digest.hexdigest()}
+                "python": platform.python_version(), "sha256": _builtin_digest(source)}
     if Path(source).is_file():
         from .manifest import sha256_file
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from ..figures import png_base64, pyplot
 from ..files import tolerant_jsonl
+from ..train.pretrain import STAGE as PRETRAIN_STAGE
 
 __all__ = ["PRETRAIN_STAGE", "read_pretrain", "pretrain_section", "pretrain_markdown", "is_pretrain_manifest"]
 
-PRETRAIN_STAGE = "train.pretrain"
 _COLUMNS = ("non-embedding params", "params", "tokens", "passes", "train loss", "held-out loss", "bits/byte",
             "unigram entropy", "tokens/s", "MFU")
 

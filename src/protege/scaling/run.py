@@ -74,16 +74,12 @@ def _finished(run_dir: Path, cfg: PretrainConfig) -> dict[str, Any] | None:
 
 def _shared_tokenizer(cfg: ScalingConfig, out_dir: Path) -> PretrainConfig:
     """Every run must see the same tokens: train the tokenizer once here when none is given."""
+    from ..train.pretrain import default_tokenizer
+
     base = cfg.pretrain
     if base.tokenizer or base.model:
         return base
-    from ..train.tokenizer import TokenizerConfig, run as train_tokenizer
-
-    tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "manifest.json").exists():
-        train_tokenizer(TokenizerConfig(datasets=base.datasets, out_dir=str(tok_dir), vocab_size=base.vocab_size,
-                                        text_field=base.text_field, separator=base.separator, compare=[]))
-    return base.model_copy(update={"tokenizer": str(tok_dir / "tokenizer")})
+    return base.model_copy(update={"tokenizer": default_tokenizer(base, out_dir / "tokenizer")})
 
 
 def size_ladder(cfg: ScalingConfig, base: PretrainConfig, vocab: int) -> list[tuple[Any, str]]:

@@ -33,9 +33,10 @@ from .fit import LossOutput, fit, start_run
 from .losses import IGNORE_INDEX
 from .settings import TrainSettings, fingerprint
 
-__all__ = ["PretrainConfig", "run", "prepare_tokens", "measure_peak_flops", "model_shape"]
+__all__ = ["PretrainConfig", "STAGE", "run", "prepare_tokens", "default_tokenizer", "measure_peak_flops", "model_shape"]
 
 MODEL_DIR = "model"
+STAGE = "train.pretrain"  # the manifest's stage name; the report finds pretraining runs by it
 
 
 class PretrainConfig(TrainSettings):
@@ -118,20 +119,23 @@ def measure_peak_flops(device: Any, dtype: torch.dtype, windows: int = 5, second
     return best
 
 
-def _tokenizer(config: PretrainConfig, out_dir: Path, log: Any) -> tuple[Any, str]:
-    from ..models import load_tokenizer
+def default_tokenizer(config: PretrainConfig, tok_dir: Path, log: Any = print) -> str:
+    """The tokenizer folder used when none is given: a `vocab_size` BPE trained on the corpus into `tok_dir`
+    once (a finished one, its manifest written, is reused)."""
     from .tokenizer import TokenizerConfig, run as train_tokenizer
 
-    if config.model:
-        return load_tokenizer(config.model), str(config.model)
-    if config.tokenizer:
-        return load_tokenizer(config.tokenizer), str(config.tokenizer)
-    tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer" / "tokenizer.json").exists():
+    if not (tok_dir / "manifest.json").exists():
         log(f"no tokenizer given: training a {config.vocab_size}-token byte-level BPE on the corpus")
         train_tokenizer(TokenizerConfig(datasets=config.datasets, out_dir=str(tok_dir), vocab_size=config.vocab_size,
                                         text_field=config.text_field, separator=config.separator, compare=[]))
-    return load_tokenizer(tok_dir / "tokenizer"), str(tok_dir / "tokenizer")
+    return str(tok_dir / "tokenizer")
+
+
+def _tokenizer(config: PretrainConfig, out_dir: Path, log: Any) -> tuple[Any, str]:
+    from ..models import load_tokenizer
+
+    source = config.model or config.tokenizer or default_tokenizer(config, out_dir / "tokenizer", log)
+    return load_tokenizer(source), str(source)
 
 
 def unigram_entropy(tokens: Any, vocab: int) -> float:
@@ -185,16 +189,9 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     # ---- data -----------------------------------------------------------------------------
-    if main:
+    with accelerator.main_process_first():  # the main process trains / tokenizes, the others reuse its files
         tok, tok_source = _tokenizer(config, out_dir, log)
-    accelerator.wait_for_everyone()
-    if not main:
-        tok, tok_source = _tokenizer(config, out_dir, log)
-    if main:
-        files, key = prepare_tokens(config, tok, tok_source)
-    accelerator.wait_for_everyone()
-    if not main:
-        files, key = prepare_tokens(config, tok, tok_source, progress=False)
+        files, key = prepare_tokens(config, tok, tok_source, progress=main)
     train_tokens, val_tokens = files.load("train"), files.load("val")
     bos, eos = files.meta["bos"], files.meta["eos"]
     T, B = config.max_length, config.batch_size
@@ -258,15 +255,16 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         n = int((b["labels"] != IGNORE_INDEX).sum())
         return LossOutput(m(b["input_ids"], b["position_ids"], b["labels"], normalizer=1.0), n)
 
-    def eval_fn(m: torch.nn.Module, starts: list[int]) -> LossOutput:
+    def eval_fn(m: Any, starts: list[int]) -> LossOutput:  # `m` unwrapped: `evaluate` never calls DDP's forward
         b = batch_of(starts, val_tokens)
         labels = b["labels"]
         n = int((labels != IGNORE_INDEX).sum())
-        loss = m(b["input_ids"], b["position_ids"], labels, normalizer=1.0)
+        hidden = m.hidden(b["input_ids"], b["position_ids"])  # one decoder pass for both losses
+        loss = m.loss(hidden, labels, normalizer=1.0)
         # Bits per byte: nats over text tokens only (a special token stands for no bytes), per UTF-8 byte.
         lens = byte_len.to(labels.device)[labels.clamp(min=0)] * (labels != IGNORE_INDEX)
         text_labels = torch.where(lens > 0, labels, torch.full_like(labels, IGNORE_INDEX))
-        text_nats = m(b["input_ids"], b["position_ids"], text_labels, normalizer=1.0)
+        text_nats = m.loss(hidden, text_labels, normalizer=1.0)
         return LossOutput(loss, n, {"text_nats": text_nats, "bytes": float(lens.sum())})
 
     # ---- train -----------------------------------------------------------------------------
@@ -303,7 +301,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         accelerator.unwrap_model(model).save_pretrained(str(target))
         ChatFormat.from_tokenizer(tok).apply_to(tok)
         tok.save_pretrained(str(target))
-        write_manifest(out_dir, "train.pretrain", as_given, inputs=[d for d in config.datasets if Path(d).is_file()],
+        write_manifest(out_dir, STAGE, as_given, inputs=[d for d in config.datasets if Path(d).is_file()],
                        outputs=[target, out_dir / "metrics.jsonl", out_dir / "data_card.md"], counts=summary, seconds=time.time() - t_start,
                        extra={"corpus": key})
         log(f"done: loss {result.loss:.4f}, eval loss {summary['eval_loss']}, bits/byte {summary['eval_bpb']}, "

@@ -61,11 +61,17 @@ class SFTModule(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 normalizer: float | None = None) -> torch.Tensor:
-        parts = self._parts
+        return self.loss(self.hidden(input_ids, position_ids), labels, normalizer)
+
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's final hidden states (B, T, H)."""
         emb = embed_inputs(self.model, input_ids)  # None: the decoder embeds (no trainable-token rows)
-        hidden = parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
-                               position_ids=position_ids, attention_mask=None,
-                               use_cache=False).last_hidden_state  # (B, T, H)
+        return self._parts.decoder(input_ids=None if emb is not None else input_ids, inputs_embeds=emb,
+                                   position_ids=position_ids, attention_mask=None, use_cache=False).last_hidden_state
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+        """SFT loss of `labels` on given hidden states (several label sets may share one decoder pass)."""
+        parts = self._parts
         weight, override = head_rows(parts.head)
         return sft_loss(hidden, weight, labels, normalizer=normalizer, softcap=parts.softcap,
                         chunk_size=self.logits_chunk, row_override=override)
