@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..figures import png_base64, pyplot
+from ..files import atomic_write_json
 from ..train.llama import fmt_count
 from .fit import ScalingFit
 
@@ -38,7 +38,7 @@ def overtraining(results: list[dict[str, Any]], optimal_ratio: float | None) -> 
     return rows
 
 
-def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
+def _figure(results: list[dict[str, Any]], fit: ScalingFit, optimal_ratio: float | None) -> str:
     plt = pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.3))
     budgets = sorted({r["budget"] for r in results})
@@ -82,9 +82,8 @@ def _figure(results: list[dict[str, Any]], fit: ScalingFit) -> str:
         if len(runs) > 1:
             ax3.plot([r["tokens"] / r["params"] for r in runs], [r["eval_loss"] for r in runs], "o-",
                      color=f"C{i % 10}", label=f"N = {size:,}")
-    ratios = [b.d_opt / b.n_opt for b in ok]
-    if ratios:
-        ax3.axvline(float(np.exp(np.mean(np.log(ratios)))), color="black", ls="--", lw=1, label="fitted optimum")
+    if optimal_ratio is not None:
+        ax3.axvline(optimal_ratio, color="black", ls="--", lw=1, label="fitted optimum")
     ax3.set_xscale("log")
     ax3.set_xlabel("tokens per parameter (D / N)")
     ax3.set_ylabel("held-out loss")
@@ -110,7 +109,7 @@ def write_report(cfg: Any, results: list[dict[str, Any]], skipped: list[dict[str
                "skipped": len(skipped), "interior_budgets": len(ok), "budgets": len(fit.budgets),
                "corpus_train_tokens": corpus_tokens}
     doc = {"summary": summary, "fit": fit.to_json(), "runs": results, "skipped": skipped, "overtraining": over}
-    (out_dir / "scaling.json").write_text(json.dumps(doc, indent=2) + "\n")
+    atomic_write_json(out_dir / "scaling.json", doc)
 
     md = [f"# Scaling (IsoFLOP)\n\n{headline}\n", "| budget C | optimal N | optimal D | tokens/param | loss at optimum | "
           "sizes tried |", "|---|---|---|---|---|---|"]
@@ -136,7 +135,7 @@ def write_report(cfg: Any, results: list[dict[str, Any]], skipped: list[dict[str
         md += ["", "Skipped: " + "; ".join(f"C={s['flops']:.1e} N={s['size']}: {s['reason']}" for s in skipped)]
     text = "\n".join(md) + "\n"
     (out_dir / "scaling.md").write_text(text, encoding="utf-8")
-    figure = _figure(results, fit)
+    figure = _figure(results, fit, ratio)
     body = "".join(f"<p>{html.escape(line)}</p>" if not line.startswith("|") else "" for line in text.splitlines()[:3])
     tables = _md_tables_html(text)
     (out_dir / "scaling.html").write_text(

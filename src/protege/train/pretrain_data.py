@@ -19,9 +19,9 @@ a resumed run reads exactly the batches an uninterrupted one would, and ranks sp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import StageError
+from ..files import atomic_path, atomic_write_json
 from .losses import IGNORE_INDEX
 
 __all__ = ["TokenFiles", "tokenize_corpus", "PackedRows", "rows_to_batch", "token_byte_lengths", "doc_tokens", "corpus_key"]
@@ -80,23 +81,25 @@ def tokenize_corpus(sources: Sequence[str], tok: Any, cache_dir: Path, *, text_f
     bos, eos = doc_tokens(tok)
     frame = ([bos], [eos] if eos != bos else [])
     counts = {"train": [0, 0, 0], "val": [0, 0, 0]}  # documents, tokens, utf-8 bytes
-    tmp = {s: cache_dir / f"{s}.bin.partial" for s in counts}
-    handles = {s: tmp[s].open("wb") for s in counts}
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress, dynamic_ncols=True)
+    # Both files are written beside their names and renamed in only when complete (`atomic_path`).
+    with contextlib.ExitStack() as stack:
+        handles = {split: stack.enter_context(stack.enter_context(atomic_path(path, ".partial")).open("wb"))
+                   for split, path in (("train", files.train), ("val", files.val))}
+        stack.callback(bar.close)
 
-    def flush(docs: list[str], split: str) -> None:
-        if not docs:
-            return
-        ids = tok(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        flat = np.fromiter((t for one in ids for t in (*frame[0], *one, *frame[1])), dtype=dtype)
-        handles[split].write(flat.tobytes())
-        c = counts[split]
-        c[0] += len(docs)
-        c[1] += int(flat.size)
-        c[2] += sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
-        bar.update(len(docs))
+        def flush(docs: list[str], split: str) -> None:
+            if not docs:
+                return
+            ids = tok(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            flat = np.fromiter((t for one in ids for t in (*frame[0], *one, *frame[1])), dtype=dtype)
+            handles[split].write(flat.tobytes())
+            c = counts[split]
+            c[0] += len(docs)
+            c[1] += int(flat.size)
+            c[2] += sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
+            bar.update(len(docs))
 
-    try:
         pending: dict[str, list[str]] = {"train": [], "val": []}
         for source in sources:
             for doc in iter_documents(source, text_field, separator):
@@ -107,15 +110,9 @@ def tokenize_corpus(sources: Sequence[str], tok: Any, cache_dir: Path, *, text_f
                     pending[split] = []
         for split, docs in pending.items():
             flush(docs, split)
-    finally:
-        bar.close()
-        for h in handles.values():
-            h.close()
-    for split in counts:
-        os.replace(tmp[split], files.train if split == "train" else files.val)
     meta = {"key": key, "dtype": dtype, "bos": bos, "eos": eos,
             **{f"{s}_{k}": counts[s][i] for s in counts for i, k in enumerate(("documents", "tokens", "bytes"))}}
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(meta_path, meta)  # last: the files count only once it names them
     files.meta = meta
     return files
 

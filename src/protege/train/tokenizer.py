@@ -53,12 +53,13 @@ class TokenizerConfig(StageConfig):
 def _training_text(config: TokenizerConfig, held: list[str]) -> Iterator[str]:
     from ..corpus import held_out, iter_documents
 
-    budget = config.max_chars
+    budget, held_chars = config.max_chars, 0
     for source in config.datasets:
         for doc in iter_documents(source, config.text_field, config.separator):
             if held_out(doc, config.held_out_fraction):
-                if sum(map(len, held)) < 2_000_000:  # enough to measure compression to 3 digits
+                if held_chars < 2_000_000:  # enough to measure compression to 3 digits
                     held.append(doc)
+                    held_chars += len(doc)
                 continue
             piece = doc[: config.doc_cap]
             yield piece
@@ -115,7 +116,7 @@ def _compare(names: list[str], docs: list[str]) -> dict[str, float | str]:
 
 
 def run(config: TokenizerConfig) -> dict[str, Any]:
-    import json
+    from ..files import atomic_write_json
 
     t0 = time.time()
     out_dir = Path(config.out_dir)
@@ -138,7 +139,7 @@ def run(config: TokenizerConfig) -> dict[str, Any]:
     compression = {"protege": bytes_per_token(tok, held), **_compare(config.compare, held)}
     summary = {"vocab_size": len(tok), "training_chars": n_chars, "held_out_documents": len(held),
                "held_out_bytes": sum(len(d.encode()) for d in held), "bytes_per_token": compression}
-    (out_dir / "compression.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "compression.json", summary)
     write_manifest(out_dir, "train.tokenizer", config, inputs=[d for d in config.datasets if Path(d).is_file()],
                    outputs=[target, out_dir / "compression.json"], counts=summary, seconds=time.time() - t0)
     print(f"[protege tokenizer] vocab {len(tok)}, trained on {n_chars:,} chars; held-out bytes/token: "
