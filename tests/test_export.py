@@ -104,6 +104,13 @@ def test_llama_cpp_engine_serves_the_gguf_like_the_torch_engine(exported):
     mine = eng.chat([messages], params)[0]
     theirs = ref.chat([messages], params)[0]
     assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
+    # Per-token log-probabilities (the server's `logprobs`) agree with the torch engine's (F16 weights)
+    lp = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=2)
+    mine_lp, theirs_lp = eng.chat([messages], lp)[0], ref.chat([messages], lp)[0]
+    assert mine_lp.token_ids == theirs.token_ids and len(mine_lp.logprobs) == len(mine_lp.token_ids)
+    for a, b in zip(mine_lp.logprobs, theirs_lp.logprobs):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=2e-2)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top] and a.top[0][1] == pytest.approx(a.logprob)
     # A stop id ends the turn: make the first greedy token a stop token.
     first = theirs.token_ids[0]
     stopped = eng.generate([eng.chat_format.encode_prompt(messages)],

@@ -322,3 +322,45 @@ def test_an_unstreamed_client_that_hangs_up_frees_its_slot_while_tokens_flow(tin
         while scheduler.stats.active and time.monotonic() < deadline:
             time.sleep(0.02)
         assert scheduler.stats.cancelled == 1 and scheduler.stats.active == 0 and scheduler.stats.finished == 0
+
+
+def _teacher_forced_logprobs(model, prompt_ids, answer_ids):
+    """log p(answer token | everything before it) from one plain forward over prompt + answer."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return lp[len(prompt_ids) - 1:-1]
+
+
+def test_logprobs_are_the_models_own_and_match_streamed_ones(client, tiny_llama):
+    """Issue 31 MED: logprobs/top_logprobs were refused; now each answer token carries the model's
+    log-probability (equal to a plain forward's), its bytes, and the top alternatives, streamed or not."""
+    model, tok = tiny_llama
+    msgs = user("Spell a long word.")
+    out = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=0, max_tokens=12,
+                                         logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    expected, _ = reference(model, tok, msgs, max_new_tokens=12)
+    text_ids = [t for t in expected.token_ids if t not in tok.all_special_ids]
+    assert len(content) == len(text_ids) > 0
+    # a random model emits stray UTF-8 continuation bytes: the text shows U+FFFD, the bytes stay exact
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace") == out.choices[0].message.content
+    prompt_ids = Engine(model, tok).chat_format.encode_prompt(msgs)
+    ref = _teacher_forced_logprobs(model, prompt_ids, expected.token_ids)
+    for pos, (c, t) in enumerate(zip(content, text_ids)):
+        assert abs(c.logprob - float(ref[pos, t])) < 1e-4
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)  # greedy
+        assert [x.logprob for x in c.top_logprobs] == sorted((x.logprob for x in c.top_logprobs), reverse=True)
+    # sampled: the log-probabilities are the model's own (before temperature), whatever the temperature
+    hot = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=1.5, seed=3, max_tokens=8,
+                                         logprobs=True)
+    stream = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=1.5, seed=3, max_tokens=8,
+                                            logprobs=True, stream=True)
+    streamed = [c for ch in stream if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, round(c.logprob, 5)) for c in streamed] == \
+        [(c.token, round(c.logprob, 5)) for c in hot.choices[0].logprobs.content]
+    assert all(c.top_logprobs == [] for c in streamed)
+    plain = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content

@@ -19,7 +19,7 @@ import torch
 from ..chat import ChatFormat
 from ..models import cache_kwarg
 from .cache import SlotCache
-from .sampling import SamplingParams, choose_tokens, make_generator
+from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator
 from .text import TextTracker
 
 __all__ = ["Engine", "Completion", "StepOutput"]
@@ -29,23 +29,27 @@ __all__ = ["Engine", "Completion", "StepOutput"]
 class Completion:
     """A finished request. `token_ids` are every sampled id: a final stop id if one ended it, or all ids up
     to the one that completed a stop string. `text` never holds special tokens, a stop id or the stop string.
-    `finish_reason` is "stop" (stop id or string) or "length" (max_new_tokens or the model's context)."""
+    `finish_reason` is "stop" (stop id or string) or "length" (max_new_tokens or the model's context).
+    `logprobs`: one entry per id of `token_ids` when the request's params asked for them, else None."""
 
     text: str
     token_ids: list[int]
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class StepOutput:
-    """What one `step()` produced for one request; `finished` is set on its last step."""
+    """What one `step()` produced for one request; `finished` is set on its last step. `logprobs` has one
+    entry per id of `token_ids` when the request asked for them."""
 
     request_id: int
     token_ids: list[int]
     text_delta: str
     finished: Completion | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -57,6 +61,7 @@ class _Request:
     text: TextTracker
     gen: torch.Generator | None
     out: list[int] = field(default_factory=list)
+    out_logprobs: list[TokenLogprob] | None = None  # a list when params.logprobs asks for them
     row: int = -1  # cache row while running
     start: int = 0  # first valid cache index of this row (left padding before it)
     length: int = 0  # next cache index to write (= start + tokens in cache)
@@ -213,7 +218,8 @@ class Engine(RequestDriver):
         """Queue a prompt; it joins the running batch at the next `step()`. Returns its id."""
         prompt, params, stop_ids, tracker = self._new_request(prompt_ids, params)
         gen = None if params.greedy else make_generator(params.seed, self.device)
-        req = _Request(next(self._ids), prompt, params, stop_ids, tracker, gen)
+        req = _Request(next(self._ids), prompt, params, stop_ids, tracker, gen,
+                       out_logprobs=None if params.logprobs is None else [])
         self._waiting.append(req)
         return req.id
 
@@ -257,7 +263,8 @@ class Engine(RequestDriver):
             cand = self._waiting[0]
             if cand.params.max_new_tokens == 0:  # nothing to generate: finish without a forward
                 self._waiting.popleft()
-                outputs.append(StepOutput(cand.id, [], "", Completion("", [], len(cand.prompt), 0, "length")))
+                outputs.append(StepOutput(cand.id, [], "", Completion("", [], len(cand.prompt), 0, "length",
+                                                                      cand.out_logprobs)))
                 continue
             w = max(width, len(cand.prompt))
             if new and w * (len(new) + 1) > self.prefill_tokens:
@@ -338,10 +345,12 @@ class Engine(RequestDriver):
 
     def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per request, update text/stop state, release finished rows."""
-        tokens = choose_tokens(self._head, logits, [r.params for r in reqs], [r.gen for r in reqs])
+        tokens, logprobs = choose_tokens(self._head, logits, [r.params for r in reqs], [r.gen for r in reqs])
         outputs, finished = [], []
-        for r, tok in zip(reqs, tokens):
+        for r, tok, lp in zip(reqs, tokens, logprobs):
             r.out.append(tok)
+            if r.out_logprobs is not None and lp is not None:
+                r.out_logprobs.append(lp)
             r.next_token = tok
             reason = None
             if tok in r.stop_ids:
@@ -355,9 +364,10 @@ class Engine(RequestDriver):
                     delta += r.text.flush()
             done = None
             if reason is not None:
-                done = Completion(r.text.text, list(r.out), len(r.prompt), len(r.out), reason)
+                done = Completion(r.text.text, list(r.out), len(r.prompt), len(r.out), reason,
+                                  None if r.out_logprobs is None else list(r.out_logprobs))
                 finished.append(r)
-            outputs.append(StepOutput(r.id, [tok], delta, done))
+            outputs.append(StepOutput(r.id, [tok], delta, done, None if lp is None else [lp]))
         for r in finished:
             self._release(r)
         return outputs

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..chat import ChatFormat
 from .core import Completion, RequestDriver, StepOutput
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob, token_logprobs
 from .text import TextTracker
 
 __all__ = ["LlamaCppEngine"]
@@ -30,6 +30,7 @@ class _Req:
         self.id, self.prompt, self.params, self.stop_ids, self.tracker = rid, prompt, params, stop_ids, tracker
         self.it: Iterator[int] | None = None
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
 
 
 class LlamaCppEngine(RequestDriver):
@@ -115,17 +116,33 @@ class LlamaCppEngine(RequestDriver):
         assert req.it is not None
         token = int(next(req.it))
         req.tokens.append(token)
+        if req.logprobs is not None:
+            req.logprobs.append(self._logprob(token, req.params.logprobs or 0))
         limit = min(req.params.max_new_tokens, self.max_positions - len(req.prompt))
         if token in req.stop_ids:
-            return [self._finish(req, [token], "", "stop")]
+            return [self._finish(req, token, "", "stop")]
         delta, hit = req.tracker.push(token)
         if hit:
-            return [self._finish(req, [token], delta, "stop")]
+            return [self._finish(req, token, delta, "stop")]
         if len(req.tokens) >= limit:
-            return [self._finish(req, [token], delta + req.tracker.flush(), "length")]
-        return [StepOutput(req.id, [token], delta)]
+            return [self._finish(req, token, delta + req.tracker.flush(), "length")]
+        return [StepOutput(req.id, [token], delta, None, self._last_logprob(req))]
 
-    def _finish(self, req: _Req, ids: list[int], delta: str, reason: str) -> StepOutput:
+    def _logprob(self, token: int, k: int) -> TokenLogprob:
+        """The log-probabilities behind `token`: llama-cpp-python's `generate` yields a token right after
+        sampling it, so the context's logits buffer still holds the distribution it was drawn from."""
+        import numpy as np
+        import torch
+
+        z = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return token_logprobs(torch.from_numpy(z.copy())[None], [token], [k])[0]
+
+    @staticmethod
+    def _last_logprob(req: _Req) -> list[TokenLogprob] | None:
+        return None if req.logprobs is None else req.logprobs[-1:]
+
+    def _finish(self, req: _Req, token: int, delta: str, reason: str) -> StepOutput:
         self._active = None
-        done = Completion(req.tracker.text, list(req.tokens), len(req.prompt), len(req.tokens), reason)
-        return StepOutput(req.id, ids, delta, done)
+        done = Completion(req.tracker.text, list(req.tokens), len(req.prompt), len(req.tokens), reason,
+                          None if req.logprobs is None else list(req.logprobs))
+        return StepOutput(req.id, [token], delta, done, self._last_logprob(req))

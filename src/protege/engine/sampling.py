@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "choose_tokens", "make_generator"]
+__all__ = ["SamplingParams", "TokenLogprob", "choose_tokens", "token_logprobs", "make_generator"]
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM cap top_logprobs
 
 # top-p without top-k first looks among this many candidates (a partial sort of a 262K vocabulary is
 # ~20x cheaper than a full one); it falls back to a full sort when they do not hold `top_p` of the mass.
@@ -26,6 +28,9 @@ class SamplingParams:
     `stop` strings end the completion and are not part of its text; `stop_token_ids` end it too
     (the id is kept in `token_ids`, not in the text); `None` means the chat format's stop ids and stop strings.
     `seed` makes sampling reproducible (ignored by greedy decoding).
+    `logprobs`: None = none; k >= 0 = each sampled token's log-probability plus the k most likely
+    alternatives (vLLM's meaning). They are the model's own distribution (log-softmax of its logits, before
+    temperature / top-k / top-p, as vLLM's default `raw_logprobs`), so they do not depend on how one samples.
     """
 
     max_new_tokens: int = 256
@@ -35,6 +40,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -49,10 +55,31 @@ class SamplingParams:
             self.stop = [self.stop]
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be None or 0..{MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprob:
+    """One sampled token's log-probability and the `top` (id, log-probability) alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], k: list[int]) -> list[TokenLogprob]:
+    """Log-probabilities of `chosen[i]` under row i of `logits` (n, V), with the `k[i]` best alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None]).squeeze(1).tolist()
+    kmax = min(max(k, default=0), lp.shape[-1])
+    top_v, top_i = (torch.topk(lp, kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [TokenLogprob(chosen[i], picked[i], list(zip(top_i[i][:k[i]], top_v[i][:k[i]]))) for i in range(len(chosen))]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -90,11 +117,14 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return pos if idx is None else int(idx[pos].item())
 
 
-def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> list[int]:
-    """Next token for each row of `x` (n, H hidden states, or (n, V) logits for `ModelHead`).
+def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+                  ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Next token for each row of `x` (n, H hidden states, or (n, V) logits for `ModelHead`), and its
+    log-probabilities for the rows whose params ask for them.
 
-    Greedy rows go through `head.argmax` in one batch (cheap screened path); only sampled rows
-    pay for full-vocabulary logits.
+    Greedy rows go through `head.argmax` in one batch (cheap screened path); only sampled rows and rows
+    that ask for log-probabilities pay for full-vocabulary logits. A greedy token is the screened argmax
+    whether or not log-probabilities were asked, so asking never changes the answer.
     """
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -102,8 +132,17 @@ def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: lis
     if greedy:
         for i, t in zip(greedy, head.argmax(x[greedy]).tolist()):
             tokens[i] = t
-    if sampled:
-        logits = head.logits(x[sampled])
-        for j, i in enumerate(sampled):
-            tokens[i] = _sample_row(logits[j], params[i], gens[i])
-    return tokens
+    full = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+    logprobs: list[TokenLogprob | None] = [None] * len(params)
+    if full:
+        logits = head.logits(x[full])
+        for j, i in enumerate(full):
+            if not params[i].greedy:
+                tokens[i] = _sample_row(logits[j], params[i], gens[i])
+        asked = [j for j, i in enumerate(full) if params[i].logprobs is not None]
+        if asked:
+            rows = [full[j] for j in asked]
+            found = token_logprobs(logits[asked], [tokens[i] for i in rows], [params[i].logprobs or 0 for i in rows])
+            for i, tl in zip(rows, found):
+                logprobs[i] = tl
+    return tokens, logprobs

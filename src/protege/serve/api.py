@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard, GuardMiddleware, KeyMiddleware
+from .logprobs import LogprobFormatter
 from .request import (INT64, MAX_N, MAX_STOP, ROLES, SLOW_REFUSALS, APIError, ChatCompletionRequest,
                       engine_context_length, max_token_chars, message_text, refuse_too_many_messages,
                       refuse_unsupported, unicode_text, validation_error)
@@ -63,6 +64,7 @@ class _Server:
         self.created = int(time.time())
         tok = getattr(engine, "tokenizer", None) or getattr(getattr(engine, "chat_format", None), "tokenizer", None)
         self.max_token_chars = max_token_chars(tok) if tok is not None else 0
+        self.logprobs = LogprobFormatter(tok)
         # Parsing and tokenising a large body takes a second of CPU: never on the event loop (it
         # would stall every other client and /health), and at most two at a time.
         self.prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="protege-prepare")
@@ -136,7 +138,10 @@ class _Server:
                                 f"tokens minus the {len(prompt_ids)}-token prompt)", param=name)
         stop_strings = [s for s in stop if s] + [s for s in self.engine.chat_format.stop_strings if s not in stop]
         params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k, stop=stop_strings, seed=req.seed)
+                                top_k=req.top_k, stop=stop_strings, seed=req.seed,
+                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        if req.logprobs:
+            self.logprobs.content([])  # the token table is built here, in the prepare pool, not on the event loop
         return req, prompt_ids, params
 
     async def prepare_async(self, raw: bytes, deadline: float) -> tuple[ChatCompletionRequest, list[int], Any]:
@@ -187,6 +192,7 @@ class _Server:
         reqs, events = self.submit(prompt_ids, params, req.n)
         index = {r.id: i for i, r in enumerate(reqs)}
         texts = [""] * req.n
+        logprobs: list[list[Any]] = [[] for _ in range(req.n)]
         finals: list[Any] = [None] * req.n
         open_ = req.n
         checked = time.monotonic()
@@ -211,6 +217,7 @@ class _Server:
                     open_ -= 1
                     continue
                 texts[index[r.id]] += item.text_delta
+                logprobs[index[r.id]] += item.logprobs or []
                 if item.finished is not None:
                     finals[index[r.id]] = item.finished
         finally:
@@ -221,7 +228,8 @@ class _Server:
             text = fin.text if fin is not None else texts[i]
             completion_tokens += fin.completion_tokens if fin is not None else 0
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": fin.finish_reason if fin else "stop"})
+                            "logprobs": self.logprobs.choice(logprobs[i] if req.logprobs else None),
+                            "finish_reason": fin.finish_reason if fin else "stop"})
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model_name, "system_fingerprint": None, "choices": choices,
@@ -262,8 +270,10 @@ class _Server:
                 if item is None:
                     open_ -= 1
                     continue
-                if item.text_delta:
-                    yield chunk([{"index": i, "delta": {"content": item.text_delta}, "logprobs": None,
+                lp = self.logprobs.content(item.logprobs) if req.logprobs and item.logprobs else []
+                if item.text_delta or lp:
+                    yield chunk([{"index": i, "delta": {"content": item.text_delta},
+                                  "logprobs": {"content": lp, "refusal": None} if req.logprobs else None,
                                   "finish_reason": None}])
                 if item.finished is not None:
                     completion_tokens += item.finished.completion_tokens

@@ -17,6 +17,7 @@ __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MA
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
 MAX_STOP = 16
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 INT64 = 1 << 63  # OpenAI's seed is an int64; a bigger one is a 400, not an overflow deep in torch
 
 
@@ -32,8 +33,8 @@ class Message(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's request we honour; `logprobs`, a required tool call and JSON response formats
-    are refused with a 400 (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
+    """The subset of OpenAI's request we honour; a required tool call and JSON response formats are refused
+    with a 400 (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
@@ -48,10 +49,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
-    # ask for (no log-probs, free text where JSON was required, no tool call where one was required).
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
+    # ask for (free text where JSON was required, no tool call where one was required).
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
@@ -73,9 +74,11 @@ def validation_error(err: ValidationError | RequestValidationError) -> APIError:
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """400 for the OpenAI options this server cannot honour (see ChatCompletionRequest)."""
-    if req.logprobs or req.top_logprobs is not None:
-        param = "logprobs" if req.logprobs else "top_logprobs"
-        raise APIError(400, f"{param} is not supported by this server; send the request without it", param=param)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs is {req.top_logprobs}; expected 0..{MAX_LOGPROBS}", param="top_logprobs")
     if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
         raise APIError(400, "tool_choice requires a tool call, and this server does not call tools; use "
                             "tool_choice \"none\" or \"auto\" (answers are plain text)", param="tool_choice")

@@ -166,27 +166,10 @@ def rows_to_batch(tokens: np.ndarray, starts: Iterable[int], seq_len: int, bos: 
 
 
 def token_byte_lengths(tok: Any) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens): the denominator of bits per byte.
+    """UTF-8 bytes each token id stands for (0 for special tokens): the denominator of bits per byte."""
+    from ..tokens import TokenBytes
 
-    Byte-level BPE (GPT-2, Llama-3, protege's own): each character of a token's string is one byte.
-    SentencePiece (Gemma, Llama-2): `▁` is a space, `<0xNN>` one byte, the rest its UTF-8.
-    """
-    vocab = tok.get_vocab()
-    n = max(max(vocab.values()) + 1, len(tok))
-    lengths = torch.zeros(n, dtype=torch.long)
-    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
-    decoder = json.dumps(json.loads(tok.backend_tokenizer.to_str()).get("decoder")) if hasattr(tok, "backend_tokenizer") else ""
-    byte_level = "ByteLevel" in decoder
-    for piece, i in vocab.items():
-        if i in special:
-            continue
-        if byte_level:
-            lengths[i] = len(piece)
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            lengths[i] = 1
-        else:
-            lengths[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return lengths
+    return torch.tensor(TokenBytes(tok).byte_lengths(), dtype=torch.long)
 
 
 def corpus_key(sources: Sequence[str], tok_dir: str, text_field: str, separator: str, val_fraction: float) -> dict[str, Any]:
