@@ -46,6 +46,20 @@ def register(sub: Any) -> None:
                    help="a request body must arrive within this long, else 408 (default: %(default)s)")
     p.add_argument("--max-messages", type=int, default=1024,
                    help="longest message list one request may carry; longer ones get a 400 (default: %(default)s)")
+    m = p.add_argument_group("moderation (as Koala's public demo): check the request and/or the answer")
+    m.add_argument("--moderation", default=None, metavar="RM_DIR|URL",
+                   help="a reward model from `protege train rm` (e.g. on HH harmless pairs: a reward below the threshold "
+                        "is flagged), or an OpenAI-compatible /v1/moderations URL")
+    m.add_argument("--moderation-threshold", type=float, default=None, metavar="X",
+                   help="reward model: flag a reward below X (default 0); URL: flag a category score >= X "
+                        "(default: the endpoint's own `flagged`)")
+    m.add_argument("--moderation-stages", default="input,output", metavar="input,output",
+                   help="what is checked: the last user message, the answer, or both (default: %(default)s)")
+    m.add_argument("--moderation-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the moderation endpoint's API key")
+    m.add_argument("--moderation-log", default=None, metavar="FILE",
+                   help="append every decision as a JSON line (request id, stage, flagged, score, seconds)")
+    m.add_argument("--moderation-log-text", action="store_true", help="also log the checked text (off by default)")
     p.set_defaults(func=_serve)
 
 
@@ -75,12 +89,32 @@ def _serve(args: argparse.Namespace) -> int:
                          "must be positive")
     guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                   max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
+    moderation = _moderation(args)
     engine = engine_for(args.model, args.backend, args.precision, args.max_batch)
     name = args.name or os.path.basename(str(args.model).rstrip("/"))
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, guard=guard,
                      max_waiting=args.max_waiting, request_timeout_s=args.request_timeout,
-                     max_messages=args.max_messages, model_aliases=tuple(args.served_model_name))
+                     max_messages=args.max_messages, model_aliases=tuple(args.served_model_name),
+                     moderation=moderation)
     print(f"serving {name} on http://{args.host}:{args.port}  (chat page: /, API: /v1/chat/completions"
           f"{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _moderation(args: argparse.Namespace) -> object | None:
+    from ..errors import StageError
+    from ..net import key_env_allowed
+    from ..serve.moderation import Moderation, ModerationLog, make_moderator
+
+    if not args.moderation:
+        return None
+    key = None
+    if args.moderation_key_env:
+        if not key_env_allowed(args.moderation_key_env):
+            raise StageError(f"--moderation-key-env {args.moderation_key_env}: only *_API_KEY variables (or those "
+                             "listed in PROTEGE_KEY_ENVS) may be sent to an endpoint")
+        key = os.environ.get(args.moderation_key_env) or None
+    stages = tuple(s.strip() for s in args.moderation_stages.split(",") if s.strip())
+    moderator = make_moderator(args.moderation, args.moderation_threshold, key)
+    return Moderation(moderator, ModerationLog(args.moderation_log, args.moderation_log_text), stages)

@@ -128,7 +128,6 @@ def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: lis
     """
     tokens = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    sampled = [i for i, p in enumerate(params) if not p.greedy]
     if greedy:
         for i, t in zip(greedy, head.argmax(x[greedy]).tolist()):
             tokens[i] = t
