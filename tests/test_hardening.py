@@ -624,3 +624,62 @@ def test_a_trickled_body_gets_408_instead_of_holding_its_socket(tiny_llama):
             reply = sock.recv(65536).decode("latin-1")  # the server answers while the body is still owed
         assert reply.startswith("HTTP/1.1 408") and '"code":"request_timeout"' in reply.replace(" ", "")
         assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def _raw(url: str, chunks: list[bytes], pause: float = 0.0) -> str:
+    """Send `chunks` over one raw socket (pausing between them) and read what the server answers."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        try:
+            for c in chunks:
+                sock.sendall(c)
+                time.sleep(pause)
+        except OSError:  # the server closed on us mid-trickle: read what it said
+            pass
+        out = b""
+        while True:
+            try:
+                part = sock.recv(65536)
+            except OSError:
+                break
+            if not part:
+                break
+            out += part
+    return out.decode("latin-1")
+
+
+def test_trickled_headers_get_408_and_other_clients_are_served(tiny_llama):
+    """Issue 31 (LOW): slow *headers* were never timed out (uvicorn parses them before the app runs, and any
+    byte reset its keep-alive timer); a client trickling one header byte at a time now gets a JSON 408."""
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    app = create_app(Engine(*tiny_llama), "tiny")
+    with background_server(app, header_timeout_s=1.0) as url:
+        host = url.removeprefix("http://")
+        head = f"GET /health HTTP/1.1\r\nHost: {host}\r\nX-Slow: {'a' * 40}\r\n\r\n".encode()
+        t0 = time.monotonic()
+        reply = _raw(url, [head[i:i + 1] for i in range(len(head))], pause=0.1)  # 4+ s of trickle
+        assert reply.startswith("HTTP/1.1 408") and '"code": "request_timeout"' in reply
+        assert time.monotonic() - t0 < 4.0  # cut at ~1 s, not served at the end of the trickle
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        # keep-alive: the deadline is re-armed after each response, and a prompt client is never cut
+        with httpx.Client(base_url=url, timeout=5) as c:
+            for _ in range(3):
+                assert c.get("/health").status_code == 200
+                time.sleep(0.5)
+
+
+def test_malformed_http_gets_an_openai_shaped_400(tiny_llama):
+    """Issue 31 (LOW): requests h11 cannot parse were answered in uvicorn's plain text."""
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    with background_server(create_app(Engine(*tiny_llama), "tiny")) as url:
+        reply = _raw(url, [b"BLAH / HTTP/9.9 nonsense\r\n\r\n"])
+        status, _, body = reply.partition("\r\n\r\n")
+        assert status.startswith("HTTP/1.1 400") and "application/json" in status
+        err = json.loads(body)["error"]
+        assert err["code"] == "invalid_http_request" and err["message"]

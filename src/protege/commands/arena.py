@@ -39,12 +39,11 @@ def _arena(args: argparse.Namespace) -> int:
         if len(args.args) != 2:
             raise StageError(f"usage: protege arena {args.args[0]} DB")
         return _stats(args.args[1], args) if args.args[0] == "stats" else _export(args.args[1], args)
-    import uvicorn
-
     from ..arena.app import create_arena_app, load_pool
     from ..arena.db import ArenaDB
     from ..net import is_loopback
     from ..serve.guard import Guard
+    from ..serve.protocol import run
 
     token = os.environ.get(args.token_env, "") if args.token_env else None
     if args.token_env and not token:
@@ -61,7 +60,7 @@ def _arena(args: argparse.Namespace) -> int:
     app = create_arena_app(db, pool, token=token, guard=Guard(bind=args.host, json_prefixes=("/api/",)))
     print(f"arena: {len(pool)} prompts, models {', '.join(models)} ({len(excluded)} answers excluded); votes -> "
           f"{args.db}; open http://{args.host}:{args.port}/" + ("?token=..." if token else ""), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run(app, args.host, args.port)
     return 0
 
 

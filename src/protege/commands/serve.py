@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
                    help="cancel a request unanswered after this long (default: %(default)s)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request body must arrive within this long, else 408 (default: %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this long, else 408 (default: %(default)s)")
     p.add_argument("--max-messages", type=int, default=1024,
                    help="longest message list one request may carry; longer ones get a 400 (default: %(default)s)")
     m = p.add_argument_group("moderation (as Koala's public demo): check the request and/or the answer")
@@ -64,10 +66,9 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from ..errors import StageError
     from ..engine import engine_for
+    from ..serve.protocol import run
     from ..serve import create_app
     from ..net import is_loopback
     from ..serve.guard import Guard
@@ -84,9 +85,10 @@ def _serve(args: argparse.Namespace) -> int:
                              "$VAR`), or --allow-no-key if that is what you want")
         print(f"warning: serving on {args.host} without an API key; anyone who can reach port {args.port} "
               "can use this model", file=sys.stderr, flush=True)
-    if min(args.max_body_mb, args.max_waiting, args.request_timeout, args.max_messages, args.body_timeout) <= 0:
-        raise StageError("--max-body-mb, --max-waiting, --request-timeout, --body-timeout and --max-messages "
-                         "must be positive")
+    if min(args.max_body_mb, args.max_waiting, args.request_timeout, args.max_messages, args.body_timeout,
+           args.header_timeout) <= 0:
+        raise StageError("--max-body-mb, --max-waiting, --request-timeout, --body-timeout, --header-timeout and "
+                         "--max-messages must be positive")
     guard = Guard(bind=args.host, allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                   max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout)
     moderation = _moderation(args)
@@ -98,7 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
                      moderation=moderation)
     print(f"serving {name} on http://{args.host}:{args.port}  (chat page: /, API: /v1/chat/completions"
           f"{', API key required' if api_key else ''})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    run(app, args.host, args.port, header_timeout_s=args.header_timeout)
     return 0
 
 

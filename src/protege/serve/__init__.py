@@ -26,12 +26,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def background_server(app: Any, host: str = "127.0.0.1", port: int | None = None,
-                      timeout: float = 30.0) -> Iterator[str]:
-    """Run `app` under uvicorn in a daemon thread; yields its base URL (`http://host:port`)."""
+                      timeout: float = 30.0, header_timeout_s: float = 10.0) -> Iterator[str]:
+    """Run `app` under uvicorn (with `protocol.py`'s header deadline) in a daemon thread; yields its base URL."""
     import uvicorn
 
+    from .protocol import guarded_protocol
+
     port = port or free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            http=guarded_protocol(header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="protege-uvicorn", daemon=True)
     thread.start()
