@@ -683,3 +683,26 @@ def test_malformed_http_gets_an_openai_shaped_400(tiny_llama):
         assert status.startswith("HTTP/1.1 400") and "application/json" in status
         err = json.loads(body)["error"]
         assert err["code"] == "invalid_http_request" and err["message"]
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+    "{{ 'x' * 10**9 }}",
+    "{{ [1] * 100000000 }}",
+    "{% set ns = namespace(a='x') %}{% for i in range(60) %}{% set ns.a = ns.a ~ ns.a %}{% endfor %}{{ ns.a }}",
+    "{% set ns = namespace(a=[1]) %}{% for i in range(60) %}{% set ns.a = ns.a + ns.a %}{% endfor %}{{ ns.a }}",
+])
+def test_a_hostile_chat_template_is_refused_in_bounded_time_and_memory(tiny_llama, template):
+    """Issue 31 (LOW): a model folder's chat template with huge loops hung the process (and a doubling loop
+    reached 3.4 GB in 2 s); rendering is now bounded in time (2 s) and in what a template may build."""
+    import resource
+
+    from protege.chat import ChatFormat, ChatTemplateError
+
+    _, tok = tiny_llama
+    t0, rss0 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ChatTemplateError, match="longer than|would build|larger than|grew past"):
+        ChatFormat(tok, template).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert time.monotonic() - t0 < 10  # two renders at most (the constructor probes the stop tokens)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 * 1024  # KiB: under 200 MB more
