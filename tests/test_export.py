@@ -267,3 +267,29 @@ def test_a_model_with_protege_trained_tokenizer_exports_to_gguf(tmp_path):
     report = json.loads((tmp_path / "out" / "verify.json").read_text())
     assert report["parity"]["equal"] >= 7 and report["template"]["ok"], report
     assert result["gguf_files"] == 1
+
+
+def test_the_converter_download_is_pinned_by_hash(tmp_path, monkeypatch):
+    """Issue 31 (LOW): the converter's source package was pinned by version only. A file on the index whose
+    sha256 differs from the pinned one is refused (a local index stands in for PyPI)."""
+    import io
+    import tarfile
+
+    from protege.export import gguf
+
+    version = llama_cpp.__version__
+    index = tmp_path / "index"
+    index.mkdir()
+    with tarfile.open(index / f"llama_cpp_python-{version}.tar.gz", "w:gz") as tar:
+        data = b"print('not the real converter')\n"
+        info = tarfile.TarInfo(f"llama_cpp_python-{version}/vendor/llama.cpp/convert_hf_to_gguf.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("PROTEGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PROTEGE_LLAMA_CPP", raising=False)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setitem(gguf._SDIST_SHA256, version, "0" * 64)
+    with pytest.raises(StageError, match="sha256 does not match"):
+        gguf.converter_dir()
+    assert not (tmp_path / "home" / "llama.cpp" / version).exists()  # nothing unverified was kept

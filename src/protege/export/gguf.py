@@ -38,6 +38,13 @@ GGUF_TYPES = {"f32": "convert", "f16": "convert", "bf16": "convert", "q8_0": "qu
               "q4_1": "quantize", "q4_k_m": "quantize", "q5_k_m": "quantize", "q6_k": "quantize"}
 _MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
+# sha256 of the llama-cpp-python source distributions protege has fetched and checked: the converter is code
+# that runs on the user's machine, so a known version is downloaded with `pip --require-hashes` (a changed
+# file on the index is refused). Another version is fetched with pip's usual index checks and a warning.
+_SDIST_SHA256 = {
+    "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
+
 # Runs inside the converter's subprocess. A tokenizer whose pre-tokenizer hash llama.cpp does not
 # know is refused by the converter; when it is plain GPT-2 byte-level BPE (the regex llama.cpp calls
 # "gpt-2") or GPT-4's split + byte-level (protege's own tokenizer; llama.cpp's "llama-bpe"), that is what
@@ -107,12 +114,22 @@ def converter_dir() -> Path:
     print(f"[export] fetching llama.cpp's converter: the llama-cpp-python {version} source distribution "
           "from PyPI (~77 MB, once)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-               f"llama-cpp-python=={version}", "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
+        pinned = _SDIST_SHA256.get(version)
+        if pinned:
+            req = Path(tmp) / "requirements.txt"
+            req.write_text(f"llama-cpp-python=={version} --hash=sha256:{pinned}\n")
+            cmd += ["--require-hashes", "-r", str(req)]
+        else:
+            print(f"[export] warning: llama-cpp-python {version} has no sha256 pinned in protege (pinned: "
+                  f"{', '.join(_SDIST_SHA256)}); relying on the index's own hash", file=sys.stderr, flush=True)
+            cmd.append(f"llama-cpp-python=={version}")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tar.gz"))
         if proc.returncode != 0 or not archives:
-            raise StageError(f"could not fetch llama.cpp's converter ({' '.join(cmd)}): {proc.stderr[-500:]}; "
+            why = ("its sha256 does not match the one protege pinned" if "THESE PACKAGES DO NOT MATCH THE HASHES"
+                   in proc.stderr else proc.stderr[-500:])
+            raise StageError(f"could not fetch llama.cpp's converter ({' '.join(cmd)}): {why}; "
                              "offline, set PROTEGE_LLAMA_CPP to a llama.cpp checkout")
         with atomic_dir(target) as partial, tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
