@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from protege.arena.app import create_arena_app, load_pool
-from protege.arena.db import ArenaDB
+from protege.arena.db import MIGRATIONS, ArenaDB
 from protege.arena.ratings import Vote, bootstrap_intervals, bradley_terry, leaderboard, win_matrix
 from protege.serve import background_server
 
@@ -167,7 +167,7 @@ def test_twenty_concurrent_raters_give_the_exact_vote_count(arena):
     con = sqlite3.connect(db.path)
     assert con.execute("SELECT count(*) FROM votes").fetchone()[0] == 100
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert con.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 def test_a_token_restricts_the_arena(tmp_path):
@@ -389,3 +389,23 @@ def test_polling_next_shows_the_unvoted_pair_again_instead_of_adding_battles(are
     assert _vote(client, first, "left").status_code == 200
     second = client.get("/api/next").json()
     assert second["battle_id"] != first["battle_id"] and sum(db.battle_counts().values()) == 2
+
+
+def test_page_views_write_no_rater_rows_and_rater_cookies_cannot_be_forged(arena):
+    """Issue 31 (LOW): every cookie-less GET / wrote a rater row. The rater cookie is now signed with the
+    database's secret and the row is written when the rater first acts."""
+    url, db, _ = arena
+    count = lambda: db.conn().execute("SELECT COUNT(*) FROM raters").fetchone()[0]  # noqa: E731
+    for _ in range(50):
+        assert httpx.get(url + "/", timeout=10).status_code == 200
+    assert count() == 0
+    client = _rater(url)
+    cookie = client.cookies["arena_rater"]
+    rid, _, sig = cookie.partition(".")
+    assert len(rid) == 32 and len(sig) == 32
+    assert client.get("/api/next").status_code == 200 and count() == 1
+    for forged in (f"{'0' * 32}.{sig}", f"{rid}.{'0' * 32}", "0" * 32, f"{rid}."):
+        r = httpx.get(url + "/api/next", cookies={"arena_rater": forged}, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "no_rater", forged
+    assert count() == 1
+    assert ArenaDB(db.path).secret() == db.secret()  # kept in the database: a restarted arena knows its raters

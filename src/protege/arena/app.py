@@ -17,6 +17,7 @@ import hmac
 import random
 import re
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,19 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
             given = request.cookies.get("arena_access", "")
         return bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
+    # The rater cookie is `id.signature` (HMAC of the id under the database's secret): a page view costs no
+    # database row (one per cookie-less GET / was a write anyone could flood), and an id cannot be forged.
+    secret = db.secret()
+
+    def sign(rid: str) -> str:
+        return f"{rid}.{hmac.new(secret, rid.encode(), 'sha256').hexdigest()[:32]}"
+
     def rater_of(request: Request) -> str | None:
-        rid = request.cookies.get("arena_rater", "")
-        return rid if rid and db.has_rater(rid) else None
+        value = request.cookies.get("arena_rater", "")
+        rid, _, _sig = value.partition(".")
+        if rid and hmac.compare_digest(value.encode(), sign(rid).encode()):
+            return rid
+        return value if value and "." not in value and db.has_rater(value) else None  # unsigned: an older arena's
 
     @app.get("/", include_in_schema=False)
     async def page(request: Request) -> Any:
@@ -133,7 +144,8 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
                                      status_code=403)
         response = FileResponse(WEB_DIR / "arena.html")
         if rater_of(request) is None:
-            response.set_cookie("arena_rater", db.new_rater(), httponly=True, samesite="strict", max_age=3600 * 24 * 365)
+            response.set_cookie("arena_rater", sign(uuid.uuid4().hex), httponly=True, samesite="strict",
+                                max_age=3600 * 24 * 365)
         if not request.cookies.get("arena_csrf"):
             response.set_cookie("arena_csrf", _token(), samesite="strict", max_age=3600 * 24 * 365)
         return response
@@ -143,7 +155,10 @@ def create_arena_app(db: ArenaDB, pool: dict[str, dict[str, Any]], token: str | 
         if not access_ok(request):
             return _error(403, "missing or wrong arena token", "bad_token")
         rater = rater_of(request)
-        return rater if rater is not None else _error(401, "no rater cookie: open the arena page first", "no_rater")
+        if rater is None:
+            return _error(401, "no rater cookie: open the arena page first", "no_rater")
+        db.ensure_rater(rater)
+        return rater
 
     @app.get("/api/next")
     async def next_pair(request: Request) -> Any:

@@ -33,6 +33,10 @@ MIGRATIONS = [
         rater_id TEXT NOT NULL REFERENCES raters(id), winner TEXT NOT NULL CHECK (winner IN ('left','right','tie','bad')),
         comment TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
     """,
+    # 1 -> 2: the secret that signs rater cookies (a rater row is written on the first vote, not per page view)
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 
@@ -126,6 +130,18 @@ class ArenaDB:
         rid = uuid.uuid4().hex
         self.conn().execute("INSERT INTO raters VALUES (?, ?)", (rid, time.time()))
         return rid
+
+    def ensure_rater(self, rater_id: str) -> None:
+        """The rater's row, written when it first acts (`new_rater` writes one at once)."""
+        self.conn().execute("INSERT OR IGNORE INTO raters VALUES (?, ?)", (rater_id, time.time()))
+
+    def secret(self) -> bytes:
+        """This database's key for signing rater cookies: made once, kept with the votes (a restart keeps raters)."""
+        import secrets
+
+        con = self.conn()
+        con.execute("INSERT OR IGNORE INTO meta VALUES ('rater_secret', ?)", (secrets.token_hex(32),))
+        return bytes.fromhex(con.execute("SELECT value FROM meta WHERE key = 'rater_secret'").fetchone()[0])
 
     def has_rater(self, rater_id: str) -> bool:
         return self.conn().execute("SELECT 1 FROM raters WHERE id = ?", (rater_id,)).fetchone() is not None
