@@ -1,14 +1,15 @@
 """Can one bad client stall `protege serve`? Normal latency with and without hostile clients.
 
     python benchmarks/serve_abuse.py                    # smollm2-135m-instruct, 8 normal + 8 abusive clients
-    python benchmarks/serve_abuse.py --attack messages  # one attack only: bodies | messages | slow
+    python benchmarks/serve_abuse.py --attack messages  # one attack only: bodies | messages | slow | slow-headers
 
 Starts `protege serve MODEL` on a free loopback port. Phase "idle": 8 concurrent clients send ordinary
 requests; their latency is the baseline. Then, per attack, the same 8 run again while 8 other clients:
 - bodies: send 5 MB bodies as fast as the server answers (4 with Content-Length, refused from the
   header; 4 chunked, refused once the running count passes the limit);
 - messages: send 5,001 one-character messages (refused: --max-messages) as fast as the server answers;
-- slow: open a request with a 1 MB Content-Length and trickle 16 bytes every 0.5 s, never finishing.
+- slow: open a request with a 1 MB Content-Length and trickle 16 bytes every 0.5 s, never finishing;
+- slow-headers: send request headers one byte every 0.5 s (cut by --header-timeout, then reconnect).
 Throughout, /health is polled every 0.2 s and the server's RSS is sampled from /proc. When an attack
 stops, its clients disconnect and the server's CPU is measured over the next 2 s: work done for
 clients that are gone shows up there.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import free_port, one_request, prompt, start  # noqa: E402
 
 BIG = 5 << 20
-ATTACKS = ("bodies", "messages", "slow")
+ATTACKS = ("bodies", "messages", "slow", "slow-headers")
 
 
 def cpu_s(pid: int) -> float:
@@ -110,6 +111,33 @@ async def slow_client(url: str, stop: asyncio.Event, counts: dict[str, int]) -> 
         writer.close()
 
 
+async def slow_headers_client(url: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """Request headers one byte every 0.5 s, reconnecting whenever the server cuts the connection (408)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\nX-Pad: {'a' * 4000}\r\n\r\n".encode()
+    while not stop.is_set():
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in range(len(head)):
+                if stop.is_set() or reader.at_eof():
+                    break
+                writer.write(head[i:i + 1])
+                await writer.drain()
+                try:
+                    reply = await asyncio.wait_for(reader.read(200), timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                key = reply.split(b"\r\n", 1)[0].decode("latin-1", "replace") or "closed"
+                counts[key] = counts.get(key, 0) + 1
+                break
+            else:
+                counts["held_to_end"] = counts.get("held_to_end", 0) + 1
+        except (ConnectionError, OSError) as err:
+            counts[type(err).__name__] = counts.get(type(err).__name__, 0) + 1
+        finally:
+            writer.close()
+
+
 async def monitor(url: str, pid: int, stop: asyncio.Event, health: list[float], rss: list[float]) -> None:
     async with httpx.AsyncClient(timeout=30) as client:
         while not stop.is_set():
@@ -132,7 +160,8 @@ async def phase(url: str, model: str, pid: int, args: argparse.Namespace, abuse:
     mon = asyncio.create_task(monitor(url, pid, stop, health, rss))
     attackers = {"bodies": lambda i: abusive_client(url, i % 2 == 1, stop, counts),
                  "messages": lambda i: message_list_client(url, stop, counts),
-                 "slow": lambda i: slow_client(url, stop, counts)}
+                 "slow": lambda i: slow_client(url, stop, counts),
+                 "slow-headers": lambda i: slow_headers_client(url, stop, counts)}
     bad = [asyncio.create_task(attackers[abuse](i)) for i in range(args.abusers)] if abuse else []
     if abuse:
         await asyncio.sleep(1.0)  # let the flood start first
