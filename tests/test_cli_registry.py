@@ -63,3 +63,23 @@ def test_the_architecture_notes_say_where_every_stage_lives():
     where = doc.split("## Where to find X", 1)[1].split("\n## ", 1)[0]
     missing = [kind for kind in STAGE_KINDS if f"`{kind}`" not in where and f"`{kind.split('.')[0]}.*`" not in where]
     assert not missing, f"docs/architecture.md 'Where to find X' does not name {missing}"
+
+
+def test_help_does_not_import_torch():
+    """Issue 26: `protege --help` imported every stage module (and torch, ~1.5 s) to read config classes it
+    does not print; only the invoked stage's parser loads its config now."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom protege.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['eval', '--help']):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main(argv)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    # the invoked stage still gets its full parser, config keys and all
+    help_text = subprocess.run([sys.executable, "-m", "protege.cli", "train", "sft", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--config" in help_text and "learning_rate" in help_text

@@ -32,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands.INVOKED = [a for a in argv if not a.startswith("-")]  # only the invoked stage loads its config
+    try:
+        parser = build_parser()
+    finally:
+        commands.INVOKED = None
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

@@ -8,6 +8,11 @@ from typing import Any
 
 from ..config import config_help
 
+# The command words of this invocation (`protege train sft ...` -> ["train", "sft", ...]), set by `cli.main`.
+# Only the stage parser on that path imports its config class (and with it torch): `protege --help` and
+# `protege train --help` list commands from the registry's help lines. None (a library caller): build all.
+INVOKED: list[str] | None = None
+
 
 def add_config_parser(sub: Any, name: str, config_cls: type, help: str, func: Any) -> argparse.ArgumentParser:
     """A subcommand driven by a config class: `--config FILE` plus `--key=value` overrides, defaults in --help."""
@@ -23,7 +28,13 @@ def add_stage_parser(sub: Any, name: str, kind: str, func: Any = None, help: str
     line, so the CLI cannot drift from what recipes run; `func` defaults to `run_stage`."""
     from ..stages import STAGE_KINDS, stage_kind
 
-    p = add_config_parser(sub, name, stage_kind(kind)[0], help or STAGE_KINDS[kind].help, func or run_stage)
+    help = help or STAGE_KINDS[kind].help
+    path = getattr(sub, "_prog_prefix", "").split()[1:] + [name]
+    if INVOKED is not None and INVOKED[:len(path)] != path:  # not this command: a light parser, no import
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func or run_stage, accepts_overrides=True)
+    else:
+        p = add_config_parser(sub, name, stage_kind(kind)[0], help, func or run_stage)
     p.set_defaults(stage_kind=kind)
     return p
 
