@@ -263,8 +263,15 @@ def test_eval_loaders_task_formats_and_errors(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(RecordError, match=r"bad.jsonl:1: bad JSON"):
         decontam.load_eval_prompts(bad, fields)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="built-in task: arithmetic"):
         decontam.load_eval_prompts(tmp_path / "none.jsonl", fields)
+    # a built-in task by name (issue 26: recipes named the package's files by repository path, which a wheel
+    # install does not have), and a task YAML, read the task's items file
+    from protege.tasks import BUILTIN_DIR
+
+    by_name = decontam.load_eval_prompts("arithmetic", fields)
+    assert by_name and by_name == decontam.load_eval_prompts(BUILTIN_DIR / "arithmetic.jsonl", fields)
+    assert decontam.load_eval_prompts(BUILTIN_DIR / "arithmetic.yaml", fields) == by_name
     with pytest.raises(StageError, match="no `eval_sets`"):
         decontam.apply([], DecontaminateStep())
 

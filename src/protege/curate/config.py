@@ -125,7 +125,7 @@ class QualityStep(_Step):
 
 class DecontaminateStep(_Step):
     step: Literal["decontaminate"] = "decontaminate"
-    eval_sets: list[str] = Field(default_factory=list, description="eval files: records files or task JSONL/JSON files")
+    eval_sets: list[str] = Field(default_factory=list, description="eval sets: records files, task JSONL/JSON files, task YAMLs or built-in task names (arithmetic, ...)")
     fields: list[str] = Field(default_factory=lambda: ["prompt", "question", "instruction", "input", "turns", "query", "text"],
                               description="task-file fields holding the eval prompt (first present wins)")
     ngram: int = Field(13, ge=3, description="word n-gram overlap that marks contamination")

@@ -54,11 +54,27 @@ def _objects(path: Path) -> Iterator[tuple[int, Any]]:
     yield from json_lines(path)
 
 
+def eval_set_file(ref: str | Path) -> Path:
+    """The items file of an eval set: a records/task JSONL or JSON file, a task YAML, or a built-in task's name
+    (`arithmetic`: works from a wheel install, where the package's files have no repository path)."""
+    from ..tasks import builtin_tasks, resolve_task
+
+    path = Path(ref)
+    if path.exists() and path.suffix not in (".yaml", ".yml"):
+        return path
+    if path.suffix in (".yaml", ".yml") or str(ref) in builtin_tasks():
+        spec = resolve_task(str(ref))
+        if spec.data.startswith("hf:"):
+            raise StageError(f"eval set {ref}: task {spec.name} reads a hub dataset ({spec.data}); give its items "
+                             "as a local file to decontaminate against")
+        return spec.path(spec.data)
+    raise FileNotFoundError(f"{ref}: eval set not found (a records or task file, a task YAML, or a built-in task: "
+                            f"{', '.join(builtin_tasks())})")
+
+
 def load_eval_prompts(path: str | Path, fields: list[str]) -> list[EvalPrompt]:
     """Eval prompts of a records file (user turns) or a task file (first of `fields` present)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: eval set not found")
+    path = eval_set_file(path)
     out: list[EvalPrompt] = []
     for lineno, obj in _objects(path):
         if not isinstance(obj, dict):
