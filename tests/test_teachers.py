@@ -235,3 +235,66 @@ def test_a_config_cannot_name_an_arbitrary_secret_as_its_api_key(server, monkeyp
     assert "over plain http to 192.0.2.1" in capsys.readouterr().err
     make_teacher(_cfg(server.url, api_key_env="REMOTE_API_KEY"))._headers()  # loopback: no warning
     assert "plain http" not in capsys.readouterr().err
+
+
+def _successes(*servers) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for s in servers:
+        for key, n in s.stats()["successes"].items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def test_requests_are_spread_across_endpoints_the_faster_taking_more():
+    """Issue 28 (teacher generation at scale): one teacher over several OpenAI-compatible servers (one vLLM
+    per GPU); work is pulled from one queue, so each request is answered once and a slow server takes less."""
+    fast, fast2, slow = FakeServer("--latency", "0.02"), FakeServer("--latency", "0.02"), FakeServer("--latency", "0.3")
+    try:
+        teacher = make_teacher(_cfg([fast.url, fast2.url, slow.url], concurrency=2))
+        out = teacher.complete(_convs(90, "s"), SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: s {i}" for i in range(90)]
+        per = [sum(s.stats()["successes"].values()) for s in (fast, fast2, slow)]
+        assert sum(per) == 90 and min(per) > 0, per
+        assert per[2] < min(per[:2]), per  # the slow server answered fewest
+        assert set(_successes(fast, fast2, slow).values()) == {1}  # nothing paid for twice
+        assert sum(v for k, v in teacher.stats.items() if k.startswith("endpoint:")) == 90
+        assert teacher.name.startswith("openai:fake@3 endpoints")
+    finally:
+        for s in (fast, fast2, slow):
+            s.close()
+
+
+def test_a_dead_endpoint_costs_retries_not_the_run(server):
+    dead = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+    teacher = make_teacher(_cfg([dead, server.url], concurrency=2, max_retries=30))
+    out = teacher.complete(_convs(20, "d"), SamplingParams(max_new_tokens=8))
+    assert [r.text for r in out] == [f"echo: d {i}" for i in range(20)]
+    assert teacher.stats[f"endpoint:{server.url}"] == 20 and teacher.stats["retries"] > 0
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(TeacherConfig, overrides={"backend": "openai", "base_url": [server.url, server.url]})
+
+
+def test_kill9_of_a_sharded_run_then_rerun_pays_for_nothing_twice(tmp_path):
+    a, b = FakeServer("--latency", "0.1"), FakeServer("--latency", "0.1")
+    try:
+        script = _KILL_SCRIPT.replace("base_url={url!r}", "base_url={url}").format(
+            src=str(SRC), url=repr([a.url, b.url]), cache=str(tmp_path))
+        proc = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.time() + 60
+        while time.time() < deadline and len(_successes(a, b)) < 16:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        before = _successes(a, b)
+        assert 16 <= len(before) < 48
+        teacher = make_teacher(_cfg([b.url, a.url], concurrency=4), cache_dir=tmp_path)  # order changed: same cache
+        out = teacher.complete(_convs(48, "k"), SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: k {i}" for i in range(48)]
+        after = _successes(a, b)
+        assert len(after) == 48
+        # only requests in flight at the kill (at most concurrency x endpoints) can have been answered twice
+        assert sum(1 for c in after.values() if c > 1) <= 8
+        assert teacher.stats["sent"] + teacher.stats["cache_hits"] == 48 and teacher.stats["cache_hits"] >= len(before) - 8
+    finally:
+        a.close()
+        b.close()

@@ -149,4 +149,4 @@ def run(config: OrcaConfig) -> dict[str, Any]:
 
 def gen_name(t: TeacherConfig) -> str:
     """Teacher label for manifests (backend, model, URL; never the key)."""
-    return f"{t.backend}:{t.model}" + (f"@{t.base_url}" if t.base_url else "")
+    return f"{t.backend}:{t.model}" + (f"@{t.base_url if isinstance(t.base_url, str) else ','.join(t.base_url)}" if t.base_url else "")

@@ -23,7 +23,9 @@ CACHE_FILE = "teacher_cache.sqlite"
 class TeacherConfig(StageConfig):
     backend: Literal["local", "openai"] = Field("local", description="`local` (protege engine) or `openai` (any OpenAI-compatible HTTP API)")
     model: str = Field("smollm2-135m-instruct", description="local: model alias/folder/.gguf; openai: the model name the server expects")
-    base_url: str | None = Field(None, description="openai backend: API root ending in /v1 (default https://api.openai.com/v1)")
+    base_url: str | list[str] | None = Field(None, description="openai backend: API root ending in /v1 (default "
+                                             "https://api.openai.com/v1), or a list of endpoints serving the same "
+                                             "model (e.g. one vLLM server per GPU): requests are spread across them")
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the environment variable holding the API key (the key itself is never stored)")
     concurrency: int = Field(8, ge=1, description="openai backend: requests in flight at once")
     timeout: float = Field(120.0, gt=0, description="openai backend: seconds before a request is abandoned and retried")
@@ -41,6 +43,17 @@ class TeacherConfig(StageConfig):
                              "(so a recipe cannot send another secret to a server of its choosing); to use "
                              f"{name}, list it yourself: PROTEGE_KEY_ENVS={name} protege ...")
         return name
+
+    @field_validator("base_url")
+    @classmethod
+    def _urls(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value or not all(isinstance(u, str) and u.strip() for u in value):
+                raise ValueError("a list of endpoints must hold at least one URL, each a non-empty string")
+            if len(set(value)) != len(value):
+                raise ValueError("the same endpoint is listed twice")
+            return value[0] if len(value) == 1 else value
+        return value
 
 
 @dataclass

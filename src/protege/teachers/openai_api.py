@@ -1,5 +1,11 @@
 """`openai` teacher backend: any OpenAI-compatible HTTP API, async, bounded concurrency, retries.
 
+`base_url` may list several endpoints serving the same model (e.g. one vLLM server per GPU): each gets
+`concurrency` workers pulling from one queue, so a faster server takes more of the work, and a request
+that fails transiently goes back on the queue for whichever endpoint is free next (a server that is down
+costs its share of retries, not the run). One cache serves them all: it is keyed by model and request,
+not by endpoint, so a resumed run pays for nothing twice whichever server answered first.
+
 Transient failures (429, 408, 409, 5xx, timeouts, dropped or refused connections, a
 garbled 200 body) are retried with exponential backoff and full jitter, honouring the
 server's `Retry-After`. Errors a retry cannot fix (400, 401, 403, 404, 422, a URL
@@ -101,22 +107,30 @@ class OpenAITeacher(Teacher):
     _warned_http = False
 
     @property
+    def base_urls(self) -> list[str]:
+        urls = self.config.base_url or DEFAULT_BASE_URL
+        return [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+
+    @property
     def base_url(self) -> str:
-        return (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        return self.base_urls[0]
 
     @property
     def name(self) -> str:
-        return f"openai:{self.config.model}@{self.base_url}"
+        urls = self.base_urls
+        where = urls[0] if len(urls) == 1 else f"{len(urls)} endpoints ({urls[0]}, ...)"
+        return f"openai:{self.config.model}@{where}"
 
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.config.api_key_env, "")
         if key and not self._warned_http:
             self._warned_http = True
-            url = urlsplit(self.base_url)
-            if url.scheme == "http" and not is_loopback(url.hostname or ""):
-                print(f"[protege] warning: teacher {self.name} sends the API key in ${self.config.api_key_env} "
-                      f"over plain http to {url.hostname}; anyone on the path can read it (use https)",
-                      file=sys.stderr, flush=True)
+            for base in self.base_urls:
+                url = urlsplit(base)
+                if url.scheme == "http" and not is_loopback(url.hostname or ""):
+                    print(f"[protege] warning: teacher {self.name} sends the API key in ${self.config.api_key_env} "
+                          f"over plain http to {url.hostname}; anyone on the path can read it (use https)",
+                          file=sys.stderr, flush=True)
         # Local servers (vLLM, llama.cpp) need no key; send none rather than an empty bearer.
         return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -144,56 +158,91 @@ class OpenAITeacher(Teacher):
 
     async def _fetch_all(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
         cfg = self.config
-        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        sem = asyncio.Semaphore(cfg.concurrency)
+        urls = self.base_urls
+        limits = httpx.Limits(max_connections=cfg.concurrency * len(urls), max_keepalive_connections=cfg.concurrency * len(urls))
+        # (index, attempt, not before): a retried request waits its backoff, on whichever endpoint takes it.
+        queue: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+        for j in range(len(items)):
+            queue.put_nowait((j, 0, 0.0))
+        remaining = [len(items)]
+        finished = asyncio.Event()
+        failure: list[BaseException] = []
+        last_error: dict[int, str] = {}
+        strikes = {base: 0 for base in urls}  # consecutive failures per endpoint
+
+        async def worker(client: httpx.AsyncClient, base: str) -> None:
+            while True:
+                j, attempt, not_before = await queue.get()
+                wait = not_before - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                try:
+                    value, error, response = await self._send(client, base, kind, _body(kind, cfg.model, items[j], params[j]))
+                except TeacherError as err:  # a request no retry can fix: stop everything
+                    failure.append(err)
+                    finished.set()
+                    return
+                if value is not None:
+                    strikes[base] = 0
+                    self.stats[f"endpoint:{base}"] += 1
+                    on_done(j, value)
+                    remaining[0] -= 1
+                    if not remaining[0]:
+                        finished.set()
+                    continue
+                last_error[j] = f"{error} from {base}"
+                if attempt == cfg.max_retries:
+                    failure.append(TeacherError(
+                        f"teacher {self.name}: gave up after {cfg.max_retries + 1} attempts ({last_error[j]}); the "
+                        "server may be down or overloaded — raise `max_retries` or lower `concurrency`"))
+                    finished.set()
+                    return
+                self.stats["retries"] += 1
+                delay = self._delay(attempt, _retry_after(response))
+                if len(urls) == 1:  # the request waits its backoff
+                    queue.put_nowait((j, attempt + 1, time.monotonic() + delay))
+                    continue
+                # Several endpoints: the request goes straight back for another one to take, and this endpoint's
+                # worker waits out its own backoff (growing while the endpoint keeps failing), so a server that is
+                # down stops drawing requests instead of burning their retries.
+                queue.put_nowait((j, attempt + 1, 0.0))
+                strikes[base] += 1
+                await asyncio.sleep(self._delay(min(strikes[base], 16) - 1, _retry_after(response)))
+
         async with httpx.AsyncClient(headers=self._headers(), timeout=cfg.timeout, limits=limits) as client:
-
-            async def one(j: int) -> None:
-                async with sem:
-                    value = await self._request(client, kind, _body(kind, cfg.model, items[j], params[j]))
-                on_done(j, value)
-
-            tasks = [asyncio.create_task(one(j)) for j in range(len(items))]
+            tasks = [asyncio.create_task(worker(client, base)) for base in urls for _ in range(cfg.concurrency)]
             try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                # A hard error stops everything; finished answers are already cached.
+                if items:
+                    await finished.wait()
+            finally:
+                # Done, or a hard error: finished answers are already cached; the rest is cancelled.
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        if failure:
+            raise failure[0]
 
-    async def _request(self, client: httpx.AsyncClient, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.config
-        url = f"{self.base_url}/{'chat/completions' if kind == 'chat' else 'completions'}"
-        last = ""
-        for attempt in range(cfg.max_retries + 1):
-            response: httpx.Response | None = None
+    async def _send(self, client: httpx.AsyncClient, base: str, kind: str, body: dict[str, Any]
+                    ) -> tuple[dict[str, Any] | None, str, httpx.Response | None]:
+        """One attempt: (answer, "", response) or (None, what went wrong, response) for a failure worth
+        retrying; a failure no retry can fix raises TeacherError."""
+        url = f"{base}/{'chat/completions' if kind == 'chat' else 'completions'}"
+        try:
+            response = await client.post(url, json=body)
+        except httpx.UnsupportedProtocol:
+            raise TeacherError(f"teacher {self.name}: bad base_url {base!r}; expected http(s)://host:port/v1") from None
+        except httpx.TransportError as err:  # timeouts, refused / dropped connections, protocol errors
+            return None, (f"{type(err).__name__}: {err}" if str(err) else type(err).__name__), None
+        status = response.status_code
+        if status == 200:
             try:
-                response = await client.post(url, json=body)
-            except httpx.UnsupportedProtocol:
-                raise TeacherError(f"teacher {self.name}: bad base_url {self.base_url!r}; expected http(s)://host:port/v1") from None
-            except httpx.TransportError as err:  # timeouts, refused / dropped connections, protocol errors
-                last = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-            else:
-                status = response.status_code
-                if status == 200:
-                    try:
-                        return _parse(kind, response.json())
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                        last = "malformed 200 response"
-                elif status in _RETRY_STATUS or status >= 500:
-                    last = f"HTTP {status}"
-                else:
-                    hint = _HINTS.get(status, "the server refused the request")
-                    raise TeacherError(f"teacher {self.name}: HTTP {status} from {url}: {_server_message(response)} "
-                                       f"— {hint}") from None
-            if attempt == cfg.max_retries:
-                break
-            self.stats["retries"] += 1
-            await asyncio.sleep(self._delay(attempt, _retry_after(response)))
-        raise TeacherError(f"teacher {self.name}: gave up after {cfg.max_retries + 1} attempts ({last}); "
-                           "the server may be down or overloaded — raise `max_retries` or lower `concurrency`")
+                return _parse(kind, response.json()), "", response
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                return None, "malformed 200 response", response
+        if status in _RETRY_STATUS or status >= 500:
+            return None, f"HTTP {status}", response
+        hint = _HINTS.get(status, "the server refused the request")
+        raise TeacherError(f"teacher {self.name}: HTTP {status} from {url}: {_server_message(response)} — {hint}")
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with "equal jitter" (half fixed, half random: spreads clients apart), or what the server asked."""
