@@ -11,6 +11,11 @@ The model name `hard-401` always gets 401, `slow` answers after 5 s, and `script
 deterministic teacher for the generator tests (see `_scripted`). A chat request whose last user turn
 contains "RAMBLE" is answered with finish_reason "length" (an answer cut at the token limit).
 It runs in its own process so its CPU time does not compete with the client's GIL.
+
+The Batch API is there too: `POST /v1/files` (multipart, purpose `batch`), `POST /v1/batches`,
+`GET /v1/batches/{id}`, `GET /v1/files/{id}/content`. A batch answers its lines one by one in the
+background (`--batch-delay` seconds each) through the same `_answer`, so `/stats` counts what was paid for;
+`batches_created` counts batches. A request the model `hard-401` makes lands in the batch's error file.
 """
 
 from __future__ import annotations
@@ -44,7 +49,69 @@ class FakeServer:
         self.proc.wait(timeout=10)
 
 
-STATE = {"successes": Counter(), "attempts": 0, "failures": Counter()}
+STATE = {"successes": Counter(), "attempts": 0, "failures": Counter(), "batches_created": 0}
+FILES: dict[str, bytes] = {}
+BATCHES: dict[str, dict] = {}
+
+
+def _multipart_file(content_type: str, raw: bytes) -> bytes:
+    from email.parser import BytesParser
+    from email.policy import default
+
+    msg = BytesParser(policy=default).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    for part in msg.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True)
+    raise ValueError("no file part")
+
+
+async def _run_batch(batch: dict, args: argparse.Namespace, rng: random.Random) -> None:
+    batch["status"] = "in_progress"
+    lines = [json.loads(x) for x in FILES[batch["input_file_id"]].decode().splitlines() if x.strip()]
+    batch["request_counts"] = {"total": len(lines), "completed": 0, "failed": 0}
+    out, err = [], []
+    for line in lines:
+        await asyncio.sleep(args.batch_delay)
+        reply = await _answer(line["body"], line["url"], argparse.Namespace(**{**vars(args), "fail_rate": 0.0}), rng)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        row = {"id": f"req_{len(out) + len(err)}", "custom_id": line["custom_id"],
+               "response": {"status_code": status, "request_id": "x", "body": json.loads(body)}, "error": None}
+        (out if status == 200 else err).append(json.dumps(row))
+        batch["request_counts"]["completed" if status == 200 else "failed"] += 1
+    for name, rows in (("output_file_id", out), ("error_file_id", err)):
+        if rows:
+            fid = f"file-{len(FILES)}"
+            FILES[fid] = ("\n".join(rows) + "\n").encode()
+            batch[name] = fid
+    batch["status"] = "completed"
+
+
+async def _batch_api(method: str, path: str, headers: dict, raw: bytes, args, rng) -> bytes | None:
+    if method == "POST" and path == "/v1/files":
+        fid = f"file-{len(FILES)}"
+        FILES[fid] = _multipart_file(headers["content-type"], raw)
+        return _response(200, {"id": fid, "object": "file", "bytes": len(FILES[fid]), "purpose": "batch"})
+    if method == "POST" and path == "/v1/batches":
+        body = json.loads(raw)
+        if body.get("input_file_id") not in FILES:
+            return _response(400, {"error": {"message": "no such file"}})
+        STATE["batches_created"] += 1
+        bid = f"batch_{len(BATCHES)}"
+        BATCHES[bid] = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "status": "validating",
+                        "input_file_id": body["input_file_id"], "output_file_id": None, "error_file_id": None,
+                        "completion_window": body.get("completion_window"), "request_counts": None}
+        asyncio.get_running_loop().create_task(_run_batch(BATCHES[bid], args, rng))
+        return _response(200, BATCHES[bid])
+    if method == "GET" and path.startswith("/v1/batches/") and path.split("/")[-1] in BATCHES:
+        return _response(200, BATCHES[path.split("/")[-1]])
+    if method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
+        data = FILES.get(path.split("/")[3])
+        if data is None:
+            return _response(404, {"error": {"message": "no such file"}})
+        return (f"HTTP/1.1 200 OK\r\nContent-Type: application/jsonl\r\nContent-Length: {len(data)}\r\n\r\n"
+                .encode() + data)
+    return _response(404, {"error": {"message": f"no route {method} {path}"}})
 
 
 def _key(body: dict) -> str:
@@ -168,7 +235,9 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ar
             raw = await reader.readexactly(int(headers.get("content-length", "0")))
             if method == "GET" and path == "/stats":
                 out = _response(200, {"successes": dict(STATE["successes"]), "attempts": STATE["attempts"],
-                                      "failures": dict(STATE["failures"])})
+                                      "failures": dict(STATE["failures"]), "batches_created": STATE["batches_created"]})
+            elif path.startswith(("/v1/files", "/v1/batches")):
+                out = await _batch_api(method, path, headers, raw, args, rng)
             else:
                 out = await _answer(json.loads(raw or b"{}"), path, args, rng)
             if out is None:  # drop the connection without answering
@@ -186,6 +255,7 @@ async def main() -> None:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--fail-latency", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-delay", type=float, default=0.0)
     args = p.parse_args()
     rng = random.Random(args.seed)
     server = await asyncio.start_server(lambda r, w: _handle(r, w, args, rng), "127.0.0.1", 0, backlog=256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -298,3 +299,66 @@ def test_kill9_of_a_sharded_run_then_rerun_pays_for_nothing_twice(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_batch_api_answers_everything_and_the_plain_backend_reuses_its_cache(tmp_path):
+    """Issue 28: hosted teachers through OpenAI's Batch API file format (upload, create, poll, read the output
+    file); a request the batch fails is sent directly; the answers land in the same cache as the plain backend."""
+    s = FakeServer()
+    try:
+        convs = _convs(12, "b") + [[{"role": "user", "content": "b 0"}]]  # a duplicate: asked once
+        teacher = make_teacher(_cfg(s.url, batch=True, batch_poll_s=0.05), cache_dir=tmp_path)
+        out = teacher.complete(convs, SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: b {i}" for i in range(12)] + ["echo: b 0"]
+        stats = s.stats()
+        assert stats["batches_created"] == 1 and set(stats["successes"].values()) == {1} and len(stats["successes"]) == 12
+        lines = [json.loads(x) for x in next(tmp_path.glob("batch-*.jsonl")).read_text().splitlines()]
+        assert len(lines) == 12 and lines[0]["url"] == "/v1/chat/completions" and lines[0]["method"] == "POST"
+        assert set(lines[0]) == {"custom_id", "method", "url", "body"} and lines[0]["body"]["model"] == "fake"
+        plain = make_teacher(_cfg(s.url), cache_dir=tmp_path)
+        again = plain.complete(_convs(12, "b"), SamplingParams(max_new_tokens=8))
+        assert all(r.cached for r in again) and s.stats()["attempts"] == stats["attempts"]
+    finally:
+        s.close()
+
+
+_BATCH_KILL = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {src!r})
+    from protege.engine import SamplingParams
+    from protege.teachers import TeacherConfig, make_teacher
+    cfg = TeacherConfig(backend="openai", model="fake", base_url={url!r}, batch=True, batch_poll_s=0.05)
+    convs = [[{{"role": "user", "content": f"k {{i}}"}}] for i in range(30)]
+    make_teacher(cfg, cache_dir={cache!r}).complete(convs, SamplingParams(max_new_tokens=8))
+""")
+
+
+def test_a_killed_batch_run_polls_its_batch_again_instead_of_paying_twice(tmp_path):
+    s = FakeServer("--batch-delay", "0.05")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _BATCH_KILL.format(src=str(SRC), url=s.url, cache=str(tmp_path))])
+        deadline = time.time() + 60
+        while time.time() < deadline and len(s.stats()["successes"]) < 5:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert s.stats()["batches_created"] == 1
+        teacher = make_teacher(_cfg(s.url, batch=True, batch_poll_s=0.05), cache_dir=tmp_path)
+        out = teacher.complete(_convs(30, "k"), SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: k {i}" for i in range(30)]
+        stats = s.stats()
+        assert stats["batches_created"] == 1  # the rerun polled the batch it had paid for
+        assert len(stats["successes"]) == 30 and set(stats["successes"].values()) == {1}
+    finally:
+        s.close()
+
+
+def test_requests_a_batch_fails_are_sent_directly(tmp_path):
+    s = FakeServer()
+    try:
+        cfg = _cfg(s.url, batch=True, batch_poll_s=0.05, model="hard-401")
+        with pytest.raises(TeacherError, match="401"):  # the batch's error file, then the direct send says why
+            make_teacher(cfg, cache_dir=tmp_path).complete(_convs(2, "e"), SamplingParams(max_new_tokens=4))
+        assert s.stats()["batches_created"] == 1
+    finally:
+        s.close()

@@ -5,7 +5,8 @@
     answers = teacher.complete([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=64))
 
 - `openai`: any OpenAI-compatible `/v1/chat/completions` endpoint (OpenAI, vLLM, llama.cpp server,
-  Ollama, `protege serve`), async with bounded concurrency and retries (see `openai_api.py`).
+  Ollama, `protege serve`), or several of them, async with bounded concurrency and retries (see
+  `openai_api.py`); with `batch: true`, OpenAI's Batch API (`openai_batch.py`).
 - `local`: protege's batched engine on any model spec (alias, HF folder, GGUF).
 
 Both share an on-disk cache keyed by the request hash (`cache.py`): a killed generator, rerun,
@@ -24,6 +25,10 @@ __all__ = ["TeacherConfig", "TeacherResponse", "TeacherError", "Teacher", "make_
 
 def make_teacher(config: TeacherConfig, cache_dir: str | Path | None = None) -> Teacher:
     """Build the configured backend; `cache_dir` holds `teacher_cache.sqlite` (None: cache in memory only)."""
+    if config.backend == "openai" and config.batch:
+        from .openai_batch import OpenAIBatchTeacher
+
+        return OpenAIBatchTeacher(config, cache_dir)
     if config.backend == "openai":
         from .openai_api import OpenAITeacher
 

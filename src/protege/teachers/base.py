@@ -32,6 +32,10 @@ class TeacherConfig(StageConfig):
     max_retries: int = Field(6, ge=0, description="openai backend: retries on 429 / 5xx / timeouts / dropped connections")
     backoff_base: float = Field(1.0, ge=0, description="openai backend: first retry waits about this many seconds, doubling each time (with jitter)")
     backoff_max: float = Field(60.0, ge=0, description="openai backend: longest wait between retries unless the server's Retry-After asks for more")
+    batch: bool = Field(False, description="openai backend: send the requests through the Batch API (half the price, "
+                                           "answers within batch_window; a killed run re-polls its batch)")
+    batch_window: str = Field("24h", description="openai backend, batch: the batch's completion_window")
+    batch_poll_s: float = Field(30.0, gt=0, description="openai backend, batch: seconds between status checks")
     max_batch_size: int = Field(16, ge=1, description="local backend: prompts decoded together")
     precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
 

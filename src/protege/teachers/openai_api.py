@@ -135,18 +135,22 @@ class OpenAITeacher(Teacher):
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
-        coro_factory = lambda: self._fetch_all(kind, items, params, on_done)  # noqa: E731
+        self._run(lambda: self._fetch_all(kind, items, params, on_done))
+
+    @staticmethod
+    def _run(coro_factory: Any) -> Any:
+        """Run a coroutine to completion and return its value, also when called from inside an event loop
+        (e.g. a server): then in a worker thread with its own loop."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            asyncio.run(coro_factory())
-            return
-        # Called from inside an event loop (e.g. a server): run ours in a worker thread.
+            return asyncio.run(coro_factory())
+        result: list[Any] = []
         error: list[BaseException] = []
 
         def target() -> None:
             try:
-                asyncio.run(coro_factory())
+                result.append(asyncio.run(coro_factory()))
             except BaseException as err:  # noqa: BLE001 — re-raised in the caller's thread
                 error.append(err)
 
@@ -155,6 +159,7 @@ class OpenAITeacher(Teacher):
         t.join()
         if error:
             raise error[0]
+        return result[0]
 
     async def _fetch_all(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
         cfg = self.config
