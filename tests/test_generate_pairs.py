@@ -140,3 +140,32 @@ def test_pairs_bad_input(tmp_path, tiny_llama_dir):
         run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "o2"), label="rm", progress=False))
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "generate", "pairs", "--k=1"], capture_output=True, text=True)
     assert proc.returncode != 0 and "k" in proc.stderr
+
+
+def test_a_local_judge_labels_pairs_by_order_averaged_verdict_probabilities(tmp_path, tiny_llama_dir):
+    """Issue 26: `generate pairs --label judge` parsed generated verdicts while `eval judge` calibrates the
+    log-prob path; a local judge now labels with the same rule (probabilities averaged over both orders,
+    margin p - 0.5), and the default judge is the calibrated built-in one."""
+    from protege.evaluate.verdicts import p_first, pairwise_messages, verdict_probs
+    from protege.models import DEFAULT_JUDGE
+    from protege.teachers import make_teacher
+
+    assert PairsConfig().judge.model == DEFAULT_JUDGE
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Tell me about {i}."}]}) + "\n"
+                               for i in range(3)))
+    local = {"model": str(tiny_llama_dir), "max_batch_size": 8}
+    counts = run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "out"), k=2, label="judge", progress=False,
+                             max_new_tokens=8, policy=local, judge=local, judge_tie_margin=0.0))
+    pairs = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert counts["records"] == len(pairs) > 0
+    judge = make_teacher(PairsConfig(judge=local).judge)
+    for p in pairs:  # the written margin is the order-averaged probability the chosen answer is better, less 0.5
+        q = [p.prompt[-1]["content"]]
+        probs = verdict_probs(judge, [pairwise_messages(q, [p.chosen["content"]], [p.rejected["content"]]),
+                                      pairwise_messages(q, [p.rejected["content"]], [p.chosen["content"]])], False)
+        assert p_first(*probs) - 0.5 == pytest.approx(p.margin, abs=1e-3) and p.margin > 0
+    with pytest.raises(Exception, match="local judge"):
+        run(PairsConfig(prompts=str(prompts), out_dir=str(tmp_path / "x"), k=2, label="judge", progress=False,
+                        policy=local, judge_verdicts="logprob",
+                        judge={"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}))

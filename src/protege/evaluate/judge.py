@@ -43,7 +43,8 @@ from ..records import write_records
 from ..teachers import TeacherConfig
 from .answer import ANSWERS_FILE, AnswerConfig, display_name, read_answers
 from .intervals import bootstrap_ci
-from .verdicts import combine_orders, pairwise_messages, pairwise_summary, parse_pairwise, parse_rating, single_messages
+from .verdicts import (order_outcome, p_first, pairwise_messages, pairwise_summary, parse_pairwise,
+                       parse_rating, single_messages, verdict_probs)
 
 __all__ = ["JudgeConfig", "run", "JUDGE_RESULTS_FILE", "JUDGMENTS_FILE"]
 
@@ -114,41 +115,13 @@ def _ask(teacher: Any, convs: list[list[dict[str, str]]], parse: Any, cfg: Judge
     return results
 
 
-VERDICT_PREFIX = "Verdict:"
-VERDICT_OPTIONS = (" A", " B", " tie")
-
-
 def _ask_pairwise(teacher: Any, convs: list[list[dict[str, str]]], cfg: JudgeConfig,
                   logprob: bool) -> list[tuple[str | None, str, bool, dict[str, float] | None]]:
     """(verdict, raw, retried, {"A","B","tie"} probabilities or None) per pairwise conversation."""
     if not logprob:
         return [(v, t, r, None) for v, t, r in _ask(teacher, convs, parse_pairwise, cfg)]
-    out = []
-    for probs in teacher.choice_probs(convs, VERDICT_PREFIX, list(VERDICT_OPTIONS), progress=True):
-        p = dict(zip(("A", "B", "tie"), probs))
-        verdict = max(p, key=p.__getitem__)
-        out.append((verdict, "log-prob verdict: " + " ".join(f"{k}={v:.3f}" for k, v in p.items()), False, p))
-    return out
-
-
-def _outcome(v1: str | None, v2: str | None, p_first: float | None, margin: float) -> str:
-    """The pair's outcome for the model shown first in order 1.
-
-    Generated verdicts: the two orders must agree (else a tie). Log-prob verdicts: the probability that
-    it is better, averaged over both orders, decides (win above 0.5 + margin, loss below 0.5 - margin):
-    averaging over the two positions cancels a constant position bias ("balanced position calibration",
-    Wang et al. 2023), which the agree-or-tie rule would turn into all ties.
-    """
-    if p_first is None:
-        return combine_orders(v1, v2)
-    return "win" if p_first > 0.5 + margin else "loss" if p_first < 0.5 - margin else "tie"
-
-
-def _p_first(p1: dict[str, float] | None, p2: dict[str, float] | None) -> float | None:
-    """Probability that the model shown first in order 1 is better, averaged over both orders (ties half)."""
-    if p1 is None or p2 is None:
-        return None
-    return 0.5 * ((p1["A"] + 0.5 * p1["tie"]) + (p2["B"] + 0.5 * p2["tie"]))
+    return [(max(p, key=p.__getitem__), "log-prob verdict: " + " ".join(f"{k}={v:.3f}" for k, v in p.items()), False, p)
+            for p in verdict_probs(teacher, convs)]
 
 
 def _aligned(sets: list[list[dict[str, Any]]], limit: int | None) -> list[list[dict[str, Any]]]:
@@ -191,10 +164,10 @@ def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
     rows = []
     for k, (a, b) in enumerate(groups):
         (v1, t1, r1, p1), (v2, t2, r2, p2) = asked[2 * k], asked[2 * k + 1]
-        pw = _p_first(p1, p2)
+        pw = p_first(p1, p2)
         row = {"id": a["id"], "category": a.get("category", ""), "turns": a["turns"],
                "answers": [a["answers"], b["answers"]], "length": [_length(a), _length(b)],
-               "verdicts": [v1, v2], "outcome": _outcome(v1, v2, pw, cfg.tie_margin), "raw": [t1, t2],
+               "verdicts": [v1, v2], "outcome": order_outcome(v1, v2, pw, cfg.tie_margin), "raw": [t1, t2],
                "retried": [r1, r2]}
         if p1 is not None:
             row["probs"], row["p_win"] = [p1, p2], pw
@@ -248,8 +221,8 @@ def _calibration_rows(teacher: Any, cfg: JudgeConfig, logprob: bool, pairs: list
         asked = _ask_pairwise(teacher, convs, cfg, logprob)
         for k, p in enumerate(pairs):
             (v1, t1, _, p1), (v2, t2, _, p2) = asked[2 * k], asked[2 * k + 1]
-            pg = _p_first(p1, p2)
-            rows.append({**p, "verdicts": [v1, v2], "outcome": _outcome(v1, v2, pg, cfg.tie_margin), "raw": [t1, t2],
+            pg = p_first(p1, p2)
+            rows.append({**p, "verdicts": [v1, v2], "outcome": order_outcome(v1, v2, pg, cfg.tie_margin), "raw": [t1, t2],
                          "p_good": pg})
         return rows
     convs = [single_messages(p["turns"], [ans]) for p in pairs for ans in (p["good"], p["bad"])]

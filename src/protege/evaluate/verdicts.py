@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .intervals import bootstrap_ci
 
-__all__ = ["JUDGE_SYSTEM", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
+__all__ = ["VERDICT_PREFIX", "VERDICT_OPTIONS", "verdict_probs", "p_first", "order_outcome", "JUDGE_SYSTEM", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary"]
 
 
@@ -107,6 +107,37 @@ def combine_orders(first_order: str | None, second_order: str | None) -> str:
     as_model1 = {"A": "win", "B": "loss", "tie": "tie"}[first_order]
     swapped = {"A": "loss", "B": "win", "tie": "tie"}[second_order]
     return as_model1 if as_model1 == swapped else "tie"
+
+
+VERDICT_PREFIX = "Verdict:"
+VERDICT_OPTIONS = (" A", " B", " tie")
+
+
+def verdict_probs(teacher: Any, convs: list[list[dict[str, str]]], progress: bool = True) -> list[dict[str, float]]:
+    """{"A", "B", "tie"} probabilities of each pairwise conversation's verdict, read from the judge's next-token
+    distribution after "Verdict:" (a local judge: `teacher.scores_choices`); never unparseable."""
+    return [dict(zip(("A", "B", "tie"), probs))
+            for probs in teacher.choice_probs(convs, VERDICT_PREFIX, list(VERDICT_OPTIONS), progress=progress)]
+
+
+def p_first(p1: dict[str, float] | None, p2: dict[str, float] | None) -> float | None:
+    """Probability that the model shown first in order 1 is better, averaged over both orders (ties half)."""
+    if p1 is None or p2 is None:
+        return None
+    return 0.5 * ((p1["A"] + 0.5 * p1["tie"]) + (p2["B"] + 0.5 * p2["tie"]))
+
+
+def order_outcome(v1: str | None, v2: str | None, p: float | None, margin: float) -> str:
+    """The pair's outcome for the model shown first in order 1.
+
+    Generated verdicts: the two orders must agree (else a tie). Log-prob verdicts (`p` from `p_first`): the
+    probability that it is better, averaged over both orders, decides (win above 0.5 + margin, loss below
+    0.5 - margin): averaging over the two positions cancels a constant position bias ("balanced position
+    calibration", Wang et al. 2023), which the agree-or-tie rule would turn into all ties.
+    """
+    if p is None:
+        return combine_orders(v1, v2)
+    return "win" if p > 0.5 + margin else "loss" if p < 0.5 - margin else "tie"
 
 
 def pairwise_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int = 0) -> dict[str, Any]:

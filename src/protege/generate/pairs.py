@@ -6,8 +6,10 @@ without generating an answer twice. Labelling, in this version, is by a declarat
 whose truth is known (`label: rule`), so a trained RM or DPO policy can be checked against ground
 truth, or by a reward model (`label: rm`: the best-scored answer against the worst, margin = the
 score difference, as LLaMA-2 built pairs from its RMs), or by an LLM judge (`label: judge`: samples
-are paired off, each pair judged in both orders; orders that disagree are a tie, dropped and
-counted, as a position-biased judge must not make labels). Rules:
+are paired off, each pair judged in both orders by the judge `eval judge` calibrates, the same way: a
+local judge's verdict probabilities averaged over both orders, which cancels a position bias, with
+p - 0.5 as the margin; generated verdicts must agree across orders; ties are dropped and counted, as a
+position-biased judge must not make labels). Rules:
 
 - `ends_turn`:     the answer ended its turn (finish reason "stop") within `max_tokens` tokens;
 - `contains_gold`: the answer contains the record's gold answer (`meta[gold_field]`, e.g.
@@ -33,6 +35,7 @@ from pydantic import Field, field_validator
 from ..config import MaxNewTokens, Sampling, StageConfig, sampling_field
 from ..errors import StageError
 from ..manifest import Timer
+from ..models import DEFAULT_JUDGE
 from ..records import Comparison, JsonlWriter
 from ..teachers import TeacherConfig, TeacherResponse, make_teacher
 from ..train.rewards import GOLD_RULES, ends_within, matches_gold  # one definition for pair labels and RL rewards
@@ -56,8 +59,16 @@ class PairsConfig(StageConfig):
     rule: Literal["ends_turn", "contains_gold", "final_number", "shorter"] = Field("ends_turn", description="label rule: the labelling rule (see module docs)")
     rm: str | None = Field(None, description="label rm: reward model folder (from `train rm`)")
     min_margin: float = Field(0.0, ge=0.0, description="label rm: drop pairs whose score difference is below this")
-    judge: TeacherConfig = Field(default_factory=TeacherConfig, description="label judge: who judges (asked in both orders)")
-    judge_max_new_tokens: MaxNewTokens = Field(64, description="label judge: verdict length budget")
+    judge: TeacherConfig = Field(default_factory=lambda: TeacherConfig(model=DEFAULT_JUDGE),
+                                 description="label judge: who judges (asked in both orders); the default is the "
+                                 "built-in judge that passes `eval judge`'s calibration")
+    judge_verdicts: Literal["auto", "logprob", "generate"] = Field(
+        "auto", description="label judge: verdicts from the judge's next-token probabilities, averaged over both "
+        "orders (logprob: a local judge; the path `eval judge` calibrates), or from generated text, where the "
+        "orders must agree (generate); auto = logprob when the judge can be scored")
+    judge_tie_margin: float = Field(0.1, ge=0, le=0.5, description="label judge, logprob: pairs whose "
+                                    "order-averaged probability is within this of 0.5 are ties (not written)")
+    judge_max_new_tokens: MaxNewTokens = Field(64, description="label judge, generate: verdict length budget")
     max_tokens: int = Field(64, ge=1, description="ends_turn / shorter: the token limit of a passing answer")
     gold_field: str = Field("answer", description="contains_gold / final_number: the prompt record's meta field with the gold answer")
     pairs_per_prompt: int = Field(1, ge=1, description="most pairs written per prompt (passing x failing answers)")
@@ -113,10 +124,12 @@ def _rm_pairs(scores: list[float], texts: list[str], min_margin: float, stats: C
     return out
 
 
-def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], max_new_tokens: int,
-                 stats: Counter) -> list[tuple[int, int, None]]:
-    """Samples paired off (0, 1), (2, 3), ...; each pair judged in both orders; a consistent verdict labels it."""
-    from ..evaluate.verdicts import combine_orders, pairwise_messages, parse_pairwise
+def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], cfg: PairsConfig,
+                 stats: Counter) -> list[tuple[int, int, float | None]]:
+    """Samples paired off (0, 1), (2, 3), ...; each pair judged in both orders. Log-prob verdicts: the
+    order-averaged probability decides and is the pair's margin (p - 0.5); generated verdicts: the orders must
+    agree. The same rule as `eval judge` (`evaluate.verdicts.order_outcome`)."""
+    from ..evaluate.verdicts import order_outcome, p_first, pairwise_messages, parse_pairwise, verdict_probs
 
     question = [next(m["content"] for m in reversed(prompt) if m["role"] == "user")]
     duos = [(a, b) for a, b in zip(range(0, len(texts) - 1, 2), range(1, len(texts), 2))
@@ -125,17 +138,32 @@ def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], max
         stats["no_contrast_equal"] += 1
         return []
     convs = [pairwise_messages(question, [texts[x]], [texts[y]]) for a, b in duos for x, y in ((a, b), (b, a))]
-    replies = judge.complete(convs, sampling(Sampling(max_new_tokens=max_new_tokens)))
+    if _logprob_verdicts(cfg, judge):
+        probs = verdict_probs(judge, convs, progress=False)
+        verdicts = [(None, None, p_first(probs[2 * n], probs[2 * n + 1])) for n in range(len(duos))]
+    else:
+        replies = judge.complete(convs, sampling(Sampling(max_new_tokens=cfg.judge_max_new_tokens)))
+        verdicts = [(parse_pairwise(replies[2 * n].text), parse_pairwise(replies[2 * n + 1].text), None)
+                    for n in range(len(duos))]
     out = []
-    for n, (a, b) in enumerate(duos):
-        outcome = combine_orders(parse_pairwise(replies[2 * n].text), parse_pairwise(replies[2 * n + 1].text))
+    for (a, b), (v1, v2, p) in zip(duos, verdicts):
+        outcome = order_outcome(v1, v2, p, cfg.judge_tie_margin)
+        margin = None if p is None else round(abs(p - 0.5), 6)
         if outcome == "win":
-            out.append((a, b, None))
+            out.append((a, b, margin))
         elif outcome == "loss":
-            out.append((b, a, None))
+            out.append((b, a, margin))
         else:
             stats[f"judge_{outcome}"] += 1  # judge_tie (incl. orders that disagree) or judge_error
     return out
+
+
+def _logprob_verdicts(cfg: PairsConfig, judge: Any) -> bool:
+    scorable = bool(getattr(judge, "scores_choices", False))
+    if cfg.judge_verdicts == "logprob" and not scorable:
+        raise StageError(f"generate pairs: judge_verdicts logprob needs a local judge; {judge.name} cannot be "
+                         "scored (use judge_verdicts: generate)")
+    return cfg.judge_verdicts != "generate" and scorable
 
 
 def _rm_scorer(spec: str):
@@ -174,7 +202,7 @@ def run(config: PairsConfig) -> dict[str, Any]:
                           "completion_tokens": [int(a.usage.get("completion_tokens", 0)) for a in answers]}
                 stats["samples"] += len(answers)
                 if judge is not None:
-                    chosen = _judge_pairs(judge, prompt, texts, cfg.judge_max_new_tokens, stats)
+                    chosen = _judge_pairs(judge, prompt, texts, cfg, stats)
                 elif scorer is None:
                     gold = meta.get(cfg.gold_field) if cfg.rule in GOLD_RULES else None
                     if cfg.rule in GOLD_RULES and gold is None:
