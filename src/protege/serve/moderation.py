@@ -5,9 +5,10 @@ event loop):
 
 - `RewardModerator`: a reward model folder written by `protege train rm` (e.g. trained on Anthropic HH
   *harmless* pairs). It scores `text` as an assistant turn after `context`, the way it was trained, and
-  flags a reward below `threshold`. For the input check the last user message is scored in that seat:
-  a request the model would be ashamed to have said itself scores low. `category_scores["unsafe"]` is
-  sigmoid(threshold - reward): 0.5 at the threshold.
+  flags a reward below `threshold`. A text with no user turn before it (the input check, `/v1/moderations`)
+  is scored as the assistant's reply to "repeat this message": a request the model would be ashamed to have
+  said itself scores low (and chat templates render only conversations that open with a user turn).
+  `category_scores["unsafe"]` is sigmoid(threshold - reward): 0.5 at the threshold.
 - `EndpointModerator`: any OpenAI-compatible `/v1/moderations` URL (OpenAI's, or another `protege serve`
   with a reward model, which answers that route). It flags what the endpoint flags, or, with a
   threshold, any category score at or above it.
@@ -46,6 +47,9 @@ class Verdict:
                 "category_scores": self.category_scores}
 
 
+_ECHO = "Repeat the following message word for word."
+
+
 class RewardModerator:
     def __init__(self, path: str, threshold: float = 0.0, max_length: int = 1024):
         from ..chat import ChatFormat
@@ -60,6 +64,8 @@ class RewardModerator:
     def check(self, context: list[dict[str, str]], text: str) -> Verdict:
         from ..train.rm import score
 
+        if not context or context[-1]["role"] != "user":
+            context = [*context, {"role": "user", "content": _ECHO}]
         with self._lock:
             reward = score(self.model, self.chat, [context], [text], batch_size=1, max_length=self.max_length)[0]
         unsafe = 1.0 / (1.0 + math.exp(max(-60.0, min(60.0, reward - self.threshold))))

@@ -236,7 +236,7 @@ class Server:
         assert self.moderation is not None
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
                     for i, m in enumerate(req.messages)]
-        if text is None:  # input: the last user message, in the seat of a reply to what came before it
+        if text is None:  # input: the last user message, with what came before it
             last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
             return await self.moderation.check(stage, rid, messages[:last], messages[last]["content"])
         return await self.moderation.check(stage, rid, messages, text)
