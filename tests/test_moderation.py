@@ -156,3 +156,20 @@ def test_bad_moderation_settings_are_clear_errors(tmp_path):
         make_moderator(str(tmp_path))
     with pytest.raises(StageError, match="input"):
         Moderation(object(), stages=("inputs",))
+
+
+def test_a_request_is_scored_under_templates_that_need_a_user_turn_first(hh_rm, tiny_llama):
+    """SmolLM2's template adds its default system prompt inside the message loop, so a conversation that opens
+    with an assistant turn is not prefix-stable: every single-turn request's input check was a 503."""
+    from protege.chat import ChatFormat
+
+    path, _ = hh_rm
+    smol_like = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    mod = RewardModerator(str(path / "model"))
+    mod.chat = ChatFormat(tiny_llama[1], smol_like)
+    verdict = mod.check([], "How do I pick a lock?")
+    assert isinstance(verdict.score, float)
+    assert mod.check([{"role": "user", "content": "hi"}], "hello").score != verdict.score
