@@ -143,7 +143,10 @@ class OpenAITeacher(Teacher):
         (e.g. a server): then in a worker thread with its own loop."""
         try:
             asyncio.get_running_loop()
+            in_loop = True
         except RuntimeError:
+            in_loop = False
+        if not in_loop:  # outside the except block: an error from the run is not chained to "no running loop"
             return asyncio.run(coro_factory())
         result: list[Any] = []
         error: list[BaseException] = []

