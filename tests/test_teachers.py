@@ -362,3 +362,16 @@ def test_requests_a_batch_fails_are_sent_directly(tmp_path):
         assert s.stats()["batches_created"] == 1
     finally:
         s.close()
+
+
+def test_the_vllm_backend_without_vllm_says_how_to_get_it(tiny_llama_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here: tests/test_vllm.py covers the backend")
+    except ImportError:
+        pass
+    from protege.errors import StageError
+
+    teacher = make_teacher(TeacherConfig(backend="vllm", model=str(tiny_llama_dir)), cache_dir=tmp_path)
+    with pytest.raises(StageError, match="not installed.*vllm serve"):
+        teacher.complete(_convs(1), SamplingParams(max_new_tokens=4))

@@ -77,3 +77,40 @@ def test_a_vllm_server_teacher_answers_greedy_like_protege_s_engine(tiny_llama, 
     # vLLM's detokenizer leaves it out. Everything before is the same greedy tokens.
     assert [t.rstrip("\ufffd") for t in theirs] == [t.rstrip("\ufffd") for t in mine]
     assert sum(len(t) for t in mine) > 50
+
+
+_IN_PROCESS = '''
+import sys
+sys.path.insert(0, {src!r})
+from protege.engine import Engine, SamplingParams
+from protege.models import load
+from protege.teachers import TeacherConfig, make_teacher
+
+if __name__ == "__main__":  # vLLM starts its engine in a new process
+    convs = [[{{"role": "user", "content": f"Question {{i}}: what is {{i}} plus {{i}}?"}}] for i in range(8)]
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    cfg = TeacherConfig(backend="vllm", model={model!r}, precision="fp32", max_batch_size=8)
+    theirs = [r.text.rstrip("\\ufffd") for r in make_teacher(cfg, cache_dir={cache!r}).complete(convs, params)]
+    model, tok = load({model!r}, dtype="float32")
+    mine = [c.text.rstrip("\\ufffd") for c in Engine(model, tok).chat(convs, params)]
+    again = make_teacher(cfg, cache_dir={cache!r})
+    cached = [r.text.rstrip("\\ufffd") for r in again.complete(convs, params)]
+    print("RESULT", theirs == mine, cached == theirs, again.stats["cache_hits"], sum(len(t) for t in mine))
+'''
+
+
+def test_the_in_process_vllm_teacher_decodes_protege_s_token_ids(tiny_llama, tmp_path):
+    """`teacher.backend: vllm` (vllm.LLM in this process, fed protege's token ids), run from vLLM's virtualenv
+    with protege's sources: greedy answers equal protege's engine, and they are cached like any teacher's."""
+    from pathlib import Path
+
+    model_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
+    script = tmp_path / "run.py"
+    script.write_text(_IN_PROCESS.format(src=str(Path(__file__).resolve().parents[1] / "src"), model=str(model_dir),
+                                         cache=str(tmp_path / "cache")))
+    out = subprocess.run([VLLM_PYTHON, str(script)], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    result = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert result, out.stderr[-3000:]
+    _, same, cached, hits, chars = result[0].split()
+    assert same == "True" and cached == "True" and hits == "8" and int(chars) > 50

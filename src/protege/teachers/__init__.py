@@ -8,6 +8,7 @@
   Ollama, `protege serve`), or several of them, async with bounded concurrency and retries (see
   `openai_api.py`); with `batch: true`, OpenAI's Batch API (`openai_batch.py`).
 - `local`: protege's batched engine on any model spec (alias, HF folder, GGUF).
+- `vllm`: vLLM's in-process engine, fed protege's token ids (`vllm_local.py`; vLLM must be installed).
 
 Both share an on-disk cache keyed by the request hash (`cache.py`): a killed generator, rerun,
 sends no finished request again, and a fully cached rerun does not even load the model.
@@ -33,6 +34,10 @@ def make_teacher(config: TeacherConfig, cache_dir: str | Path | None = None) -> 
         from .openai_api import OpenAITeacher
 
         return OpenAITeacher(config, cache_dir)
+    if config.backend == "vllm":
+        from .vllm_local import VLLMTeacher
+
+        return VLLMTeacher(config, cache_dir)
     from .local import LocalTeacher
 
     return LocalTeacher(config, cache_dir)

@@ -21,7 +21,9 @@ CACHE_FILE = "teacher_cache.sqlite"
 
 
 class TeacherConfig(StageConfig):
-    backend: Literal["local", "openai"] = Field("local", description="`local` (protege engine) or `openai` (any OpenAI-compatible HTTP API)")
+    backend: Literal["local", "openai", "vllm"] = Field(
+        "local", description="`local` (protege engine), `openai` (any OpenAI-compatible HTTP API) or `vllm` (vLLM's "
+        "in-process engine; vLLM must be installed)")
     model: str = Field("smollm2-135m-instruct", description="local: model alias/folder/.gguf; openai: the model name the server expects")
     base_url: str | list[str] | None = Field(None, description="openai backend: API root ending in /v1 (default "
                                              "https://api.openai.com/v1), or a list of endpoints serving the same "
@@ -36,8 +38,8 @@ class TeacherConfig(StageConfig):
                                            "answers within batch_window; a killed run re-polls its batch)")
     batch_window: str = Field("24h", description="openai backend, batch: the batch's completion_window")
     batch_poll_s: float = Field(30.0, gt=0, description="openai backend, batch: seconds between status checks")
-    max_batch_size: int = Field(16, ge=1, description="local backend: prompts decoded together")
-    precision: Precision = Field("auto", description=f"local backend: {PRECISION_HELP}")
+    max_batch_size: int = Field(16, ge=1, description="local and vllm backends: prompts decoded together")
+    precision: Precision = Field("auto", description=f"local and vllm backends: {PRECISION_HELP}")
 
     @field_validator("api_key_env")
     @classmethod
