@@ -100,6 +100,10 @@ def _judge(args: argparse.Namespace) -> int:
         print(f"  win rate (ties half) {s['win_rate']:.3f}; position consistency {s['position_consistency']:.3f}; "
               f"first-position rate {s['first_position_rate']:.3f}; longer answer wins {s['length_bias']:.3f}; "
               f"judge errors {s['error_rate']:.3f}")
+        if "lc_win_rate" in s:
+            lo, hi = s["lc_win_rate_ci"]
+            print(f"  length-controlled win rate {s['lc_win_rate']:.3f} [{lo:.3f}, {hi:.3f}] (AlpacaEval 2's GLM; "
+                  f"length coefficient {s['length_coef']:+.2f})")
     else:
         for name, m in s.items():
             lo, hi = m["mean_rating_ci"]

@@ -169,6 +169,12 @@ def pairwise_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int = 
                 longer.append(float(winner_is_model1 == (la > lb)))
     out["length_bias"] = sum(longer) / len(longer) if longer else float("nan")
     out["length_bias_n"] = len(longer)
+    # The win rate at equal length (AlpacaEval 2's length-controlled GLM): a log-prob judge's probability is the
+    # soft target where there is one, else the outcome (ties half).
+    from .length_control import lc_win_rate
+
+    soft = [r["p_win"] if r.get("p_win") is not None else s for r, s in zip(ok, score)]
+    out.update(lc_win_rate(soft, [r["length"][0] for r in ok], [r["length"][1] for r in ok], iters, seed))
     return out
 
 

@@ -123,10 +123,14 @@ def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any]
             continue
         s = j["summary"]
         trusted = (j.get("trust") or {}).get("trustworthy")
+        lc, lc_ci = s.get("lc_win_rate"), s.get("lc_win_rate_ci")  # absent in judge results written before it
         if j["models"][0] == model:
-            return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"], "trusted": trusted}
+            return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"], "trusted": trusted,
+                    "lc": lc, "lc_ci": lc_ci}
         lo, hi = s["win_rate_ci"]
-        return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"], "trusted": trusted}
+        flip = (1 - lc_ci[1], 1 - lc_ci[0]) if lc_ci else None
+        return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"], "trusted": trusted,
+                "lc": None if lc is None else 1 - lc, "lc_ci": flip}
     return None
 
 

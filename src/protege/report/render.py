@@ -86,7 +86,11 @@ def _judge_cell(j: dict | None) -> str:
         return "0.500 <span class=ci>(self)</span>"
     lo, hi = j["ci"]
     flag = " <span class=cut>not trustworthy</span>" if j.get("trusted") is False else ""
-    return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>{flag}"
+    lc = ""
+    if j.get("lc") is not None and j.get("lc_ci") and j["lc"] == j["lc"]:  # absent or NaN (< 2 prompts): not shown
+        llo, lhi = j["lc_ci"]
+        lc = f"<br>LC {_f(j['lc'])} <span class=ci>[{_f(llo, 2)}, {_f(lhi, 2)}] at equal length</span>"
+    return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>{flag}{lc}"
 
 
 def _score_cell(r: dict[str, Any], task: str) -> str:
