@@ -259,3 +259,56 @@ def test_stop_counts_on_answer_files_without_finish_reasons():
     assert stop_counts(old) == {"stopped": 0, "cut_at_max_tokens": 0, "stop_rate": None}
     new = [{"answers": ["a", "b"], "finish_reasons": ["stop", "length"]}, {"answers": ["c"], "finish_reasons": ["stop"]}]
     assert stop_counts(old + new) == {"stopped": 2, "cut_at_max_tokens": 1, "stop_rate": 0.6667}
+
+
+class _TurnJudge:
+    """A judge that grades the first turn 8 and the second 3, and records what it was shown."""
+
+    name = "stub"
+    scores_choices = False
+
+    def __init__(self):
+        self.seen = []
+
+    def complete(self, convs, params, progress=False):
+        from protege.teachers import TeacherResponse
+
+        out = []
+        for c in convs:
+            text = c[-1]["content"]
+            self.seen.append(text)
+            grade = 3 if "answer in turn 2" in text else 8 if "answer in turn 1" in text else 6
+            out.append(TeacherResponse(f"Rating: {grade}\nok"))
+        return out
+
+    def close(self):
+        pass
+
+
+def test_two_turn_prompts_are_graded_per_turn_in_context_with_per_category_means(tmp_path):
+    """Issue 30 (two-turn judging, MT-bench): each turn is graded on its own, shown after the model's own
+    earlier answer; summaries give per-turn and per-category means."""
+    rows = [{"id": "q1", "category": "math", "turns": ["What is 2+2?", "And times 3?"], "answers": ["4", "12"]},
+            {"id": "q2", "category": "writing", "turns": ["Write a line.", "Shorter."], "answers": ["A line.", "Line."]},
+            {"id": "q3", "category": "math", "turns": ["What is 1+1?"], "answers": ["2"]}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({**r, "model": "m", "finish_reasons": ["stop"] * len(r["turns"])}) + "\n"
+                            for r in rows))
+    from protege.evaluate.judge import JudgeConfig, run
+
+    judge = _TurnJudge()
+    result = run(JudgeConfig(mode="single", answers=[str(path)], out_dir=str(tmp_path / "j"), calibration=0,
+                             bootstrap_iters=50), teacher=judge)
+    s = json.loads((tmp_path / "j" / "judge_results.json").read_text())["summary"]["m"]
+    assert s["n"] == 5  # 2 + 2 turns + 1 single-turn prompt
+    assert s["per_turn"] == {"0": {"mean": 6.0, "n": 1}, "1": {"mean": 8.0, "n": 2}, "2": {"mean": 3.0, "n": 2}}
+    assert s["per_category"]["math"] == {"mean": (8 + 3 + 6) / 3, "n": 3}
+    turn1 = next(t for t in judge.seen if "answer in turn 1" in t and "2+2" in t)
+    turn2 = next(t for t in judge.seen if "answer in turn 2" in t and "2+2" in t)
+    assert "And times 3?" not in turn1 and "12" not in turn1  # turn 1 is graded without what came after
+    assert "Assistant A (turn 1): 4" in turn2 and "12" in turn2  # turn 2 in the context of the model's own answer
+    assert result is not None
+    whole = _TurnJudge()
+    run(JudgeConfig(mode="single", answers=[str(path)], out_dir=str(tmp_path / "w"), calibration=0, per_turn=False,
+                    bootstrap_iters=50), teacher=whole)
+    assert len(whole.seen) == 3

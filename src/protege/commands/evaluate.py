@@ -109,6 +109,12 @@ def _judge(args: argparse.Namespace) -> int:
             lo, hi = m["mean_rating_ci"]
             print(f"{name:<28} rating {m['mean_rating']:.2f} [{lo:.2f}, {hi:.2f}]  errors {m['error_rate']:.3f}  "
                   f"length~rating r={m['length_rating_corr']:.2f}")
+            turns = {k: v for k, v in (m.get("per_turn") or {}).items() if k != "0"}
+            if turns:
+                print("  per turn: " + ", ".join(f"turn {k} {v['mean']:.2f} (n={v['n']})" for k, v in turns.items()))
+            cats = m.get("per_category") or {}
+            if len(cats) > 1:
+                print("  per category: " + ", ".join(f"{k or '-'} {v['mean']:.2f}" for k, v in cats.items()))
     print(f"results: {cfg.out_dir}/judge_results.json")
     return 0
 

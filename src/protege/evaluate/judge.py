@@ -67,6 +67,8 @@ class JudgeConfig(StageConfig):
     max_answer_chars: int = Field(3000, description="answers longer than this are cut (marked) in the judge "
                                   "prompt, so a rambling model cannot overflow the judge's context")
     use_reference: bool = Field(True, description="pairwise: show the reference answer when the prompt has one")
+    per_turn: bool = Field(True, description="single/reference: grade each turn of a multi-turn prompt on its own, "
+                           "in the context of the model's earlier answers (MT-bench); false: one grade per dialogue")
     verdicts: Literal["auto", "logprob", "generate"] = Field(
         "auto", description="pairwise verdicts from the judge's next-token probabilities (logprob: local judges) "
         "or from generated text (generate); auto = logprob when the judge can be scored")
@@ -173,6 +175,9 @@ def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
             row["probs"], row["p_win"] = [p1, p2], pw
         rows.append(row)
     summary = pairwise_summary(rows, cfg.bootstrap_iters, cfg.seed)
+    scored = [{**r, "score": 1.0 if r["outcome"] == "win" else 0.5 if r["outcome"] == "tie" else 0.0}
+              for r in rows if r["outcome"] != "error"]
+    summary["per_category"] = _means_by(scored, "category", "score")  # win rate (ties half) per category
     probs = [r["p_win"] for r in rows if r.get("p_win") is not None]
     if probs:
         summary["mean_p_win"] = sum(probs) / len(probs)
@@ -250,17 +255,21 @@ def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: J
         groups = [g for g in groups if g[0].get("reference")]
         if not groups:
             raise StageError("reference mode: none of the prompts has a `reference` answer")
+    # MT-bench grades each turn of a multi-turn prompt on its own, in the context of the model's own earlier
+    # answers; `per_turn: false` grades the whole dialogue once.
+    jobs = [(g, rec, turn) for g in groups for rec in g
+            for turn in (range(1, len(g[0]["turns"]) + 1) if cfg.per_turn and len(g[0]["turns"]) > 1 else [None])]
     convs = [single_messages(g[0]["turns"], _clip(rec["answers"], cfg.max_answer_chars),
-                             g[0].get("reference") if use_ref else None)
-             for g in groups for rec in g]
+                             g[0].get("reference") if use_ref else None, turn) for g, rec, turn in jobs]
     asked = iter(_ask(teacher, convs, parse_rating, cfg))
+    model_of = {id(rec): name for g in groups for name, rec in zip(names, g)}
     rows = []
-    for g in groups:
-        for name, rec in zip(names, g):
-            rating, raw, retried = next(asked)
-            rows.append({"id": rec["id"], "model": name, "category": rec.get("category", ""), "turns": rec["turns"],
-                         "answers": rec["answers"], "rating": rating, "raw": raw, "retried": retried,
-                         "length": _length(rec)})
+    for g, rec, turn in jobs:
+        rating, raw, retried = next(asked)
+        rows.append({"id": rec["id"], "model": model_of[id(rec)], "category": rec.get("category", ""),
+                     "turn": turn or 0, "turns": rec["turns"], "answers": rec["answers"], "rating": rating,
+                     "raw": raw, "retried": retried,
+                     "length": len(rec["answers"][turn - 1]) if turn else _length(rec)})
     summary = {}
     for name in names:
         mine = [r for r in rows if r["model"] == name]
@@ -270,8 +279,17 @@ def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: J
                          "mean_rating": sum(ratings) / len(ratings) if ratings else float("nan"),
                          "mean_rating_ci": bootstrap_ci(ratings, cfg.bootstrap_iters, cfg.seed),
                          "length_rating_corr": _pearson([float(r["length"]) for r in ok], ratings),
-                         "mean_length": sum(r["length"] for r in mine) / len(mine)}
+                         "mean_length": sum(r["length"] for r in mine) / len(mine),
+                         "per_turn": _means_by(ok, "turn", "rating"), "per_category": _means_by(ok, "category", "rating")}
     return rows, summary
+
+
+def _means_by(rows: list[dict[str, Any]], key: str, value: str) -> dict[str, dict[str, float]]:
+    """{group: {"mean", "n"}} of `value` over rows grouped by `key` (turn 0 = the whole dialogue)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(float(r[value]))
+    return {k: {"mean": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
 def run(cfg: JudgeConfig, teacher: Any = None) -> dict[str, Any]:

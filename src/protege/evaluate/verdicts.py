@@ -48,11 +48,17 @@ def pairwise_messages(turns: Sequence[str], first: Sequence[str], second: Sequen
 
 
 def single_messages(turns: Sequence[str], answers: Sequence[str],
-                    reference: Sequence[str] | None = None) -> list[dict[str, str]]:
-    """The judge conversation grading one answer (against `reference` when given)."""
+                    reference: Sequence[str] | None = None, turn: int | None = None) -> list[dict[str, str]]:
+    """The judge conversation grading one answer (against `reference` when given). `turn` (1-based, MT-bench's
+    per-turn grading): the dialogue up to that turn is shown and only the answer in that turn is graded."""
     against = "Compare it with the reference answer, which is correct. " if reference else ""
+    what = "answer A"
+    if turn is not None and len(turns) > 1:
+        turns, answers = turns[:turn], answers[:turn]
+        reference = reference[:turn] if reference else reference
+        what = f"assistant A's answer in turn {turn} (the earlier turns are context)"
     user = (f"[Question]\n{_question(turns)}\n[End of question]\n\n{_reference(reference)}"
-            f"{_dialogue(turns, answers, 'A')}\n\nRate answer A from 1 (useless or wrong) to 10 (excellent). "
+            f"{_dialogue(turns, answers, 'A')}\n\nRate {what} from 1 (useless or wrong) to 10 (excellent). "
             f"{against}Begin your reply with exactly one line: `Rating: N` where N is a whole number from 1 "
             "to 10. Then give one or two sentences of reasons.")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
