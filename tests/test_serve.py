@@ -364,3 +364,41 @@ def test_logprobs_are_the_models_own_and_match_streamed_ones(client, tiny_llama)
     assert all(c.top_logprobs == [] for c in streamed)
     plain = client.chat.completions.create(model="tiny-llama", messages=msgs, temperature=0, max_tokens=12)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == out.choices[0].message.content
+
+
+def test_a_koala_model_is_served_and_answers_with_its_positive_marker(tmp_path, tiny_llama_dir):
+    """Issue 30 (marker round trip): curate's tag step writes the markers into its manifest, SFT records the
+    positive one beside the model it saves, and `serve` (and every ChatFormat user: eval answer, chat, local
+    teachers) puts it into the prompt, as Koala's demo did."""
+    from protege.chat import ChatFormat
+    from protege.curate import CurateConfig
+    from protege.curate import run as curate
+    from protege.models import load
+    from protege.train.sft import SFTConfig
+    from protege.train.sft import run as sft
+
+    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"question {i} about rivers"}],
+             "chosen": {"role": "assistant", "content": f"a good answer {i}"},
+             "rejected": {"role": "assistant", "content": f"a bad answer {i}"}} for i in range(8)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curate(CurateConfig(inputs=[str(tmp_path / "prefs.jsonl")], out_dir=str(tmp_path / "koala"),
+                        steps=[{"step": "tag", "positive": "<|good|>", "placement": "user_suffix"}]))
+    sft(SFTConfig(model=str(tiny_llama_dir), datasets=[str(tmp_path / "koala" / "records.jsonl")],
+                  out_dir=str(tmp_path / "sft"), max_length=64, batch_size=4, max_steps=2, save_every=0,
+                  tensorboard=False, warmup_ratio=0.0, save_merged=True))
+    merged = tmp_path / "sft" / "merged"
+    assert json.loads((merged / "protege_chat.json").read_text())["marker"] == {"positive": "<|good|>",
+                                                                                  "placement": "user_suffix"}
+    assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["marker"]["positive"] == "<|good|>"
+    model, tok = load(str(merged))
+    fmt = ChatFormat.from_tokenizer(tok)
+    msgs = user("question 3 about rivers")
+    marked = fmt.encode_prompt(msgs)
+    assert fmt.encode_prompt([{"role": "user", "content": "question 3 about rivers\n\n<|good|>"}]) == marked
+    fmt.marker = None
+    plain = fmt.encode_prompt(msgs)
+    assert len(marked) > len(plain)
+    with background_server(create_app(Engine(model, tok), "koala")) as url:
+        out = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="koala", messages=msgs, max_tokens=2, temperature=0)
+    assert out.usage.prompt_tokens == len(marked)  # the server fed the marked prompt

@@ -18,10 +18,12 @@ Template choice, in order:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from jinja2.exceptions import TemplateError
@@ -30,7 +32,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UserError
 
-__all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE"]
+__all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE",
+           "mark_prompt", "CHAT_META_FILE", "write_chat_meta"]
+
+# Beside a model's weights: what protege adds to every inference prompt of that model (Koala's conditioning
+# marker), so `serve`, `eval answer`, `chat` and local teachers prompt it the way it was trained.
+CHAT_META_FILE = "protege_chat.json"
 
 SEGMENTED_PROMPT_MESSAGES = 64  # see ChatFormat.encode_prompt
 
@@ -196,19 +203,63 @@ def _vocab_has(tokenizer: Any, *tokens: str) -> bool:
     return True
 
 
-class ChatFormat:
-    """How one model turns a conversation into tokens (see module docstring)."""
+def mark_prompt(prompt: list[dict[str, str]], marker: str, placement: str) -> list[dict[str, str]]:
+    """The prompt with `marker` in the system message (prepended) or appended to the last user turn."""
+    msgs = [dict(m) for m in prompt]
+    if placement == "system":
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0]["content"] = f"{marker}\n{msgs[0]['content']}"
+        else:
+            msgs.insert(0, {"role": "system", "content": marker})
+    else:
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last]["content"] = f"{msgs[last]['content']}\n\n{marker}"
+    return msgs
 
-    def __init__(self, tokenizer: Any, template: str, name: str = "custom", stop_strings: tuple[str, ...] = ()):
+
+def write_chat_meta(folder: str | Path, marker: dict[str, str] | None) -> None:
+    """Record the inference marker (`{"positive", "placement"}`) beside a saved model; nothing when None."""
+    if marker:
+        (Path(folder) / CHAT_META_FILE).write_text(json.dumps({"marker": marker}, indent=2) + "\n")
+
+
+def _read_chat_meta(tokenizer: Any) -> dict[str, str] | None:
+    path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / CHAT_META_FILE
+    if not path.is_file():
+        return None
+    marker = json.loads(path.read_text()).get("marker")
+    if not (isinstance(marker, dict) and isinstance(marker.get("positive"), str)
+            and marker.get("placement") in ("system", "user_suffix")):
+        raise ChatTemplateError(f"{path}: expected {{\"marker\": {{\"positive\": str, \"placement\": "
+                                "\"system\" | \"user_suffix\"}}}}")
+    return marker
+
+
+class ChatFormat:
+    """How one model turns a conversation into tokens (see module docstring).
+
+    `marker` (Koala-style conditioning, read from `protege_chat.json` beside the model): the positive marker
+    the model was trained under, put into every inference prompt by `encode_prompt`; training data carries
+    its markers itself."""
+
+    def __init__(self, tokenizer: Any, template: str, name: str = "custom", stop_strings: tuple[str, ...] = (),
+                 marker: dict[str, str] | None = None):
         self.tokenizer = tokenizer
         self.template = template
         self.name = name
+        self.marker = marker
         self._compiled = _compile(template)
         self.stop_token_ids = self._find_stop_ids()
         self.stop_strings = stop_strings
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, template: str | None = None) -> "ChatFormat":
+        fmt = cls._from_tokenizer(tokenizer, template)
+        fmt.marker = _read_chat_meta(tokenizer)
+        return fmt
+
+    @classmethod
+    def _from_tokenizer(cls, tokenizer: Any, template: str | None = None) -> "ChatFormat":
         if template:
             return cls(tokenizer, template, "custom")
         own = getattr(tokenizer, "chat_template", None)
@@ -327,6 +378,8 @@ class ChatFormat:
         vLLM does: the same ids wherever a message ends in a special token (every mainstream template)."""
         if messages and messages[-1]["role"] == "assistant":
             raise ChatTemplateError("the history ends with an assistant message; nothing to answer")
+        if self.marker and messages and not any(self.marker["positive"] in m["content"] for m in messages):
+            messages = mark_prompt(messages, self.marker["positive"], self.marker["placement"])
         if len(messages) > SEGMENTED_PROMPT_MESSAGES:
             return self._tokenize(self.render(messages, add_generation_prompt=True))
         ids: list[int] = []

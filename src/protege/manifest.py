@@ -7,6 +7,7 @@ sha256, the outputs, counts, wall seconds and package versions.
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
 from importlib import metadata
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from .files import atomic_write_json
 from .outputs import MANIFEST
 
-__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer"]
+__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer", "find_in_manifests"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -41,6 +42,33 @@ def sha256_path(path: str | Path) -> str:
         h.update(str(f.relative_to(path)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def find_in_manifests(paths: list[str], key: str) -> list[Any]:
+    """Every value stored under `key` (at any depth) in the manifest.json beside each of `paths` (a stage's
+    output file or folder): how a later stage reads back what an earlier one decided, e.g. curate's markers."""
+    found: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == key:
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for p in paths:
+        path = Path(p)
+        manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+        if manifest.is_file():
+            try:
+                walk(json.loads(manifest.read_text()))
+            except ValueError:
+                continue
+    return found
 
 
 def package_versions() -> dict[str, str]:

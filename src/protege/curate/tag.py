@@ -11,24 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..records import Comparison, Conversation, Record
+from ..chat import mark_prompt
 from .common import StepResult
 from .config import TagStep
 
-__all__ = ["apply", "mark_prompt"]
-
-
-def mark_prompt(prompt: list[dict[str, str]], marker: str, placement: str) -> list[dict[str, str]]:
-    """The prompt with `marker` in the system message (prepended) or appended to the last user turn."""
-    msgs = [dict(m) for m in prompt]
-    if placement == "system":
-        if msgs and msgs[0]["role"] == "system":
-            msgs[0]["content"] = f"{marker}\n{msgs[0]['content']}"
-        else:
-            msgs.insert(0, {"role": "system", "content": marker})
-    else:
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        msgs[last]["content"] = f"{msgs[last]['content']}\n\n{marker}"
-    return msgs
+__all__ = ["apply", "mark_prompt"]  # mark_prompt lives in chat.py: serving applies it too
 
 
 def apply(records: list[Record], opts: TagStep, ctx: Any = None) -> StepResult:

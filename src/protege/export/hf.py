@@ -89,7 +89,7 @@ def _card(name: str, source: str, run: Path | None, base: str, chat: Any, extra:
 def save_hf(spec: str, out: Path, name: str | None = None) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Merge (fp32) and save `spec` as an HF folder in `out` (named `name` in its model card, default the
     folder's name); return (model, tokenizer, chat format, info)."""
-    from ..chat import ChatFormat
+    from ..chat import ChatFormat, write_chat_meta
     from ..models import load
 
     source, run = resolve_source(spec)
@@ -108,6 +108,7 @@ def save_hf(spec: str, out: Path, name: str | None = None) -> tuple[Any, Any, An
         model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    write_chat_meta(out, chat.marker)  # a Koala-style model keeps its inference marker (serve reads the hf/ folder)
     base = source
     adapter_cfg = Path(source) / "adapter_config.json"
     if adapter_cfg.is_file():

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from ..chat import write_chat_meta
 from ..config import save_config
 from ..errors import StageError
 from ..lm_head import embed_inputs, head_rows
@@ -75,6 +76,20 @@ class SFTModule(torch.nn.Module):
         weight, override = head_rows(parts.head)
         return sft_loss(hidden, weight, labels, normalizer=normalizer, softcap=parts.softcap,
                         chunk_size=self.logits_chunk, row_override=override)
+
+
+def _positive_marker(datasets: list[str]) -> dict[str, str] | None:
+    """The positive marker (and its placement) that `curate`'s tag step wrote into the training data's manifest."""
+    from ..manifest import find_in_manifests
+
+    found = {(m["positive"], m["placement"]) for m in find_in_manifests(datasets, "markers")
+             if isinstance(m, dict) and isinstance(m.get("positive"), str) and m.get("placement")}
+    if len(found) > 1:
+        raise StageError(f"the training datasets were tagged with different markers {sorted(found)}; tag them alike")
+    if not found:
+        return None
+    positive, placement = found.pop()
+    return {"positive": positive, "placement": placement}
 
 
 def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -155,9 +170,12 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     accelerator.wait_for_everyone()
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)
+        marker = _positive_marker(config.datasets)
+        for folder in outputs:  # Koala-style conditioning: serving puts the positive marker in every prompt
+            write_chat_meta(folder, marker)
         write_manifest(out_dir, "sft", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
                        outputs=[*outputs, out_dir / "metrics.jsonl"], counts=summary,
-                       seconds=time.time() - t_start)
+                       seconds=time.time() - t_start, extra={"marker": marker} if marker else None)
         log(f"done: loss {result.loss:.4f}, eval loss {eval_loss}, outputs in {out_dir}")
     accelerator.wait_for_everyone()
     return summary
