@@ -116,3 +116,22 @@ def test_gemma_end_of_turn_is_a_stop_id_before_and_after_export(tmp_path):
     fmt.apply_to(tok)
     tok.save_pretrained(tmp_path)
     assert ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path)).stop_token_ids == fmt.stop_token_ids
+
+
+def test_a_malformed_chat_meta_file_is_a_clear_error(tmp_path, tiny_llama):
+    from protege.chat import CHAT_META_FILE, ChatFormat, ChatTemplateError
+    from transformers import AutoTokenizer
+
+    _, tok = tiny_llama
+    tok.save_pretrained(tmp_path)
+    (tmp_path / CHAT_META_FILE).write_text('{"marker": {"positive": "<|good|>", "placement": "middle"}}')
+    with pytest.raises(ChatTemplateError, match=f"{CHAT_META_FILE}: expected"):
+        ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    (tmp_path / CHAT_META_FILE).write_text('{"marker": ')
+    with pytest.raises(ChatTemplateError, match="not a JSON object"):
+        ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    (tmp_path / CHAT_META_FILE).write_text('{"marker": {"positive": "<|good|>", "placement": "system"}}')
+    fmt = ChatFormat.from_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
+    assert fmt.marker == {"positive": "<|good|>", "placement": "system"}
+    ids = fmt.encode_prompt([{"role": "user", "content": "hi"}])
+    assert "<|good|>" in tok.decode(ids)

@@ -227,7 +227,10 @@ def _read_chat_meta(tokenizer: Any) -> dict[str, str] | None:
     path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / CHAT_META_FILE
     if not path.is_file():
         return None
-    marker = json.loads(path.read_text()).get("marker")
+    try:
+        marker = json.loads(path.read_text()).get("marker")
+    except (ValueError, AttributeError) as err:
+        raise ChatTemplateError(f"{path}: not a JSON object ({err})") from None
     if not (isinstance(marker, dict) and isinstance(marker.get("positive"), str)
             and marker.get("placement") in ("system", "user_suffix")):
         raise ChatTemplateError(f"{path}: expected {{\"marker\": {{\"positive\": str, \"placement\": "

@@ -10,7 +10,6 @@ base URL never reach the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -18,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..records import json_digest
+
 __all__ = ["ResponseCache", "request_key"]
 
 
 def request_key(payload: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a request (what was asked, of whom, with which sampling)."""
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return json_digest(payload)
 
 
 class ResponseCache:
