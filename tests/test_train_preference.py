@@ -423,6 +423,8 @@ def test_rm_report_and_llama2_combination():
     assert rep["accuracy"] == 0.75 and rep["accuracy_by_margin"]["level 3"] == {"n": 1, "accuracy": 0.0}
     assert rep["accuracy_by_margin"]["no margin"]["accuracy"] == 1.0
     assert sum(b["n"] for b in rep["reliability"]) == 8
+    # the cut-off that best flags rejected answers and passes chosen ones, for `serve --moderation`
+    assert rep["moderation"] == {"threshold": 0.5, "rejected_flagged": 0.75, "chosen_flagged": 0.25}
     helpful, safety = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([-3.0, 0.5, 0.5])
     tagged = torch.tensor([False, False, True])
     # sigmoid(-3) = 0.047 < 0.15 -> safety; 0.5 untagged -> helpful; tagged -> safety

@@ -9,7 +9,9 @@ with it, and `protege.train.rm.load_reward_model` + `score` do so here.
 
 The held-out report (`rm_eval.json`) gives what a user needs to trust the RM: accuracy overall
 and per margin level, calibration of P(chosen > rejected) = sigmoid(r_c - r_r) as a
-reliability table with its expected calibration error, and the score distribution.
+reliability table with its expected calibration error, the score distribution, and the reward cut-off
+that best separates held-out rejected from chosen answers (`moderation`: the threshold for
+`serve --moderation`).
 """
 
 from __future__ import annotations
@@ -105,7 +107,17 @@ def rm_report(chosen: list[float], rejected: list[float], margins: list[float], 
     scores = chosen + rejected
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return {"pairs": n, "accuracy": round(sum(correct) / n, 4),
+    # A reward model's scores are not centred, so a cut-off (`serve --moderation RM --moderation-threshold X`)
+    # has to come from its own scores: the one that best tells held-out rejected answers from chosen ones
+    # (balanced accuracy: flag rejected, pass chosen).
+    import bisect
+
+    rej, cho = sorted(rejected), sorted(chosen)
+    best = max(sorted(set(scores)), key=lambda t: (bisect.bisect_left(rej, t) + n - bisect.bisect_left(cho, t),
+                                                   -abs(t - mean)))
+    flag = {"threshold": round(best, 4), "rejected_flagged": round(sum(r < best for r in rejected) / n, 4),
+            "chosen_flagged": round(sum(c < best for c in chosen) / n, 4)}
+    return {"pairs": n, "moderation": flag, "accuracy": round(sum(correct) / n, 4),
             "accuracy_by_margin": {k: {"n": len(v), "accuracy": round(sum(v) / len(v), 4)} for k, v in sorted(levels.items())},
             "ece": round(ece, 4), "reliability": table,
             "score_mean": round(mean, 4), "score_std": round(std, 4),
