@@ -67,3 +67,18 @@ def _one_vs_two(tmp_path, method, common):
         return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
 
     return curve("one"), curve("two")
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharding_configs_are_refused_in_one_sentence(kind):
+    """Issue 28: trainers build their optimizer outside accelerate's prepare, so an FSDP/DeepSpeed config must
+    be refused, not half-honoured (accelerate only selects these on GPUs, so the check is tested directly)."""
+    from accelerate.utils import DistributedType
+
+    from protege.errors import StageError
+    from protege.train.fit import refuse_unsupported_sharding
+
+    with pytest.raises(StageError, match=f"asks for {kind}.*QLoRA"):
+        refuse_unsupported_sharding("sft", DistributedType[kind])
+    refuse_unsupported_sharding("sft", DistributedType.MULTI_CPU)
+    refuse_unsupported_sharding("sft", DistributedType.NO)

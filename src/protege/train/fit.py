@@ -36,7 +36,8 @@ from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_opti
                    save_checkpoint)
 from .settings import TrainSettings
 
-__all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
+__all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger",
+           "refuse_unsupported_sharding"]
 
 
 @dataclass
@@ -102,6 +103,7 @@ def start_run(name: str, config: TrainSettings) -> RunContext:
         # different precisions in one process. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
+    refuse_unsupported_sharding(name, accelerator.distributed_type)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -111,6 +113,16 @@ def start_run(name: str, config: TrainSettings) -> RunContext:
         + (f", base quantized {config.quantization}" if config.quantization != "none" else "")
         + (", gradient checkpointing" if config.gradient_checkpointing else ""))
     return RunContext(accelerator, main, accelerator.num_processes, out_dir, log, precision)
+
+
+def refuse_unsupported_sharding(name: str, distributed_type: Any) -> None:
+    """`fit` builds its optimizer outside `accelerator.prepare`, so an accelerate config that shards the model
+    (FSDP, DeepSpeed, Megatron-LM) would train something other than what it says: refuse it in one sentence."""
+    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise StageError(f"{name}: this accelerate config asks for {kind}, which protege's trainers do not run yet "
+                         "(they run one process or DDP: `accelerate launch --multi_gpu --num_processes N`); for a "
+                         "model too large for one GPU use QLoRA (quantization: nf4) with gradient_checkpointing")
 
 
 def pad_id(tok: Any) -> int:
