@@ -241,6 +241,9 @@ def test_openai_client_against_a_served_gguf(exported):
             assert stopped.choices[0].finish_reason == "stop"
         with pytest.raises(openai.BadRequestError, match="max_tokens"):
             client.chat.completions.create(model="tiny-gguf", messages=messages, max_tokens=10**6)
+        with pytest.raises(openai.BadRequestError, match="torch engine"):  # JSON modes: protege's engine only
+            client.chat.completions.create(model="tiny-gguf", messages=messages, max_tokens=4,
+                                           response_format={"type": "json_object"})
 
 
 def test_a_model_with_protege_trained_tokenizer_exports_to_gguf(tmp_path):

@@ -62,6 +62,7 @@ class _Request:
     gen: torch.Generator | None
     out: list[int] = field(default_factory=list)
     out_logprobs: list[TokenLogprob] | None = None  # a list when params.logprobs asks for them
+    matcher: Any = None  # structured output: the request's grammar state (structured.py)
     row: int = -1  # cache row while running
     start: int = 0  # first valid cache index of this row (left padding before it)
     length: int = 0  # next cache index to write (= start + tokens in cache)
@@ -206,6 +207,18 @@ class Engine(RequestDriver):
         yield from torch_option_logprobs(self.model, prompts, options, self.pad_id,
                                          batch_size=max(1, min(self.max_batch_size, 8)))
 
+    supports_structured_output = True
+
+    @property
+    def structured(self) -> Any:
+        """xgrammar over this engine's vocabulary, built on first use (StructuredOutputError without xgrammar)."""
+        if getattr(self, "_structured", None) is None:
+            from .structured import StructuredOutput
+
+            vocab = int(getattr(self.model.config, "vocab_size", 0) or len(self.tokenizer))
+            self._structured = StructuredOutput(self.tokenizer, vocab)
+        return self._structured
+
     def refresh_weights(self) -> None:
         """Call after the model's weights changed (e.g. between PPO updates): the int8 copy of the LM
         head that screens greedy tokens is rebuilt from the current weights."""
@@ -218,8 +231,9 @@ class Engine(RequestDriver):
         """Queue a prompt; it joins the running batch at the next `step()`. Returns its id."""
         prompt, params, stop_ids, tracker = self._new_request(prompt_ids, params)
         gen = None if params.greedy else make_generator(params.seed, self.device)
+        matcher = self.structured.matcher(params.json_schema, sorted(stop_ids)) if params.json_schema else None
         req = _Request(next(self._ids), prompt, params, stop_ids, tracker, gen,
-                       out_logprobs=None if params.logprobs is None else [])
+                       out_logprobs=None if params.logprobs is None else [], matcher=matcher)
         self._waiting.append(req)
         return req.id
 
@@ -345,9 +359,13 @@ class Engine(RequestDriver):
 
     def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per request, update text/stop state, release finished rows."""
-        tokens, logprobs = choose_tokens(self._head, logits, [r.params for r in reqs], [r.gen for r in reqs])
+        constraints = [r.matcher.mask if r.matcher is not None else None for r in reqs]
+        tokens, logprobs = choose_tokens(self._head, logits, [r.params for r in reqs], [r.gen for r in reqs],
+                                         constraints if any(constraints) else None)
         outputs, finished = [], []
         for r, tok, lp in zip(reqs, tokens, logprobs):
+            if r.matcher is not None and not r.matcher.accept(tok):
+                raise RuntimeError(f"structured output: token {tok} was chosen outside the grammar's mask")
             r.out.append(tok)
             if r.out_logprobs is not None and lp is not None:
                 r.out_logprobs.append(lp)

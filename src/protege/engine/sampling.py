@@ -41,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    json_schema: str | None = None  # a JSON schema the answer must satisfy (structured.py); None = free text
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -117,31 +118,40 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return pos if idx is None else int(idx[pos].item())
 
 
-def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
-                  ) -> tuple[list[int], list[TokenLogprob | None]]:
+def choose_tokens(head, x: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
+                  constraints: list | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """Next token for each row of `x` (n, H hidden states, or (n, V) logits for `ModelHead`), and its
     log-probabilities for the rows whose params ask for them.
 
-    Greedy rows go through `head.argmax` in one batch (cheap screened path); only sampled rows and rows
-    that ask for log-probabilities pay for full-vocabulary logits. A greedy token is the screened argmax
-    whether or not log-probabilities were asked, so asking never changes the answer.
+    Greedy rows go through `head.argmax` in one batch (cheap screened path); only sampled rows, rows that ask
+    for log-probabilities and rows with a constraint (a function that masks a logits row in place: structured
+    output) pay for full-vocabulary logits. A greedy token is the screened argmax whether or not
+    log-probabilities were asked, so asking never changes the answer. Log-probabilities are the model's own,
+    before any constraint.
     """
+    constraints = constraints or [None] * len(params)
     tokens = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.greedy]
+    greedy = [i for i, p in enumerate(params) if p.greedy and constraints[i] is None]
     if greedy:
         for i, t in zip(greedy, head.argmax(x[greedy]).tolist()):
             tokens[i] = t
-    full = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+    full = [i for i, p in enumerate(params) if not (p.greedy and constraints[i] is None) or p.logprobs is not None]
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     if full:
         logits = head.logits(x[full])
+        raw = logits
+        if any(constraints[i] is not None for i in full) and any(params[i].logprobs is not None for i in full):
+            raw = logits.clone()  # log-probabilities describe the model, not the mask
         for j, i in enumerate(full):
-            if not params[i].greedy:
+            if constraints[i] is not None:
+                constraints[i](logits[j])
+                tokens[i] = int(logits[j].argmax()) if params[i].greedy else _sample_row(logits[j], params[i], gens[i])
+            elif not params[i].greedy:
                 tokens[i] = _sample_row(logits[j], params[i], gens[i])
         asked = [j for j, i in enumerate(full) if params[i].logprobs is not None]
         if asked:
             rows = [full[j] for j in asked]
-            found = token_logprobs(logits[asked], [tokens[i] for i in rows], [params[i].logprobs or 0 for i in rows])
+            found = token_logprobs(raw[asked], [tokens[i] for i in rows], [params[i].logprobs or 0 for i in rows])
             for i, tl in zip(rows, found):
                 logprobs[i] = tl
     return tokens, logprobs

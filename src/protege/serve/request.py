@@ -12,7 +12,7 @@ from .guard import APIError
 
 __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
            "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars",
-           "engine_context_length", "refuse_too_many_messages", "SLOW_REFUSALS"]
+           "engine_context_length", "refuse_too_many_messages", "SLOW_REFUSALS", "response_schema"]
 
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
@@ -33,8 +33,8 @@ class Message(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The subset of OpenAI's request we honour; a required tool call and JSON response formats are refused
-    with a 400 (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
+    """The subset of OpenAI's request we honour; a required tool call is refused with a 400
+    (`refuse_unsupported`); other OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
@@ -51,8 +51,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    # Read only to refuse them: answering 200 while ignoring them would hand a client a result it did not
-    # ask for (free text where JSON was required, no tool call where one was required).
+    # Read only to refuse it: answering 200 without the tool call that was required would hand a client a
+    # result it did not ask for.
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
@@ -82,10 +82,28 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
         raise APIError(400, "tool_choice requires a tool call, and this server does not call tools; use "
                             "tool_choice \"none\" or \"auto\" (answers are plain text)", param="tool_choice")
-    kind = (req.response_format or {}).get("type", "text")
-    if kind != "text":
-        raise APIError(400, f"response_format {kind!r} is not supported by this server (answers are plain text); "
-                            "send response_format {\"type\": \"text\"} or leave it out", param="response_format")
+    response_schema(req)  # a malformed response_format is a 400 here
+
+
+def response_schema(req: ChatCompletionRequest) -> str | None:
+    """The JSON schema `response_format` asks for (json_object: any object), or None for free text."""
+    fmt = req.response_format or {}
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON schema object",
+                           param="response_format.json_schema.schema")
+        import json
+
+        return json.dumps(schema)
+    raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                   param="response_format")
 
 
 def message_text(msg: Message, i: int) -> str:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .logprobs import LogprobFormatter
 from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest,
                       engine_context_length, max_token_chars, message_text, refuse_too_many_messages,
-                      refuse_unsupported, unicode_text, validation_error)
+                      refuse_unsupported, response_schema, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -124,12 +124,27 @@ class Server:
             raise APIError(400, f"{name} is {max_tokens}; expected 1..{room} (context {self.context_length} "
                                 f"tokens minus the {len(prompt_ids)}-token prompt)", param=name)
         stop_strings = [s for s in stop if s] + [s for s in self.engine.chat_format.stop_strings if s not in stop]
+        schema = response_schema(req)
+        if schema is not None:
+            self._check_schema(schema)
         params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 top_k=req.top_k, stop=stop_strings, seed=req.seed,
-                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                logprobs=(req.top_logprobs or 0) if req.logprobs else None, json_schema=schema)
         if req.logprobs:
             self.logprobs.content([])  # the token table is built here, in the prepare pool, not on the event loop
         return req, prompt_ids, params
+
+    def _check_schema(self, schema: str) -> None:
+        from ..engine.structured import StructuredOutputError
+
+        if not getattr(self.engine, "supports_structured_output", False):
+            raise APIError(400, "response_format JSON modes need protege's torch engine; this server runs "
+                                f"{type(self.engine).__name__} (serve the HF folder instead of the .gguf)",
+                           param="response_format")
+        try:
+            self.engine.structured.check(schema)
+        except StructuredOutputError as err:
+            raise APIError(400, f"response_format: {err}", param="response_format") from None
 
     async def prepare_async(self, raw: bytes, deadline: float) -> tuple[ChatCompletionRequest, list[int], Any]:
         """`prepare` in the 2-thread pool, never on the event loop: 429 when too many wait for it, 504 when
