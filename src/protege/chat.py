@@ -9,7 +9,7 @@ every built-in template.
 Template choice, in order:
 1. the tokenizer's own `chat_template` (rendered in a Jinja sandbox: templates
    shipped in model files are untrusted code; a render is also bounded in time and
-   in the size of what `*` / `**` / `range` may build, see `_BoundedSandbox`);
+   in what it may build, see `jinja_sandbox.py`);
 2. `GEMMA_TEMPLATE` when the vocabulary has `<start_of_turn>`/`<end_of_turn>`
    (Gemma base models ship without a template but with these tokens);
 3. `CHATML_TEMPLATE` when it has `<|im_start|>`/`<|im_end|>`;
@@ -19,18 +19,14 @@ Template choice, in order:
 from __future__ import annotations
 
 import json
-import threading
-import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from jinja2.exceptions import TemplateError
-from jinja2.utils import Namespace
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UserError
+from .jinja_sandbox import compile_template, render_bounded
 
 __all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE",
            "mark_prompt", "CHAT_META_FILE", "write_chat_meta"]
@@ -83,115 +79,6 @@ class ChatTemplateError(UserError, ValueError):
 class Encoded:
     input_ids: list[int]
     assistant_mask: list[int]  # 1 on tokens the model must learn: assistant content + its end-of-turn token
-
-
-def _raise(message: str) -> None:
-    raise TemplateError(message)
-
-
-RENDER_TIMEOUT_S = 2.0  # a real template renders 1,000 messages in milliseconds
-_MAX_BUILT = 1 << 20  # the longest string / list a template may build with `*` or `range`
-_MAX_OUTPUT = 1 << 25  # characters one rendering may produce (32M: far past any model's context)
-_deadline = threading.local()
-
-
-def _check_deadline() -> None:
-    end = getattr(_deadline, "at", None)
-    if end is not None and time.monotonic() > end:
-        raise TemplateError(f"rendering took longer than {RENDER_TIMEOUT_S:g} s (a template loop out of bounds?)")
-
-
-_ticks = 0
-
-
-def _tick() -> None:
-    """`_check_deadline` every 256th call: the hooks below run on every attribute and item a template reads
-    (a plain global counter: a lost update between threads only shifts when the clock is read)."""
-    global _ticks
-    _ticks += 1
-    if not _ticks & 255:
-        _check_deadline()
-
-
-class _TimedRange:
-    """`range` for templates: the sandbox's size cap, and a deadline check as the loop advances."""
-
-    def __init__(self, *args: int):
-        self.r = range(*args)
-        if len(self.r) > _MAX_BUILT:
-            raise TemplateError(f"range of {len(self.r):,} items is larger than a template may build")
-
-    def __iter__(self) -> Any:
-        for i, x in enumerate(self.r):
-            if not i & 1023:
-                _check_deadline()
-            yield x
-
-    def __len__(self) -> int:
-        return len(self.r)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self.r[i]
-
-
-def _check_size(n: int) -> None:
-    if n > _MAX_BUILT:
-        raise TemplateError(f"the template would build {n:,} items, more than a template may")
-
-
-class _BoundedNamespace(Namespace):
-    """`namespace()` whose attributes may not grow past `_MAX_BUILT` (a loop doubling `ns.s ~ ns.s` reached
-    3.4 GB in 2 s): the only state a template can carry from one loop step to the next."""
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_deadline()
-        if isinstance(value, (str, list, tuple, dict)):
-            _check_size(len(value))
-        super().__setitem__(name, value)
-
-
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox keeps a template away from Python; this also keeps it from taking the process: attribute
-    reads, item reads, calls and `range` loops check the render deadline (every 256th, it is cheap), and `*` / `**` may not build
-    strings, lists or numbers past `_MAX_BUILT`. (A model's template is untrusted, and the server renders
-    one per request.)"""
-
-    # Not `+`: every template runs `'<|im_start|>' + message['role'] + '\n'` per message, and intercepting it
-    # made rendering 1.8x slower. A loop can only carry a growing value through `namespace()`, which is bounded;
-    # a chain of top-level `{% set s = s + s %}` statements is not (a known gap: 2^N for N lines).
-    intercepted_binops = frozenset(["*", "**"])
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _tick()
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise TemplateError(f"exponent {right} is larger than a template may use")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_BUILT:
-                    raise TemplateError(f"`*` would build {len(seq) * n:,} items, more than a template may")
-        return super().call_binop(context, operator, left, right)
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        _tick()
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        _tick()
-        return super().getitem(obj, argument)
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's signature)
-        _tick()
-        return super().call(__context, __obj, *args, **kwargs)
-
-
-@lru_cache(maxsize=32)
-def _compile(template: str):
-    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
-    env.globals["range"] = _TimedRange
-    env.globals["namespace"] = _BoundedNamespace
-    env.globals["raise_exception"] = _raise
-    env.filters["tojson"] = lambda x, **kw: __import__("json").dumps(x, ensure_ascii=False, **kw)
-    return env.from_string(template)
 
 
 def _vocab_has(tokenizer: Any, *tokens: str) -> bool:
@@ -251,7 +138,7 @@ class ChatFormat:
         self.template = template
         self.name = name
         self.marker = marker
-        self._compiled = _compile(template)
+        self._compiled = compile_template(template)
         self.stop_token_ids = self._find_stop_ids()
         self.stop_strings = stop_strings
 
@@ -280,27 +167,11 @@ class ChatFormat:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         tok = self.tokenizer
-        _deadline.at = time.monotonic() + RENDER_TIMEOUT_S
         try:
-            # `generate`, not `render`: the output is counted as it grows (a loop printing numbers reached 760 MB
-            # in 2 s), and small pieces are joined as they come (a list of millions of 1-char strings is 20x
-            # the text's size).
-            chunks, pieces, size = [], [], 0
-            for piece in self._compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""):
-                size += len(piece)
-                pieces.append(piece)
-                if len(pieces) >= 4096:
-                    _check_deadline()
-                    if size > _MAX_OUTPUT:
-                        raise TemplateError(f"the rendering grew past {_MAX_OUTPUT:,} characters")
-                    chunks.append("".join(pieces))
-                    pieces = []
-            return "".join(chunks) + "".join(pieces)
+            return render_bounded(self._compiled, messages=messages, add_generation_prompt=add_generation_prompt,
+                                  bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
         except TemplateError as err:
             raise ChatTemplateError(f"chat template ({self.name}) refused these messages: {err}") from None
-        finally:
-            _deadline.at = None
 
     def _find_stop_ids(self) -> list[int]:
         """End-of-turn ids: EOT markers that the template actually emits after an answer, plus EOS."""
