@@ -60,27 +60,19 @@ class _GuardedH11(H11Protocol):
         self._headers_timer = None
         if self._in_flight() or self.transport.is_closing():
             return
-        # h11 cannot send a response before it has parsed a request: write it by hand, then close.
-        body = json.dumps(error_payload(f"the request headers did not arrive within {self.header_timeout_s:g} s",
-                                        "request_timeout", "timeout", None)).encode()
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        self._answer_and_close(b"408 Request Timeout", error_payload(
+            f"the request headers did not arrive within {self.header_timeout_s:g} s", "request_timeout", "timeout", None))
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse: OpenAI's error shape (clients print `message`), not plain text."""
-        import h11
+        self._answer_and_close(b"400 Bad Request", error_payload(msg, "invalid_http_request", "invalid_request_error", None))
 
-        body = json.dumps(error_payload(msg, "invalid_http_request", "invalid_request_error", None)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        try:
-            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
-            self.transport.write(self.conn.send(h11.Data(data=body)))
-            self.transport.write(self.conn.send(h11.EndOfMessage()))
-        except h11.LocalProtocolError:  # h11 would not frame it: write it by hand
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+    def _answer_and_close(self, status: bytes, payload: dict[str, Any]) -> None:
+        """Write a JSON error response by hand and close. By hand because h11 will not frame a response to a
+        request it has not parsed (headers still arriving, or unparseable), and the connection ends anyway."""
+        body = json.dumps(payload).encode()
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, len(body), body))
         self.transport.close()
 
 

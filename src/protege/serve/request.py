@@ -12,7 +12,7 @@ from .guard import APIError
 
 __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
            "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars",
-           "engine_context_length", "refuse_too_many_messages", "SLOW_REFUSALS", "response_schema"]
+           "engine_context_length", "refuse_too_many_messages", "SLOW_REFUSALS", "response_schema", "request_messages"]
 
 ROLES = ("system", "user", "assistant")
 MAX_N = 16
@@ -104,6 +104,19 @@ def response_schema(req: ChatCompletionRequest) -> str | None:
         return json.dumps(schema)
     raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, json_schema",
                    param="response_format")
+
+
+def request_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as protege's {"role", "content"} dicts: "developer" (newer OpenAI clients) is
+    "system", content parts are joined; any other role is a 400 naming the message."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role is {m.role!r}; expected one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role")
+        messages.append({"role": role, "content": message_text(m, i)})
+    return messages
 
 
 def message_text(msg: Message, i: int) -> str:

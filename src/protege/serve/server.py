@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from .logprobs import LogprobFormatter
-from .request import (INT64, MAX_N, MAX_STOP, ROLES, APIError, ChatCompletionRequest,
-                      engine_context_length, max_token_chars, message_text, refuse_too_many_messages,
-                      refuse_unsupported, response_schema, unicode_text, validation_error)
+from .request import (INT64, MAX_N, MAX_STOP, APIError, ChatCompletionRequest,
+                      engine_context_length, max_token_chars, refuse_too_many_messages, refuse_unsupported,
+                      request_messages, response_schema, unicode_text, validation_error)
 from .scheduler import Request as GenRequest
 from .scheduler import Scheduler
 
@@ -81,13 +81,7 @@ class Server:
                            param="model", code="model_not_found")
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
-        messages = []
-        for i, m in enumerate(req.messages):
-            role = "system" if m.role == "developer" else m.role  # newer OpenAI clients say "developer"
-            if role not in ROLES:
-                raise APIError(400, f"messages[{i}].role is {m.role!r}; expected one of "
-                                    f"{', '.join(ROLES)}", param=f"messages[{i}].role")
-            messages.append({"role": role, "content": message_text(m, i)})
+        messages = request_messages(req)
         if not 0.0 <= req.temperature <= 2.0:
             raise APIError(400, f"temperature is {req.temperature}; expected 0..2", param="temperature")
         if not 0.0 < req.top_p <= 1.0:
@@ -249,8 +243,7 @@ class Server:
     async def _verdict(self, stage: str, rid: str, req: ChatCompletionRequest, text: str | None = None) -> Any:
         """The moderator's verdict on the last user message (input) or an answer (output), in its context."""
         assert self.moderation is not None
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
-                    for i, m in enumerate(req.messages)]
+        messages = request_messages(req)
         if text is None:  # input: the last user message, with what came before it
             last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
             return await self.moderation.check(stage, rid, messages[:last], messages[last]["content"])
@@ -269,14 +262,14 @@ class Server:
                                  "choices": [{"index": i, "message": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": "content_filter"} for i in range(req.n)]})
 
+        chunk = self._chunker(req, cid, created)
+
         def events() -> Any:
-            base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "system_fingerprint": None}
             for i in range(req.n):
                 for delta, fin in (({"role": "assistant", "content": ""}, None), ({}, "content_filter")):
-                    yield f"data: {json.dumps({**base, 'choices': [{'index': i, 'delta': delta, 'logprobs': None, 'finish_reason': fin}]})}\n\n"
+                    yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": fin}])
             if req.stream_options and req.stream_options.include_usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': self._usage(len(prompt_ids), 0)})}\n\n"
+                yield chunk([], usage=self._usage(len(prompt_ids), 0))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -289,13 +282,7 @@ class Server:
         index = {r.id: i for i, r in enumerate(reqs)}
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "system_fingerprint": None, "choices": choices, **extra}
-            if include_usage and "usage" not in body:
-                body["usage"] = None
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        chunk = self._chunker(req, cid, created)
 
         completion_tokens, open_ = 0, req.n
         # Output moderation holds text back until the moderator has passed it (see Moderation.window)
@@ -352,6 +339,20 @@ class Server:
         finally:
             for r in reqs:
                 self.scheduler.cancel(r)
+
+    def _chunker(self, req: ChatCompletionRequest, cid: str, created: int) -> Any:
+        """`chunk(choices, **extra)`: one SSE event in OpenAI's chunk format for this response (every chunk says
+        `usage: null` when the client asked for usage, as OpenAI's do)."""
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "system_fingerprint": None, "choices": choices, **extra}
+            if include_usage and "usage" not in body:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        return chunk
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

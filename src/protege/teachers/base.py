@@ -85,6 +85,15 @@ def sampling_dict(sampling: Any) -> dict[str, Any]:
     return out
 
 
+def prompt_ids(chat_format: Any, kind: str, items: list[Any]) -> list[list[int]]:
+    """Token ids of each request for a model run in this process: a conversation through the model's chat
+    format (the ids training saw), a plain completion prompt through its tokenizer (which adds BOS where the
+    model expects it)."""
+    if kind == "chat":
+        return [chat_format.encode_prompt(c) for c in items]
+    return [chat_format.tokenizer(text)["input_ids"] for text in items]
+
+
 class Teacher:
     """Shared logic: cache lookups, de-duplication, stats. Backends implement `_fetch`."""
 

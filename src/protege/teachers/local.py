@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Teacher
+from .base import Teacher, prompt_ids
 
 __all__ = ["LocalTeacher"]
 
@@ -55,10 +55,7 @@ class LocalTeacher(Teacher):
 
     def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
         eng = self.engine
-        if kind == "chat":
-            prompts = [eng.chat_format.encode_prompt(c) for c in items]
-        else:  # plain completion prompt for a base model; the tokenizer adds BOS where the model expects it
-            prompts = [eng.tokenizer(text)["input_ids"] for text in items]
+        prompts = prompt_ids(eng.chat_format, kind, items)
         index = {eng.add_request(ids, p): j for j, (ids, p) in enumerate(zip(prompts, params))}
         try:
             while eng.has_pending():

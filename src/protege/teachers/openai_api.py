@@ -35,6 +35,11 @@ __all__ = ["OpenAITeacher", "DEFAULT_BASE_URL"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _RETRY_STATUS = {408, 409, 425, 429}
+
+
+def retryable(status: int) -> bool:
+    """A status a retry may fix: rate limits, timeouts, conflicts and server errors."""
+    return status in _RETRY_STATUS or status >= 500
 _HINTS = {
     400: "the server rejected the request; check `model` and the sampling options",
     401: "authentication failed; set the API key in the environment variable named by `api_key_env`",
@@ -247,7 +252,7 @@ class OpenAITeacher(Teacher):
                 return _parse(kind, response.json()), "", response
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 return None, "malformed 200 response", response
-        if status in _RETRY_STATUS or status >= 500:
+        if retryable(status):
             return None, f"HTTP {status}", response
         hint = _HINTS.get(status, "the server refused the request")
         raise TeacherError(f"teacher {self.name}: HTTP {status} from {url}: {_server_message(response)} — {hint}")

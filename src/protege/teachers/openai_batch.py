@@ -27,7 +27,7 @@ import httpx
 
 from ..files import atomic_write_json
 from .base import TeacherError
-from .openai_api import OpenAITeacher, _body, _parse, _server_message
+from .openai_api import OpenAITeacher, _body, _parse, _server_message, retryable
 
 __all__ = ["OpenAIBatchTeacher", "BATCH_STATE_FILE", "MAX_BATCH"]
 
@@ -136,7 +136,7 @@ class OpenAIBatchTeacher(OpenAITeacher):
             else:
                 if response.status_code == 200:
                     return response.text if raw else response.json()
-                if response.status_code not in (408, 409, 425, 429) and response.status_code < 500:
+                if not retryable(response.status_code):
                     raise TeacherError(f"teacher {self.name}: HTTP {response.status_code} from {url}: "
                                        f"{_server_message(response)} — does this endpoint offer the Batch API? "
                                        "(set `batch: false` to send requests one by one)")

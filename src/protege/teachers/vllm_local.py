@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import StageError
-from .base import Teacher
+from .base import Teacher, prompt_ids
 
 __all__ = ["VLLMTeacher"]
 
@@ -61,14 +61,12 @@ class VLLMTeacher(Teacher):
         from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        if kind == "chat":
-            ids = [chat.encode_prompt(c) for c in items]
-        else:
-            ids = [chat.tokenizer(text)["input_ids"] for text in items]
+        from ..engine.driver import request_stops
+
+        ids = prompt_ids(chat, kind, items)
         vparams = []
         for p in params:
-            stop_ids = chat.stop_token_ids if p.stop_token_ids is None else p.stop_token_ids
-            stops = list(p.stop) + (list(chat.stop_strings) if p.stop_token_ids is None else [])
+            stop_ids, stops = request_stops(chat, p)  # the stops protege's own engines use
             vparams.append(VSampling(max_tokens=int(p.max_new_tokens), temperature=float(p.temperature),
                                      top_p=float(p.top_p), top_k=int(p.top_k) or -1, seed=p.seed, stop=stops or None,
                                      stop_token_ids=list(stop_ids), skip_special_tokens=True))
