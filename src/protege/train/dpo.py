@@ -36,6 +36,7 @@ from .model import load_base, prepare_model, save_model
 from .policy import PolicyLogprobs, batch_args
 from .pair_data import PairExample, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
+from .sharding import gather_trained, prepare_module
 
 __all__ = ["DPOConfig", "PolicyLogprobs", "run", "reference_logprobs", "read_reference_cache"]
 
@@ -150,7 +151,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         f"({stats.scored_tokens} scored); {len(plan)} micro-batches -> "
         f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
         f"eval on {len(held)} pairs; reference cache {cache}")
-    module = accelerator.prepare_model(PolicyLogprobs(model, config.logits_chunk))
+    module = prepare_module(accelerator, PolicyLogprobs(model, config.logits_chunk))
 
     def loss_fn(m: torch.nn.Module, pairs: list[PairExample]) -> LossOutput:
         b = _to(collate_pairs(pairs, pad, config.max_length, share), accelerator.device)
@@ -181,6 +182,8 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                "tokens_per_s": result.tokens_per_s, "peak_rss_mb": result.peak_rss_mb,
                "reference_cache": str(cache)}
     accelerator.wait_for_everyone()
+    model = gather_trained(accelerator, model, lambda: prepare_model(config, load_base(config, ctx.precision, "cpu")[0],
+                                                                     chat))
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)
         write_manifest(out_dir, "dpo", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],

@@ -12,9 +12,9 @@ over the same units. `fit` owns everything else, once:
 
 Dividing by the count of the *whole step* after backward makes one process with gradient
 accumulation and N processes give the same loss and update (to float rounding), for any
-method, without the method knowing its normaliser before the forward pass. A rank with no
-micro-batch in a short last step still runs one with weight 0, because every rank must
-join the gradient all-reduce. Checkpoints carry a fingerprint of the config and a hash of
+method, without the method knowing its normaliser before the forward pass. A rank with fewer
+micro-batches in a short last step runs zero-weight ones, because every rank must join the
+gradient all-reduce (and, under FSDP2, every forward: see `sharding.py`). Checkpoints carry a fingerprint of the config and a hash of
 the data plan; a resume under a changed config is refused instead of silently mixing runs.
 """
 
@@ -32,12 +32,13 @@ import torch
 
 from ..errors import StageError
 from ..precision import ResolvedPrecision, resolve_precision
-from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
-                   save_checkpoint)
 from .settings import TrainSettings
+from .sharding import (enable_fsdp_on_cpu, is_sharded, load_sharded_checkpoint, refuse_unsupported_sharding,
+                       save_sharded_checkpoint, shard)
+from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
+                    save_checkpoint)
 
-__all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger",
-           "refuse_unsupported_sharding"]
+__all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
 
 
 @dataclass
@@ -89,8 +90,10 @@ class RunContext:
         return config.max_steps or -(-n_micro_batches // (config.grad_accum * self.world))
 
 
-def start_run(name: str, config: TrainSettings) -> RunContext:
-    """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed."""
+def start_run(name: str, config: TrainSettings, *, rollouts: bool = False) -> RunContext:
+    """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed.
+
+    `rollouts`: the method decodes with the policy during training (PPO, GRPO), which FSDP cannot shard."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -103,7 +106,8 @@ def start_run(name: str, config: TrainSettings) -> RunContext:
         # different precisions in one process. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
-    refuse_unsupported_sharding(name, accelerator.distributed_type)
+    enable_fsdp_on_cpu(accelerator)
+    refuse_unsupported_sharding(name, accelerator, rollouts=rollouts, quantization=config.quantization)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -113,16 +117,6 @@ def start_run(name: str, config: TrainSettings) -> RunContext:
         + (f", base quantized {config.quantization}" if config.quantization != "none" else "")
         + (", gradient checkpointing" if config.gradient_checkpointing else ""))
     return RunContext(accelerator, main, accelerator.num_processes, out_dir, log, precision)
-
-
-def refuse_unsupported_sharding(name: str, distributed_type: Any) -> None:
-    """`fit` builds its optimizer outside `accelerator.prepare`, so an accelerate config that shards the model
-    (FSDP, DeepSpeed, Megatron-LM) would train something other than what it says: refuse it in one sentence."""
-    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise StageError(f"{name}: this accelerate config asks for {kind}, which protege's trainers do not run yet "
-                         "(they run one process or DDP: `accelerate launch --multi_gpu --num_processes N`); for a "
-                         "model too large for one GPU use QLoRA (quantization: nf4) with gradient_checkpointing")
 
 
 def pad_id(tok: Any) -> int:
@@ -137,6 +131,15 @@ def _as_float(x: torch.Tensor | float) -> float:
 def _sums(out: LossOutput, keys: list[str], weight: float, device: Any) -> torch.Tensor:
     vals = [_as_float(out.loss_sum), out.normaliser, *(_as_float(out.metrics[k]) for k in keys)]
     return torch.tensor(vals, dtype=torch.float64, device=device) * weight
+
+
+def _share(batches: Sequence[Any], rank: int, world: int) -> tuple[list[Any], list[float]]:
+    """This rank's micro-batches (every world-th) and their weights, padded with zero-weight repeats so that
+    every rank runs the same number: under FSDP each forward is a collective, and every rank must contribute
+    to the gradient all-reduce and the metric reduce even when a short last step leaves it nothing."""
+    mine = list(batches[rank::world])
+    n = -(-len(batches) // world)
+    return mine + [batches[0]] * (n - len(mine)), [1.0] * len(mine) + [0.0] * (n - len(mine))
 
 
 def _means(total: torch.Tensor, keys: list[str], prefix: str = "") -> tuple[float, dict[str, float]]:
@@ -154,10 +157,7 @@ def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[
     module = accelerator.unwrap_model(module)
     was_training = module.training
     module.eval()
-    mine = list(batches[accelerator.process_index::accelerator.num_processes])
-    weights = [1.0] * len(mine)
-    if not mine:  # every rank must contribute a tensor of the same shape to the reduce
-        mine, weights = [batches[0]], [0.0]
+    mine, weights = _share(batches, accelerator.process_index, accelerator.num_processes)
     from tqdm.auto import tqdm
 
     total, keys = None, None
@@ -200,6 +200,9 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     log = run_logger(name, out_dir, main)
     # `precision: auto` may resolve differently on another machine: a checkpoint records what it ran in.
     fingerprint = {**fingerprint, "precision_resolved": accelerator.mixed_precision}
+    sharded = is_sharded(accelerator)
+    if sharded:  # a sharded checkpoint resumes only under sharding (and the other way round)
+        fingerprint["sharding"] = "fsdp2"
     ckpt_root = out_dir / "checkpoints"
     per_step = config.grad_accum * world
     if not micro_batches:
@@ -207,8 +210,10 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     # max_steps may be shorter than the plan (cut) or longer (the plan wraps around).
     total_steps = config.max_steps if config.max_steps is not None else math.ceil(len(micro_batches) / per_step)
     warmup = int(config.warmup_ratio * total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config.learning_rate, config.weight_decay, betas)
+    if sharded:  # the parameters become DTensor shards; accelerate moves the optimizer onto them
+        module, optimizer = shard(accelerator, module, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps, config.decay_ratio)
     metrics = MetricsLogger(out_dir, enabled=main, tensorboard=config.tensorboard)
 
@@ -228,19 +233,22 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
             raise StageError(f"{name}: {out_dir} holds a checkpoint ({latest.name}) of a different run "
                              f"(changed: {', '.join(changed or ['the data'])}); use another out_dir or resume=no "
                              "to start over")
-        start_step = load_checkpoint(latest, model, optimizer, scheduler)["step"]
+        start_step = (load_sharded_checkpoint(accelerator, latest, scheduler) if sharded
+                      else load_checkpoint(latest, model, optimizer, scheduler))["step"]
         metrics.truncate_after(start_step)
         log(f"resuming from checkpoint {latest} at step {start_step}/{total_steps} (config unchanged)")
     elif main:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
+        state = {"fingerprint": fingerprint, "data_hash": data_hash,
+                 "micro_batches_done": min(step * per_step, len(micro_batches))}
+        if sharded:
+            save_sharded_checkpoint(accelerator, ckpt_root, step, scheduler, state, keep=config.keep_checkpoints)
+            return
         accelerator.wait_for_everyone()
         if main:
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                            {"fingerprint": fingerprint, "data_hash": data_hash,
-                             "micro_batches_done": min(step * per_step, len(micro_batches))},
-                            keep=config.keep_checkpoints)
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, keep=config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     # ---- train -----------------------------------------------------------------------------
@@ -250,11 +258,9 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     for step in range(start_step, total_steps):
         first = (step * per_step) % len(micro_batches)  # a short last step at the plan's end, then it wraps
         mbs = [micro_batches[i] for i in range(first, min(first + per_step, len(micro_batches)))]
-        mine, weight = list(mbs[rank::world]), 1.0
-        if not mine:  # a short last step: this rank must still join the gradient all-reduce
-            mine, weight = list(mbs[:1]), 0.0
+        mine, weights = _share(mbs, rank, world)
         total, keys = None, None
-        for j, mb in enumerate(mine):
+        for j, (mb, weight) in enumerate(zip(mine, weights)):
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(module)
             with sync:
                 with accelerator.autocast():  # a no-op in fp32; the loss functions reduce in fp32 themselves

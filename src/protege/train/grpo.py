@@ -82,7 +82,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     t_start = time.time()
     if config.method != "lora":
         raise StageError("grpo: the reference is the policy with its adapters disabled; use method: lora")
-    ctx = start_run("grpo", config)
+    ctx = start_run("grpo", config, rollouts=True)
     accelerator, main, out_dir, log = ctx.accelerator, ctx.main, ctx.out_dir, ctx.log
     items, held = split_prompts(config, "grpo")
     proxy, gold, gold_cfg = make_rewards(config, log)

@@ -107,7 +107,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         raise StageError("ppo: the reference is the policy with its adapters disabled; use method: lora")
     if config.rollout_prompts < config.minibatches:
         raise StageError(f"ppo: rollout_prompts ({config.rollout_prompts}) must be >= minibatches ({config.minibatches})")
-    ctx = start_run("ppo", config)
+    ctx = start_run("ppo", config, rollouts=True)
     accelerator, main, out_dir, log = ctx.accelerator, ctx.main, ctx.out_dir, ctx.log
     items, held = split_prompts(config, "ppo")
     proxy, gold, gold_cfg = make_rewards(config, log)

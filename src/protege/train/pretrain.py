@@ -32,6 +32,7 @@ from ..manifest import write_manifest
 from .fit import LossOutput, fit, start_run
 from .losses import IGNORE_INDEX
 from .settings import TrainSettings, fingerprint
+from .sharding import gather_trained, prepare_module
 
 __all__ = ["PretrainConfig", "STAGE", "run", "prepare_tokens", "default_tokenizer", "measure_peak_flops", "model_shape"]
 
@@ -217,20 +218,23 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     byte_len = token_byte_lengths(tok)
 
     # ---- model ---------------------------------------------------------------------------
-    if config.model:
-        from ..models import load
+    shape = None if config.model else model_shape(config, len(tok))
 
-        model = load(config.model, dtype="float32", device="cpu")[0]
-        shape = None
-    else:
-        from transformers import LlamaForCausalLM
+    def new_model() -> torch.nn.Module:  # on the CPU, in fp32, every parameter trained
+        if config.model:
+            from ..models import load
 
-        shape = model_shape(config, len(tok))
-        model = LlamaForCausalLM(shape.config(T, config.rope_theta, bos_token_id=bos, eos_token_id=eos,
+            m = load(config.model, dtype="float32", device="cpu")[0]
+        else:
+            from transformers import LlamaForCausalLM
+
+            m = LlamaForCausalLM(shape.config(T, config.rope_theta, bos_token_id=bos, eos_token_id=eos,
                                               pad_token_id=tok.pad_token_id))
-    model = model.to(torch.float32).to(accelerator.device)
-    for p in model.parameters():
-        p.requires_grad_(True)
+        for p in m.to(torch.float32).parameters():
+            p.requires_grad_(True)
+        return m
+
+    model = new_model().to(accelerator.device)
     n_params = sum(p.numel() for p in model.parameters())
     if shape is not None:
         flops_tok = shape.flops_per_token(T)
@@ -245,7 +249,8 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     log(f"{files.meta['train_tokens']:,} training tokens ({files.meta['train_documents']:,} documents), "
         f"{files.meta['val_tokens']:,} held out; {ctx.steps(config, len(plan))} steps of {per_step_tokens:,} tokens "
         f"on {world} process(es); {flops_tok / 1e6:.1f} MFLOPs/token; device peak {peak / 1e12:.2f} TFLOP/s (measured)")
-    module = accelerator.prepare_model(SFTModule(model, config.logits_chunk))
+    # held-out scoring calls `hidden` and `loss` instead of forward (FSDP must gather around them too)
+    module = prepare_module(accelerator, SFTModule(model, config.logits_chunk), forward_methods=("hidden", "loss"))
 
     def batch_of(starts: list[int], tokens: Any) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device) for k, v in rows_to_batch(tokens, starts, T, bos, eos).items()}
@@ -293,12 +298,13 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
                "mfu": round(result.tokens_per_s * flops_tok / peak, 5) if peak else None,
                "peak_rss_mb": result.peak_rss_mb}
     accelerator.wait_for_everyone()
+    model = gather_trained(accelerator, model, new_model)
     if main:
         from ..chat import ChatFormat
 
         target = out_dir / MODEL_DIR
         _data_card(out_dir / "data_card.md", key, files.meta, tok_source)
-        accelerator.unwrap_model(model).save_pretrained(str(target))
+        model.save_pretrained(str(target))
         ChatFormat.from_tokenizer(tok).apply_to(tok)
         tok.save_pretrained(str(target))
         write_manifest(out_dir, STAGE, as_given, inputs=[d for d in config.datasets if Path(d).is_file()],

@@ -34,6 +34,7 @@ from .losses import margin_values, reward_loss
 from .model import merged_fp32, prepare_model
 from .pair_data import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
+from .sharding import gather_trained, prepare_module
 
 __all__ = ["RMConfig", "RewardModule", "run", "rm_report", "llama2_reward", "load_reward_model", "score"]
 
@@ -221,7 +222,7 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     log(f"{stats.pairs} pairs ({stats.truncated} truncated, skipped: {stats.skipped or 'none'}), {stats.tokens} tokens; "
         f"{len(plan)} micro-batches -> {ctx.steps(config, len(plan))} steps on "
         f"{world} process(es); eval on {len(held)} pairs")
-    module = accelerator.prepare_model(RewardModule(model))
+    module = prepare_module(accelerator, RewardModule(model))
     share = can_share_prompt(model, config)
 
     def scores(m: torch.nn.Module, pairs: list[PairExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,9 +247,11 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, "loss": result.loss}
 
     # ---- held-out report (main process scores every held-out pair) -------------------------
+    model = gather_trained(accelerator, model, lambda: prepare_model(
+        config, _load_classifier(config, pad, ctx.precision, "cpu"), chat, task_type="SEQ_CLS"))
     report: dict[str, Any] = {"pairs": 0}
     if main and held:
-        m = accelerator.unwrap_model(module).eval()
+        m = RewardModule(model).to(accelerator.device).eval()
         c, r, margins = [], [], []
         from tqdm.auto import tqdm
 

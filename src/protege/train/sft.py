@@ -31,6 +31,7 @@ from .fit import LossOutput, fit, pad_id, start_run
 from .losses import IGNORE_INDEX, sft_loss
 from .model import chat_special_tokens, load_base, prepare_model, require_head_parts, save_model
 from .settings import LoraSettings, TrainSettings, fingerprint
+from .sharding import gather_trained, prepare_module
 
 __all__ = ["LoraSettings", "SFTConfig", "SFTModule", "chat_special_tokens", "save_model", "run"]
 
@@ -143,7 +144,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
         f"labels), {stats.tokens} tokens ({stats.label_tokens} learned); {len(plan)} micro-batches -> "
         f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
         f"eval on {len(eval_examples)} conversations")
-    module = accelerator.prepare_model(SFTModule(model, config.logits_chunk))
+    module = prepare_module(accelerator, SFTModule(model, config.logits_chunk))
 
     def loss_fn(m: torch.nn.Module, rows: list[list[Example]]) -> LossOutput:
         b = {k: v.to(accelerator.device) for k, v in collate(rows, pad).items()}
@@ -168,6 +169,8 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
                "trainable_params": result.trainable_params, "tokens_per_s": result.tokens_per_s,
                "peak_rss_mb": result.peak_rss_mb}
     accelerator.wait_for_everyone()
+    model = gather_trained(accelerator, model, lambda: prepare_model(config, load_base(config, ctx.precision, "cpu")[0],
+                                                                     chat))
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)
         marker = _positive_marker(config.datasets)
