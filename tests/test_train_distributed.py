@@ -69,16 +69,29 @@ def _one_vs_two(tmp_path, method, common):
     return curve("one"), curve("two")
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
-def test_sharding_configs_are_refused_in_one_sentence(kind):
-    """Issue 28: trainers build their optimizer outside accelerate's prepare, so an FSDP/DeepSpeed config must
-    be refused, not half-honoured (accelerate only selects these on GPUs, so the check is tested directly)."""
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_configs_protege_cannot_honour_are_refused_in_one_sentence(kind):
+    """Issue 28: DeepSpeed steps the optimizer inside backward (before fit's whole-step normalisation), so it is
+    refused with the working alternative; FSDP1, quantized FSDP and RL rollouts under FSDP likewise. accelerate
+    selects these only on GPUs, so the check is tested directly."""
+    from types import SimpleNamespace
+
     from accelerate.utils import DistributedType
 
     from protege.errors import StageError
-    from protege.train.fit import refuse_unsupported_sharding
+    from protege.train.sharding import refuse_unsupported_sharding
 
-    with pytest.raises(StageError, match=f"asks for {kind}.*QLoRA"):
-        refuse_unsupported_sharding("sft", DistributedType[kind])
-    refuse_unsupported_sharding("sft", DistributedType.MULTI_CPU)
-    refuse_unsupported_sharding("sft", DistributedType.NO)
+    def acc(kind, version=2):
+        return SimpleNamespace(distributed_type=DistributedType[kind],
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    with pytest.raises(StageError, match=f"asks for {kind}.*fsdp2.yaml"):
+        refuse_unsupported_sharding("sft", acc(kind))
+    with pytest.raises(StageError, match="FSDP version 1.*fsdp_version: 2"):
+        refuse_unsupported_sharding("sft", acc("FSDP", 1))
+    with pytest.raises(StageError, match="RL rollouts"):
+        refuse_unsupported_sharding("grpo", acc("FSDP"), rollouts=True)
+    with pytest.raises(StageError, match="nf4 with FSDP"):
+        refuse_unsupported_sharding("sft", acc("FSDP"), quantization="nf4")
+    for ok in ("FSDP", "MULTI_CPU", "NO"):
+        refuse_unsupported_sharding("sft", acc(ok))

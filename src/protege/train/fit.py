@@ -235,7 +235,7 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
                              "to start over")
         start_step = (load_sharded_checkpoint(accelerator, latest, scheduler) if sharded
                       else load_checkpoint(latest, model, optimizer, scheduler))["step"]
-        metrics.truncate_after(start_step)
+        metrics.truncate_after(start_step, final=start_step == total_steps)
         log(f"resuming from checkpoint {latest} at step {start_step}/{total_steps} (config unchanged)")
     elif main:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)

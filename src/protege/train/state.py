@@ -157,12 +157,14 @@ class MetricsLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (they belong to work a resume is about to redo)."""
+    def truncate_after(self, step: int, final: bool = False) -> None:
+        """Drop rows logged after `step` (they belong to work a resume is about to redo); with `final` (the run
+        resumes at its last step, where only the final evaluation is left to do) its evaluation rows too."""
         if not self.enabled or not self.path.exists():
             return
         # A line cut by the kill that made this a resume is dropped with the rows past `step`.
-        rows = [r for r in tolerant_jsonl(self.path) if r.get("step", 0) <= step]
+        rows = [r for r in tolerant_jsonl(self.path) if r.get("step", 0) < step
+                or (r.get("step", 0) == step and not (final and any(k.startswith("eval_") for k in r)))]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
