@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ def run(config: RSConfig) -> dict[str, Any]:
     from .sft import run as sft_run
 
     t_start = time.time()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would sample the same answers into one folder
+        raise StageError("rs: rejection sampling runs in one process (its sampling is not split over ranks); run "
+                         "it without `accelerate launch`, or shard only its fine-tuning: `accelerate launch ... -m "
+                         "protege.cli train sft --datasets=[OUT/best.jsonl]` on the kept answers")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = run_logger("rs", out, True)
