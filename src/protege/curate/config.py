@@ -177,6 +177,8 @@ class CurateConfig(StageConfig):
     seed: int = Field(0, description="seed for sampling in mix")
     format: str = Field("auto", description="input format: auto, alpaca, sharegpt, openai, protege")
     card: bool = Field(True, description="write card.md and card.html")
+    workers: int = Field(1, ge=0, description="processes running the per-record steps and dedup's MinHash signing "
+                                              "(0: one per CPU core); the output is the same for any number")
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -145,12 +146,29 @@ def _bleu():
     return BLEU(effective_order=True)
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    """Size and mtime of an eval-set file (a built-in task name has none): the index is rebuilt when they change."""
+    try:
+        st = Path(path).stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return 0, 0
+
+
+@lru_cache(maxsize=4)
+def _eval_index(eval_sets: tuple[str, ...], fields: tuple[str, ...], ngram: int, min_words: int,
+                stamps: tuple[tuple[int, int], ...]) -> tuple[list[Any], "EvalIndex"]:
+    """The eval prompts and their index, built once per process for the chunks a stream brings."""
+    prompts = [p for path in eval_sets for p in load_eval_prompts(path, list(fields))]
+    return prompts, EvalIndex(prompts, ngram, min_words)
+
+
 def apply(records: list[Record], opts: DecontaminateStep, ctx: Any = None) -> StepResult:
     """Remove records overlapping any eval prompt; stats list every hit and hits per eval set."""
     if not opts.eval_sets:
         raise StageError("decontaminate: no `eval_sets` given (eval task or records files to check against)")
-    prompts = [p for path in opts.eval_sets for p in load_eval_prompts(path, opts.fields)]
-    index = EvalIndex(prompts, opts.ngram, opts.min_words)
+    prompts, index = _eval_index(tuple(opts.eval_sets), tuple(opts.fields), opts.ngram, opts.min_words,
+                                 tuple(_stamp(p) for p in opts.eval_sets))
     bleu = _bleu() if opts.bleu_threshold is not None else None
     kept, removed, hits = [], [], []
     for rec in progress(records, "decontaminate"):

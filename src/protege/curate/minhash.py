@@ -28,7 +28,7 @@ import xxhash
 from .common import words as split_words
 
 __all__ = ["shingle_hashes", "minhash_signatures", "optimal_bands", "candidate_pairs", "estimated_jaccard",
-           "NearDuplicates", "near_duplicate_clusters"]
+           "NearDuplicates", "text_signatures", "clusters_from_signatures", "near_duplicate_clusters"]
 
 _M = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
@@ -213,19 +213,31 @@ class NearDuplicates:
         return sorted(([r, *m] for r, m in groups.items()), key=lambda c: (-len(c), c[0]))
 
 
-def near_duplicate_clusters(texts: Sequence[str], ngram: int = 3, threshold: float = 0.5, num_perm: int = 128,
-                            seed: int = 1, bands: tuple[int, int] | None = None) -> NearDuplicates:
-    """Cluster texts whose estimated word-n-gram Jaccard is >= threshold (MinHash + LSH + union-find)."""
+def text_signatures(texts: Sequence[str], ngram: int = 3, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """MinHash signatures of texts, (num_perm, N) uint32. A text's signature depends on that text alone, so
+    chunks of a stream may be signed separately (in parallel) and concatenated along axis 1."""
     hashes, offsets = shingle_hashes(texts, ngram)
-    sig = minhash_signatures(hashes, offsets, num_perm, seed)
-    b, r = bands or optimal_bands(threshold, num_perm)
-    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    return minhash_signatures(hashes, offsets, num_perm, seed)
+
+
+def clusters_from_signatures(sig: np.ndarray, threshold: float = 0.5,
+                             bands: tuple[int, int] | None = None) -> NearDuplicates:
+    """Cluster the columns of `sig` whose estimated Jaccard is >= threshold (LSH + union-find)."""
+    n = sig.shape[1]
+    b, r = bands or optimal_bands(threshold, sig.shape[0])
+    nonempty = np.flatnonzero((sig != _EMPTY).any(axis=0))                   # texts with at least one shingle
     pairs = candidate_pairs(sig, b, r, nonempty)
     rows = np.ascontiguousarray(sig.T)                                         # (N, P) for row gathers
     est = estimated_jaccard(rows, pairs)
-    root = _union_find(len(texts), pairs[est >= threshold])
-    sim = np.ones(len(texts))
-    moved = np.flatnonzero(root != np.arange(len(texts)))
+    root = _union_find(n, pairs[est >= threshold])
+    sim = np.ones(n)
+    moved = np.flatnonzero(root != np.arange(n))
     if len(moved):
         sim[moved] = estimated_jaccard(rows, np.stack([root[moved], moved], axis=1))
     return NearDuplicates(root=root, similarity=sim, candidates=len(pairs), bands=b, rows=r)
+
+
+def near_duplicate_clusters(texts: Sequence[str], ngram: int = 3, threshold: float = 0.5, num_perm: int = 128,
+                            seed: int = 1, bands: tuple[int, int] | None = None) -> NearDuplicates:
+    """Cluster texts whose estimated word-n-gram Jaccard is >= threshold (MinHash + LSH + union-find)."""
+    return clusters_from_signatures(text_signatures(texts, ngram, num_perm, seed), threshold, bands)

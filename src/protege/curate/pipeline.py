@@ -1,39 +1,46 @@
 """`run(CurateConfig)`: read inputs, apply the steps in order, write records, removals, card, manifest.
 
+The records stream through files (`stream.py`): the inputs are read once into `out_dir/.steps/read/`, and
+step i reads the previous folder's `kept.jsonl` chunk by chunk and writes its own `NN-kind/` folder (kept
+records, its removal entries, and `state.json` last, with a fingerprint of the inputs and the steps up to
+there). Per-record steps run on chunks in `workers` processes; dedup streams in two passes; `mix` and a
+quality step with `top_k_by` rank the whole set and hold their input in memory.
+
 Invariant (checked at the end): records read + records created (split pieces, tag pairs,
 mix repeats) == records written + entries in removed.jsonl. Every input record is either
 in records.jsonl or listed in removed.jsonl under the id it came with.
 
-Resume: after each step the kept records and all removals so far go to
-`out_dir/.steps/NN-kind/` with a fingerprint of the inputs and the steps up to there; a
-rerun after a kill continues from the last finished step. The folder is deleted when the
-run completes.
+Resume: a rerun after a kill continues after the last step whose state.json matches; the folder is
+deleted when the run completes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 from ..config import save_config
 from ..errors import StageError
-from ..files import atomic_write_json, json_lines, read_jsonl
-from ..formats import convert_obj, iter_source
+from ..files import atomic_write_json
 from ..manifest import write_manifest
 from ..outputs import publish, refuse_clobber
-from ..records import Comparison, Conversation, Record, RecordError, check_messages, write_records
+from ..records import Record, RecordError, check_messages
 from . import clean, decontam, dedup, langid, mix, quality, split, tag
 from .common import StepResult, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
+from .read import UNCHECKED, IdRenamer, read_inputs
+from . import stream
+from .stream import RecordWriter, mapper, merge_stats, read_chunks, resolve_workers
 
-__all__ = ["run", "Context", "read_inputs"]
+__all__ = ["run", "Context", "LengthHistogram"]
 
 APPLY: dict[str, Callable[..., StepResult]] = {
     "clean": clean.apply, "split": split.apply, "dedup": dedup.apply, "language": langid.apply,
@@ -49,7 +56,6 @@ class Context:
 
     seed: int = 0
     tokenizers: dict[str, Any] = field(default_factory=dict)
-    unchecked: dict[int, str] = field(default_factory=dict)  # id(record) -> why it failed validation on read
 
     def tokenizer(self, spec: str) -> Any:
         if spec not in self.tokenizers:
@@ -63,137 +69,133 @@ def _log(msg: str) -> None:
     print(f"[curate] {msg}", file=sys.stderr, flush=True)
 
 
-def _json_objects(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line, object, error) for each non-blank line of JSONL or item of a JSON list."""
-    for lineno, obj in json_lines(path, keep_going=True, json_array=True):
-        if isinstance(obj, RecordError):
-            yield lineno, None, obj.problem
-        else:
-            yield lineno, obj, None
+class LengthHistogram:
+    """Messages per word-count bin (LENGTH_BINS), per role, accumulated chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Any] = {}
+
+    def add(self, records: Iterable[Record]) -> None:
+        import numpy as np
+
+        lengths: dict[str, list[int]] = {}
+        for rec in records:
+            for m in messages_of(rec):
+                lengths.setdefault(m["role"], []).append(len(words(m["content"])) if isinstance(m["content"], str) else 0)
+        for role, v in lengths.items():
+            h = np.histogram(v, bins=LENGTH_BINS)[0]
+            self.counts[role] = self.counts[role] + h if role in self.counts else h
+
+    def result(self) -> dict[str, list[int]]:
+        return {role: h.tolist() for role, h in sorted(self.counts.items())}
 
 
-def _loose_conversation(obj: Any, source: str) -> Conversation | None:
-    """A conversation whose turns clean can repair (empty turns, odd role order), or None."""
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("messages"), list):
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in obj["messages"] if isinstance(m, dict)]
-    elif isinstance(obj.get("conversations"), list):
-        msgs = [{"role": m.get("from"), "content": m.get("value")} for m in obj["conversations"] if isinstance(m, dict)]
-    elif "instruction" in obj:
-        user = "\n\n".join(str(obj.get(k) or "") for k in ("instruction", "input") if str(obj.get(k) or "").strip())
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": obj.get("output")}]
-    else:
-        return None
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return Conversation(msgs, id=str(obj.get("id") or ""), source=str(obj.get("source") or source), meta=meta)
+def _in_memory(opts: Any) -> bool:
+    """Steps that rank or sample the whole set (the others judge each record alone)."""
+    return opts.step == "mix" or (opts.step == "quality" and bool(opts.top_k_by) and opts.top_k is not None)
 
 
-def unique_ids(records: list[Record], origins: list[str]) -> int:
-    """Rename repeated ids in place (`x`, `x~dup2`, ...) so removed.jsonl and provenance name one record.
-
-    Two inputs often reuse ids (two generation runs both start at `selfinstruct-0000`); refusing them
-    would block an ordinary mix, and keeping them would make every later reference ambiguous. The new
-    id keeps the old one in `meta.id_renamed_from`; each rename is logged with both locations.
-    Returns the number renamed.
-    """
-    first: dict[str, str] = {}
-    taken = {r.id for r in records}
-    renamed = 0
-    for rec, where in zip(records, origins):
-        if rec.id not in first:
-            first[rec.id] = where
-            continue
-        k = 2
-        while f"{rec.id}~dup{k}" in taken:
-            k += 1
-        new = f"{rec.id}~dup{k}"
-        if renamed < 5:
-            _log(f"{where}: id {rec.id!r} already used at {first[rec.id]}; renamed to {new!r}")
-        rec.meta = {**rec.meta, "id_renamed_from": rec.id}
-        rec.id = new
-        taken.add(new)
-        first[new] = where
-        renamed += 1
-    if renamed > 5:
-        _log(f"... {renamed} repeated ids renamed in all (meta.id_renamed_from keeps the original)")
-    return renamed
-
-
-def read_inputs(cfg: CurateConfig, ctx: Context) -> tuple[list[Record], list[dict[str, Any]], int]:
-    """All input records in order (ids made unique), removal entries for unreadable ones (with
-    skip_invalid), and how many ids were renamed."""
-    repairable = bool(cfg.steps) and cfg.steps[0].step == "clean"
-    records: list[Record] = []
-    origins: list[str] = []
-    removed: list[dict[str, Any]] = []
-    for src in cfg.inputs:
-        path = Path(src)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: input not found")
-        if path.is_dir() and not (path / "dataset_info.json").exists():
-            raise StageError(f"{path}: is a folder; curate reads record files (.jsonl, .json, .parquet, ...) "
-                             "or a saved `datasets` folder")
-        if path.suffix not in (".jsonl", ".json"):
-            rows = list(iter_source(path, cfg.format))   # datasets-readable files: validated rows
-            records.extend(rows)
-            origins.extend(f"{path} row {i}" for i in range(1, len(rows) + 1))
-            continue
-        for lineno, obj, problem in progress(_json_objects(path), f"read {path.name}"):
-            rec = None
-            if problem is None:
-                try:
-                    rec = convert_obj(obj, cfg.format, path.stem)
-                except RecordError as err:
-                    problem = err.problem
-                    rec = _loose_conversation(obj, path.stem) if repairable else None
-                    if rec is not None:
-                        ctx.unchecked[id(rec)] = problem
-            if rec is not None:
-                records.append(rec)
-                origins.append(f"{path}:{lineno}")
-                continue
-            if not cfg.skip_invalid:
-                raise RecordError(f"{problem} (set skip_invalid: true to list such lines in removed.jsonl)", str(path), lineno)
-            rid = str(obj.get("id")) if isinstance(obj, dict) and obj.get("id") else f"{path.name}:{lineno}"
-            removed.append({**removal(None, "invalid", f"{path}:{lineno}: {problem}", rid=rid, source=path.stem),
-                            "step": "read"})
-    return records, removed, unique_ids(records, origins)
-
-
-def _validate(records: list[Record], ctx: Context) -> tuple[list[Record], list[dict[str, Any]]]:
+def _validate(records: list[Record]) -> tuple[list[Record], list[dict[str, Any]]]:
     """Records read loosely must be valid once cleaning is over."""
     kept, removed = [], []
     for rec in records:
-        if id(rec) in ctx.unchecked:
+        problem = rec.meta.pop(UNCHECKED, None)
+        if problem is not None:
             try:
                 rec.messages = check_messages(rec.messages)
             except RecordError as err:
                 removed.append({**removal(rec, "invalid", err.problem), "step": "validate"})
                 continue
         kept.append(rec)
-    ctx.unchecked.clear()
     return kept, removed
 
 
-def _validate_step(records: list[Record], removed: list[dict[str, Any]], summaries: list[dict[str, Any]],
-                   ctx: Context) -> tuple[list[Record], list[dict[str, Any]]]:
-    kept, bad = _validate(records, ctx)
-    if bad:
-        summaries.append({"step": "validate", "in": len(records), "out": len(kept), "removed": len(bad), "added": 0,
-                          "reasons": {"invalid": len(bad)}, "seconds": 0.0, "stats": {}})
-    return kept, removed + bad
+_WORKER_CTX: dict[int, Context] = {}  # per process: tokenizers load once per worker, not once per chunk
 
 
-def length_histogram(records: list[Record]) -> dict[str, list[int]]:
-    """Messages per word-count bin (LENGTH_BINS), per role."""
-    import numpy as np
+def _apply_chunk(task: tuple[str, Any, int, list[Record], bool]) -> tuple[StepResult, list[dict[str, Any]]]:
+    """One step on one chunk (in a worker process, or in this one), then validation when asked."""
+    kind, opts, seed, chunk, validate = task
+    ctx = _WORKER_CTX.setdefault(seed, Context(seed=seed))
+    result = APPLY[kind](chunk, opts, ctx)
+    for entry in result.removed:
+        entry["step"] = kind
+    bad: list[dict[str, Any]] = []
+    if validate:
+        result.kept, bad = _validate(result.kept)
+    return result, bad
 
-    lengths: dict[str, list[int]] = {}
-    for rec in records:
-        for m in messages_of(rec):
-            lengths.setdefault(m["role"], []).append(len(words(m["content"])) if isinstance(m["content"], str) else 0)
-    return {role: np.histogram(v, bins=LENGTH_BINS)[0].tolist() for role, v in sorted(lengths.items())}
+
+def _finish_stats(kind: str, stats: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
+    """Stats summed over chunks, made whole again where a sum is not the answer."""
+    if kind == "language" and "languages" in stats:
+        stats["languages"] = dict(sorted(stats["languages"].items(), key=lambda kv: -kv[1]))
+    if kind == "decontaminate" and "eval_sets" in first:  # every chunk saw the same eval sets
+        hit = {(h["eval_set"], h["eval_id"]) for h in stats["contamination_hits"]}
+        stats["eval_sets"] = {s: {"prompts": v["prompts"], "prompts_hit": sum(1 for e, _ in hit if e == s)}
+                              for s, v in first["eval_sets"].items()}
+    return stats
+
+
+def _run_step(opts: Any, src: Path, folder: Path, cfg: CurateConfig, validate: bool,
+              workers: int) -> tuple[list[dict[str, Any]], int, int]:
+    """Step `opts` from `src` into `folder`; returns its summaries (and validation's), records out, removed."""
+    t0 = time.perf_counter()
+    shutil.rmtree(folder, ignore_errors=True)
+    n_in = n_bad = added = 0
+    stats: dict[str, Any] = {}
+    first: dict[str, Any] | None = None
+    reasons: Counter = Counter()
+    with RecordWriter(folder / "kept.jsonl") as kept_w, RecordWriter(folder / "removed.jsonl") as removed_w, \
+            RecordWriter(folder / "validate.jsonl") as bad_w:
+        def emit(kept: list[Record], removed: list[dict[str, Any]], bad: list[dict[str, Any]] | None = None) -> None:
+            nonlocal n_bad
+            if bad is None:  # dedup's chunks: not validated by _apply_chunk
+                kept, bad = _validate(kept) if validate else (kept, [])
+            kept_w.write_all(kept)
+            removed_w.write_all(removed)
+            bad_w.write_all(bad)
+            reasons.update(e["reason"] for e in removed)
+            n_bad += len(bad)
+
+        def counted() -> Iterable[list[Record]]:
+            nonlocal n_in
+            for chunk in progress(read_chunks(src), opts.step):
+                n_in += len(chunk)
+                yield chunk
+
+        with mapper(workers) as map_fn:
+            if opts.step == "dedup":
+                def twice() -> Iterable[list[Record]]:  # dedup reads its input twice; count it once
+                    return counted() if n_in == 0 else read_chunks(src)
+
+                stats = dedup.run(twice, opts, Context(seed=cfg.seed), lambda k, r: emit(k, _stamped(r, "dedup")),
+                                  map_fn)
+            elif _in_memory(opts):
+                records = [r for chunk in counted() for r in chunk]
+                result, bad = _apply_chunk((opts.step, opts, cfg.seed, records, validate))
+                emit(result.kept, result.removed, bad)
+                stats, added = result.stats, result.added
+            else:
+                tasks = ((opts.step, opts, cfg.seed, chunk, validate) for chunk in counted())
+                for result, bad in map_fn(_apply_chunk, tasks):
+                    emit(result.kept, result.removed, bad)
+                    first = result.stats if first is None else first
+                    stats, added = merge_stats(stats, result.stats), added + result.added
+    stats = _finish_stats(opts.step, stats, first or {})
+    n_out = kept_w.written
+    summaries = [{"step": opts.step, "in": n_in, "out": n_out + n_bad, "removed": removed_w.written, "added": added,
+                  "reasons": dict(reasons), "seconds": round(time.perf_counter() - t0, 3), "stats": stats}]
+    if n_bad:
+        summaries.append({"step": "validate", "in": n_out + n_bad, "out": n_out, "removed": n_bad, "added": 0,
+                          "reasons": {"invalid": n_bad}, "seconds": 0.0, "stats": {}})
+    return summaries, n_out, removed_w.written + n_bad
+
+
+def _stamped(removed: list[dict[str, Any]], step: str) -> list[dict[str, Any]]:
+    for entry in removed:
+        entry["step"] = step
+    return removed
 
 
 def _fingerprint(cfg: CurateConfig, upto: int) -> str:
@@ -203,35 +205,48 @@ def _fingerprint(cfg: CurateConfig, upto: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _from_dict(obj: dict[str, Any]) -> Record:
-    if "chosen" in obj:
-        return Comparison(obj["prompt"], obj["chosen"], obj["rejected"], obj.get("margin"), obj["id"], obj["source"], obj["meta"])
-    return Conversation(obj["messages"], obj["id"], obj["source"], obj["meta"])
-
-
-def _save_step(ckpt: Path, fp: str, records: list[Record], removed: list[dict[str, Any]], state: dict[str, Any]) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    write_records(ckpt / "kept.jsonl", records)
-    write_records(ckpt / "removed.jsonl", removed)
-    atomic_write_json(ckpt / "state.json", {"fingerprint": fp, **state}, indent=None)  # last: marks the step finished
-
-
-def _load_step(ckpt: Path, fp: str) -> tuple[list[Record], list[dict[str, Any]], dict[str, Any]] | None:
+def _finished(folder: Path, fp: str) -> dict[str, Any] | None:
     try:
-        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if state.get("fingerprint") != fp:
-        return None
+    return state if state.get("fingerprint") == fp else None
 
-    kept, removed = (read_jsonl(ckpt / name, allow_nan=True) for name in ("kept.jsonl", "removed.jsonl"))
-    return [_from_dict(o) for o in kept], removed, state
+
+def _read(cfg: CurateConfig, folder: Path) -> dict[str, Any]:
+    """The inputs, as one record file in `folder`; returns the input statistics for the card."""
+    shutil.rmtree(folder, ignore_errors=True)
+    ids, lengths = IdRenamer(), LengthHistogram()
+    per_source: Counter = Counter()
+    unreadable = 0
+    with RecordWriter(folder / "kept.jsonl") as kept_w, RecordWriter(folder / "removed.jsonl") as removed_w:
+        chunk: list[Record] = []
+        for rec, entry in read_inputs(cfg, ids):
+            if entry is not None:
+                removed_w.write_all([entry])
+                unreadable += 1
+                continue
+            chunk.append(rec)
+            if len(chunk) >= stream.CHUNK:
+                kept_w.write_all(chunk)
+                lengths.add(chunk)
+                per_source.update(r.source for r in chunk)
+                chunk = []
+        kept_w.write_all(chunk)
+        lengths.add(chunk)
+        per_source.update(r.source for r in chunk)
+    for entry in (json.loads(x) for x in (folder / "removed.jsonl").read_text(encoding="utf-8").splitlines()):
+        per_source[entry["source"]] += 1
+    return {"records": kept_w.written + unreadable, "per_source": dict(per_source), "unreadable": unreadable,
+            "lengths": lengths.result(), "renamed_ids": ids.renamed}
+
+
+def _folders(cfg: CurateConfig, work: Path) -> list[Path]:
+    return [work / "read", *(work / f"{i:02d}-{s.step}" for i, s in enumerate(cfg.steps))]
 
 
 def run(config: CurateConfig) -> dict[str, Any]:
     """Run the curation steps; write records.jsonl, removed.jsonl, card.md/html, config.yaml, manifest.json."""
-    from .card import write_card
-
     cfg = config
     if not cfg.inputs:
         raise StageError("curate: no inputs (give record files: `protege curate IN... --out DIR`)")
@@ -239,68 +254,96 @@ def run(config: CurateConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     refuse_clobber(cfg.inputs, [out], "curate")
     work = out / ".steps"
-    ctx = Context(seed=cfg.seed)
-    resumed = None
-    for i in reversed(range(len(cfg.steps))):
-        resumed = _load_step(work / f"{i:02d}-{cfg.steps[i].step}", _fingerprint(cfg, i))
-        if resumed is not None:
-            records, removed, state = resumed
-            start, summaries, inputs = i + 1, state["steps"], state["inputs"]
-            renamed = inputs.get("renamed_ids", 0)
-            _log(f"resuming after step {i + 1} ({cfg.steps[i].step}) from {work}")
-            break
-    if resumed is None:
-        records, removed, renamed = read_inputs(cfg, ctx)
-        inputs = {"records": len(records) + len(removed), "per_source": dict(Counter(r.source for r in records)),
-                  "unreadable": len(removed), "lengths": length_histogram(records), "renamed_ids": renamed}
-        for entry in removed:
-            inputs["per_source"][entry["source"]] = inputs["per_source"].get(entry["source"], 0) + 1
-        start, summaries = 0, []
+    folders = _folders(cfg, work)
+    workers = resolve_workers(cfg.workers)
+    # The last folder (read = 0, step i = i + 1) whose state matches: everything up to it is done.
+    done = next((k for k in reversed(range(len(folders))) if _finished(folders[k], _fingerprint(cfg, k - 1))), None)
+    if done is None:
+        inputs = _read(cfg, folders[0])
+        atomic_write_json(folders[0] / "state.json", {"fingerprint": _fingerprint(cfg, -1), "inputs": inputs,
+                                                      "steps": [], "out": inputs["records"] - inputs["unreadable"]},
+                          indent=None)
+        done = 0
         _log(f"read {inputs['records']} records from {len(cfg.inputs)} file(s)")
-    for i in range(start, len(cfg.steps)):
+    state = json.loads((folders[done] / "state.json").read_text(encoding="utf-8"))
+    inputs, summaries = state["inputs"], state["steps"]
+    if done > 0:
+        _log(f"resuming after step {done} ({cfg.steps[done - 1].step}) from {work}")
+    leading_cleans = next((i for i, s in enumerate(cfg.steps) if s.step != "clean"), len(cfg.steps))
+    for i in range(done, len(cfg.steps)):
         opts = cfg.steps[i]
-        if opts.step != "clean" and ctx.unchecked:
-            records, removed = _validate_step(records, removed, summaries, ctx)
-        t0, n_in = time.perf_counter(), len(records)
-        result = APPLY[opts.step](records, opts, ctx)
-        for entry in result.removed:
-            entry["step"] = opts.step
-        records, removed = result.kept, removed + result.removed
-        summaries.append({"step": opts.step, "in": n_in, "out": len(records), "removed": len(result.removed),
-                          "added": result.added, "reasons": dict(Counter(e["reason"] for e in result.removed)),
-                          "seconds": round(time.perf_counter() - t0, 3), "stats": result.stats})
-        _log(f"step {i + 1}/{len(cfg.steps)} {opts.step}: {n_in} in, {len(records)} out, "
-             f"{len(result.removed)} removed ({summaries[-1]['seconds']:.1f} s)")
-        if i < len(cfg.steps) - 1:
-            _save_step(work / f"{i:02d}-{opts.step}", _fingerprint(cfg, i), records, removed,
-                       {"steps": summaries, "inputs": inputs})
-    if ctx.unchecked:
-        records, removed = _validate_step(records, removed, summaries, ctx)
-    added = sum(s["added"] for s in summaries)
-    if inputs["records"] + added != len(records) + len(removed):
-        raise RuntimeError(f"curate bug: {inputs['records']} in + {added} created != {len(records)} out + {len(removed)} removed")
-    if len({r.id for r in records}) != len(records):
-        raise RuntimeError("curate bug: ids in records.jsonl are not unique")
+        validate = i == leading_cleans - 1  # loosely read records are checked once cleaning is over
+        step_summaries, n_out, n_removed = _run_step(opts, folders[i] / "kept.jsonl", folders[i + 1], cfg,
+                                                     validate, workers)
+        summaries = summaries + step_summaries
+        s = step_summaries[0]
+        _log(f"step {i + 1}/{len(cfg.steps)} {opts.step}: {s['in']} in, {n_out} out, {n_removed} removed "
+             f"({s['seconds']:.1f} s{f', {workers} workers' if workers > 1 else ''})")
+        atomic_write_json(folders[i + 1] / "state.json", {"fingerprint": _fingerprint(cfg, i), "inputs": inputs,
+                                                          "steps": summaries, "out": n_out}, indent=None)
+    _publish(cfg, out, folders, inputs, summaries, t_start)
+    shutil.rmtree(work, ignore_errors=True)
+    counts = _counts(inputs, summaries)
+    return {**counts, "steps": [{"step": s["step"], "in": s["in"], "out": s["out"], "removed": s["removed"]}
+                                for s in summaries]}
 
+
+def _counts(inputs: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, int]:
+    added = sum(s["added"] for s in summaries)
+    removed = inputs["unreadable"] + sum(s["removed"] for s in summaries)
+    out = inputs["records"] - inputs["unreadable"] if not summaries else summaries[-1]["out"]
+    counts = {"in": inputs["records"], "out": out, "removed": removed, "added": added}
+    if inputs.get("renamed_ids"):
+        counts["renamed_ids"] = inputs["renamed_ids"]
+    return counts
+
+
+def _publish(cfg: CurateConfig, out: Path, folders: list[Path], inputs: dict[str, Any],
+             summaries: list[dict[str, Any]], t_start: float) -> None:
+    """records.jsonl (the last folder's records) and removed.jsonl (every folder's removals, in order), the
+    card and the manifest, all or nothing: a failure leaves the previous outputs intact."""
+    from .card import write_card
+
+    counts = _counts(inputs, summaries)
+    last = next(f for f in reversed(folders) if (f / "state.json").exists())
+    lengths, per_source_out, seen = LengthHistogram(), Counter(), set()
+    for chunk in read_chunks(last / "kept.jsonl"):
+        lengths.add(chunk)
+        per_source_out.update(r.source for r in chunk)
+        seen.update(r.id for r in chunk)
+    if len(seen) != counts["out"]:
+        raise RuntimeError(f"curate bug: {counts['out']} records written but {len(seen)} distinct ids")
+    del seen
+    if counts["in"] + counts["added"] != counts["out"] + counts["removed"]:
+        raise RuntimeError(f"curate bug: {counts['in']} in + {counts['added']} created != {counts['out']} out + "
+                           f"{counts['removed']} removed")
+    removed_by, removed_per_source, examples = Counter(), Counter(), {}
     out.mkdir(parents=True, exist_ok=True)
-    with publish(out) as staged:  # all or nothing: a failure here leaves the previous outputs intact
-        write_records(staged / "records.jsonl", records)
-        write_records(staged / "removed.jsonl", removed)
+    with publish(out) as staged:
+        try:  # a hard link costs nothing; the step folder is deleted after publishing
+            os.link(last / "kept.jsonl", staged / "records.jsonl")
+        except OSError:
+            shutil.copyfile(last / "kept.jsonl", staged / "records.jsonl")
+        with (staged / "removed.jsonl").open("w", encoding="utf-8") as fh:
+            for folder in folders:
+                for name in ("removed.jsonl", "validate.jsonl"):
+                    if not (folder / name).exists():
+                        continue
+                    with (folder / name).open(encoding="utf-8") as src:
+                        for line in src:
+                            e = json.loads(line)
+                            removed_by[f"{e['step']}:{e['reason']}"] += 1
+                            removed_per_source[e["source"]] += 1
+                            examples.setdefault(f"{e['step']}:{e['reason']}", e["detail"])
+                            fh.write(line)
         save_config(cfg, staged)
-        per_source_out = dict(Counter(r.source for r in records))
         report = {"inputs": inputs, "input_paths": list(cfg.inputs), "steps": summaries,
-                  "per_source_out": per_source_out,
-                  "removed_by": dict(Counter(f"{e['step']}:{e['reason']}" for e in removed)),
-                  "removed_per_source": dict(Counter(e["source"] for e in removed)),
-                  "removed_examples": {f"{e['step']}:{e['reason']}": e["detail"] for e in reversed(removed)},
-                  "lengths_out": length_histogram(records), "length_bins": LENGTH_BINS,
-                  "renamed_ids": renamed}
+                  "per_source_out": dict(per_source_out), "removed_by": dict(removed_by),
+                  "removed_per_source": dict(removed_per_source), "removed_examples": examples,
+                  "lengths_out": lengths.result(), "length_bins": LENGTH_BINS, "renamed_ids": inputs["renamed_ids"]}
         outputs = ["records.jsonl", "removed.jsonl"]
         if cfg.card:
             outputs += [Path(p).name for p in write_card(staged, report)]
-        counts = {"in": inputs["records"], "out": len(records), "removed": len(removed), "added": added}
-        if renamed:
-            counts["renamed_ids"] = renamed
         markers = next((s["stats"]["markers"] for s in summaries if s["step"] == "tag"), None)
         extra: dict[str, Any] = {"steps": [{k: v for k, v in s.items() if k != "stats"} for s in summaries]}
         if markers:
@@ -311,5 +354,3 @@ def run(config: CurateConfig) -> dict[str, Any]:
                                       "eval_items_hit": sorted({f"{h['eval_set']}:{h['eval_id']}" for h in hits})}
         write_manifest(staged, "curate", cfg, inputs=cfg.inputs, outputs=[out / name for name in outputs],
                        counts=counts, seconds=time.perf_counter() - t_start, extra=extra)
-    shutil.rmtree(work, ignore_errors=True)
-    return {**counts, "steps": [{"step": s["step"], "in": s["in"], "out": s["out"], "removed": s["removed"]} for s in summaries]}

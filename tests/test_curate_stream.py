@@ -1,0 +1,77 @@
+"""Issue 28: curation streams through files in chunks and runs its steps in worker processes; the output must
+not depend on the chunk size or the number of workers (duplicates across chunk boundaries, stats summed
+over chunks, loosely read records validated, every removal listed)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from protege.curate import CurateConfig, run
+from test_curate_steps import WORDS, conv, text
+
+GERMAN = "der die und in den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden".split()
+
+
+def _inputs(tmp_path):
+    rng = random.Random(3)
+    rows = []
+    for i in range(120):
+        r = rng.random()
+        if rows and r < 0.15:  # exact copy of an earlier record, possibly many chunks back
+            rows.append(dict(rng.choice(rows), id=f"x{i}"))
+        elif rows and r < 0.25:  # near copy: same answer plus a word, different question
+            base = rng.choice(rows)
+            rows.append(conv(text(rng, 12), base["messages"][1]["content"] + " " + rng.choice(WORDS), f"n{i}").to_dict())
+        elif r < 0.32:
+            rows.append(conv(" ".join(rng.choices(GERMAN, k=20)), " ".join(rng.choices(GERMAN, k=40)), f"de{i}").to_dict())
+        elif r < 0.36:  # contaminated: an eval prompt as the question
+            rows.append(conv(f"eval question number {i % 3} asks about the silver lantern by the narrow canyon today",
+                             text(rng, 30), f"c{i}").to_dict())
+        else:
+            rows.append(conv(text(rng, 14), text(rng, 40), f"r{i}").to_dict())
+    rows.insert(50, {"id": "loose", "messages": [{"role": "user", "content": "a question with an answer"},
+                                                  {"role": "user", "content": "asked twice"},
+                                                  {"role": "assistant", "content": "<b>an answer that cleaning keeps</b>"}]})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"id": f"q{k}", "prompt": f"eval question number {k} asks about the silver "
+                                         "lantern by the narrow canyon today"}) + "\n" for k in range(3)))
+    return src, evals
+
+
+def _curate(tmp_path, name, src, evals, **kw):
+    steps = [{"step": "clean"}, {"step": "dedup", "threshold": 0.6}, {"step": "language"},
+             {"step": "decontaminate", "eval_sets": [str(evals)]}, {"step": "quality"}]
+    out = tmp_path / name
+    summary = run(CurateConfig(inputs=[str(src)], out_dir=str(out), steps=steps, **kw))
+    manifest = json.loads((out / "manifest.json").read_text())
+    return summary, (out / "records.jsonl").read_text(), (out / "removed.jsonl").read_text(), manifest
+
+
+@pytest.mark.parametrize("chunk,workers", [(7, 1), (7, 2), (16, 0)])
+def test_chunks_and_workers_do_not_change_the_output(tmp_path, monkeypatch, chunk, workers):
+    from protege.curate import stream
+
+    src, evals = _inputs(tmp_path)
+    whole = _curate(tmp_path, "whole", src, evals)
+    monkeypatch.setattr(stream, "CHUNK", chunk)
+    chunked = _curate(tmp_path, "chunked", src, evals, workers=workers)
+    assert chunked[0] == whole[0]
+    assert chunked[1] == whole[1] and chunked[2] == whole[2]
+    def timeless(steps):
+        return [{k: v for k, v in s.items() if k != "seconds"} for s in steps]
+
+    assert timeless(chunked[3]["steps"]) == timeless(whole[3]["steps"])  # per-step counts and reasons
+    assert chunked[3]["contamination"] == whole[3]["contamination"] and chunked[3]["counts"] == whole[3]["counts"]
+    removed = [json.loads(x) for x in whole[2].splitlines()]
+    reasons = {e["reason"] for e in removed}
+    assert {"exact_duplicate", "near_duplicate", "language", "contamination"} <= reasons
+    kept = [json.loads(x) for x in whole[1].splitlines()]
+    assert "loose" in {r["id"] for r in kept} and all("_unchecked" not in r["meta"] for r in kept)
+    assert whole[0]["in"] + whole[0]["added"] == len(kept) + len(removed)
+    hit = whole[3]["contamination"]
+    assert hit["eval_sets"]["eval.jsonl"] == {"prompts": 3, "prompts_hit": 3}
