@@ -6,7 +6,8 @@
 
 Models are built from transformers configs with random weights (the shapes of Llama-3-8B and
 gemma-3-270m), so the numbers say what protege's own code costs, not what a checkpoint knows. Per
-shape and setting (fp32 / bf16 LoRA, bf16 LoRA + gradient checkpointing, nf4 QLoRA + checkpointing):
+shape and setting (fp32 / bf16 LoRA, bf16 LoRA + gradient checkpointing, nf4 QLoRA + checkpointing, and
+the bf16 LoRA + checkpointing model sharded with FSDP2 on one process):
 - SFT: one LoRA step through protege's `SFTModule` (fused chunked cross-entropy) + AdamW on a
   batch of 1 x `--seq` tokens, every token labelled: tokens/s and peak memory;
 - DPO: one step through `PolicyLogprobs` + `dpo_loss` on one pair packed in one row of `--seq`
@@ -49,6 +50,9 @@ SETTINGS = {  # name -> (precision, quantization, gradient checkpointing)
     "bf16 lora": ("bf16", "none", False),
     "bf16 lora+ckpt": ("bf16", "none", True),
     "nf4 qlora+ckpt": ("bf16", "nf4", True),
+    # the same LoRA model sharded with FSDP2 (`fully_shard` per decoder layer, as recipes/accelerate/fsdp2.yaml
+    # does) on one process: what sharding costs before there is a second GPU to share with
+    "fsdp2 bf16 lora+ckpt": ("bf16", "none", True),
 }
 
 
@@ -111,6 +115,42 @@ class _AnyIds:
         return self._tok.decode([int(i) % len(self._tok) for i in ids], **kw)
 
 
+_OWN_GROUP: list[str] = []  # the one-process group fsdp2() started (ended after each test: see end_group)
+
+
+def end_group() -> None:
+    """End the process group fsdp2() started, so that whoever imported this module (the test suite) is left
+    without one."""
+    import os
+
+    import torch.distributed as dist
+
+    while _OWN_GROUP:
+        dist.destroy_process_group()
+        os.unlink(_OWN_GROUP.pop())
+
+
+def fsdp2(model: Any, device: str) -> Any:
+    """`fully_shard` every decoder layer and then the whole model on a one-process group (bf16 compute,
+    fp32 gradient reduction), as accelerate's FSDP2 preparation does."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        store = tempfile.NamedTemporaryFile(prefix="gpu-check-", delete=False).name
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
+                                rank=0, world_size=1)
+        _OWN_GROUP.append(store)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
 def lora_model(model: Any, checkpointing: bool) -> Any:
     from protege.train.model import prepare_model
     from protege.train.sft import SFTConfig
@@ -162,10 +202,12 @@ def _fastest_step(loss_fn: Any, opt: Any, device: str, autocast: torch.dtype | N
     return min(times[1:])
 
 
-def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int) -> float:
+def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: bool = False) -> float:
     from protege.train.sft import SFTModule
 
     module = SFTModule(model, logits_chunk=1024)
+    if shard:  # the trainer's wrapper is the FSDP root, as in `fit` (its forward gathers the embedding and head)
+        module = fsdp2(module, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, seq), device=device)
@@ -173,11 +215,13 @@ def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, st
     return seq / _fastest_step(lambda: module(ids, pos, ids, normalizer=float(seq)), opt, device, autocast, steps)
 
 
-def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int) -> float:
+def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: bool = False) -> float:
     from protege.train.policy import PolicyLogprobs
     from protege.train.losses import dpo_loss
 
     module = PolicyLogprobs(model, logits_chunk=1024)
+    if shard:
+        module = fsdp2(module, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     half, prompt = seq // 2, seq // 8  # one pair packed in one row: [prompt+chosen][prompt+rejected]
     ids = torch.randint(3, model.config.vocab_size, (1, seq), device=device)
@@ -248,7 +292,9 @@ def run(shapes: list[str], settings: list[str], seq: int, batches: list[int], ne
                     continue
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
             autocast = None if precision == "fp32" else torch.bfloat16
-            for test in ("sft", "dpo"):
+            # DPO here scores the reference inside the step (adapters off); `train dpo` precomputes it, and under
+            # FSDP2 a no-grad forward of the same sharded module before the trained one is not what it runs.
+            for test in ("sft",) if setting.startswith("fsdp2") else ("sft", "dpo"):
                 def step(test: str = test) -> float:
                     model = build(shape, dtype, device)
                     if quant != "none":
@@ -256,9 +302,10 @@ def run(shapes: list[str], settings: list[str], seq: int, batches: list[int], ne
                     model = lora_model(model, ckpt)
                     fn = sft_step if test == "sft" else dpo_step
                     try:
-                        return fn(model, seq, device, autocast, steps)
+                        return fn(model, seq, device, autocast, steps, shard=setting.startswith("fsdp2"))
                     finally:
                         del model
+                        end_group()
                 record(shape, setting, f"{test} 1x{seq}", step)
         for precision in ("fp32", "bf16") if device == "cpu" or shapes != ["llama-3-8b"] else ("bf16",):
             if precision not in {SETTINGS[s][0] for s in settings}:
@@ -290,7 +337,7 @@ def main() -> None:
         sys.exit("no GPU here: run with --smoke for the CPU check (the full check needs one CUDA device)")
     if args.smoke:
         shapes, batches = args.shapes or ["tiny-llama"], [1, 4]
-        settings = args.settings or ["fp32 lora", "bf16 lora+ckpt", "nf4 qlora+ckpt"]
+        settings = args.settings or ["fp32 lora", "bf16 lora+ckpt", "nf4 qlora+ckpt", "fsdp2 bf16 lora+ckpt"]
         seq, new_tokens = args.seq or 64, args.new_tokens or 8
     else:
         shapes, batches = args.shapes or ["llama-3-8b", "gemma-3-270m"], [1, 16, 64]

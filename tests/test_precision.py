@@ -377,7 +377,7 @@ def test_gpu_check_smoke_runs_every_setting_on_the_cpu(capsys):
     gpu_check = importlib.util.module_from_spec(spec)
     sys.modules["gpu_check"] = gpu_check  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(gpu_check)
-    settings = ["fp32 lora", "bf16 lora+ckpt"]
+    settings = ["fp32 lora", "bf16 lora+ckpt", "fsdp2 bf16 lora+ckpt"]
     try:
         import bitsandbytes  # noqa: F401
 
@@ -385,7 +385,11 @@ def test_gpu_check_smoke_runs_every_setting_on_the_cpu(capsys):
     except ImportError:
         pass
     rows = gpu_check.run(["tiny-llama"], settings, seq=64, batches=[1, 4], new_tokens=4, steps=1, device="cpu")
-    assert len(rows) == 2 * len(settings) + 2 * 2  # sft + dpo per setting; decode fp32/bf16 at 2 batches
+    # sft + dpo per setting (FSDP2: sft only); decode fp32/bf16 at 2 batches
+    assert len(rows) == 2 * len(settings) - 1 + 2 * 2
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the FSDP2 row's one-process group is gone again
     failed = [r for r in rows if r.tokens_per_s is None]
     assert not failed, failed
     assert all(r.tokens_per_s > 0 and r.peak_gb > 0 for r in rows)

@@ -255,7 +255,7 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
         c, r, margins = [], [], []
         from tqdm.auto import tqdm
 
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():  # the precision it trained in (as fit runs the loss)
             for batch in tqdm(eval_batches, desc="rm report", unit="batch", leave=False, dynamic_ncols=True):
                 rc, rr, mg = scores(m, batch)
                 c += rc.tolist()
