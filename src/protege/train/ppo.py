@@ -129,7 +129,8 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     per_mb = -(-config.rollout_prompts // config.minibatches)
     plan = [(b, e, m) for b in range(n_batches) for e in range(config.ppo_epochs) for m in range(config.minibatches)]
     if config.grad_accum != 1 or ctx.world != 1:
-        raise StageError("ppo: one minibatch is one optimizer step here; use grad_accum: 1 on one process")
+        raise StageError("ppo: each rollout minibatch is one optimizer step (PPO's update count), and fit would merge "
+                         "grad_accum x processes minibatches into one step; use grad_accum: 1 on one process")
     config_steps = len(plan) if config.max_steps is None else config.max_steps
     if config.max_steps is not None and config.max_steps > len(plan):
         raise StageError(f"ppo: max_steps {config.max_steps} exceeds the plan's {len(plan)} minibatch steps; "
