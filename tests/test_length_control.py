@@ -59,3 +59,16 @@ def test_every_pairwise_summary_carries_the_lc_rate_with_an_interval():
     lo, hi = s["lc_win_rate_ci"]
     assert 0 <= lo <= s["lc_win_rate"] <= hi <= 1 and s["length_coef"] > 0
     assert abs(s["lc_win_rate"] - 0.5) < abs(s["win_rate"] - 0.5) + 0.2  # length explains most of the wins here
+
+
+def test_the_lc_rate_comes_with_its_baseline_on_the_same_targets():
+    """A log-prob judge's probabilities are milder than its verdicts: on the same 16 prompts a verdict win rate
+    of 0.09 and a mean probability of 0.42 are both true, and LC must be read against the second (the Alpaca
+    recipe's run showed LC 0.42 beside a verdict rate of 0.09)."""
+    rows = [{"outcome": "loss", "verdicts": ["B", "A"], "length": [400, 400], "p_win": 0.4 + 0.01 * (i % 3)}
+            for i in range(14)]  # equal lengths: length explains nothing, so LC must equal its baseline
+    rows += [{"outcome": "win", "verdicts": ["A", "B"], "length": [400, 400], "p_win": 0.6} for _ in range(2)]
+    s = pairwise_summary(rows, iters=100)
+    assert s["win_rate"] == 2 / 16
+    assert abs(s["lc_raw_win_rate"] - sum(r["p_win"] for r in rows) / 16) < 1e-12
+    assert abs(s["lc_win_rate"] - s["lc_raw_win_rate"]) < 1e-3 and abs(s["lc_win_rate"] - s["win_rate"]) > 0.25

@@ -171,3 +171,11 @@ def test_an_input_inside_its_own_stage_folder_is_refused_before_anything_is_dele
     with pytest.raises(ConfigError, match=r"stage total: input .*numbers.txt lies inside the stage's own folder"):
         pipeline.run_recipe(pipeline.load_recipe(path, [f"total.src={own}"]))
     assert own.read_text() == "1 2 3\n"
+
+
+def test_set_reaches_a_stage_whose_name_has_a_hyphen(tmp_path):
+    """`--set sft-40.model=X` (docs/recipes/alpaca.md) was refused: override keys come back with `-` as `_`."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: probe\nstages:\n  - name: sample-40\n    kind: data.sample\n    config: {src: a.jsonl, n: 40}\n")
+    recipe = pipeline.load_recipe(path, ["sample-40.n=3"])
+    assert recipe.stages[0].config["n"] == 3

@@ -83,7 +83,10 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
         if key in Recipe.model_fields and key != "stages":
             setattr(recipe, key, value)
             continue
-        stage = next((s for s in recipe.stages if s.name == key), None)
+        # Override keys come back with `-` spelled `_` (`--max-new-tokens` is `max_new_tokens`), and stage
+        # names may hold either: `--set sft-40.model=X` names the stage `sft-40`.
+        stage = next((s for s in recipe.stages if s.name == key), None) or next(
+            (s for s in recipe.stages if s.name.replace("-", "_") == key), None)
         if stage is None or not isinstance(value, dict):
             raise ConfigError(f"--set {key}...: no stage named `{key}` (stages: {', '.join(names)})")
         stage.config = deep_merge(stage.config, value)

@@ -102,8 +102,10 @@ def _judge(args: argparse.Namespace) -> int:
               f"judge errors {s['error_rate']:.3f}")
         if "lc_win_rate" in s:
             lo, hi = s["lc_win_rate_ci"]
+            raw = s.get("lc_raw_win_rate")
             print(f"  length-controlled win rate {s['lc_win_rate']:.3f} [{lo:.3f}, {hi:.3f}] (AlpacaEval 2's GLM; "
-                  f"length coefficient {s['length_coef']:+.2f})")
+                  f"length coefficient {s['length_coef']:+.2f}"
+                  + (f"; {raw:.3f} on the same targets without the length term" if raw is not None else "") + ")")
     else:
         for name, m in s.items():
             lo, hi = m["mean_rating_ci"]

@@ -181,6 +181,9 @@ def pairwise_summary(rows: list[dict[str, Any]], iters: int = 1000, seed: int = 
 
     soft = [r["p_win"] if r.get("p_win") is not None else s for r, s in zip(ok, score)]
     out.update(lc_win_rate(soft, [r["length"][0] for r in ok], [r["length"][1] for r in ok], iters, seed))
+    # What the LC rate is to be compared with: the mean of the same targets, without the length term. A log-prob
+    # judge's probabilities are less extreme than its verdicts, so `win_rate` (verdicts) is not that baseline.
+    out["lc_raw_win_rate"] = sum(soft) / len(soft) if soft else float("nan")
     return out
 
 

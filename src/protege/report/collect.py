@@ -124,13 +124,14 @@ def _pairwise_vs(judges: list[dict], model: str, teacher: str) -> dict[str, Any]
         s = j["summary"]
         trusted = (j.get("trust") or {}).get("trustworthy")
         lc, lc_ci = s.get("lc_win_rate"), s.get("lc_win_rate_ci")  # absent in judge results written before it
+        lc_raw = s.get("lc_raw_win_rate")
         if j["models"][0] == model:
             return {"win_rate": s["win_rate"], "ci": s["win_rate_ci"], "n": s["n_judged"], "trusted": trusted,
-                    "lc": lc, "lc_ci": lc_ci}
+                    "lc": lc, "lc_ci": lc_ci, "lc_raw": lc_raw}
         lo, hi = s["win_rate_ci"]
         flip = (1 - lc_ci[1], 1 - lc_ci[0]) if lc_ci else None
         return {"win_rate": 1 - s["win_rate"], "ci": (1 - hi, 1 - lo), "n": s["n_judged"], "trusted": trusted,
-                "lc": None if lc is None else 1 - lc, "lc_ci": flip}
+                "lc": None if lc is None else 1 - lc, "lc_ci": flip, "lc_raw": None if lc_raw is None else 1 - lc_raw}
     return None
 
 

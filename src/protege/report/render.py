@@ -89,7 +89,9 @@ def _judge_cell(j: dict | None) -> str:
     lc = ""
     if j.get("lc") is not None and j.get("lc_ci") and j["lc"] == j["lc"]:  # absent or NaN (< 2 prompts): not shown
         llo, lhi = j["lc_ci"]
-        lc = f"<br>LC {_f(j['lc'])} <span class=ci>[{_f(llo, 2)}, {_f(lhi, 2)}] at equal length</span>"
+        raw = j.get("lc_raw")  # the same (probability) targets without the length term: what LC moves from
+        lc = (f"<br>LC {_f(j['lc'])} <span class=ci>[{_f(llo, 2)}, {_f(lhi, 2)}] at equal length"
+              + (f"; {_f(raw)} without the length term" if raw is not None else "") + "</span>")
     return f"{_f(j['win_rate'])} <span class=ci>[{_f(lo, 2)}, {_f(hi, 2)}] n={j['n']}</span>{flag}{lc}"
 
 
