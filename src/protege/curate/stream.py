@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ..records import Comparison, Conversation, Record
+from ..records import Comparison, Conversation, JsonlWriter, Record
 
 __all__ = ["CHUNK", "record_from_dict", "read_chunks", "RecordWriter", "merge_stats", "mapper", "resolve_workers"]
 
@@ -51,29 +51,10 @@ def read_chunks(path: str | Path, size: int | None = None) -> Iterator[list[Reco
         yield chunk
 
 
-class RecordWriter:
+def RecordWriter(path: str | Path) -> JsonlWriter:
     """Buffered JSONL of records or removal entries (a step's folder is complete only once its state.json is
     written, so these files need no per-line flush)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("w", encoding="utf-8")
-        self.written = 0
-
-    def write_all(self, items: Iterable[Record | dict[str, Any]]) -> None:
-        lines = [json.dumps(x.to_dict() if hasattr(x, "to_dict") else x, ensure_ascii=False) + "\n" for x in items]
-        self._fh.writelines(lines)
-        self.written += len(lines)
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> "RecordWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    return JsonlWriter(path, flush=False)
 
 
 def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
