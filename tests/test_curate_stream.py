@@ -75,3 +75,56 @@ def test_chunks_and_workers_do_not_change_the_output(tmp_path, monkeypatch, chun
     assert whole[0]["in"] + whole[0]["added"] == len(kept) + len(removed)
     hit = whole[3]["contamination"]
     assert hit["eval_sets"]["eval.jsonl"] == {"prompts": 3, "prompts_hit": 3}
+
+
+def test_lima_selection_keeps_the_best_of_each_prompt_cluster(tmp_path):
+    """Issue 30 (LIMA): quality and diversity. Three topics; the five best scores are all one topic's, so the
+    top 3 overall are one topic, while `top_k_diverse` keeps the best record of each topic."""
+    topics = {"cook": "how do I cook rice pasta soup beans in a pot", "space": "why do stars planets orbit the sun moon",
+              "code": "write a python function loop list sort code"}
+    rows, score = [], {"cook": 10.0, "space": 5.0, "code": 1.0}
+    for t, words in topics.items():
+        for j in range(5):
+            rows.append(conv(f"{words} question {j}", f"an answer about {t} number {j}", f"{t}{j}").to_dict()
+                        | {"meta": {"rm_score": score[t] - j * 0.1}})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def kept(**opts):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        run(CurateConfig(inputs=[str(src)], out_dir=str(out),
+                         steps=[{"step": "quality", "top_k_by": "rm_score", "top_k": 3, **opts}]))
+        return [json.loads(x)["id"] for x in (out / "records.jsonl").read_text().splitlines()]
+
+    assert kept() == ["cook0", "cook1", "cook2"]
+    assert kept(top_k_diverse=True) == ["cook0", "space0", "code0"]
+
+
+def test_score_step_writes_the_reward_models_score(tmp_path):
+    """Issue 30 (LIMA): `score` puts a reward model's score into meta for top_k_by, equal to train.rm.score."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from protege.chat import ChatFormat
+    from protege.train.rm import load_reward_model, score
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_labels=1, pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rng = random.Random(0)
+    rows = [conv(text(rng, 8), text(rng, 12), f"r{i}").to_dict() for i in range(7)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(CurateConfig(inputs=[str(src)], out_dir=str(tmp_path / "o"),
+                     steps=[{"step": "score", "model": str(tmp_path / "rm"), "batch_size": 3}]))
+    out = [json.loads(x) for x in (tmp_path / "o" / "records.jsonl").read_text().splitlines()]
+    model, t = load_reward_model(str(tmp_path / "rm"))
+    want = score(model, ChatFormat.from_tokenizer(t), [r["messages"][:-1] for r in rows],
+                 [r["messages"][-1]["content"] for r in rows])
+    got = [r["meta"]["rm_score"] for r in out]
+    assert got == pytest.approx(want, abs=1e-5) and len(set(got)) == len(got)

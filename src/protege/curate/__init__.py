@@ -6,8 +6,8 @@
 """
 
 from .config import (CleanStep, CurateConfig, DecontaminateStep, DedupStep, LanguageStep, MixStep, QualityStep,
-                     SourceMix, SplitStep, TagStep)
+                     ScoreStep, SourceMix, SplitStep, TagStep)
 from .pipeline import run
 
 __all__ = ["CurateConfig", "run", "CleanStep", "SplitStep", "DedupStep", "LanguageStep", "QualityStep",
-           "DecontaminateStep", "MixStep", "SourceMix", "TagStep"]
+           "DecontaminateStep", "MixStep", "SourceMix", "TagStep", "ScoreStep"]

@@ -26,7 +26,7 @@ from ..config import StageConfig
 
 __all__ = [
     "CurateConfig", "CleanStep", "SplitStep", "DedupStep", "LanguageStep", "QualityStep",
-    "DecontaminateStep", "MixStep", "SourceMix", "TagStep", "Step", "STEP_KINDS",
+    "DecontaminateStep", "MixStep", "SourceMix", "TagStep", "ScoreStep", "Step", "STEP_KINDS",
 ]
 
 DEFAULT_TEACHER_PHRASES = [
@@ -121,6 +121,9 @@ class QualityStep(_Step):
                                  "the model never to end its turn")
     top_k_by: str | None = Field(None, description="meta key of a score (reward model / judge) for LIMA-style top-k selection")
     top_k: int | None = Field(None, gt=0, description="keep this many best-scoring records (records without a score rank last)")
+    top_k_diverse: bool = Field(False, description="LIMA: cluster the records by their first user turn into top_k "
+                                                   "groups and keep the best-scoring one of each (quality and "
+                                                   "diversity) instead of the top_k best overall")
 
 
 class DecontaminateStep(_Step):
@@ -149,6 +152,14 @@ class MixStep(_Step):
     shuffle: bool = Field(True, description="shuffle the mixed output (seeded)")
 
 
+class ScoreStep(_Step):
+    step: Literal["score"] = "score"
+    model: str = Field(..., description="reward model folder written by `protege train rm` (or an HF sequence classifier)")
+    key: str = Field("rm_score", description="meta key the score is written to (what quality.top_k_by reads)")
+    batch_size: int = Field(8, gt=0, description="conversations scored together")
+    max_length: int = Field(1024, gt=0, description="tokens kept per conversation (from the end)")
+
+
 class TagStep(_Step):
     step: Literal["tag"] = "tag"
     positive: str = Field("<|good|>", description="marker for chosen responses (use it at inference)")
@@ -158,7 +169,8 @@ class TagStep(_Step):
     conversations: Literal["none", "positive"] = Field("none", description="mark plain conversations too (as positive)")
 
 
-Step = Annotated[Union[CleanStep, SplitStep, DedupStep, LanguageStep, QualityStep, DecontaminateStep, MixStep, TagStep],
+Step = Annotated[Union[CleanStep, SplitStep, DedupStep, LanguageStep, QualityStep, DecontaminateStep, MixStep, TagStep,
+                       ScoreStep],
                  Field(discriminator="step")]
 STEP_KINDS: tuple[str, ...] = tuple(c.model_fields["step"].default for c in get_args(get_args(Step)[0]))  # in order
 

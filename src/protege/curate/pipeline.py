@@ -33,7 +33,7 @@ from ..files import atomic_write_json
 from ..manifest import write_manifest
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
-from . import clean, decontam, dedup, langid, mix, quality, split, tag
+from . import clean, decontam, dedup, langid, mix, quality, score, split, tag
 from .common import StepResult, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
 from .read import UNCHECKED, IdRenamer, read_inputs
@@ -45,6 +45,7 @@ __all__ = ["run", "Context", "LengthHistogram"]
 APPLY: dict[str, Callable[..., StepResult]] = {
     "clean": clean.apply, "split": split.apply, "dedup": dedup.apply, "language": langid.apply,
     "quality": quality.apply, "decontaminate": decontam.apply, "mix": mix.apply, "tag": tag.apply,
+    "score": score.apply,
 }
 assert set(APPLY) == set(STEP_KINDS), "every step kind of curate/config.py needs its apply function here"
 LENGTH_BINS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
