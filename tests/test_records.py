@@ -51,7 +51,6 @@ def test_comparison_round_trip(tmp_path):
 
 
 def _planted_file(tmp_path):
-    lines = [json.dumps(GOOD)] * 3
     bad = {
         2: "{not json",
         4: json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
