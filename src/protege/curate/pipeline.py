@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..config import save_config
 from ..errors import StageError
@@ -38,7 +38,7 @@ from .common import StepResult, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
 from .read import UNCHECKED, IdRenamer, read_inputs
 from . import stream
-from .stream import RecordWriter, mapper, merge_stats, read_chunks, resolve_workers
+from .stream import RecordWriter, chunked, mapper, merge_stats, read_chunks, resolve_workers
 
 __all__ = ["run", "Context", "LengthHistogram"]
 
@@ -114,17 +114,12 @@ def _validate(records: list[Record]) -> tuple[list[Record], list[dict[str, Any]]
 _WORKER_CTX: dict[int, Context] = {}  # per process: tokenizers load once per worker, not once per chunk
 
 
-def _apply_chunk(task: tuple[str, Any, int, list[Record], bool]) -> tuple[StepResult, list[dict[str, Any]]]:
-    """One step on one chunk (in a worker process, or in this one), then validation when asked."""
-    kind, opts, seed, chunk, validate = task
-    ctx = _WORKER_CTX.setdefault(seed, Context(seed=seed))
-    result = APPLY[kind](chunk, opts, ctx)
-    for entry in result.removed:
-        entry["step"] = kind
-    bad: list[dict[str, Any]] = []
-    if validate:
-        result.kept, bad = _validate(result.kept)
-    return result, bad
+def _apply_chunk(task: tuple[str, Any, int, list[Record]]) -> StepResult:
+    """One step on one chunk (in a worker process, or in this one), its removals stamped with the step."""
+    kind, opts, seed, chunk = task
+    result = APPLY[kind](chunk, opts, _WORKER_CTX.setdefault(seed, Context(seed=seed)))
+    _stamped(result.removed, kind)
+    return result
 
 
 def _finish_stats(kind: str, stats: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
@@ -149,10 +144,9 @@ def _run_step(opts: Any, src: Path, folder: Path, cfg: CurateConfig, validate: b
     reasons: Counter = Counter()
     with RecordWriter(folder / "kept.jsonl") as kept_w, RecordWriter(folder / "removed.jsonl") as removed_w, \
             RecordWriter(folder / "validate.jsonl") as bad_w:
-        def emit(kept: list[Record], removed: list[dict[str, Any]], bad: list[dict[str, Any]] | None = None) -> None:
+        def emit(kept: list[Record], removed: list[dict[str, Any]]) -> None:
             nonlocal n_bad
-            if bad is None:  # dedup's chunks: not validated by _apply_chunk
-                kept, bad = _validate(kept) if validate else (kept, [])
+            kept, bad = _validate(kept) if validate else (kept, [])
             kept_w.write_all(kept)
             removed_w.write_all(removed)
             bad_w.write_all(bad)
@@ -173,14 +167,13 @@ def _run_step(opts: Any, src: Path, folder: Path, cfg: CurateConfig, validate: b
                 stats = dedup.run(twice, opts, Context(seed=cfg.seed), lambda k, r: emit(k, _stamped(r, "dedup")),
                                   map_fn)
             elif _in_memory(opts):
-                records = [r for chunk in counted() for r in chunk]
-                result, bad = _apply_chunk((opts.step, opts, cfg.seed, records, validate))
-                emit(result.kept, result.removed, bad)
+                result = _apply_chunk((opts.step, opts, cfg.seed, [r for chunk in counted() for r in chunk]))
+                emit(result.kept, result.removed)
                 stats, added = result.stats, result.added
             else:
-                tasks = ((opts.step, opts, cfg.seed, chunk, validate) for chunk in counted())
-                for result, bad in map_fn(_apply_chunk, tasks):
-                    emit(result.kept, result.removed, bad)
+                tasks = ((opts.step, opts, cfg.seed, chunk) for chunk in counted())
+                for result in map_fn(_apply_chunk, tasks):
+                    emit(result.kept, result.removed)
                     first = result.stats if first is None else first
                     stats, added = merge_stats(stats, result.stats), added + result.added
     stats = _finish_stats(opts.step, stats, first or {})
@@ -219,27 +212,23 @@ def _read(cfg: CurateConfig, folder: Path) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     ids, lengths = IdRenamer(), LengthHistogram()
     per_source: Counter = Counter()
-    unreadable = 0
+    unreadable: Counter = Counter()  # by source; listed after the readable ones, as the card shows them
     with RecordWriter(folder / "kept.jsonl") as kept_w, RecordWriter(folder / "removed.jsonl") as removed_w:
-        chunk: list[Record] = []
-        for rec, entry in read_inputs(cfg, ids):
-            if entry is not None:
-                removed_w.write_all([entry])
-                unreadable += 1
-                continue
-            chunk.append(rec)
-            if len(chunk) >= stream.CHUNK:
-                kept_w.write_all(chunk)
-                lengths.add(chunk)
-                per_source.update(r.source for r in chunk)
-                chunk = []
-        kept_w.write_all(chunk)
-        lengths.add(chunk)
-        per_source.update(r.source for r in chunk)
-    for entry in (json.loads(x) for x in (folder / "removed.jsonl").read_text(encoding="utf-8").splitlines()):
-        per_source[entry["source"]] += 1
-    return {"records": kept_w.written + unreadable, "per_source": dict(per_source), "unreadable": unreadable,
-            "lengths": lengths.result(), "renamed_ids": ids.renamed}
+        def readable() -> Iterator[Record]:
+            for rec, entry in read_inputs(cfg, ids):
+                if entry is None:
+                    yield rec
+                else:
+                    removed_w.write_all([entry])
+                    unreadable[entry["source"]] += 1
+
+        for chunk in chunked(readable(), stream.CHUNK):
+            kept_w.write_all(chunk)
+            lengths.add(chunk)
+            per_source.update(r.source for r in chunk)
+    n_unreadable = sum(unreadable.values())
+    return {"records": kept_w.written + n_unreadable, "per_source": dict(per_source + unreadable),
+            "unreadable": n_unreadable, "lengths": lengths.result(), "renamed_ids": ids.renamed}
 
 
 def _folders(cfg: CurateConfig, work: Path) -> list[Path]:

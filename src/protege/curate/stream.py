@@ -14,6 +14,7 @@ would take (see docs/architecture.md).
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..records import Comparison, Conversation, JsonlWriter, Record
 
-__all__ = ["CHUNK", "record_from_dict", "read_chunks", "RecordWriter", "merge_stats", "mapper", "resolve_workers"]
+__all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper", "resolve_workers"]
 
 CHUNK = 5000  # records per chunk: large enough to amortise a worker round trip, small enough to bound memory
 
@@ -36,19 +37,17 @@ def record_from_dict(obj: dict[str, Any]) -> Record:
     return Conversation(obj["messages"], obj["id"], obj["source"], obj["meta"])
 
 
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of `size` items (the last one shorter), lazily (`itertools.batched` from Python 3.12)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
 def read_chunks(path: str | Path, size: int | None = None) -> Iterator[list[Record]]:
     """The records of a file curate wrote, `size` (default CHUNK) at a time."""
-    size = size or CHUNK
-    chunk: list[Record] = []
     with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                chunk.append(record_from_dict(json.loads(line)))
-                if len(chunk) >= size:
-                    yield chunk
-                    chunk = []
-    if chunk:
-        yield chunk
+        yield from chunked((record_from_dict(json.loads(line)) for line in fh if line.strip()), size or CHUNK)
 
 
 def RecordWriter(path: str | Path) -> JsonlWriter:

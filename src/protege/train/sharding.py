@@ -30,9 +30,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import StageError
+from .state import checkpoint_dirs, prune_checkpoints, trainable_state
 
 __all__ = ["is_sharded", "enable_fsdp_on_cpu", "refuse_unsupported_sharding", "prepare_module",
-           "shard", "full_trainable_state", "gather_trained", "save_sharded_checkpoint", "load_sharded_checkpoint", "SHARDED_FORMAT"]
+           "shard", "gather_trained", "save_sharded_checkpoint", "load_sharded_checkpoint", "SHARDED_FORMAT"]
 
 SHARDED_FORMAT = "accelerate-fsdp2"
 
@@ -123,21 +124,6 @@ def shard(accelerator: Any, module: torch.nn.Module, optimizer: Any) -> tuple[An
     return module, optimizer
 
 
-def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> full CPU tensor of every trainable parameter. Under FSDP2 each shard is all-gathered, so every
-    rank must call this, in the same order (named_parameters is)."""
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            if isinstance(t, DTensor):
-                t = t.full_tensor()
-            out[n] = t.cpu().contiguous()
-    return out
-
-
 def gather_trained(accelerator: Any, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The trained model as a plain module on the main process (every rank must call this).
 
@@ -146,7 +132,7 @@ def gather_trained(accelerator: Any, model: torch.nn.Module, build: Callable[[],
     weights; frozen weights are the base's own. Other ranks get `model` back and must not use it alone."""
     if not is_sharded(accelerator):
         return model
-    trained = full_trainable_state(model)
+    trained = trainable_state(model)
     plain = build() if accelerator.is_main_process else model
     if accelerator.is_main_process:
         params = dict(plain.named_parameters())
@@ -164,8 +150,7 @@ def save_sharded_checkpoint(accelerator: Any, ckpt_root: Path, step: int, schedu
                             keep: int) -> Path:
     """accelerate's sharded state of every rank in `ckpt_root/step-N/`, written under a temporary name and
     renamed by the main process once all ranks are done (a kill leaves the previous checkpoint intact)."""
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    final, tmp = checkpoint_dirs(ckpt_root, step)
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,18 +164,14 @@ def save_sharded_checkpoint(accelerator: Any, ckpt_root: Path, step: int, schedu
                                                     "processes": accelerator.num_processes}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(ckpt_root, keep)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_sharded_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> dict[str, Any]:
     """Restore what `save_sharded_checkpoint` wrote (every rank calls); return its state.json."""
-    state = json.loads((path / "state.json").read_text())
-    if state.get("format") != SHARDED_FORMAT:
-        raise StageError(f"{path}: this checkpoint was written without FSDP; resume it under the accelerate "
-                         "config it was trained with, or start over with resume=no")
+    state = json.loads((path / "state.json").read_text())  # fit's fingerprint check already matched `sharding`
     accelerator.load_state(str(path))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
     return state

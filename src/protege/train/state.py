@@ -21,7 +21,8 @@ import torch
 
 from ..files import atomic_dir, atomic_write_text, tolerant_jsonl
 
-__all__ = ["set_seed", "make_optimizer", "lr_lambda", "make_scheduler", "trainable_state", "save_checkpoint",
+__all__ = ["set_seed", "make_optimizer", "lr_lambda", "make_scheduler", "trainable_state", "checkpoint_dirs",
+           "prune_checkpoints", "save_checkpoint",
            "load_checkpoint", "latest_checkpoint", "MetricsLogger", "peak_rss_mb"]
 
 
@@ -68,8 +69,31 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor of every parameter that trains (LoRA matrices, or everything in full fine-tuning)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Name -> full CPU tensor of every parameter that trains (LoRA matrices, or everything in full fine-tuning).
+
+    Under FSDP2 the parameters are DTensor shards and each is all-gathered here, so every rank must call this,
+    in the same order (named_parameters is)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
+    return out
+
+
+def checkpoint_dirs(ckpt_root: str | Path, step: int) -> tuple[Path, Path]:
+    """(`ckpt_root/step-N`, the temporary folder it is written in first). The temporary name must not match
+    `step-*` (latest_checkpoint's glob) if a kill leaves it behind."""
+    root = Path(ckpt_root)
+    return root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in sorted(p for p in Path(ckpt_root).glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -77,10 +101,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
     """Write `ckpt_root/step-N/` atomically and keep only the newest `keep` checkpoints."""
     from safetensors.torch import save_file
 
-    root = Path(ckpt_root)
-    final = root / f"step-{step:08d}"
-    # The work folder's name must not match `step-*` (latest_checkpoint's glob) if a kill leaves it behind.
-    with atomic_dir(final, tmp=root / f".tmp-step-{step:08d}") as tmp:
+    final, work = checkpoint_dirs(ckpt_root, step)
+    with atomic_dir(final, tmp=work) as tmp:
         tensors = trainable_state(model)
         # safetensors refuses shared storage (tied weights in full fine-tuning); clone breaks the sharing.
         save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
@@ -88,8 +110,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": _py_rng_to_json()},
                                                    indent=2))
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(ckpt_root, keep)
     return final
 
 
