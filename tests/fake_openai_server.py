@@ -201,6 +201,8 @@ async def _answer(body: dict, path: str, args: argparse.Namespace, rng: random.R
     if path.endswith("/chat/completions"):
         last = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
         content = _scripted(body["messages"], body.get("seed")) if model == "scripted" else f"echo: {last}"
+        if model == "grader":  # a single-answer judge: a deterministic 1-10 grade from the prompt's length
+            content = f"Rating: {len(last) % 10 + 1}\nGraded by length."
         if model == "always-a":  # a judge with nothing but position bias
             content = "Verdict: A\nIt is better."
         if model == "prefers-heads":  # a judge with a content preference: the answer that says Heads

@@ -168,6 +168,7 @@ def test_judge_stage_pairwise_and_single(tmp_path, monkeypatch):
 
 
 def test_read_prompts_formats_and_errors(tmp_path):
+    from protege.errors import RecordError
     from protege.evaluate.answer import read_prompts
 
     f = tmp_path / "p.jsonl"
@@ -177,10 +178,10 @@ def test_read_prompts_formats_and_errors(tmp_path):
     rows = read_prompts(f)
     assert rows[0]["id"] == "81" and rows[0]["turns"] == ["a", "b"] and rows[2]["reference"] == ["r"]
     f.write_text('{"turns": []}\n')
-    with pytest.raises(StageError, match="p.jsonl:1"):
+    with pytest.raises(RecordError, match="p.jsonl:1"):
         read_prompts(f)
     f.write_text('{"nothing": 1}\n')
-    with pytest.raises(StageError, match="turns"):
+    with pytest.raises(RecordError, match="turns"):
         read_prompts(f)
 
 

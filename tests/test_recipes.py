@@ -56,8 +56,15 @@ def _cut_down(recipe, tiny: str, teacher_url: str, generators: dict[str, list[st
             sets += [f"{spec.name}.limit=2"] + ([f"{spec.name}.model={tiny}"] if local else [])
         elif spec.kind == "eval.answer":
             sets += [f"{spec.name}.limit=3", f"{spec.name}.max_new_tokens=8"] + ([f"{spec.name}.model={tiny}"] if local else [])
+        elif spec.kind == "eval.judge" and spec.config.get("mode") == "single":  # two-turn grading prompts are
+            sets += [f"{spec.name}.judge.backend=openai", f"{spec.name}.judge.model=grader",  # longer than the tiny
+                     f"{spec.name}.judge.base_url={teacher_url}", f"{spec.name}.limit=2",  # model's 512 positions
+                     f"{spec.name}.calibration=2"]
         elif spec.kind == "eval.judge":
             sets += [f"{spec.name}.judge.model={tiny}", f"{spec.name}.limit=2", f"{spec.name}.calibration=2"]
+        elif spec.kind == "curate":  # steps that load a tokenizer (split) count with the tiny model's
+            sets += [f"{spec.name}.steps.{i}.model={tiny}" for i, step in enumerate(spec.config.get("steps", []))
+                     if isinstance(step, dict) and "model" in step]
     return sets
 
 
@@ -65,6 +72,7 @@ def _cut_down(recipe, tiny: str, teacher_url: str, generators: dict[str, list[st
 @pytest.mark.parametrize("name,generators,students", [
     ("alpaca", {"selfinstruct": ["selfinstruct.n=6"]}, ["student-40", "student-all"]),
     ("instruct", {"selfchat": ["selfchat.n=4"], "distill": ["distill.limit=4"]}, ["selfchat", "distill"]),
+    ("vicuna", {"conversations": ["conversations.limit=4"]}, ["vicuna", "turn 2"]),
 ])
 def test_recipes_run_end_to_end_cut_down(tmp_path, tiny_llama_dir, monkeypatch, name, generators, students):
     """Issue 30: every stage of a seed recipe, wired as shipped, on a scripted OpenAI teacher (loopback) and

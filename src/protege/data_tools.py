@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .config import StageConfig
 from .errors import StageError
 from .files import atomic_path
 from .outputs import publish, refuse_clobber
-from .formats import iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
+from .formats import FORMATS, iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
 from .records import RecordError
 from .records import Comparison, Conversation, JsonlWriter, read_records
 
-__all__ = ["convert", "stats", "SampleConfig", "run_sample"]
+__all__ = ["convert", "stats", "ConvertConfig", "run_convert", "SampleConfig", "run_sample"]
 
 _WRITERS = {"alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai, "trl": to_trl,
             "protege": lambda r: r.to_dict()}
@@ -99,6 +99,39 @@ def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
         for role in messages
     }
     return out
+
+
+class ConvertConfig(StageConfig):
+    src: str = Field(..., description="file or folder to convert (JSONL/JSON; format detected unless `from_format`)")
+    from_format: str = Field("auto", description="input format: auto, alpaca, sharegpt, openai, protege, prompt, "
+                             "or a preference format (hh, trl, ...)")
+    to_format: Literal["protege", "alpaca", "sharegpt", "openai", "trl"] = Field("protege", description="output format")
+    out_dir: str = Field("runs/convert", description="output folder (records.jsonl + manifest.json)")
+
+    @field_validator("from_format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ("auto", *FORMATS):
+            raise ValueError(f"unknown format {value!r} (known: auto, {', '.join(FORMATS)})")
+        return value
+
+
+def run_convert(config: ConvertConfig) -> dict[str, Any]:
+    """`protege data convert` as a recipe stage: a user's file in, one validated JSONL out (file:line errors)."""
+    import time
+
+    from .manifest import write_manifest
+
+    refuse_clobber([config.src], [config.out_dir], "data.convert")
+    Path(config.out_dir).mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    skipped: dict[str, int] = {}
+    with publish(config.out_dir) as staged:
+        n = convert(config.src, staged / "records.jsonl", config.from_format, config.to_format, skipped)
+        counts = {"records": n, **{f"skipped_{k}": v for k, v in skipped.items()}}
+        write_manifest(staged, "data.convert", config, inputs=[config.src],
+                       outputs=[Path(config.out_dir) / "records.jsonl"], counts=counts, seconds=time.perf_counter() - t0)
+    return counts
 
 
 class SampleConfig(StageConfig):

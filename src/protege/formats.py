@@ -15,12 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from .files import json_lines
+from .files import json_lines, jsonl_rows
 from .preference_formats import PREFERENCE_FORMATS, convert_preference, detect_preference_format
 from .records import (ROLE_ALIASES, Comparison, Conversation, MissingSource, Record, RecordError, SkipRecord,
                       check_file, check_messages, parse_record, record_id)
 
 __all__ = [
+    "is_question_file",
+    "read_questions",
     "FORMATS",
     "from_alpaca",
     "to_alpaca",
@@ -294,4 +296,48 @@ def to_trl(rec: Record) -> dict[str, Any]:
     out: dict[str, Any] = {"id": rec.id, "prompt": rec.prompt, "chosen": [rec.chosen], "rejected": [rec.rejected]}
     if rec.margin is not None:
         out["margin"] = rec.margin
+    return out
+
+
+def _question_turns(row: dict[str, Any], path: Path, line: int) -> list[str]:
+    if isinstance(row.get("turns"), list):
+        turns = row["turns"]
+    elif isinstance(row.get("messages"), list):
+        turns = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    elif "prompt" in row:
+        turns = [row["prompt"]]
+    else:
+        raise RecordError("expected `turns` (MT-bench), `messages` or `prompt`", str(path), line)
+    if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise RecordError("every turn must be a non-empty string", str(path), line)
+    return turns
+
+
+def is_question_file(path: str | Path) -> bool:
+    """True for a JSONL file whose first record has FastChat's `turns` list (a question file, not records)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".jsonl":
+        return False
+    for _, row in jsonl_rows(p):
+        return isinstance(row, dict) and isinstance(row.get("turns"), list)
+    return False
+
+
+def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """A prompt set -> [{"id", "category", "turns", "reference"}], one row per line of JSONL:
+
+    - FastChat / MT-bench `question.jsonl`: {"question_id", "category", "turns": [str, ...], "reference"?}
+    - protege conversations: {"id", "messages"} (the user turns are asked; assistant turns are ignored)
+    - simple: {"id"?, "prompt": str, "reference"?}
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingSource(f"prompt file {path} not found")
+    out = []
+    for n, row in jsonl_rows(path):
+        ref = row.get("reference")
+        out.append({"id": str(row.get("question_id", row.get("id", n))), "category": row.get("category", ""),
+                    "turns": _question_turns(row, path, n), "reference": [ref] if isinstance(ref, str) else ref})
+        if limit is not None and len(out) >= limit:
+            break
     return out

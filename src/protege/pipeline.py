@@ -93,19 +93,22 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str) -> Any:
+def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str, skipped: list[str] = ()) -> Any:
     if isinstance(value, str):
         def repl(m: re.Match) -> str:
             name = m.group(1)
+            if name in skipped:
+                raise ConfigError(f"{where}: reads `${{{name}}}`, which --skip leaves out; point it at your own "
+                                  f"file with --set (e.g. --set {where.rsplit(' ', 1)[-1]}.KEY=PATH)")
             if name not in dirs:
                 raise ConfigError(f"{where}: `${{{name}}}` does not name an earlier stage (earlier: {', '.join(dirs) or 'none'})")
             refs.add(name)
             return str(dirs[name])
         return _REF.sub(repl, value)
     if isinstance(value, list):
-        return [_substitute(v, dirs, refs, where) for v in value]
+        return [_substitute(v, dirs, refs, where, skipped) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, dirs, refs, where) for k, v in value.items()}
+        return {k: _substitute(v, dirs, refs, where, skipped) for k, v in value.items()}
     return value
 
 
@@ -164,10 +167,14 @@ def _stage_config(config_cls: type[StageConfig], resolved: dict[str, Any], stage
 
 
 def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None = None,
-               dry_run: bool = False) -> list[dict[str, Any]]:
-    """Run (or skip) every stage; return one summary row per stage. `dry_run` only validates and plans."""
+               dry_run: bool = False, skip: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run (or skip) every stage; return one summary row per stage. `dry_run` only validates and plans.
+
+    `skip` leaves stages out altogether (the user brings what they would make, e.g. their own ShareGPT file
+    in place of a teacher's): a later stage that still reads a skipped one is refused before anything runs."""
     names = [s.name for s in recipe.stages]
-    for flag, value in (("--from", from_stage), ("--only", only)):
+    skip = list(skip or [])
+    for flag, value in (("--from", from_stage), ("--only", only), *(("--skip", s) for s in skip)):
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
     run_dir = Path(recipe.runs_dir) / recipe.name
@@ -183,9 +190,12 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
         stage_dir = run_dir / f"{index:02d}-{spec.name}"
         if not inside(stage_dir, run_dir) or stage_dir.is_symlink():
             raise ConfigError(f"recipe {recipe.name}: stage folder {stage_dir} is not inside {run_dir}")
+        if spec.name in skip:
+            rows.append(_row(spec, "left out", stage_dir))
+            continue
         refs: set[str] = set()
         where = f"recipe {recipe.name}, stage {spec.name}"
-        resolved = _substitute(spec.config, dirs, refs, where)
+        resolved = _substitute(spec.config, dirs, refs, where, skip)
         dirs[spec.name] = stage_dir
         config_cls, run_fn = stage_kind(spec.kind)
         config = _stage_config(config_cls, resolved, stage_dir, where)

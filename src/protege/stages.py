@@ -25,6 +25,8 @@ class StageKind(NamedTuple):
 
 STAGE_KINDS: dict[str, StageKind] = {
     "pull": StageKind("protege.models.pull:PullConfig:run_pull", "fetch + verify + convert built-in models"),
+    "data.convert": StageKind("protege.data_tools:ConvertConfig:run_convert",
+                              "a user's file (Alpaca, ShareGPT, OpenAI, HH, TRL, ...) into one validated JSONL"),
     "data.sample": StageKind("protege.data_tools:SampleConfig:run_sample", "a seeded sample of a record file (+ the rest)"),
     "generate.self-instruct": StageKind(
         "protege.generate.selfinstruct:SelfInstructConfig:run",
@@ -72,7 +74,7 @@ STAGE_KINDS: dict[str, StageKind] = {
 
 # Kinds that stage their outputs and publish them with the manifest last (`outputs.publish`): their
 # previous outputs, manifest included, stay valid until the new ones are complete.
-PUBLISHED = frozenset({"curate", "data.sample"})
+PUBLISHED = frozenset({"curate", "data.convert", "data.sample"})
 
 
 def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:

@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
     p.add_argument("--from", dest="from_stage", default=None, help="rerun this stage and every later one")
     p.add_argument("--only", default=None, help="run only this stage")
+    p.add_argument("--skip", default=None, metavar="STAGE[,STAGE...]",
+                   help="leave these stages out (bring your own data in their place with --set)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE.KEY=VALUE",
                    help="override a stage's config (repeatable), e.g. --set sft.max_steps=10")
     p.add_argument("--dry-run", action="store_true", help="validate every stage's config and show what would run")
@@ -27,7 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..pipeline import format_summary, load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe, args.sets)
-    rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run)
+    rows = run_recipe(recipe, from_stage=args.from_stage, only=args.only, dry_run=args.dry_run,
+                      skip=[s for s in (args.skip or "").split(",") if s])
     print(format_summary(rows))
     if not args.dry_run:
         _print_next_steps(rows)

@@ -29,7 +29,8 @@ from ..errors import StageError
 from ..manifest import write_manifest
 from ..records import write_records
 from ..teachers import TeacherConfig
-from ..files import jsonl_rows, read_jsonl
+from ..files import read_jsonl
+from ..formats import read_questions as read_prompts
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 
@@ -60,35 +61,6 @@ class AnswerConfig(StageConfig):
     teacher_answers: str | None = Field(None, description="held-out answers of the teacher (answers.jsonl or its "
                                         "folder): their per-token NLL under this model is written to "
                                         "teacher_nll.json (teacher-likeness; local torch models only)")
-
-
-def _turns(row: dict[str, Any], where: str) -> list[str]:
-    if isinstance(row.get("turns"), list):
-        turns = row["turns"]
-    elif isinstance(row.get("messages"), list):
-        turns = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
-    elif "prompt" in row:
-        turns = [row["prompt"]]
-    else:
-        raise StageError(f"{where}: expected `turns` (MT-bench), `messages` or `prompt`")
-    if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise StageError(f"{where}: every turn must be a non-empty string")
-    return turns
-
-
-def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Prompt set -> [{"id", "category", "turns", "reference"}] (see module docstring)."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"prompt file {path} not found")
-    out = []
-    for n, row in jsonl_rows(path):
-        ref = row.get("reference")
-        out.append({"id": str(row.get("question_id", row.get("id", n))), "category": row.get("category", ""),
-                    "turns": _turns(row, f"{path}:{n}"), "reference": [ref] if isinstance(ref, str) else ref})
-        if limit is not None and len(out) >= limit:
-            break
-    return out
 
 
 def read_answers(path: str | Path) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
-from ..formats import iter_source
+from ..formats import is_question_file, iter_source, read_questions
 from ..manifest import Timer
 from ..records import Comparison, Conversation
 from ..teachers import Teacher, TeacherConfig
@@ -29,7 +29,8 @@ __all__ = ["DistillConfig", "answer_turn_by_turn", "load_prompts", "run"]
 
 class DistillConfig(StageConfig):
     prompts: str | None = Field(None, description="prompt records: .jsonl/.json (protege, Alpaca, ShareGPT, OpenAI), .parquet/.csv or a dataset")
-    prompts_format: str = Field("auto", description="format of `prompts`: auto, protege, alpaca, sharegpt, openai, prompt (TRL prompt-only)")
+    prompts_format: str = Field("auto", description="format of `prompts`: auto, protege, alpaca, sharegpt, openai, prompt (TRL prompt-only), "
+                                "questions (FastChat/MT-bench `turns`: every turn is asked, the teacher's answers in between)")
     out_dir: str = Field("runs/distill", description="where records.jsonl, manifest.json and the teacher cache go")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="who answers")
     system_prompt: str | None = Field(None, description="system message added to prompts that have none")
@@ -45,6 +46,10 @@ def load_prompts(path: str | None, fmt: str, limit: int = 0) -> list[tuple[str, 
     """(id, source, prompt messages: optional system + user turns, meta) for every record of `path`."""
     if not path:
         raise StageError("no prompt set: set `prompts` to a records file (e.g. --prompts=prompts.jsonl)")
+    if fmt == "questions" or (fmt == "auto" and is_question_file(path)):  # FastChat question.jsonl: user turns only
+        rows = read_questions(path, limit or None)
+        return [(r["id"], "questions", [{"role": "user", "content": t} for t in r["turns"]],
+                 {"category": r["category"]} if r["category"] else {}) for r in rows]
     out = []
     for rec in iter_source(path, fmt):
         msgs = rec.prompt if isinstance(rec, Comparison) else rec.messages

@@ -181,7 +181,7 @@ def judge_section(judges: list[dict]) -> str:
                        "<th>longer answer wins</th><th>judge errors</th><th>judged</th></tr>"
                        f"<tr>{cells}<td>{_f(s['position_consistency'])}</td><td>{_f(s['first_position_rate'])}</td>"
                        f"<td>{_f(s['length_bias'])}</td><td>{_f(s['error_rate'])}</td>"
-                       f"<td>{s['n_judged']}/{s['n']}</td></tr></table>" + _calibration_html(j))
+                       f"<td>{s['n_judged']}/{s['n']}</td></tr></table>" + _breakdown_html(j) + _calibration_html(j))
         else:
             rows = "".join(f"<tr><td class=name>{e(m)}</td><td>{_f(v['mean_rating'], 2)} <span class=ci>"
                            f"[{_f(v['mean_rating_ci'][0], 2)}, {_f(v['mean_rating_ci'][1], 2)}]</span></td>"
@@ -189,8 +189,40 @@ def judge_section(judges: list[dict]) -> str:
                            for m, v in s.items())
             out.append(f"<h3>{j['mode']} grading 1–10 (judge: {e(j['judge'])})</h3><table><tr><th class=name>model"
                        "</th><th>mean rating</th><th>length–rating correlation</th><th>judge errors</th></tr>"
-                       f"{rows}</table>" + _calibration_html(j))
+                       f"{rows}</table>" + _breakdown_html(j) + _calibration_html(j))
     return "\n".join(out) or "<p>No judge results given.</p>"
+
+
+def breakdown(j: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """MT-bench's per-turn and per-category view of one judge result: (header, rows).
+
+    Single grading: a row per model, mean 1-10 grade per turn (turn 0 = the whole dialogue) and per
+    category. Pairwise: one row, the first model's win rate (ties half) per category. Empty when the
+    prompt set had no categories and one turn."""
+    s = j["summary"]
+    if j["mode"] == "pairwise":
+        per = s.get("per_category") or {}
+        if len(per) < 2:
+            return [], []
+        cats = sorted(per)
+        return (["models", *cats], [[" vs ".join(j["models"]), *[f"{_f(per[c]['mean'], 2)} (n={per[c]['n']})" for c in cats]]])
+    turns = sorted({t for v in s.values() for t in (v.get("per_turn") or {})}, key=int)
+    cats = sorted({c for v in s.values() for c in (v.get("per_category") or {}) if c})
+    if len(turns) < 2 and not cats:
+        return [], []
+    head = ["model", *[f"turn {t}" for t in turns if t != "0"], *cats]
+    rows = [[m, *[_f((v.get("per_turn") or {}).get(t, {}).get("mean"), 2) for t in turns if t != "0"],
+             *[_f((v.get("per_category") or {}).get(c, {}).get("mean"), 2) for c in cats]] for m, v in s.items()]
+    return head, rows
+
+
+def _breakdown_html(j: dict[str, Any]) -> str:
+    head, rows = breakdown(j)
+    if not rows:
+        return ""
+    what = "win rate per category" if j["mode"] == "pairwise" else "mean grade per turn and per category"
+    return (f"<p>{what}:</p><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
 
 
 def _calibration_html(j: dict[str, Any]) -> str:
@@ -300,6 +332,14 @@ def markdown(title: str, t: dict[str, Any], judges: list[dict]) -> str:
                       f"win {_f(s['win'])} tie {_f(s['tie'])} loss {_f(s['loss'])}; position consistency "
                       f"{_f(s['position_consistency'])}; longer answer wins {_f(s['length_bias'])}; errors "
                       f"{_f(s['error_rate'])}{cal}"]
+        else:
+            lines += ["", f"Judge {j['judge']} ({j['mode']} grading 1-10): " + "; ".join(
+                f"{m} {_f(v['mean_rating'], 2)} [{_f(v['mean_rating_ci'][0], 2)}, {_f(v['mean_rating_ci'][1], 2)}]"
+                for m, v in s.items())]
+        head, rows = breakdown(j)
+        if rows:
+            lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *["| " + " | ".join(r) + " |" for r in rows]]
     return "\n".join(lines) + "\n"
 
 
