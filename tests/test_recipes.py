@@ -44,14 +44,20 @@ def _cut_down(recipe, tiny: str, teacher_url: str, generators: dict[str, list[st
     """`--set`s that run a shipped recipe in seconds: generators on the scripted loopback teacher, the tiny
     model in every other model's place, tiny limits. Stage wiring, kinds and `${...}` references stay as shipped."""
     sets = ["pull.aliases=[]"]
+    by_name = {s.name: s for s in recipe.stages}
     for stage, extra in generators.items():
-        sets += [f"{stage}.teacher.backend=openai", f"{stage}.teacher.model=scripted",
-                 f"{stage}.teacher.base_url={teacher_url}", f"{stage}.teacher.backoff_base=0.01", *extra]
+        config = by_name[stage].config
+        keys = ([f"teachers.{i}" for i in range(len(config["teachers"]))] if "teachers" in config
+                else ["policy"] if "policy" in config else ["teacher"])
+        for key in keys:
+            sets += [f"{stage}.{key}.backend=openai", f"{stage}.{key}.model=scripted",
+                     f"{stage}.{key}.base_url={teacher_url}", f"{stage}.{key}.backoff_base=0.01"]
+        sets += extra
     for spec in recipe.stages:
         model = spec.config.get("model")
         local = isinstance(model, str) and "${" not in model
-        if spec.kind == "train.sft":
-            sets += [f"{spec.name}.model={tiny}", f"{spec.name}.max_steps=2", f"{spec.name}.max_length=64"]
+        if spec.kind in ("train.sft", "train.rm"):
+            sets += [f"{spec.name}.model={tiny}", f"{spec.name}.max_steps=2", f"{spec.name}.max_length=160"]
         elif spec.kind == "eval.bench":
             sets += [f"{spec.name}.limit=2"] + ([f"{spec.name}.model={tiny}"] if local else [])
         elif spec.kind == "eval.answer":
@@ -64,7 +70,7 @@ def _cut_down(recipe, tiny: str, teacher_url: str, generators: dict[str, list[st
             sets += [f"{spec.name}.judge.model={tiny}", f"{spec.name}.limit=2", f"{spec.name}.calibration=2"]
         elif spec.kind == "curate":  # steps that load a tokenizer (split) count with the tiny model's
             sets += [f"{spec.name}.steps.{i}.model={tiny}" for i, step in enumerate(spec.config.get("steps", []))
-                     if isinstance(step, dict) and "model" in step]
+                     if isinstance(step, dict) and "${" not in str(step.get("model", "${"))]
     return sets
 
 
@@ -73,6 +79,13 @@ def _cut_down(recipe, tiny: str, teacher_url: str, generators: dict[str, list[st
     ("alpaca", {"selfinstruct": ["selfinstruct.n=6"]}, ["student-40", "student-all"]),
     ("instruct", {"selfchat": ["selfchat.n=4"], "distill": ["distill.limit=4"]}, ["selfchat", "distill"]),
     ("vicuna", {"conversations": ["conversations.limit=4"]}, ["vicuna", "turn 2"]),
+    ("orca", {"explain": ["explain.limit=6", "explain.stage_limits=[0,3]"], "plain": ["plain.limit=6"]},
+     ["orca", "plain"]),
+    # The scripted policy answers a COIN prompt by its seed, ending its turn or not: pairs with a known truth.
+    ("koala", {"distill": ["distill.limit=6"], "pairs": ["pairs.limit=4", "pairs.prompts={tmp}/coin.jsonl"]},
+     ["koala-distill", "koala-all"]),
+    ("lima", {"distill": ["distill.limit=6"], "pairs": ["pairs.limit=4", "pairs.prompts={tmp}/coin.jsonl"]},
+     ["lima-k", "random-k"]),
 ])
 def test_recipes_run_end_to_end_cut_down(tmp_path, tiny_llama_dir, monkeypatch, name, generators, students):
     """Issue 30: every stage of a seed recipe, wired as shipped, on a scripted OpenAI teacher (loopback) and
@@ -85,6 +98,9 @@ def test_recipes_run_end_to_end_cut_down(tmp_path, tiny_llama_dir, monkeypatch, 
     server = FakeServer()
     try:
         recipe = load_recipe(RECIPES / f"{name}.yaml")
+        (tmp_path / "coin.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Flip a COIN "
+                                                                 f"for {i}"}]}) + "\n" for i in range(4)))
+        generators = {k: [x.replace("{tmp}", str(tmp_path)) for x in v] for k, v in generators.items()}
         sets = [f"runs_dir={tmp_path / 'runs'}", *_cut_down(recipe, str(tiny_llama_dir), server.url, generators)]
         rows = run_recipe(load_recipe(RECIPES / f"{name}.yaml", sets=sets))
     finally:
@@ -94,5 +110,8 @@ def test_recipes_run_end_to_end_cut_down(tmp_path, tiny_llama_dir, monkeypatch, 
     for folder in run.glob("*-curate*"):
         kept = [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
         assert kept and all(r["messages"][-1]["role"] == "assistant" for r in kept)
+    if name == "koala":  # Koala-All's model folder carries its positive marker for serve / eval answer / chat
+        meta = json.loads((next(run.glob("*-sft-all")) / "merged" / "protege_chat.json").read_text())
+        assert meta["marker"] == {"positive": "<|good|>", "placement": "system"}
     report = next(run.glob("*-report")) / "report.md"
     assert all(s in report.read_text() for s in students)
