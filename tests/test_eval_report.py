@@ -151,3 +151,26 @@ def test_stop_rate_per_model_with_n_and_cut_answers_marked(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| student | student | – | – | 6 | 0.750 (4) |" in md
     assert "| base | base | – | – | 10 | – |" in md
+
+
+def test_single_grading_breakdown_per_turn_and_category_in_both_renderings():
+    """MT-bench's view: a row per model, the mean grade per turn and per category (turn 0, a whole-dialogue
+    grade, is not a column); pairwise results show the win rate per category; one-turn, uncategorised sets none."""
+    from protege.report.render import breakdown, judge_section, markdown
+
+    single = {"mode": "single", "judge": "j", "summary": {
+        "a": {"mean_rating": 5.0, "mean_rating_ci": [4, 6], "length_rating_corr": 0.1, "error_rate": 0.0,
+              "per_turn": {"1": {"mean": 4.0, "n": 2}, "2": {"mean": 6.0, "n": 2}},
+              "per_category": {"math": {"mean": 3.0, "n": 2}, "writing": {"mean": 7.0, "n": 2}}},
+        "b": {"mean_rating": 2.0, "mean_rating_ci": [1, 3], "length_rating_corr": 0.0, "error_rate": 0.0,
+              "per_turn": {"1": {"mean": 2.0, "n": 2}, "2": {"mean": 2.0, "n": 2}},
+              "per_category": {"math": {"mean": 1.0, "n": 2}}}}}
+    head, rows = breakdown(single)
+    assert head == ["model", "turn 1", "turn 2", "math", "writing"]
+    assert rows == [["a", "4.00", "6.00", "3.00", "7.00"], ["b", "2.00", "2.00", "1.00", "–"]]
+    assert "<th>turn 2</th>" in judge_section([single])
+    md = markdown("t", {"rows": [], "tasks": [], "headlines": {}}, [single])
+    assert "| model | turn 1 | turn 2 | math | writing |" in md and "a 5.00 [4.00, 6.00]" in md
+    plain = {"mode": "single", "judge": "j", "summary": {"a": {**single["summary"]["a"], "per_turn": {"0": {"mean": 5, "n": 1}},
+                                                          "per_category": {"": {"mean": 5, "n": 1}}}}}
+    assert breakdown(plain) == ([], [])

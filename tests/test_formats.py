@@ -145,3 +145,44 @@ def test_convert_reports_repeated_ids(tmp_path):
     repeated: list[str] = []
     assert convert(src, tmp_path / "out.jsonl", repeated=repeated) == 4
     assert repeated == ["a", "a"]
+
+
+def test_convert_stage_writes_validated_records_and_names_the_bad_line(tmp_path):
+    """`data.convert`: a user's ShareGPT file in, protege records out; a bad line is file:line and leaves nothing."""
+    from protege.data_tools import ConvertConfig, run_convert
+    from protege.errors import UserError
+
+    src = tmp_path / "sharegpt.json"
+    convs = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+             for i in range(3)]
+    src.write_text(json.dumps(convs))
+    counts = run_convert(ConvertConfig(src=str(src), out_dir=str(tmp_path / "out")))
+    recs = list(read_records(tmp_path / "out" / "records.jsonl"))
+    assert counts["records"] == 3 and [r.messages[1]["content"] for r in recs] == ["a0", "a1", "a2"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["records"] == 3
+    run_convert(ConvertConfig(src=str(tmp_path / "out" / "records.jsonl"), to_format="sharegpt",
+                              out_dir=str(tmp_path / "back")))
+    assert json.loads((tmp_path / "back" / "records.jsonl").read_text().splitlines()[0])["conversations"] == \
+        convs[0]["conversations"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(convs[0]) + "\n" + json.dumps({"conversations": [{"from": "gpt"}]}) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        run_convert(ConvertConfig(src=str(bad), out_dir=str(tmp_path / "bad-out")))
+    assert not (tmp_path / "bad-out" / "records.jsonl").exists()
+
+
+def test_question_files_are_prompt_sets_for_distill_and_eval(tmp_path):
+    """FastChat's question.jsonl (`turns`) is read by one reader: every turn a user message, category kept."""
+    from protege.formats import is_question_file, read_questions
+    from protege.generate.distill import load_prompts
+
+    q = tmp_path / "question.jsonl"
+    q.write_text(json.dumps({"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Shorter."]}) + "\n")
+    assert is_question_file(q) and not is_question_file(tmp_path / "missing.jsonl")
+    assert read_questions(q)[0]["turns"] == ["Write a poem.", "Shorter."]
+    [(pid, source, msgs, meta)] = load_prompts(str(q), "auto")
+    assert pid == "81" and meta == {"category": "writing"}
+    assert msgs == [{"role": "user", "content": "Write a poem."}, {"role": "user", "content": "Shorter."}]
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert not is_question_file(records)

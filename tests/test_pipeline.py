@@ -179,3 +179,30 @@ def test_set_reaches_a_stage_whose_name_has_a_hyphen(tmp_path):
     path.write_text("name: probe\nstages:\n  - name: sample-40\n    kind: data.sample\n    config: {src: a.jsonl, n: 40}\n")
     recipe = pipeline.load_recipe(path, ["sample-40.n=3"])
     assert recipe.stages[0].config["n"] == 3
+
+
+def test_skip_leaves_a_stage_out_and_refuses_a_stage_that_still_reads_it(tmp_path):
+    """`--skip count --set total.src=FILE`: the user's file replaces what the skipped stage would write."""
+    path = _recipe(tmp_path)
+    path.write_text(path.read_text().replace("stages:\n", "stages:\n  - {name: first, kind: test.count, config: {n: 1}}\n"))
+    with pytest.raises(ConfigError, match=r"reads `\$\{count\}`, which --skip leaves out.*--set total"):
+        pipeline.run_recipe(pipeline.load_recipe(path), skip=["count"])
+    assert not (tmp_path / "runs" / "demo" / "01-first").exists()  # refused before anything ran
+    mine = tmp_path / "mine.txt"
+    mine.write_text("40\n2\n")
+    rows = pipeline.run_recipe(pipeline.load_recipe(path, [f"total.src={mine}"]), skip=["count"])
+    assert [r["status"] for r in rows] == ["ran", "left out", "ran"]
+    assert not (tmp_path / "runs" / "demo" / "02-count").exists()
+    assert (tmp_path / "runs" / "demo" / "03-total" / "sum.txt").read_text() == "42"
+    with pytest.raises(ConfigError, match="--skip nope: no such stage"):
+        pipeline.run_recipe(pipeline.load_recipe(path), skip=["nope"])
+
+
+def test_set_reaches_list_items_by_index(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: probe\nstages:\n  - name: c\n    kind: curate\n"
+                    "    config: {inputs: [a.jsonl], steps: [clean, {step: split, max_tokens: 512}]}\n")
+    recipe = pipeline.load_recipe(path, ["c.steps.1.max_tokens=2048"])
+    assert recipe.stages[0].config["steps"] == ["clean", {"step": "split", "max_tokens": 2048}]
+    with pytest.raises(ConfigError, match=r"`steps.5`: `steps` has 2 items"):
+        pipeline.load_recipe(path, ["c.steps.5.max_tokens=1"])

@@ -177,6 +177,9 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
     for flag, value in (("--from", from_stage), ("--only", only), *(("--skip", s) for s in skip)):
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
+    for spec in recipe.stages:  # before any stage runs: one that still reads a skipped stage cannot run
+        if spec.name not in skip:
+            _substitute(spec.config, {n: Path(n) for n in names}, set(), f"recipe {recipe.name}, stage {spec.name}", skip)
     run_dir = Path(recipe.runs_dir) / recipe.name
     if not inside(run_dir, recipe.runs_dir) or run_dir.resolve() == Path(recipe.runs_dir).resolve():
         raise ConfigError(f"recipe {recipe.name}: run folder {run_dir} is not inside {recipe.runs_dir}")
