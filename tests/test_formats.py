@@ -160,6 +160,9 @@ def test_convert_stage_writes_validated_records_and_names_the_bad_line(tmp_path)
     recs = list(read_records(tmp_path / "out" / "records.jsonl"))
     assert counts["records"] == 3 and [r.messages[1]["content"] for r in recs] == ["a0", "a1", "a2"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["records"] == 3
+    assert {r.source for r in recs} == {"sharegpt"}  # the file's name when the records carry none
+    run_convert(ConvertConfig(src=str(src), source="distill", out_dir=str(tmp_path / "named")))
+    assert {r.source for r in read_records(tmp_path / "named" / "records.jsonl")} == {"distill"}
     run_convert(ConvertConfig(src=str(tmp_path / "out" / "records.jsonl"), to_format="sharegpt",
                               out_dir=str(tmp_path / "back")))
     assert json.loads((tmp_path / "back" / "records.jsonl").read_text().splitlines()[0])["conversations"] == \

@@ -115,3 +115,83 @@ def test_recipes_run_end_to_end_cut_down(tmp_path, tiny_llama_dir, monkeypatch, 
         assert meta["marker"] == {"positive": "<|good|>", "placement": "system"}
     report = next(run.glob("*-report")) / "report.md"
     assert all(s in report.read_text() for s in students)
+
+
+def _user_files(tmp: Path) -> dict[str, Path]:
+    """Files in the formats users bring, none of which the recipes have seen: a ShareGPT dump (scraped HTML,
+    one conversation too long for the budget), Alpaca instructions, Anthropic HH pairs, FastChat questions."""
+    import json
+
+    topics = ["the ocean tides", "how bread rises", "why leaves change colour", "how bicycles balance"]
+    long_turns = []
+    for topic in topics:
+        long_turns += [{"from": "human", "value": f"Can you tell me in a few sentences about {topic}?"},
+                       {"from": "gpt", "value": f"Of course. People have wondered about {topic} for a long time, and "
+                                                "the short answer involves a little physics and a little chemistry. "
+                                                "Scientists explain it with simple experiments you can try at home."}]
+    sharegpt = [{"id": "html", "conversations": [
+                    {"from": "human", "value": "How do I list the files in a folder?"},
+                    {"from": "gpt", "value": "<p>Use the <code>ls</code> command:</p><pre><code>ls -la\n</code></pre>"}]},
+                {"id": "long", "conversations": long_turns}]
+    alpaca = [{"instruction": f"Name a colour that goes well with {c}.", "input": "", "output": f"Grey goes well with {c}."}
+              for c in ("red", "green", "blue", "yellow")]
+    hh = [{"chosen": f"\n\nHuman: Is {i} an even number?\n\nAssistant: {'Yes' if i % 2 == 0 else 'No'}, it is.",
+           "rejected": f"\n\nHuman: Is {i} an even number?\n\nAssistant: Let me tell you a story instead."}
+          for i in range(4)]
+    questions = [{"question_id": i, "category": c, "turns": [f"Tell me about {c}.", "Say it shorter."]}
+                 for i, c in enumerate(["writing", "math"])]
+    files = {"sharegpt": tmp / "sharegpt.json", "alpaca": tmp / "alpaca.json", "hh": tmp / "hh.jsonl",
+             "questions": tmp / "question.jsonl"}
+    files["sharegpt"].write_text(json.dumps(sharegpt))
+    files["alpaca"].write_text(json.dumps(alpaca))
+    files["hh"].write_text("".join(json.dumps(r) + "\n" for r in hh))
+    files["questions"].write_text("".join(json.dumps(r) + "\n" for r in questions))
+    return files
+
+
+@pytest.mark.slow
+def test_recipes_run_on_user_files_in_their_formats(tmp_path, tiny_llama_dir, monkeypatch):
+    """Issue 30: the generation stages skipped, the user's own ShareGPT / Alpaca / HH / FastChat files in their
+    place; a bad line in a user's file is named by file:line."""
+    import json
+
+    from fake_openai_server import FakeServer
+    from protege.errors import UserError
+
+    monkeypatch.chdir(RECIPES.parent)
+    files = _user_files(tmp_path)
+    tiny = str(tiny_llama_dir)
+    server = FakeServer()  # the single-grading judge (model `grader`)
+    try:
+        vicuna = load_recipe(RECIPES / "vicuna.yaml")
+        sets = [f"runs_dir={tmp_path / 'runs'}", *_cut_down(vicuna, tiny, server.url, {}),
+                f"sharegpt.src={files['sharegpt']}", "curate.steps.4.max_tokens=120",
+                *[f"{s}.prompts={files['questions']}" for s in ("answers-teacher", "answers-base", "answers-vicuna")]]
+        rows = run_recipe(load_recipe(RECIPES / "vicuna.yaml", sets=sets), skip=["conversations"])
+    finally:
+        server.close()
+    assert rows[1]["status"] == "left out" and all(r["status"] == "ran" for r in rows[2:]), rows
+    run = tmp_path / "runs" / "vicuna"
+    kept = [json.loads(x) for x in (run / "04-curate" / "records.jsonl").read_text().splitlines()]
+    html = next(r for r in kept if r["messages"][0]["content"].startswith("How do I list"))
+    assert "ls -la" in html["messages"][1]["content"] and "<pre>" not in html["messages"][1]["content"]
+    pieces = [r for r in kept if "tell me in a few sentences" in r["messages"][0]["content"]]
+    assert len(pieces) > 1 and all(p["messages"][0]["role"] == "user" and p["messages"][-1]["role"] == "assistant"
+                                   for p in pieces)  # cut at turn boundaries
+    answered = [json.loads(x) for x in (run / "10-answers-vicuna" / "answers.jsonl").read_text().splitlines()]
+    assert [len(a["answers"]) for a in answered] == [2, 2] and answered[1]["category"] == "math"
+
+    koala = load_recipe(RECIPES / "koala.yaml")
+    sets = [f"runs_dir={tmp_path / 'runs'}", *_cut_down(koala, tiny, "http://127.0.0.1:9/v1", {}),
+            f"distilled.src={files['sharegpt']}", f"instructions.src={files['alpaca']}",
+            f"preferences.src={files['hh']}"]
+    for stage in ("distilled", "instructions", "preferences", "curate-all"):
+        run_recipe(load_recipe(RECIPES / "koala.yaml", sets=sets), only=stage, skip=["distill", "pairs"])
+    mixed = [json.loads(x) for x in (tmp_path / "runs" / "koala" / "08-curate-all" / "records.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in mixed} == {"distill", "alpaca", "pairs"}  # named by the recipe, not the files
+    marked = [r for r in mixed if r["source"] == "pairs"]
+    assert marked and {r["messages"][0]["content"] for r in marked} == {"<|good|>", "<|bad|>"}
+
+    files["hh"].write_text(files["hh"].read_text() + '{"chosen": "no turns here", "rejected": "none"}\n')
+    with pytest.raises(UserError, match=r"hh.jsonl:5"):
+        run_recipe(load_recipe(RECIPES / "koala.yaml", sets=sets), only="preferences", skip=["distill", "pairs"])

@@ -32,12 +32,13 @@ def _conversation_writer(write: Any, fmt: str) -> Any:
 
 
 def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_format: str = "protege",
-            skipped: dict[str, int] | None = None, repeated: list[str] | None = None) -> int:
+            skipped: dict[str, int] | None = None, repeated: list[str] | None = None, source: str | None = None) -> int:
     """Convert a file/dataset in `from_format` to `to_format` JSONL; return the record count.
 
     Written to a temp file and renamed, so a bad line (reported as `file:line`) leaves no half-written output.
     Unusable preference pairs (equal answers, differing prompts, ties) are counted by reason into `skipped`;
     ids an earlier record already used are appended to `repeated` (kept as they are: `curate` renames them).
+    `source` replaces every record's `source` (what curate's mix caps and weights are keyed by).
     """
     out = Path(out)
     refuse_clobber([src] if Path(src).exists() else [], [out], "data convert")
@@ -53,6 +54,8 @@ def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_form
             if rec.id in seen and repeated is not None:
                 repeated.append(rec.id)
             seen.add(rec.id)
+            if source:
+                rec.source = source
             w.write(write(rec))
     return w.written
 
@@ -106,6 +109,8 @@ class ConvertConfig(StageConfig):
     from_format: str = Field("auto", description="input format: auto, alpaca, sharegpt, openai, protege, prompt, "
                              "or a preference format (hh, trl, ...)")
     to_format: Literal["protege", "alpaca", "sharegpt", "openai", "trl"] = Field("protege", description="output format")
+    source: str | None = Field(None, description="name written into every record's `source` (curate's `mix` caps "
+                               "and weights sources by it); default: the record's own, else the file's name")
     out_dir: str = Field("runs/convert", description="output folder (records.jsonl + manifest.json)")
 
     @field_validator("from_format")
@@ -127,7 +132,8 @@ def run_convert(config: ConvertConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     skipped: dict[str, int] = {}
     with publish(config.out_dir) as staged:
-        n = convert(config.src, staged / "records.jsonl", config.from_format, config.to_format, skipped)
+        n = convert(config.src, staged / "records.jsonl", config.from_format, config.to_format, skipped,
+                    source=config.source)
         counts = {"records": n, **{f"skipped_{k}": v for k, v in skipped.items()}}
         write_manifest(staged, "data.convert", config, inputs=[config.src],
                        outputs=[Path(config.out_dir) / "records.jsonl"], counts=counts, seconds=time.perf_counter() - t0)
