@@ -12,6 +12,10 @@ from . import add_stage_parser
 ORDER = 10
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog's key list kept one key per line."""
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("data", help="convert, validate and summarise record files",
                        description="Convert, validate and summarise record files (JSONL).")
@@ -19,14 +23,21 @@ def register(sub: Any) -> None:
 
     from ..formats import FORMATS
 
+    from ..data_tools import ConvertConfig
+
+    # The same conversion is the recipe stage `data.convert`, whose keys the epilog lists (positional here).
+    keys = "\n".join(f"  {name}: {field.description}" for name, field in ConvertConfig.model_fields.items())
     c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / preference (HH, TRL, UltraFeedback, "
                         "WebGPT, ...) / datasets files to protege JSONL",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        epilog=f"as a recipe stage (kind: data.convert), with the output in out_dir/records.jsonl:\n{keys}",
+                        formatter_class=_Formatter)
     c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hf:org/name for a hub dataset")
     c.add_argument("out", help="output .jsonl")
     c.add_argument("--from", dest="from_format", default="auto", choices=["auto", *FORMATS])
     c.add_argument("--to", dest="to_format", default="protege", choices=["protege", "alpaca", "sharegpt", "openai", "trl"])
-    c.set_defaults(func=_convert)
+    c.add_argument("--source", default=None, help="name written into every record's `source` (default: the record's "
+                   "own, else the file's name)")
+    c.set_defaults(func=_convert, stage_kind="data.convert")
 
     v = dsub.add_parser("validate", help="check every line; print FILE:LINE: problem for each bad one (exit 1)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -48,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     skipped: dict[str, int] = {}
     repeated: list[str] = []
-    n = convert(args.src, args.out, args.from_format, args.to_format, skipped, repeated)
+    n = convert(args.src, args.out, args.from_format, args.to_format, skipped, repeated, source=args.source)
     note = f"; skipped {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
     print(f"wrote {n} records to {args.out}{note}")
     if repeated:
