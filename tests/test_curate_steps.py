@@ -327,6 +327,15 @@ def test_mix_caps_epochs_weights_deterministic():
         mix.apply(list(recs), MixStep(sources={"a": {"weight": 1}}), _Seed(0))
 
 
+def test_mix_says_when_a_listed_source_matches_no_record(capsys):
+    """A cap keyed by a name no record carries (a file's name, a typo) capped nothing, silently."""
+    recs = _sourced(4, "seed_tasks")
+    r = mix.apply(list(recs), MixStep(sources={"alpaca": {"cap": 1}}), _Seed(0))
+    assert len(r.kept) == 4 and r.stats["unmatched_sources"] == ["alpaca"]
+    assert "mix.sources ['alpaca'] match no record; sources present: ['seed_tasks']" in capsys.readouterr().err
+    assert "unmatched_sources" not in mix.apply(list(recs), MixStep(sources={"seed_tasks": {"cap": 1}}), _Seed(0)).stats
+
+
 def test_tag_comparisons_with_markers():
     cmp_ = Comparison([{"role": "user", "content": "Tell a joke"}], {"role": "assistant", "content": "Good joke"},
                       {"role": "assistant", "content": "Bad joke"}, id="c1")

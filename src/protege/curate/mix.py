@@ -9,6 +9,7 @@ records `<id>~r<k>` with `meta.repeat_of`, counted as added.
 from __future__ import annotations
 
 import random
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -70,4 +71,10 @@ def apply(records: list[Record], opts: MixStep, ctx: Any = None) -> StepResult:
         per_source[source] = {"in": len(recs), "out": len(chosen)}
     if opts.shuffle:
         random.Random(seed).shuffle(out)
-    return StepResult(out, removed, added=added, stats={"mix": per_source})
+    stats: dict[str, Any] = {"mix": per_source}
+    unmatched = sorted(set(opts.sources) - set(by_source))
+    if unmatched:  # a cap on a misspelt source (or on a file's name) silently does nothing: say so
+        stats["unmatched_sources"] = unmatched
+        print(f"[curate] warning: mix.sources {unmatched} match no record; sources present: {sorted(by_source)} "
+              "(records are named by their `source` field: data.convert's `source:` sets it)", file=sys.stderr)
+    return StepResult(out, removed, added=added, stats=stats)
