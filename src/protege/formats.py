@@ -318,8 +318,8 @@ def is_question_file(path: str | Path) -> bool:
     p = Path(path)
     if not p.is_file() or p.suffix != ".jsonl":
         return False
-    for _, row in jsonl_rows(p):
-        return isinstance(row, dict) and isinstance(row.get("turns"), list)
+    for _, row in jsonl_rows(p):  # rows are objects (a non-object line raises with file:line)
+        return isinstance(row.get("turns"), list)
     return False
 
 

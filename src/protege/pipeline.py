@@ -93,22 +93,19 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str, skipped: list[str] = ()) -> Any:
+def _substitute(value: Any, dirs: dict[str, Path], refs: set[str], where: str) -> Any:
     if isinstance(value, str):
         def repl(m: re.Match) -> str:
             name = m.group(1)
-            if name in skipped:
-                raise ConfigError(f"{where}: reads `${{{name}}}`, which --skip leaves out; point it at your own "
-                                  f"file with --set (e.g. --set {where.rsplit(' ', 1)[-1]}.KEY=PATH)")
             if name not in dirs:
                 raise ConfigError(f"{where}: `${{{name}}}` does not name an earlier stage (earlier: {', '.join(dirs) or 'none'})")
             refs.add(name)
             return str(dirs[name])
         return _REF.sub(repl, value)
     if isinstance(value, list):
-        return [_substitute(v, dirs, refs, where, skipped) for v in value]
+        return [_substitute(v, dirs, refs, where) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, dirs, refs, where, skipped) for k, v in value.items()}
+        return {k: _substitute(v, dirs, refs, where) for k, v in value.items()}
     return value
 
 
@@ -177,9 +174,15 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
     for flag, value in (("--from", from_stage), ("--only", only), *(("--skip", s) for s in skip)):
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such stage (stages: {', '.join(names)})")
-    for spec in recipe.stages:  # before any stage runs: one that still reads a skipped stage cannot run
+    earlier: dict[str, Path] = {}
+    for spec in recipe.stages:  # before any stage runs: every reference names an earlier stage, and none a skipped one
         if spec.name not in skip:
-            _substitute(spec.config, {n: Path(n) for n in names}, set(), f"recipe {recipe.name}, stage {spec.name}", skip)
+            refs: set[str] = set()
+            _substitute(spec.config, earlier, refs, f"recipe {recipe.name}, stage {spec.name}")
+            if gone := sorted(refs & set(skip)):
+                raise ConfigError(f"recipe {recipe.name}, stage {spec.name}: reads `${{{gone[0]}}}`, which --skip "
+                                  f"leaves out; point it at your own file with --set (e.g. --set {spec.name}.KEY=PATH)")
+        earlier[spec.name] = Path(spec.name)
     run_dir = Path(recipe.runs_dir) / recipe.name
     if not inside(run_dir, recipe.runs_dir) or run_dir.resolve() == Path(recipe.runs_dir).resolve():
         raise ConfigError(f"recipe {recipe.name}: run folder {run_dir} is not inside {recipe.runs_dir}")
@@ -198,7 +201,7 @@ def run_recipe(recipe: Recipe, from_stage: str | None = None, only: str | None =
             continue
         refs: set[str] = set()
         where = f"recipe {recipe.name}, stage {spec.name}"
-        resolved = _substitute(spec.config, dirs, refs, where, skip)
+        resolved = _substitute(spec.config, dirs, refs, where)
         dirs[spec.name] = stage_dir
         config_cls, run_fn = stage_kind(spec.kind)
         config = _stage_config(config_cls, resolved, stage_dir, where)

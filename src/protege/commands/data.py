@@ -21,15 +21,15 @@ def register(sub: Any) -> None:
                        description="Convert, validate and summarise record files (JSONL).")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
+    from ..config import config_help
+    from ..data_tools import ConvertConfig
     from ..formats import FORMATS
 
-    from ..data_tools import ConvertConfig
-
     # The same conversion is the recipe stage `data.convert`, whose keys the epilog lists (positional here).
-    keys = "\n".join(f"  {name}: {field.description}" for name, field in ConvertConfig.model_fields.items())
     c = dsub.add_parser("convert", help="convert Alpaca / ShareGPT / OpenAI / preference (HH, TRL, UltraFeedback, "
                         "WebGPT, ...) / datasets files to protege JSONL",
-                        epilog=f"as a recipe stage (kind: data.convert), with the output in out_dir/records.jsonl:\n{keys}",
+                        epilog="as a recipe stage (kind: data.convert), with the output in out_dir/records.jsonl:\n"
+                               + config_help(ConvertConfig),
                         formatter_class=_Formatter)
     c.add_argument("src", help="input file (.jsonl/.json/.parquet/.csv), saved dataset folder, or hf:org/name for a hub dataset")
     c.add_argument("out", help="output .jsonl")

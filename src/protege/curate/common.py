@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import re
 import string
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..records import Comparison, Record
 
-__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "PUNCT_TO_SPACE"]
+__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "log", "PUNCT_TO_SPACE"]
 
+
+def log(msg: str) -> None:
+    """A `[curate]` line on stderr (stdout stays free for what the command prints)."""
+    print(f"[curate] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

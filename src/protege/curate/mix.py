@@ -9,13 +9,12 @@ records `<id>~r<k>` with `meta.repeat_of`, counted as added.
 from __future__ import annotations
 
 import random
-import sys
 from collections import defaultdict
 from typing import Any
 
 from ..errors import StageError
 from ..records import Comparison, Conversation, Record
-from .common import StepResult, removal
+from .common import StepResult, log, removal
 from .config import MixStep, SourceMix
 
 __all__ = ["apply"]
@@ -75,6 +74,6 @@ def apply(records: list[Record], opts: MixStep, ctx: Any = None) -> StepResult:
     unmatched = sorted(set(opts.sources) - set(by_source))
     if unmatched:  # a cap on a misspelt source (or on a file's name) silently does nothing: say so
         stats["unmatched_sources"] = unmatched
-        print(f"[curate] warning: mix.sources {unmatched} match no record; sources present: {sorted(by_source)} "
-              "(records are named by their `source` field: data.convert's `source:` sets it)", file=sys.stderr)
+        log(f"warning: mix.sources {unmatched} match no record; sources present: {sorted(by_source)} "
+            "(records are named by their `source` field: data.convert's `source:` sets it)")
     return StepResult(out, removed, added=added, stats=stats)

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ..manifest import write_manifest
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
 from . import clean, decontam, dedup, langid, mix, quality, score, split, tag
-from .common import StepResult, messages_of, progress, removal, words
+from .common import StepResult, log, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
 from .read import UNCHECKED, IdRenamer, read_inputs
 from . import stream
@@ -64,10 +63,6 @@ class Context:
 
             self.tokenizers[spec] = load_tokenizer(spec)
         return self.tokenizers[spec]
-
-
-def _log(msg: str) -> None:
-    print(f"[curate] {msg}", file=sys.stderr, flush=True)
 
 
 class LengthHistogram:
@@ -254,11 +249,11 @@ def run(config: CurateConfig) -> dict[str, Any]:
                                                       "steps": [], "out": inputs["records"] - inputs["unreadable"]},
                           indent=None)
         done = 0
-        _log(f"read {inputs['records']} records from {len(cfg.inputs)} file(s)")
+        log(f"read {inputs['records']} records from {len(cfg.inputs)} file(s)")
     state = json.loads((folders[done] / "state.json").read_text(encoding="utf-8"))
     inputs, summaries = state["inputs"], state["steps"]
     if done > 0:
-        _log(f"resuming after step {done} ({cfg.steps[done - 1].step}) from {work}")
+        log(f"resuming after step {done} ({cfg.steps[done - 1].step}) from {work}")
     leading_cleans = next((i for i, s in enumerate(cfg.steps) if s.step != "clean"), len(cfg.steps))
     for i in range(done, len(cfg.steps)):
         opts = cfg.steps[i]
@@ -267,7 +262,7 @@ def run(config: CurateConfig) -> dict[str, Any]:
                                                      validate, workers)
         summaries = summaries + step_summaries
         s = step_summaries[0]
-        _log(f"step {i + 1}/{len(cfg.steps)} {opts.step}: {s['in']} in, {n_out} out, {n_removed} removed "
+        log(f"step {i + 1}/{len(cfg.steps)} {opts.step}: {s['in']} in, {n_out} out, {n_removed} removed "
              f"({s['seconds']:.1f} s{f', {workers} workers' if workers > 1 else ''})")
         atomic_write_json(folders[i + 1] / "state.json", {"fingerprint": _fingerprint(cfg, i), "inputs": inputs,
                                                           "steps": summaries, "out": n_out}, indent=None)

@@ -6,7 +6,6 @@ with `meta["_unchecked"]` = why; the pipeline validates it once cleaning is over
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,16 +13,12 @@ from ..errors import StageError
 from ..files import json_lines
 from ..formats import convert_obj, iter_source
 from ..records import Conversation, Record, RecordError
-from .common import progress, removal
+from .common import log, progress, removal
 from .config import CurateConfig
 
 __all__ = ["UNCHECKED", "read_inputs", "IdRenamer"]
 
 UNCHECKED = "_unchecked"  # meta key of a record read loosely (removed by validation)
-
-
-def _log(msg: str) -> None:
-    print(f"[curate] {msg}", file=sys.stderr, flush=True)
 
 
 def _json_objects(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -73,7 +68,7 @@ class IdRenamer:
             k += 1
         new = f"{rec.id}~dup{k}"
         if self.renamed < 5:
-            _log(f"{where}: id {rec.id!r} already used at {self.first[rec.id]}; renamed to {new!r}")
+            log(f"{where}: id {rec.id!r} already used at {self.first[rec.id]}; renamed to {new!r}")
         rec.meta = {**rec.meta, "id_renamed_from": rec.id}
         rec.id = new
         self.first[new] = where
