@@ -155,7 +155,8 @@ def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_po
     from protege.train.model import prepare_model
     from protege.train.rewards import PromptItem
     from protege.config import Sampling
-    from protege.train.rl import merged_adapters, reference_off, sample_rollouts
+    from protege.train.rl import reference_off, sample_rollouts
+    from protege.train.rollout_engines import ProtegeRollouts, merged_adapters
     from protege.train.settings import TrainSettings
 
     model, tok = load(str(tiny_policy_dir), device="cpu")
@@ -167,17 +168,18 @@ def test_merged_rollouts_decode_the_same_and_restore_the_weights_exactly(tiny_po
                 p.normal_(0, 0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = Engine(model, tok, chat)
+    plain_engine, merging_engine = ProtegeRollouts(engine, merge=False), ProtegeRollouts(engine, merge=True)
     items = [PromptItem(str(i), [{"role": "user", "content": f"hello {i}"}]) for i in range(3)]
     sampled = Sampling(max_new_tokens=5, temperature=1.0)
-    plain = sample_rollouts(engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64, merge=False)
-    merged = sample_rollouts(engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64, merge=True)
+    plain = sample_rollouts(plain_engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64)
+    merged = sample_rollouts(merging_engine, chat, items, [0, 1, 2], 2, sampled, 0, 0, 64)
     assert [r.answer_ids for r in plain] == [r.answer_ids for r in merged]
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     with reference_off(model), merged_adapters(model):  # disabled adapters are never merged in
-        ref = sample_rollouts(engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64, merge=True)
+        ref = sample_rollouts(merging_engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64)
     with reference_off(model):
-        ref2 = sample_rollouts(engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64)
+        ref2 = sample_rollouts(plain_engine, chat, items, [0], 1, Sampling(max_new_tokens=5), 0, 0, 64)
     assert ref[0].answer_ids == ref2[0].answer_ids
 
 

@@ -114,3 +114,81 @@ def test_the_in_process_vllm_teacher_decodes_protege_s_token_ids(tiny_llama, tmp
     assert result, out.stderr[-3000:]
     _, same, cached, hits, chars = result[0].split()
     assert same == "True" and cached == "True" and hits == "8" and int(chars) > 50
+
+
+_GRPO = '''
+import json, sys
+sys.path.insert(0, {src!r})
+from protege.train.grpo import GRPOConfig, run
+
+def config(out, **kw):
+    base = dict(model={model!r}, prompts={prompts!r}, out_dir=out, precision="fp32", group_size=4, batch_size=4,
+                max_new_tokens=3, max_steps=12, learning_rate=1e-2, eval_every=6, eval_fraction=0.25,
+                tensorboard=False, reward={{"kind": "rule", "rule": "format", "pattern": "^ "}},
+                lora={{"r": 8, "alpha": 16, "dropout": 0.0, "trainable_tokens": "none"}},
+                rollout={{"backend": "vllm"}}, engine_batch=16)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+if __name__ == "__main__":  # vLLM may start processes of its own
+    part = sys.argv[1]
+    if part == "train":
+        s = run(config({out!r} + "/a"))
+    elif part == "whole":
+        s = run(config({out!r} + "/b", max_steps=4, eval_every=0, save_every=2))
+    elif part == "cut":
+        s = run(config({out!r} + "/c", max_steps=4, eval_every=0, save_every=2), stop_after_steps=2)
+    else:
+        s = run(config({out!r} + "/c", max_steps=4, eval_every=0, save_every=2))
+    print("RESULT", json.dumps({{k: s.get(k) for k in ("steps", "weight_syncs", "reused", "resumed_from_step",
+                                                    "rollouts", "stopped_at_step")}}))
+'''
+
+
+def _run_grpo(script, part):
+    out = subprocess.run([VLLM_PYTHON, str(script), part], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    result = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+    assert result, out.stderr[-3000:]
+    import json
+
+    return json.loads(result[0].split(" ", 1)[1])
+
+
+def test_grpo_with_vllm_rollouts_learns_on_weights_pushed_after_every_step(tiny_llama, tmp_path):
+    """`rollout.backend: vllm`: vLLM decodes the rollouts from the policy's weights, pushed after each optimizer
+    step; the reward rises, vLLM's sampling log-probs stay equal to the trainer's (fp32) while the policy moves
+    away from the base, and a killed run resumes from its cached rollouts to the same weights."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    model_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say something {i}"}) + "\n" for i in range(24)))
+    script = tmp_path / "grpo.py"
+    script.write_text(_GRPO.format(src=str(Path(__file__).resolve().parents[1] / "src"), model=str(model_dir),
+                                   prompts=str(prompts), out=str(tmp_path)))
+    summary = _run_grpo(script, "train")
+    assert summary["steps"] == 12 and summary["weight_syncs"] == 13  # the start, then after every step
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r]
+    first, last = sum(r["reward"] for r in train[:2]) / 2, sum(r["reward"] for r in train[-4:]) / 4
+    assert last > first + 0.25, [r["reward"] for r in train]
+    # Had vLLM kept the base weights, its log-probs would drift from the trainer's as the policy moves (the
+    # KL below); pushed every step, they agree to fp32 rounding.
+    assert max(r["logp_mismatch"] for r in train) < 1e-3, [r["logp_mismatch"] for r in train]
+    watch = json.loads((tmp_path / "a" / "overoptimisation.json").read_text())
+    assert watch["history"][-1]["kl"] > 0.05
+
+    whole = _run_grpo(script, "whole")
+    cut = _run_grpo(script, "cut")
+    assert cut["stopped_at_step"] == 2
+    resumed = _run_grpo(script, "resume")
+    assert resumed["resumed_from_step"] == 2 and whole["steps"] == resumed["steps"] == 4
+    a = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "c" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -180,7 +180,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,
         on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = (),
         eval_fn: Callable[[Any, Any], LossOutput] | None = None, betas: tuple[float, float] = (0.9, 0.999),
-        flops_per_token: float | None = None, peak_flops: float | None = None) -> FitResult:
+        flops_per_token: float | None = None, peak_flops: float | None = None,
+        on_step: Callable[[int], None] | None = None) -> FitResult:
     """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
 
     Held-out batches are scored by `eval_fn` (default: `loss_fn` in eval mode); RL evaluates by decoding
@@ -189,7 +190,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     `progress` names step metrics shown beside the loss in the progress bar (RL: the mean reward and KL,
     which say more than a surrogate loss that sits near 0).
 
-    `on_eval(step, results)` runs after every held-out evaluation (RL keeps its best-by-gold model there).
+    `on_eval(step, results)` runs after every held-out evaluation (RL keeps its best-by-gold model there);
+    `on_step(step)` after every optimizer step (RL tells a vLLM rollout engine its weights are stale).
 
     `micro_batches` is any sequence addressed by index (a list, or pretraining's lazily computed rows).
     With `flops_per_token` (and the device's `peak_flops`), model FLOPs/s and MFU are shown and logged.
@@ -279,6 +281,8 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step + 1)
         last_loss, last_metrics = _means(total, keys)
         step_tokens = sum(tokens_of(mb) for mb in mbs)  # all ranks
         tokens_seen += step_tokens

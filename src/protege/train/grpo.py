@@ -32,9 +32,10 @@ from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
 from .rl import (RLSettings, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
-                 reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
+                 reference_off, rl_summary, rollout_batch, sample_rollouts, sampler_correction, save_policy, score_rollouts,
                  split_prompts, watched_fit)
 from .rewards import describe_reward
+from .rollout_engines import sync_stats
 from .rl_losses import clipped_policy_loss, group_advantages, kl_per_token
 
 __all__ = ["GRPOConfig", "run", "grpo_objective"]
@@ -57,17 +58,20 @@ class _RolloutLogprobs(PolicyLogprobs):
 
 
 def grpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, seq: torch.Tensor, advantages: torch.Tensor,
-                   clip: float, beta: float, estimator: str = "k3") -> tuple[torch.Tensor, torch.Tensor]:
+                   clip: float, beta: float, estimator: str = "k3",
+                   is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss summed over answers, per-answer KL (n,)) from per-token tensors (N,) and per-answer advantages (n,).
 
     Each answer's token terms are averaged over its own length, then summed over answers: `fit`
-    divides by the number of answers in the step.
+    divides by the number of answers in the step. `is_weights` (N,): each token's policy-gradient term is
+    weighted by it (the truncated importance weight of rollouts another engine sampled).
     """
     n = advantages.shape[0]
     lengths = torch.zeros(n, device=logp.device).index_add_(0, seq, torch.ones_like(logp))
     weight = 1.0 / lengths.clamp(min=1)[seq]  # (N,): 1 / |answer| of each token's answer
     ones = torch.ones_like(logp)
-    loss, _ = clipped_policy_loss(logp, logp.detach(), advantages[seq] * weight, ones, clip)
+    coef = advantages[seq] * weight if is_weights is None else advantages[seq] * weight * is_weights
+    loss, _ = clipped_policy_loss(logp, logp.detach(), coef, ones, clip)
     kl = torch.zeros(n, device=logp.device)
     if ref_logp is not None:
         per_tok = kl_per_token(logp, ref_logp, estimator)
@@ -116,8 +120,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         if rollouts is None:
             t0 = time.perf_counter()
             rollouts = sample_rollouts(engine, chat, items, prompt_idx, config.group_size, config.sampling,
-                                       config.seed, index, config.max_prompt,
-                                       config.merge_for_rollouts)
+                                       config.seed, index, config.max_prompt)
             for r, s in zip(rollouts, score_rollouts(proxy, items, rollouts)):
                 r.reward = s
             stats["rollout_seconds"] += time.perf_counter() - t0
@@ -140,10 +143,12 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
         batch = rollout_batch(sub, pad, accelerator.device)
         lp = logps(m, batch, reference=False)
         ref = logps(m, batch, reference=True) if config.beta > 0 else None
+        weights, mismatch = sampler_correction(lp, sub, config.rollout)
         loss, kl = grpo_objective(lp, ref, batch["score_seq"], adv[keep], config.clip, config.beta,
-                                  config.kl_estimator)
+                                  config.kl_estimator, weights)
         solved = (rewards.reshape(-1, config.group_size).std(1) == 0).float().sum() * config.group_size
-        sums = {"reward": rewards.sum(), "scored_answers": float(len(keep)), "flat_groups": solved}
+        sums = {"reward": rewards.sum(), "scored_answers": float(len(keep)), "flat_groups": solved,
+                **{k: v * n for k, v in mismatch.items()}}  # per-token means, weighted like every answer metric
         if ref is not None:  # beta 0 runs no reference forward in training: KL is measured at the evals only
             sums["kl"] = kl.sum()
         return LossOutput(loss, n, sums)
@@ -163,11 +168,11 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
                                 log=log, micro_batches=micro_batches, loss_fn=train_loss, eval_fn=eval_loss,
                                 tokens_of=lambda mb: len(mb[1]) * config.group_size, data_hash=data_hash,
                                 unit="answers", eval_batches=eval_batches, save_best=save_best,
-                                stop_after_steps=stop_after_steps)
+                                stop_after_steps=stop_after_steps, engine=engine)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
     figure = watch.figure() if main else None
-    summary = rl_summary(result, watch, stats, prompts=len(items), held_out=len(held))
+    summary = rl_summary(result, watch, {**stats, **sync_stats(engine)}, prompts=len(items), held_out=len(held))
     accelerator.wait_for_everyone()
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)

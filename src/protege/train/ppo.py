@@ -37,9 +37,10 @@ from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
 from .rl import (RLSettings, Rollout, RolloutCache, eval_plan, load_policy, make_rewards, policy_eval, prompt_plan,
-                 reference_off, rl_summary, rollout_batch, sample_rollouts, save_policy, score_rollouts,
-                 split_prompts, token_kl, watched_fit)
+                 reference_off, rl_summary, rollout_batch, sample_rollouts, sampler_correction, save_policy,
+                 score_rollouts, split_prompts, token_kl, watched_fit)
 from .rewards import describe_reward
+from .rollout_engines import sync_stats
 from .rl_losses import clipped_policy_loss, clipped_value_loss, gae, kl_per_token, kl_shaped_rewards, whiten
 
 __all__ = ["PPOConfig", "run", "adaptive_beta", "PPOModule"]
@@ -166,7 +167,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                                      config.kl_horizon)
             t0 = time.perf_counter()
             ro = sample_rollouts(engine, chat, items, batch_prompts[b], 1, config.sampling, config.seed, b,
-                                 config.max_prompt, config.merge_for_rollouts)
+                                 config.max_prompt)
             for r, s in zip(ro, score_rollouts(proxy, items, ro)):
                 r.reward = s
             stats["rollout_seconds"] += time.perf_counter() - t0
@@ -185,7 +186,11 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
             if config.whiten_advantages:
                 adv = whiten(adv, mask)
             flat = mask.bool()
+            # Rollouts from another engine (vLLM): the trainer's log-probs are PPO's old policy; each token's
+            # term is also weighted by the truncated ratio of the trainer's to the sampler's probability.
+            weights, mismatch = sampler_correction(lp, ro, config.rollout)
             data = {"rollouts": [asdict(r) for r in ro], "old_logp": lp.tolist(), "old_values": values.tolist(),
+                    "is_weight": weights.tolist() if weights is not None else None, **mismatch,
                     "advantages": adv[flat].tolist(), "returns": ret[flat].tolist(), "beta": beta,
                     "kl_mean": float(token_kl(lp, ref_lp, seq, n).mean()), "score_mean": float(scores.mean())}
             if main:
@@ -212,13 +217,15 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         batch = rollout_batch(sub, pad, dev)
         lp, values = forward(m, batch)
         ones = torch.ones_like(lp)
-        pg, clip_frac = clipped_policy_loss(lp, take("old_logp"), take("advantages"), ones, config.clip)
+        adv = take("advantages") if data.get("is_weight") is None else take("advantages") * take("is_weight")
+        pg, clip_frac = clipped_policy_loss(lp, take("old_logp"), adv, ones, config.clip)
         vf = clipped_value_loss(values, take("old_values"), take("returns"), ones, config.value_clip)
         n_tok = float(len(tok_idx))
         return LossOutput(pg + config.vf_coef * vf, n_tok,
                           {"policy_loss": pg.detach(), "value_loss": vf.detach(), "clip_frac": clip_frac * n_tok,
                            "reward": data["score_mean"] * n_tok, "kl": data["kl_mean"] * n_tok,
-                           "beta": data["beta"] * n_tok})
+                           "beta": data["beta"] * n_tok,
+                           **{k: data[k] * n_tok for k in ("logp_mismatch", "is_truncated") if k in data}})
 
     def eval_loss(m: Any, mb: tuple[int, list[int]]) -> LossOutput:
         index, prompt_idx = mb
@@ -236,11 +243,11 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                                 log=log, micro_batches=plan, loss_fn=train_loss, eval_fn=eval_loss,
                                 tokens_of=lambda mb: per_mb, data_hash=data_hash, unit="answers", eval_batches=eval_batches,
-                                save_best=save_best, stop_after_steps=stop_after_steps)
+                                save_best=save_best, stop_after_steps=stop_after_steps, engine=engine)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
     figure = watch.figure() if main else None
-    summary = rl_summary(result, watch, stats, prompts=len(items), held_out=len(held), rollout_batches=n_batches)
+    summary = rl_summary(result, watch, {**stats, **sync_stats(engine)}, prompts=len(items), held_out=len(held), rollout_batches=n_batches)
     accelerator.wait_for_everyone()
     if main:
         value_head = model.value_head

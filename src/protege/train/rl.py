@@ -35,15 +35,16 @@ from .data import Example, collate
 from .losses import IGNORE_INDEX
 from .pair_data import scored_positions
 from .rewards import PromptItem, Reward, RewardConfig, RewardSpec
+from .rollout_engines import RolloutEngine, RolloutEngineConfig
 from .settings import LoraSettings, Schedule, TrainSettings
 
 if TYPE_CHECKING:
     from ..chat import ChatFormat
-    from ..engine import Engine
 
 __all__ = ["RolloutSettings", "RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
+           "sampler_correction",
            "OverOptimisationWatch", "sample_seed", "split_prompts", "policy_eval", "score_rollouts", "token_kl",
-           "merged_adapters", "make_rewards", "watched_fit", "rl_summary", "prompt_plan", "eval_plan", "load_policy",
+           "make_rewards", "watched_fit", "rl_summary", "prompt_plan", "eval_plan", "load_policy",
            "save_policy"]
 
 OVEROPTIMISATION_FILE = "overoptimisation.json"  # read by the report
@@ -65,6 +66,9 @@ class RolloutSettings(TrainSettings):
     max_length: int = Field(512, ge=2, description="prompt tokens kept (from the end) + sampling.max_new_tokens")
     eval_max_examples: int = Field(64, ge=0, description="cap on held-out prompts")
     engine_batch: int = Field(32, ge=1, description="rollouts decoded together by the engine")
+    rollout: RolloutEngineConfig = Field(default_factory=RolloutEngineConfig,
+                                         description="who decodes the rollouts (protege's engine, vLLM in-process, a "
+                                         "vLLM server) and the importance-sampling correction of vLLM's log-probs")
     merge_for_rollouts: bool = Field(True, description="fold the LoRA adapters into the weights while decoding "
                                      "rollouts (restored bit-exactly after; costs one copy of the adapted weights)")
 
@@ -102,6 +106,7 @@ class Rollout:
     text: str
     finish_reason: str
     reward: float = 0.0
+    sample_logps: list[float] | None = None  # the log-prob each answer token was sampled with (vLLM); None: ours
 
 
 def sample_seed(seed: int, *keys: int) -> int:
@@ -142,36 +147,10 @@ class RolloutCache:
         self.store(f"mb-{index:06d}", [asdict(r) for r in rollouts])
 
 
-@contextlib.contextmanager
-def merged_adapters(model: Any, enabled: bool = True):
-    """Decode with the LoRA update folded into the weights, then put the exact weights back.
-
-    Unmerged, every adapted Linear runs two extra skinny matmuls per decoded token (gemma-3-270m,
-    all-linear r=16, batch 32: rollouts at 0.73x the bare engine's tokens/s). PEFT's `unmerge_adapter`
-    subtracts the update again, which is not bit-exact in floating point and would drift the frozen
-    weights a little every step, so the merged weights are overwritten with copies taken before.
-    """
-    layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer")] if enabled else []
-    if (not layers or not hasattr(model, "merge_adapter") or any(getattr(m, "merged", False) for m in layers)
-            or any(getattr(m, "disable_adapters", False) for m in layers)  # the reference decodes as it is
-            or any(not m.get_base_layer().weight.dtype.is_floating_point for m in layers)):  # a 4/8-bit base
-        yield
-        return
-    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in layers]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
-
-
 @torch.no_grad()
-def sample_rollouts(engine: Engine, chat: ChatFormat, items: list[PromptItem], indices: list[int], samples: int,
-                    sampling: Sampling, seed: int, key: int, max_prompt: int, merge: bool = False) -> list[Rollout]:
-    """`samples` answers per prompt (laid out prompt by prompt) from the engine's current weights."""
+def sample_rollouts(engine: RolloutEngine, chat: ChatFormat, items: list[PromptItem], indices: list[int], samples: int,
+                    sampling: Sampling, seed: int, key: int, max_prompt: int) -> list[Rollout]:
+    """`samples` answers per prompt (laid out prompt by prompt) from the rollout engine's current weights."""
     from ..engine.sampling import SamplingParams
 
     prompts, params = [], []
@@ -181,20 +160,11 @@ def sample_rollouts(engine: Engine, chat: ChatFormat, items: list[PromptItem], i
             prompts.append(ids)
             params.append(SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                          top_p=sampling.top_p, seed=sample_seed(seed, key, i, j)))
-    was_training = engine.model.training
-    engine.model.eval()
-    head = engine.model.get_output_embeddings()
-    with merged_adapters(engine.model, merge):
-        # The engine screens greedy tokens with an int8 copy of the LM head; rebuilding it (262K rows for
-        # Gemma) is only needed when training can change the head (PEFT trainable-token rows).
-        if head is None or any(p.requires_grad for p in head.parameters()):
-            engine.refresh_weights()
-        done = engine.generate(prompts, params)
-    engine.model.train(was_training)
     out = []
-    for n, (ids, c) in enumerate(zip(prompts, done)):
-        answer = list(c.token_ids) or [chat.tokenizer.eos_token_id or 0]  # an empty answer still scores its end
-        out.append(Rollout(indices[n // samples], list(ids), answer, c.text, c.finish_reason))
+    for n, (ids, c) in enumerate(zip(prompts, engine.generate(prompts, params))):
+        answer = c.token_ids or [chat.tokenizer.eos_token_id or 0]  # an empty answer still scores its end
+        logps = c.logprobs if c.logprobs is not None and len(c.logprobs) == len(answer) else None
+        out.append(Rollout(indices[n // samples], list(ids), answer, c.text, c.finish_reason, sample_logps=logps))
     return out
 
 
@@ -205,6 +175,31 @@ def rollout_batch(rollouts: list[Rollout], pad: int, device: Any) -> dict[str, t
     batch = collate(rows, pad, with_seq_ids=True)
     out = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **scored_positions(batch)}
     return {k: v.to(device) for k, v in out.items()}
+
+
+def sampler_correction(lp: torch.Tensor, rollouts: list[Rollout], cfg: RolloutEngineConfig
+                       ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """(per-token importance weights for the trainer-vs-sampler mismatch, or None; the mismatch's statistics).
+
+    `lp` (N,) holds the trainer's log-probs of the rollouts' answer tokens in order. Rollouts decoded by
+    protege's own engine carry no sampler log-probs (their sampler is the trainer's model): (None, {}).
+    Statistics, per token: mean |trainer - sampler log p| and the share of weights the cap truncated."""
+    import math
+
+    from .rl_losses import truncated_is_weights
+
+    if all(r.sample_logps is None for r in rollouts):
+        return None, {}
+    sample = torch.tensor([x for r in rollouts for x in (r.sample_logps or [math.nan] * len(r.answer_ids))],
+                          device=lp.device, dtype=torch.float32)
+    diff = lp.detach().float() - sample
+    known = ~torch.isnan(sample)
+    count = max(float(known.sum()), 1.0)
+    stats = {"logp_mismatch": float(diff[known].abs().sum()) / count}
+    if cfg.is_correction == "none":
+        return None, stats
+    stats["is_truncated"] = float((diff[known] > math.log(cfg.is_cap)).sum()) / count
+    return truncated_is_weights(lp.float(), sample, cfg.is_cap).to(lp.dtype), stats
 
 
 def reference_off(model: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -284,19 +279,25 @@ def eval_plan(n_held: int, per_batch: int) -> list[tuple[int, list[int]]]:
     return [(-1 - s, list(range(s, min(s + per_batch, n_held)))) for s in range(0, n_held, per_batch)]
 
 
-def load_policy(config: RLSettings, ctx: Any) -> tuple[Any, Any, Any, int, Any]:
-    """(LoRA policy in train mode, tokenizer, chat format, pad id, engine decoding the live policy)."""
+def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, RolloutEngine]:
+    """(LoRA policy in train mode, tokenizer, chat format, pad id, the engine that decodes its rollouts)."""
     from ..chat import ChatFormat
     from ..engine import Engine
     from .fit import pad_id
     from .model import load_base, prepare_model
+    from .rollout_engines import make_rollout_engine
 
     accelerator = ctx.accelerator
     model, tok = load_base(config, ctx.precision, accelerator.device)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     model = prepare_model(config, model, chat).to(accelerator.device)
     model.train()
-    return model, tok, chat, pad_id(tok), Engine(model, tok, chat, max_batch_size=config.engine_batch)
+    engine = make_rollout_engine(config.rollout, model=model, chat=chat, spec=config.model,
+                                 engine=Engine(model, tok, chat, max_batch_size=config.engine_batch)
+                                 if config.rollout.backend == "protege" else None,
+                                 precision=ctx.precision.torch_name, out_dir=ctx.out_dir, max_len=config.max_length,
+                                 max_batch=config.engine_batch, seed=config.seed, merge=config.merge_for_rollouts)
+    return model, tok, chat, pad_id(tok), engine
 
 
 def save_policy(model: Any, tok: Any, chat: ChatFormat, path: Path) -> None:
@@ -326,17 +327,15 @@ def split_prompts(config: RLSettings, method: str) -> tuple[list[PromptItem], li
 
 
 @torch.no_grad()
-def policy_eval(engine: Engine, chat: ChatFormat, held: list[PromptItem], indices: list[int], proxy: Reward, gold: Reward,
-                logps: Callable[[dict[str, torch.Tensor], bool], torch.Tensor], config: RLSettings, key: int,
+def policy_eval(engine: RolloutEngine, chat: ChatFormat, held: list[PromptItem], indices: list[int], proxy: Reward,
+                gold: Reward, logps: Callable[[dict[str, torch.Tensor], bool], torch.Tensor], config: RolloutSettings, key: int,
                 pad: int, device: Any) -> dict[str, float]:
     """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
     tokens, and KL(policy || reference) summed per answer (k1) over one sampled answer per prompt.
     `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""
     greedy = sample_rollouts(engine, chat, held, indices, 1, Sampling(max_new_tokens=config.sampling.max_new_tokens),
-                             config.seed, key,
-                             config.max_prompt, config.merge_for_rollouts)
-    sampled = sample_rollouts(engine, chat, held, indices, 1, config.sampling, config.seed, key, config.max_prompt,
-                              config.merge_for_rollouts)
+                             config.seed, key, config.max_prompt)
+    sampled = sample_rollouts(engine, chat, held, indices, 1, config.sampling, config.seed, key, config.max_prompt)
     batch = rollout_batch(sampled, pad, device)
     kl = token_kl(logps(batch, False), logps(batch, True), batch["score_seq"], len(sampled))
     return {"proxy": sum(score_rollouts(proxy, held, greedy)), "gold": sum(score_rollouts(gold, held, greedy)),
@@ -361,9 +360,10 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
 def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Any, out_dir: Path,
                 log: Callable[[str], None], micro_batches: Any, loss_fn: Callable[[Any, Any], Any],
                 eval_fn: Callable[[Any, Any], Any], tokens_of: Callable[[Any], int], data_hash: str, unit: str,
-                eval_batches: list[Any], save_best: Callable[[Path], None],
-                stop_after_steps: int | None) -> tuple[Any, OverOptimisationWatch]:
-    """`fit` with the over-optimisation watch on every held-out eval, the first one before step 1 (KL 0)."""
+                eval_batches: list[Any], save_best: Callable[[Path], None], stop_after_steps: int | None,
+                engine: RolloutEngine) -> tuple[Any, OverOptimisationWatch]:
+    """`fit` with the over-optimisation watch on every held-out eval, the first one before step 1 (KL 0);
+    the rollout engine is told after every optimizer step that the policy changed."""
     from .fit import evaluate, fit
     from .settings import fingerprint
 
@@ -381,7 +381,8 @@ def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accel
     result = fit(name, config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=micro_batches, loss_fn=loss_fn, tokens_of=tokens_of, fingerprint=fingerprint(config),
                  data_hash=data_hash, unit=unit, eval_batches=eval_batches, stop_after_steps=stop_after_steps,
-                 on_eval=on_eval, progress=("reward", "kl"), eval_fn=eval_fn)
+                 on_eval=on_eval, progress=("reward", "kl"), eval_fn=eval_fn,
+                 on_step=lambda step: engine.policy_changed())
     return result, watch
 
 

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 __all__ = ["kl_per_token", "kl_shaped_rewards", "gae", "whiten", "clipped_policy_loss", "clipped_value_loss",
-           "group_advantages", "best_of_n_kl", "masked_mean"]
+           "group_advantages", "best_of_n_kl", "masked_mean", "truncated_is_weights"]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,3 +139,14 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError("n must be >= 1")
     return math.log(n) - (n - 1) / n
+
+
+def truncated_is_weights(logp: torch.Tensor, sample_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights min(p_trainer / p_sampler, cap) (no gradient), NaN sampler log-probs giving weight 1.
+
+    A fast inference engine (vLLM) samples from slightly different probabilities than the trainer computes
+    (other kernels, precision, batch shapes), so its rollouts are a little off-policy. Weighting each token's
+    policy-gradient term by the ratio, truncated at `cap` to bound the variance, corrects for it (truncated
+    importance sampling, Yao et al. 2025; TRL's `vllm_importance_sampling_correction`)."""
+    ratio = torch.exp(logp.detach() - sample_logp).clamp(max=cap)
+    return torch.where(torch.isnan(sample_logp), torch.ones_like(ratio), ratio)

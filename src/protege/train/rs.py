@@ -32,6 +32,7 @@ from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RolloutSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
                  sample_rollouts, score_rollouts, split_prompts)
 from .rewards import describe_reward
+from .rollout_engines import ProtegeRollouts, make_rollout_engine
 from .rl_losses import best_of_n_kl
 from .settings import TrainSettings
 
@@ -134,7 +135,11 @@ def run(config: RSConfig) -> dict[str, Any]:
     log(f"sampling in {precision.name} ({precision.reason})")
     model, tok = load(config.model, dtype=precision.torch_name)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    engine = Engine(model, tok, chat, max_batch_size=config.engine_batch)
+    engine = make_rollout_engine(config.rollout, model=model, chat=chat, spec=config.model,
+                                 engine=Engine(model, tok, chat, max_batch_size=config.engine_batch)
+                                 if config.rollout.backend == "protege" else None, precision=precision.torch_name,
+                                 out_dir=out, max_len=config.max_length, max_batch=config.engine_batch,
+                                 seed=config.seed, merge=False)
 
     # ---- sample k per prompt (cached per chunk) ------------------------------------------------
     cache = RolloutCache(out / "rollouts")
@@ -146,13 +151,15 @@ def run(config: RSConfig) -> dict[str, Any]:
     for c, idx in enumerate(tqdm(chunks, desc=f"rs: sampling {config.k} per prompt", unit="chunk")):
         got = cache.get(c)
         if got is None:
-            got = sample_rollouts(engine, chat, items, idx, config.k, config.sampling, config.seed, c, config.max_prompt)
+            got = sample_rollouts(engine, chat, items, idx, config.k, config.sampling, config.seed, c,
+                                  config.max_prompt)
             for r, s in zip(got, score_rollouts(proxy, items, got)):
                 r.reward = s
             cache.put(c, got)
             decoded += sum(len(r.answer_ids) for r in got)
         samples += got
     sample_seconds = time.perf_counter() - t0
+    engine.close()  # vLLM's copy of the weights and its KV cache are not needed for the fine-tuning
     groups = [samples[i * config.k:(i + 1) * config.k] for i in range(len(items))]
     curve = best_of_curve([[r.reward for r in g] for g in groups])
 
@@ -209,7 +216,7 @@ def run(config: RSConfig) -> dict[str, Any]:
             return scorer.token_logps(*args)
 
         idx = list(range(len(held)))
-        eng = Engine(policy, tok, chat, max_batch_size=config.engine_batch)
+        eng = ProtegeRollouts(Engine(policy, tok, chat, max_batch_size=config.engine_batch), merge=False)
         for step, label in ((0, "start"), (1, "after")):
             if step == 0:
                 with reference_off(policy):
