@@ -6,6 +6,7 @@ install); CI does not build the 2.5 GB environment, so this is skipped there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -36,25 +37,17 @@ def _vllm_sized_llama(tiny_llama, out):
     return out
 
 
-def test_a_vllm_server_teacher_answers_greedy_like_protege_s_engine(tiny_llama, tmp_path):
-    from protege.engine import Engine, SamplingParams
-    from protege.models import load
+@contextlib.contextmanager
+def _vllm_server(model_dir, tmp_path, *args, env=None):
+    """`vllm serve` (its OpenAI server module) on a free loopback port; yields its base URL."""
     from protege.serve import free_port
-    from protege.teachers import TeacherConfig, make_teacher
 
-    from protege.chat import ChatFormat
-
-    # The tiny tokenizer has no chat template of its own (protege picks ChatML from its vocabulary); vLLM is
-    # given the one protege renders with, as a user of a template-less base model would do.
-    tiny_llama_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
-    template = tmp_path / "template.jinja"
-    template.write_text(ChatFormat.from_tokenizer(load(str(tiny_llama_dir), dtype="float32")[1]).template)
     port = free_port()
     log = open(tmp_path / "vllm.log", "w")
-    proc = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llama_dir),
+    proc = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                              "--served-model-name", "tiny", "--dtype", "float32", "--port", str(port), "--host",
-                             "127.0.0.1", "--max-model-len", "512", "--enforce-eager", "--chat-template", str(template)],
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=log)
+                             "127.0.0.1", "--max-model-len", "512", "--enforce-eager", *args],
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, stdout=log, stderr=log)
     try:
         deadline = time.time() + 600
         while True:
@@ -64,13 +57,29 @@ def test_a_vllm_server_teacher_answers_greedy_like_protege_s_engine(tiny_llama, 
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        convs = [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in range(8)]
-        params = SamplingParams(max_new_tokens=16, temperature=0.0)
-        teacher = make_teacher(TeacherConfig(backend="openai", model="tiny", base_url=f"http://127.0.0.1:{port}/v1"))
-        theirs = [r.text for r in teacher.complete(convs, params)]
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_vllm_server_teacher_answers_greedy_like_protege_s_engine(tiny_llama, tmp_path):
+    from protege.engine import Engine, SamplingParams
+    from protege.models import load
+    from protege.teachers import TeacherConfig, make_teacher
+
+    from protege.chat import ChatFormat
+
+    # The tiny tokenizer has no chat template of its own (protege picks ChatML from its vocabulary); vLLM is
+    # given the one protege renders with, as a user of a template-less base model would do.
+    tiny_llama_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
+    template = tmp_path / "template.jinja"
+    template.write_text(ChatFormat.from_tokenizer(load(str(tiny_llama_dir), dtype="float32")[1]).template)
+    with _vllm_server(tiny_llama_dir, tmp_path, "--chat-template", str(template)) as url:
+        convs = [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in range(8)]
+        params = SamplingParams(max_new_tokens=16, temperature=0.0)
+        teacher = make_teacher(TeacherConfig(backend="openai", model="tiny", base_url=f"{url}/v1"))
+        theirs = [r.text for r in teacher.complete(convs, params)]
     model, tok = load(str(tiny_llama_dir), dtype="float32")
     mine = [c.text for c in Engine(model, tok).chat(convs, params)]
     # A random model ends on half a UTF-8 character at the token limit: protege's text shows it as U+FFFD,
@@ -192,3 +201,30 @@ def test_grpo_with_vllm_rollouts_learns_on_weights_pushed_after_every_step(tiny_
     b = load_file(str(tmp_path / "c" / "adapter" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_grpo_with_a_vllm_server_loads_each_step_s_adapter(tiny_llama, tmp_path):
+    """`rollout.backend: vllm-server`: a running `vllm serve --enable-lora` decodes the rollouts; after every
+    optimizer step protege saves the adapter and loads it through vLLM's runtime LoRA route. The reward rises,
+    and the server's sampling log-probs equal the trainer's while the policy moves away from the base."""
+    import json
+
+    from protege.train.grpo import GRPOConfig, run
+
+    model_dir = _vllm_sized_llama(tiny_llama, tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"say something {i}"}) + "\n" for i in range(24)))
+    with _vllm_server(model_dir, tmp_path, "--enable-lora", "--max-lora-rank", "8", "--logprobs-mode",
+                      "processed_logprobs", env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}) as url:
+        summary = run(GRPOConfig(model=str(model_dir), prompts=str(prompts), out_dir=str(tmp_path / "grpo"),
+                                 precision="fp32", group_size=4, batch_size=4, max_new_tokens=3, max_steps=8,
+                                 learning_rate=1e-2, eval_every=4, tensorboard=False,
+                                 reward={"kind": "rule", "rule": "format", "pattern": "^ "},
+                                 lora={"r": 8, "alpha": 16, "dropout": 0.0, "trainable_tokens": "none"},
+                                 rollout={"backend": "vllm-server", "url": url}, engine_batch=16))
+    assert summary["weight_syncs"] == 9
+    assert sorted(p.name for p in (tmp_path / "grpo" / "rollout_adapters").iterdir())[-1] == "protege-policy-9"
+    train = [r for r in map(json.loads, (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert sum(r["reward"] for r in train[-4:]) / 4 > train[0]["reward"] + 0.25, [r["reward"] for r in train]
+    assert max(r["logp_mismatch"] for r in train) < 1e-3
+    assert json.loads((tmp_path / "grpo" / "overoptimisation.json").read_text())["history"][-1]["kl"] > 0.05
