@@ -194,3 +194,31 @@ def test_answers_with_zero_advantage_add_nothing_so_skipping_them_is_exact():
     part.backward()
     assert part.item() == pytest.approx(full.item())
     assert kept_lp.grad.tolist() == pytest.approx(lp.grad[[0, 1, 3, 4]].tolist()) and lp.grad[2] == 0
+
+
+def test_merged_weights_are_the_policy_in_hf_names_trainable_token_rows_included():
+    """What a vLLM rollout engine is sent after each step: loaded into a fresh copy of the base (strictly: every
+    name an HF checkpoint name), it computes the LoRA + trainable-token policy's logits."""
+    from tiny import tiny_model
+
+    from protege.chat import ChatFormat
+    from protege.train.model import prepare_model
+    from protege.train.rollout_engines import merged_adapters, merged_weights
+    from protege.train.settings import TrainSettings
+
+    model, tok = tiny_model("llama", seed=0)
+    policy = prepare_model(TrainSettings(lora={"r": 4}), model, ChatFormat.from_tokenizer(tok)).eval()
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n or "trainable_tokens_delta" in n:
+                p.normal_(0, 0.3)
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = policy(input_ids=x).logits
+        with merged_adapters(policy):
+            weights = {k: v.clone() for k, v in merged_weights(policy, include_embeddings=True).items()}
+        fresh, _ = tiny_model("llama", seed=0)
+        assert (fresh(input_ids=x).logits - want).abs().max() > 0.1  # the policy did move
+        fresh.load_state_dict(weights, strict=True)
+        torch.testing.assert_close(fresh(input_ids=x).logits, want, rtol=0, atol=1e-4)
+    assert "model.embed_tokens.weight" not in merged_weights(policy, include_embeddings=False)

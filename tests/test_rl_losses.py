@@ -98,3 +98,71 @@ def test_best_of_n_kl():
     assert best_of_n_kl(8) == pytest.approx(math.log(8) - 7 / 8)
     with pytest.raises(ValueError):
         best_of_n_kl(0)
+
+
+def test_truncated_importance_weights_by_hand():
+    from protege.train.rl_losses import truncated_is_weights
+
+    logp = torch.tensor([-1.0, -1.0, -0.5, -2.0], requires_grad=True)
+    sample = torch.tensor([-1.0, -1.5, -3.0, math.nan])  # equal; trainer likelier; far likelier (cap); unknown
+    w = truncated_is_weights(logp, sample, cap=2.0)
+    assert w.tolist() == pytest.approx([1.0, math.exp(0.5), 2.0, 1.0])
+    assert not w.requires_grad  # a weight on the gradient, not a path for it
+    assert truncated_is_weights(logp, torch.tensor([-0.5, -0.5, -0.5, -0.5]), 2.0)[0] == pytest.approx(math.exp(-0.5))
+
+
+def test_sampler_correction_weights_only_rollouts_another_engine_sampled():
+    from protege.train.rl import Rollout, sampler_correction
+    from protege.train.rollout_engines import RolloutEngineConfig
+
+    ours = [Rollout(0, [1], [5, 6], "", "stop"), Rollout(0, [1], [7], "", "stop")]
+    lp = torch.tensor([-1.0, -2.0, -0.5])
+    assert sampler_correction(lp, ours, RolloutEngineConfig()) == (None, {})
+    vllm = [Rollout(0, [1], [5, 6], "", "stop", sample_logps=[-1.1, -2.0]), Rollout(0, [1], [7], "", "stop")]
+    w, stats = sampler_correction(lp, vllm, RolloutEngineConfig(is_cap=1.05))
+    assert w.tolist() == pytest.approx([1.05, 1.0, 1.0])  # exp(0.1) = 1.105 truncated; equal; not vLLM's: 1
+    assert stats["logp_mismatch"] == pytest.approx(0.05)  # |0.1| and 0 over the two tokens vLLM sampled
+    assert stats["is_truncated"] == pytest.approx(0.5)
+    w, stats = sampler_correction(lp, vllm, RolloutEngineConfig(is_correction="none"))
+    assert w is None and set(stats) == {"logp_mismatch"}
+
+
+def test_importance_weights_scale_each_token_s_policy_gradient():
+    from protege.train.grpo import grpo_objective
+
+    seq = torch.tensor([0, 0, 1])
+    adv = torch.tensor([1.0, -1.0])
+    grads = []
+    for w in (None, torch.ones(3), torch.tensor([0.5, 1.0, 2.0])):
+        lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+        grpo_objective(lp, None, seq, adv, clip=0.2, beta=0.0, is_weights=w)[0].backward()
+        grads.append(lp.grad.tolist())
+    assert grads[0] == grads[1] == pytest.approx([-0.5, -0.5, 1.0])
+    assert grads[2] == pytest.approx([-0.25, -0.5, 2.0])
+
+
+def test_rollout_engine_settings_fail_early_with_what_to_do(tmp_path):
+    from protege.errors import StageError
+    from protege.train.rollout_engines import RolloutEngineConfig
+
+    with pytest.raises(ValueError, match="needs rollout.url"):
+        RolloutEngineConfig(backend="vllm-server")
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        from protege.train.rollout_engines import VLLMRollouts
+
+        with pytest.raises(StageError, match="vLLM is not installed here.*vllm-server"):
+            VLLMRollouts(torch.nn.Linear(1, 1), None, "x", "float32", RolloutEngineConfig(backend="vllm"), 64, 4, 0)
+    from protege.serve import free_port
+    from protege.train.rollout_engines import VLLMServerRollouts
+
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = RolloutEngineConfig(backend="vllm-server", url=url, timeout=5)
+    with pytest.raises(StageError, match=f"rollout.url {url}: no vLLM server answered"):
+        VLLMServerRollouts(torch.nn.Linear(1, 1), None, cfg, tmp_path, 4)
+    trained_rows = torch.nn.Module()
+    trained_rows.embed_tokens = torch.nn.Embedding(4, 2)  # trainable-token rows: a vLLM LoRA cannot carry them
+    with pytest.raises(StageError, match="lora.trainable_tokens: none"):
+        VLLMServerRollouts(trained_rows, None, cfg, tmp_path, 4)

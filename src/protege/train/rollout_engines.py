@@ -149,7 +149,9 @@ class ProtegeRollouts:
 def _hf_name(peft_name: str) -> str:
     """A PEFT-wrapped parameter's name as the HF checkpoint spells it."""
     name = peft_name.removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+    for wrapper in (".token_adapter.", ".base_layer.", ".original_module."):
+        name = name.replace(wrapper, ".")
+    return name
 
 
 def merged_weights(model: torch.nn.Module, include_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -159,7 +161,7 @@ def merged_weights(model: torch.nn.Module, include_embeddings: bool) -> dict[str
     (trainable-token rows), since they are the largest tensors and otherwise equal the base's."""
     out = {}
     for name, p in model.named_parameters():
-        if "lora_" in name or "trainable_tokens_" in name or "token_adapter" in name or "value_head" in name:
+        if "lora_" in name or "trainable_tokens_delta" in name or "value_head" in name:
             continue
         hf = _hf_name(name)
         if not include_embeddings and ("embed_tokens" in hf or hf.startswith("lm_head")):
@@ -169,7 +171,7 @@ def merged_weights(model: torch.nn.Module, include_embeddings: bool) -> dict[str
 
 
 def _changes_embeddings(model: torch.nn.Module) -> bool:
-    return any(p.requires_grad and ("trainable_tokens" in n or "token_adapter" in n or "embed" in n or "lm_head" in n)
+    return any(p.requires_grad and ("trainable_tokens" in n or "embed" in n or "lm_head" in n)
                for n, p in model.named_parameters())
 
 
