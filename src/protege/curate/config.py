@@ -191,6 +191,9 @@ class CurateConfig(StageConfig):
     card: bool = Field(True, description="write card.md and card.html")
     workers: int = Field(1, ge=0, description="processes running the per-record steps and dedup's MinHash signing "
                                               "(0: one per CPU core); the output is the same for any number")
+    ray_address: str | None = Field(None, description="run those steps as Ray tasks instead: auto (the cluster "
+                                    "`ray start` made, or RAY_ADDRESS), local (a Ray instance on this machine), or "
+                                    "a cluster address; the output is the same as one worker's")
 
     @model_validator(mode="before")
     @classmethod

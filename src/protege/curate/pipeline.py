@@ -37,7 +37,7 @@ from .common import StepResult, log, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
 from .read import UNCHECKED, IdRenamer, read_inputs
 from . import stream
-from .stream import RecordWriter, chunked, mapper, merge_stats, read_chunks, resolve_workers
+from .stream import RecordWriter, chunked, mapper, merge_stats, ray_connection, read_chunks, resolve_workers
 
 __all__ = ["run", "Context", "LengthHistogram"]
 
@@ -154,7 +154,7 @@ def _run_step(opts: Any, src: Path, folder: Path, cfg: CurateConfig, validate: b
                 n_in += len(chunk)
                 yield chunk
 
-        with mapper(workers) as map_fn:
+        with mapper(workers, cfg.ray_address) as map_fn:
             if opts.step == "dedup":
                 def twice() -> Iterable[list[Record]]:  # dedup reads its input twice; count it once
                     return counted() if n_in == 0 else read_chunks(src)
@@ -254,6 +254,18 @@ def run(config: CurateConfig) -> dict[str, Any]:
     inputs, summaries = state["inputs"], state["steps"]
     if done > 0:
         log(f"resuming after step {done} ({cfg.steps[done - 1].step}) from {work}")
+    with ray_connection(cfg.ray_address if done < len(cfg.steps) else None):  # one connection for every step
+        summaries = _run_steps(cfg, folders, done, inputs, summaries, workers)
+    _publish(cfg, out, folders, inputs, summaries, t_start)
+    shutil.rmtree(work, ignore_errors=True)
+    counts = _counts(inputs, summaries)
+    return {**counts, "steps": [{"step": s["step"], "in": s["in"], "out": s["out"], "removed": s["removed"]}
+                                for s in summaries]}
+
+
+def _run_steps(cfg: CurateConfig, folders: list[Path], done: int, inputs: dict[str, Any],
+               summaries: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Steps after `done`, each from the folder before it; a step's state.json is written last (the resume point)."""
     leading_cleans = next((i for i, s in enumerate(cfg.steps) if s.step != "clean"), len(cfg.steps))
     for i in range(done, len(cfg.steps)):
         opts = cfg.steps[i]
@@ -262,15 +274,13 @@ def run(config: CurateConfig) -> dict[str, Any]:
                                                      validate, workers)
         summaries = summaries + step_summaries
         s = step_summaries[0]
+        where = (f", Ray at {cfg.ray_address}" if cfg.ray_address is not None
+                 else f", {workers} workers" if workers > 1 else "")
         log(f"step {i + 1}/{len(cfg.steps)} {opts.step}: {s['in']} in, {n_out} out, {n_removed} removed "
-             f"({s['seconds']:.1f} s{f', {workers} workers' if workers > 1 else ''})")
+            f"({s['seconds']:.1f} s{where})")
         atomic_write_json(folders[i + 1] / "state.json", {"fingerprint": _fingerprint(cfg, i), "inputs": inputs,
                                                           "steps": summaries, "out": n_out}, indent=None)
-    _publish(cfg, out, folders, inputs, summaries, t_start)
-    shutil.rmtree(work, ignore_errors=True)
-    counts = _counts(inputs, summaries)
-    return {**counts, "steps": [{"step": s["step"], "in": s["in"], "out": s["out"], "removed": s["removed"]}
-                                for s in summaries]}
+    return summaries
 
 
 def _counts(inputs: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, int]:

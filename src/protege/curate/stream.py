@@ -8,12 +8,18 @@ alone (clean, split, language, quality rules, decontaminate, tag) run on chunks 
 Why a `multiprocessing` pool and not `datasets.map(num_proc=...)`: records carry free-form `meta` per
 source, which an Arrow schema would have to unify (or carry as JSON strings, which is what these files
 already are), and the steps are Python functions over protege's record classes; the pool runs exactly those
-functions on exactly those records. Across machines the same chunks are what Ray Data's `map_batches`
-would take (see docs/architecture.md).
+functions on exactly those records.
+
+Across machines (`ray_address`), each chunk is one Ray task: the same function on the same chunk, results
+taken back in order, so a cluster's output equals one worker's too. Ray core tasks rather than Ray Data's
+`map_batches` for the reason above (Ray Data moves batches as Arrow tables). A user with a cluster already
+runs Ray (KubeRay, `ray start` on each node, the cluster vLLM and RLHF frameworks run on); joining it is one
+address, and protege must be installed on every node.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import multiprocessing
@@ -24,7 +30,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..records import Comparison, Conversation, JsonlWriter, Record
 
-__all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper", "resolve_workers"]
+__all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper", "ray_connection",
+           "ray_mapper",
+           "resolve_workers"]
 
 CHUNK = 5000  # records per chunk: large enough to amortise a worker round trip, small enough to bound memory
 
@@ -85,11 +93,86 @@ def resolve_workers(workers: int) -> int:
 
 
 @contextmanager
-def mapper(workers: int) -> Iterator[Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]]:
-    """An ordered `map` over `workers` processes (the built-in map for one: no pool, no pickling)."""
+def mapper(workers: int, ray_address: str | None = None
+           ) -> Iterator[Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]]:
+    """An ordered `map` over `workers` processes (the built-in map for one: no pool, no pickling), or over a
+    Ray cluster's CPUs when `ray_address` is given."""
+    if ray_address is not None:
+        with ray_mapper(ray_address) as map_fn:
+            yield map_fn
+        return
     if workers <= 1:
         yield map
         return
     with multiprocessing.get_context().Pool(workers) as pool:
         # chunksize 1: a task is already a chunk of records; in order, so results match one worker's
         yield lambda fn, items: pool.imap(fn, items, chunksize=1)
+
+
+@contextmanager
+def ray_connection(address: str | None) -> Iterator[None]:
+    """Connected to Ray for the duration (nothing when `address` is None): "auto" joins the cluster `ray start`
+    made (or RAY_ADDRESS), "local" starts a Ray instance on this machine, anything else is a cluster address
+    (`ray://host:10001`, `host:6379`). Disconnects only if it connected."""
+    if address is None:
+        yield
+        return
+    from ..errors import StageError
+
+    try:
+        import ray
+    except ImportError:
+        raise StageError("curate: ray_address needs Ray on this machine and every node "
+                         "(pip install 'protege[ray]')") from None
+    started = not ray.is_initialized()
+    if started:
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == "local" else address, log_to_driver=False,
+                     include_dashboard=False, configure_logging=False)
+        except ConnectionError as exc:
+            raise StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
+                             "`ray start --head`, or use ray_address: local") from None
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, on a `host:port` with nothing listening (ray.init retries for ~5 min)."""
+    import socket
+
+    from ..errors import StageError
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
+                         "`ray start --head`, or use ray_address: local") from None
+
+
+@contextmanager
+def ray_mapper(address: str) -> Iterator[Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]]:
+    """An ordered `map` whose calls are Ray tasks (one per chunk). At most two tasks per cluster CPU are in
+    flight, so the driver's memory stays bounded by a few chunks however large the input."""
+    with ray_connection(address):
+        import ray
+
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+        def ordered(fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+            task = ray.remote(num_cpus=1)(fn)
+            pending: collections.deque = collections.deque()
+            for item in items:
+                pending.append(task.remote(item))
+                if len(pending) >= window:
+                    yield ray.get(pending.popleft())
+            while pending:
+                yield ray.get(pending.popleft())
+
+        yield ordered

@@ -2,8 +2,9 @@
 own engine, their cache, per-token log-probs of the sampled answers under the policy and the reference,
 and the over-optimisation watch.
 
-- Rollouts: the policy's current weights decode through `engine.Engine` (continuous batching, the
-  LoRA adapters live), each sample with its own seed derived from (run seed, micro-batch, sample), so
+- Rollouts: the policy's current weights decode through the rollout engine (`rollout_engines`: protege's
+  `engine.Engine` on the live adapters by default, or vLLM with the weights pushed after each step), each
+  sample with its own seed derived from (run seed, micro-batch, sample), so
   the same weights give the same answers. Each micro-batch's rollouts are written to
   `rollouts/mb-NNNNNN.json` before its loss is computed: a run killed mid-step resumes from its last
   checkpoint, finds the rollouts of the step it was in (they came from the very weights it resumes
