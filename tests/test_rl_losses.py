@@ -166,3 +166,14 @@ def test_rollout_engine_settings_fail_early_with_what_to_do(tmp_path):
     trained_rows.embed_tokens = torch.nn.Embedding(4, 2)  # trainable-token rows: a vLLM LoRA cannot carry them
     with pytest.raises(StageError, match="lora.trainable_tokens: none"):
         VLLMServerRollouts(trained_rows, None, cfg, tmp_path, 4)
+
+
+def test_vllm_rollouts_refuse_a_multi_process_launch(monkeypatch, tmp_path):
+    from protege.errors import StageError
+    from protege.train.rollout_engines import RolloutEngineConfig, make_rollout_engine
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = RolloutEngineConfig(backend="vllm-server", url="http://127.0.0.1:1")
+    with pytest.raises(StageError, match="runs in one training process.*rollout.backend protege"):
+        make_rollout_engine(cfg, model=torch.nn.Linear(1, 1), chat=None, spec="x", engine=None, precision="float32",
+                            out_dir=tmp_path, max_len=64, max_batch=4, seed=0, merge=False)

@@ -346,6 +346,11 @@ def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, cha
     if cfg.backend == "protege":
         assert engine is not None
         return ProtegeRollouts(engine, merge)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would start its own vLLM next to the trainer's process group, or push the same adapter
+        # under the same name as every other rank: neither is tested, so neither is offered.
+        raise StageError(f"rollout.backend {cfg.backend} runs in one training process; under a multi-process "
+                         "launch use rollout.backend protege (each rank decodes its own rollouts)")
     if cfg.backend == "vllm":
         base, full = vllm_base(spec)
         return VLLMRollouts(model, chat, base, precision, cfg, max_len, max_batch, seed, full_first_sync=full)
