@@ -16,7 +16,6 @@ precision (fp32 here: greedy ties in bf16 make two correct engines disagree), 48
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -39,10 +38,11 @@ def prompts(n: int) -> list[list[dict[str, str]]]:
     return out[:n]
 
 
-def start_vllm(python: str, model_dir: str, port: int, dtype: str) -> subprocess.Popen:
+def start_vllm(python: str, model_dir: str, port: int, dtype: str, template: str) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", "m",
-           "--dtype", dtype, "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048", "--enforce-eager"]
+           "--dtype", dtype, "--port", str(port), "--host", "127.0.0.1", "--max-model-len", "2048", "--enforce-eager",
+           "--chat-template", template]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open("/tmp/vllm_check.log", "w"))
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -75,10 +75,19 @@ def main() -> int:
 
     batches = [int(b) for b in args.batches.split(",")]
     model_dir = resolve(args.model)
+    if str(model_dir).endswith(".gguf"):
+        raise SystemExit(f"{args.model} is a GGUF file (protege runs it with llama.cpp); vLLM needs an HF folder")
+    from protege.chat import ChatFormat
+    from protege.models import load_tokenizer
+
+    # The template protege renders with (a base model such as gemma-3-270m ships none): both engines see the
+    # same prompt text.
+    template = Path(f"/tmp/vllm_check_{os.getpid()}.jinja")
+    template.write_text(ChatFormat.from_tokenizer(load_tokenizer(model_dir)).template)
     convs = prompts(max(batches + [args.n]))
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0)
     port = free_port()
-    proc = start_vllm(args.vllm_python, model_dir, port, args.dtype)
+    proc = start_vllm(args.vllm_python, str(model_dir), port, args.dtype, str(template))
     theirs: dict[int, tuple[list, float]] = {}
     try:
         for b in sorted(set(batches + [args.n])):
