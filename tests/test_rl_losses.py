@@ -164,6 +164,7 @@ def test_rollout_engine_settings_fail_early_with_what_to_do(tmp_path):
         VLLMServerRollouts(torch.nn.Linear(1, 1), None, cfg, tmp_path, 4)
     trained_rows = torch.nn.Module()
     trained_rows.embed_tokens = torch.nn.Embedding(4, 2)  # trainable-token rows: a vLLM LoRA cannot carry them
+    trained_rows.peft_config = {"default": None}  # a policy with adapters (a plain model is the server's own)
     with pytest.raises(StageError, match="lora.trainable_tokens: none"):
         VLLMServerRollouts(trained_rows, None, cfg, tmp_path, 4)
 

@@ -66,3 +66,28 @@ def test_rs_keeps_the_best_fine_tunes_and_resumes(tmp_path, tiny_policy_dir):
     assert s3["kept_from_earlier_rounds"] == 3
     kept = [json.loads(x) for x in (tmp_path / "r2" / "best.jsonl").read_text().splitlines()]
     assert sum(r["messages"][-1]["content"] == "earlier" for r in kept) == 3
+
+
+def test_a_prompt_whose_answers_are_all_empty_is_left_out_not_trained_on(tmp_path, tiny_policy_dir, monkeypatch):
+    """A sample that is only a stop token has no text: it cannot be an SFT target (the SFT reader refuses an
+    empty turn), so its prompt is dropped and counted, and the others are still kept."""
+    from protege.train import rs
+
+    real = rs.sample_rollouts
+
+    def some_empty(engine, chat, items, indices, k, *args, **kw):
+        out = real(engine, chat, items, indices, k, *args, **kw)
+        for r in out:
+            if r.prompt_index == indices[0]:
+                r.text = ""
+        return out
+
+    monkeypatch.setattr(rs, "sample_rollouts", some_empty)
+    prompts = _prompts(tmp_path / "p.jsonl", n=8)
+    s = run(RSConfig(model=str(tiny_policy_dir), prompts=prompts, k=2, max_new_tokens=3, chunk=4, eval_fraction=0.0,
+                     reward={"kind": "rule", "rule": "format", "pattern": r"^ "}, max_steps=1, batch_size=4,
+                     tensorboard=False, lora={"r": 8, "alpha": 16, "trainable_tokens": "none"},
+                     out_dir=str(tmp_path / "r")))
+    assert s["dropped_all_empty"] == 2 and s["kept"] == 6  # the first prompt of each chunk of 4
+    best = [json.loads(x) for x in (tmp_path / "r" / "best.jsonl").read_text().splitlines()]
+    assert all(rec["messages"][-1]["content"].strip() for rec in best)

@@ -203,10 +203,11 @@ def test_grpo_with_vllm_rollouts_learns_on_weights_pushed_after_every_step(tiny_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_grpo_with_a_vllm_server_loads_each_step_s_adapter(tiny_llama, tmp_path):
+def test_grpo_and_rs_with_a_vllm_server(tiny_llama, tmp_path):
     """`rollout.backend: vllm-server`: a running `vllm serve --enable-lora` decodes the rollouts; after every
     optimizer step protege saves the adapter and loads it through vLLM's runtime LoRA route. The reward rises,
-    and the server's sampling log-probs equal the trainer's while the policy moves away from the base."""
+    and the server's sampling log-probs equal the trainer's while the policy moves away from the base.
+    Rejection sampling from the base samples through the same server, with no adapter."""
     import json
 
     from protege.train.grpo import GRPOConfig, run
@@ -222,6 +223,17 @@ def test_grpo_with_a_vllm_server_loads_each_step_s_adapter(tiny_llama, tmp_path)
                                  reward={"kind": "rule", "rule": "format", "pattern": "^ "},
                                  lora={"r": 8, "alpha": 16, "dropout": 0.0, "trainable_tokens": "none"},
                                  rollout={"backend": "vllm-server", "url": url}, engine_batch=16))
+        # Rejection sampling from the fixed base: the server's own model, no adapter loaded
+        from protege.train.rs import RSConfig
+        from protege.train.rs import run as rs_run
+
+        rs = rs_run(RSConfig(model=str(model_dir), prompts=str(prompts), out_dir=str(tmp_path / "rs"), k=4,
+                             max_new_tokens=6, chunk=8, precision="fp32", max_steps=2, tensorboard=False,
+                             reward={"kind": "rule", "rule": "format", "pattern": "^ "},
+                             lora={"r": 8, "alpha": 16, "trainable_tokens": "none"},
+                             rollout={"backend": "vllm-server", "url": url}))
+    assert rs["samples"] == 4 * rs["prompts"] and rs["decoded_tokens"] > 0
+    assert not (tmp_path / "rs" / "rollout_adapters").exists()
     assert summary["weight_syncs"] == 9
     assert sorted(p.name for p in (tmp_path / "grpo" / "rollout_adapters").iterdir())[-1] == "protege-policy-9"
     train = [r for r in map(json.loads, (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()) if "reward" in r]

@@ -190,11 +190,12 @@ class VLLMRollouts:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gb:g}")
         threads = torch.get_num_threads()
         self.model, self.chat = model, chat
+        trained = hasattr(model, "peft_config")  # a plain model (rejection sampling) is vLLM's own copy already
         self.llm = vllm.LLM(model=base, dtype=precision, seed=seed, enforce_eager=True, max_num_seqs=max_batch,
                             max_model_len=max_len, logprobs_mode="processed_logprobs",
                             gpu_memory_utilization=cfg.gpu_memory_utilization)
         torch.set_num_threads(threads)  # vLLM lowers the process's threads "for serving"; training wants them all
-        self.stale = True  # the policy may already differ from the base (a resumed run)
+        self.stale = trained or full_first_sync  # a resumed run's policy differs from the base already
         self.embeddings = _changes_embeddings(model)
         self.full_next = full_first_sync
         self.syncs, self.sync_seconds = 0, 0.0
@@ -256,7 +257,10 @@ class VLLMServerRollouts:
         self.base = cfg.url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
         self.http = httpx.Client(timeout=cfg.timeout)
         self.concurrency = concurrency
-        if _changes_embeddings(model):
+        # A policy with adapters is loaded into the server after every step; a plain model (rejection sampling
+        # from a fixed model) is taken to be the one the server serves.
+        trained = hasattr(model, "peft_config")
+        if trained and _changes_embeddings(model):
             raise StageError("rollout.backend vllm-server loads the policy as a vLLM LoRA adapter, which cannot carry "
                              "trained embedding rows: set lora.trainable_tokens: none")
         try:
@@ -264,8 +268,8 @@ class VLLMServerRollouts:
         except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
             raise StageError(f"rollout.url {cfg.url}: no vLLM server answered GET /v1/models ({exc})") from None
         self.served = cfg.served_model or listed[0]["id"]
-        self.current: str | None = None
-        self.stale = True
+        self.current: str | None = None if trained else self.served
+        self.stale = trained
         self.version = 0
         self.syncs, self.sync_seconds = 0, 0.0
 
@@ -290,7 +294,7 @@ class VLLMServerRollouts:
         path = self.adapter_dir / name
         self.model.save_pretrained(str(path))
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
-        if self.current is not None:
+        if self.current is not None and self.current != self.served:
             self._post("/v1/unload_lora_adapter", {"lora_name": self.current})
         self.current, self.stale = name, False
         self.syncs += 1

@@ -165,27 +165,35 @@ def run(config: RSConfig) -> dict[str, Any]:
 
     # ---- keep the best (over earlier rounds too) ------------------------------------------------
     earlier = _previous_best(config.previous)
-    kept, from_earlier, dropped = [], 0, 0
+    kept, from_earlier, dropped, empty = [], 0, 0, 0
     for item, group in zip(items, groups):
-        best = max(group, key=lambda r: (r.reward, -len(r.answer_ids)))  # ties: the shorter answer
-        rec = {"id": f"rs-{item.id}", "prompt_id": item.id, "reward": best.reward,
-               "messages": item.messages + [{"role": "assistant", "content": best.text}],
-               "meta": {"k": config.k, "finish_reason": best.finish_reason, "round_rewards": [r.reward for r in group]}}
+        said = [r for r in group if r.text.strip()]  # an answer with no text cannot be an SFT target
         old = earlier.get(item.id)
-        if old is not None and float(old["reward"]) > best.reward:
+        if said:
+            best = max(said, key=lambda r: (r.reward, -len(r.answer_ids)))  # ties: the shorter answer
+            rec = {"id": f"rs-{item.id}", "prompt_id": item.id, "reward": best.reward,
+                   "messages": item.messages + [{"role": "assistant", "content": best.text}],
+                   "meta": {"k": config.k, "finish_reason": best.finish_reason,
+                            "round_rewards": [r.reward for r in group]}}
+        if old is not None and (not said or float(old["reward"]) > best.reward):
             rec, from_earlier = old, from_earlier + 1
+        elif not said:
+            empty += 1
+            continue
         if config.min_reward is not None and float(rec["reward"]) < config.min_reward:
             dropped += 1
             continue
         kept.append(rec)
     if not kept:
-        raise StageError(f"rs: no prompt's best answer reached min_reward={config.min_reward}")
+        raise StageError(f"rs: no prompt's best answer reached min_reward={config.min_reward} ({empty} prompts "
+                         f"had only empty answers)")
     (out / "best.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     (out / "best_of_k.json").write_text(json.dumps(curve, indent=2))
     figure = _figure(curve, out)
     log(f"{len(items)} prompts x {config.k} samples ({decoded} tokens decoded in {sample_seconds:.0f} s); best-of-1 "
         f"{curve[0]['reward']:.3f} -> best-of-{config.k} {curve[-1]['reward']:.3f} (KL {curve[-1]['kl_nats']:.2f} nats); "
-        f"kept {len(kept)} ({from_earlier} from earlier rounds, {dropped} below min_reward)")
+        f"kept {len(kept)} ({from_earlier} from earlier rounds, {dropped} below min_reward, {empty} with only "
+        f"empty answers)")
 
     # ---- fine-tune on the kept answers with SFT ---------------------------------------------------
     # Every training setting carries over, but where the model goes and what it is evaluated on.
@@ -231,6 +239,7 @@ def run(config: RSConfig) -> dict[str, Any]:
     summary = {"prompts": len(items), "held_out": len(held), "k": config.k, "samples": len(samples),
                "decoded_tokens": decoded, "sample_seconds": round(sample_seconds, 1),
                "kept": len(kept), "kept_from_earlier_rounds": from_earlier, "dropped_below_min_reward": dropped,
+               "dropped_all_empty": empty,
                "best_of_k": curve, "gold": describe_reward(gold_cfg), "eval": evals, "sft": sft_summary}
     write_manifest(out, "rs", config, inputs=[config.prompts, *config.previous],
                    outputs=[out / "best.jsonl", out / "best_of_k.json", figure, out / "sft"], counts=summary,
