@@ -58,18 +58,12 @@ class VLLMTeacher(Teacher):
 
     def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
         llm, chat = self._load()  # first: it says how to install vLLM when it is missing
-        from vllm import SamplingParams as VSampling
         from vllm.inputs import TokensPrompt
 
-        from ..engine.driver import request_stops
+        from ..engine.vllm_params import vllm_sampling
 
         ids = prompt_ids(chat, kind, items)
-        vparams = []
-        for p in params:
-            stop_ids, stops = request_stops(chat, p)  # the stops protege's own engines use
-            vparams.append(VSampling(max_tokens=int(p.max_new_tokens), temperature=float(p.temperature),
-                                     top_p=float(p.top_p), top_k=int(p.top_k) or -1, seed=p.seed, stop=stops or None,
-                                     stop_token_ids=list(stop_ids), skip_special_tokens=True))
+        vparams = [vllm_sampling(p, chat) for p in params]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], vparams, use_tqdm=False)
         for j, out in enumerate(outputs):
             c = out.outputs[0]

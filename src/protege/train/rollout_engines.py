@@ -216,26 +216,17 @@ class VLLMRollouts:
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Decoded]:
         from vllm.inputs import TokensPrompt
 
+        from ..engine.vllm_params import vllm_sampling
+
         if self.stale:
             self._sync()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                 [_vllm_params(p, self.chat) for p in params], use_tqdm=False)
+                                 [vllm_sampling(p, self.chat, logprobs=0) for p in params], use_tqdm=False)
         return [_decoded(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason,
                          o.outputs[0].logprobs) for o in outs]
 
     def close(self) -> None:
         del self.llm
-
-
-def _vllm_params(p: SamplingParams, chat: ChatFormat) -> Any:
-    from vllm import SamplingParams as VSampling
-
-    from ..engine.driver import request_stops
-
-    stop_ids, stops = request_stops(chat, p)  # the stops protege's own engine would use
-    return VSampling(max_tokens=int(p.max_new_tokens), temperature=float(p.temperature), top_p=float(p.top_p),
-                     top_k=int(p.top_k) or -1, seed=p.seed, stop=stops or None, stop_token_ids=sorted(stop_ids),
-                     skip_special_tokens=True, logprobs=0)
 
 
 def _decoded(ids: Any, text: str, finish: Any, logprobs: Any) -> Decoded:
