@@ -133,11 +133,14 @@ def test_score_step_writes_the_reward_models_score(tmp_path):
 @pytest.mark.slow
 def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     """`ray_address`: the per-record steps and dedup's signing run as Ray tasks on a cluster (`ray start --head`
-    in its own processes, joined by address like a remote one), results back in order: the same files."""
+    in its own processes, joined by address like a remote one) or on a local instance, results back in order:
+    the same files."""
     import os
+    import shutil
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     from pathlib import Path
 
@@ -152,9 +155,12 @@ def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = Path(sys.executable).parent / "ray"
     # --block: the head lives as long as this process, so stopping it stops only this cluster
+    # its own short temp dir (Ray's socket paths must stay under 108 bytes): no `ray_current_cluster` file is
+    # left in /tmp/ray, where a later `ray.init()` on this machine would try to join the dead cluster
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen([str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
-                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+                             "--temp-dir", temp], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
         for _ in range(120):  # the head's GCS port opens once it is up
@@ -167,8 +173,12 @@ def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     finally:
         head.terminate()
         head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
     assert on_ray[1] == whole[1] and on_ray[2] == whole[2]
     assert on_ray[0] == whole[0]
+    # `local`: a Ray instance of its own on this machine, even where a `ray start` cluster was made before
+    local = _curate(tmp_path, "local", src, evals, ray_address="local")
+    assert local[1] == whole[1] and local[2] == whole[2]
 
 
 def test_ray_address_with_no_cluster_there_says_how_to_start_one(tmp_path):

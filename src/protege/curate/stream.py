@@ -128,7 +128,8 @@ def ray_connection(address: str | None) -> Iterator[None]:
     if started:
         _check_reachable(address)
         try:
-            ray.init(address=None if address == "local" else address, log_to_driver=False,
+            # "local" is Ray's own word for a new instance here (no address would join a `ray start` one)
+            ray.init(address=address, log_to_driver=False,
                      include_dashboard=False, configure_logging=False)
         except ConnectionError as exc:
             raise StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
