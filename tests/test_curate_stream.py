@@ -136,7 +136,6 @@ def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     in its own processes, joined by address like a remote one) or on a local instance, results back in order:
     the same files."""
     import os
-    import shutil
     import socket
     import subprocess
     import sys
@@ -152,17 +151,18 @@ def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     whole = _curate(tmp_path, "whole", src, evals)
     monkeypatch.setattr(stream, "CHUNK", 16)
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray >= 2.5x turns token auth on for a new local instance and keeps the token in ~/.ray; a token left there
+    # by an earlier run on this machine would make the head and this driver disagree. The test cluster runs
+    # without it (a real cluster's operator chooses).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     ray_bin = Path(sys.executable).parent / "ray"
     # --block: the head lives as long as this process, so stopping it stops only this cluster
-    # its own short temp dir (Ray's socket paths must stay under 108 bytes): no `ray_current_cluster` file is
-    # left in /tmp/ray, where a later `ray.init()` on this machine would try to join the dead cluster
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     head = subprocess.Popen([str(ray_bin) if ray_bin.exists() else "ray", "start", "--head", "--block",
-                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-                             "--temp-dir", temp], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
         for _ in range(120):  # the head's GCS port opens once it is up
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -173,7 +173,11 @@ def test_a_ray_cluster_gives_the_output_of_one_worker(tmp_path, monkeypatch):
     finally:
         head.terminate()
         head.wait(timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
+        # `ray start` names its cluster in /tmp/ray/ray_current_cluster, where a later `ray.init()` with no
+        # address would try to join it: forget the dead one (only ours)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
     assert on_ray[1] == whole[1] and on_ray[2] == whole[2]
     assert on_ray[0] == whole[0]
     # `local`: a Ray instance of its own on this machine, even where a `ray start` cluster was made before
