@@ -7,6 +7,8 @@ mean), so no value head is needed (Shao et al. 2024). The loss is PPO's clipped 
 policy update per batch of rollouts (the ratio is 1, its gradient -A * grad log p), averaged over
 each answer's tokens and then over answers (GRPO's normalisation), plus `beta` * per-token KL to
 the reference (k3 by default; `beta` 0, TRL's default, skips the reference forward in training).
+Rollouts decoded by vLLM (`rollout.backend`) carry vLLM's own log-probs: each token's term is weighted by
+the truncated ratio of the trainer's probability to vLLM's (`rl.sampler_correction`).
 
 It runs on `fit`, the loop SFT, RM and DPO share: the micro-batch plan is a list of prompt groups
 fixed by the seed; a micro-batch's rollouts are cached on disk, so a killed run resumes from its
