@@ -176,5 +176,5 @@ def test_vllm_rollouts_refuse_a_multi_process_launch(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = RolloutEngineConfig(backend="vllm-server", url="http://127.0.0.1:1")
     with pytest.raises(StageError, match="runs in one training process.*rollout.backend protege"):
-        make_rollout_engine(cfg, model=torch.nn.Linear(1, 1), chat=None, spec="x", engine=None, precision="float32",
+        make_rollout_engine(cfg, model=torch.nn.Linear(1, 1), tok=None, chat=None, spec="x", precision="float32",
                             out_dir=tmp_path, max_len=64, max_batch=4, seed=0, merge=False)

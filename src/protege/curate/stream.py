@@ -30,9 +30,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..records import Comparison, Conversation, JsonlWriter, Record
 
-__all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper", "ray_connection",
-           "ray_mapper",
-           "resolve_workers"]
+__all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper",
+           "ray_connection", "ray_mapper", "resolve_workers"]
 
 CHUNK = 5000  # records per chunk: large enough to amortise a worker round trip, small enough to bound memory
 
@@ -132,8 +131,7 @@ def ray_connection(address: str | None) -> Iterator[None]:
             ray.init(address=address, log_to_driver=False,
                      include_dashboard=False, configure_logging=False)
         except ConnectionError as exc:
-            raise StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
-                             "`ray start --head`, or use ray_address: local") from None
+            raise _no_cluster(address, exc) from None
     try:
         yield
     finally:
@@ -145,16 +143,20 @@ def _check_reachable(address: str) -> None:
     """Fail in seconds, not minutes, on a `host:port` with nothing listening (ray.init retries for ~5 min)."""
     import socket
 
-    from ..errors import StageError
-
     if address in ("auto", "local") or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
-        raise StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
-                         "`ray start --head`, or use ray_address: local") from None
+        raise _no_cluster(address, exc) from None
+
+
+def _no_cluster(address: str, exc: Exception) -> Exception:
+    from ..errors import StageError
+
+    return StageError(f"curate: no Ray cluster at ray_address={address!r} ({exc}); start one with "
+                      "`ray start --head`, or use ray_address: local")
 
 
 @contextmanager

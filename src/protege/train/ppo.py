@@ -247,7 +247,8 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
     figure = watch.figure() if main else None
-    summary = rl_summary(result, watch, {**stats, **sync_stats(engine)}, prompts=len(items), held_out=len(held), rollout_batches=n_batches)
+    summary = rl_summary(result, watch, {**stats, **sync_stats(engine)}, prompts=len(items), held_out=len(held),
+                         rollout_batches=n_batches)
     accelerator.wait_for_everyone()
     if main:
         value_head = model.value_head

@@ -283,7 +283,6 @@ def eval_plan(n_held: int, per_batch: int) -> list[tuple[int, list[int]]]:
 def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, RolloutEngine]:
     """(LoRA policy in train mode, tokenizer, chat format, pad id, the engine that decodes its rollouts)."""
     from ..chat import ChatFormat
-    from ..engine import Engine
     from .fit import pad_id
     from .model import load_base, prepare_model
     from .rollout_engines import make_rollout_engine
@@ -293,9 +292,7 @@ def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, 
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
     model = prepare_model(config, model, chat).to(accelerator.device)
     model.train()
-    engine = make_rollout_engine(config.rollout, model=model, chat=chat, spec=config.model,
-                                 engine=Engine(model, tok, chat, max_batch_size=config.engine_batch)
-                                 if config.rollout.backend == "protege" else None,
+    engine = make_rollout_engine(config.rollout, model=model, tok=tok, chat=chat, spec=config.model,
                                  precision=ctx.precision.torch_name, out_dir=ctx.out_dir, max_len=config.max_length,
                                  max_batch=config.engine_batch, seed=config.seed, merge=config.merge_for_rollouts)
     return model, tok, chat, pad_id(tok), engine

@@ -175,7 +175,30 @@ def _changes_embeddings(model: torch.nn.Module) -> bool:
                for n, p in model.named_parameters())
 
 
-class VLLMRollouts:
+class _PushedWeights:
+    """An engine with its own copy of the policy: marked stale after each optimizer step, refreshed by `_push`
+    before it next decodes; counts and times the pushes (`sync_stats`)."""
+
+    stale: bool
+    syncs: int = 0
+    sync_seconds: float = 0.0
+
+    def policy_changed(self) -> None:
+        self.stale = True
+
+    def _push(self) -> None:
+        raise NotImplementedError
+
+    def _synced(self) -> None:
+        if self.stale:
+            t0 = time.perf_counter()
+            self._push()
+            self.stale = False
+            self.syncs += 1
+            self.sync_seconds += time.perf_counter() - t0
+
+
+class VLLMRollouts(_PushedWeights):
     """`vllm.LLM` in this process on the policy's base folder; the policy's weights pushed after each step."""
 
     def __init__(self, model: torch.nn.Module, chat: ChatFormat, base: str, precision: str,
@@ -198,28 +221,20 @@ class VLLMRollouts:
         self.stale = trained or full_first_sync  # a resumed run's policy differs from the base already
         self.embeddings = _changes_embeddings(model)
         self.full_next = full_first_sync
-        self.syncs, self.sync_seconds = 0, 0.0
 
-    def policy_changed(self) -> None:
-        self.stale = True
-
-    def _sync(self) -> None:
-        t0 = time.perf_counter()
+    def _push(self) -> None:
         with torch.no_grad(), merged_adapters(self.model, True):
             weights = merged_weights(self.model, self.embeddings or self.full_next)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
         self.llm.reset_prefix_cache()  # cached KV came from the old weights
-        self.stale = self.full_next = False
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - t0
+        self.full_next = False
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Decoded]:
         from vllm.inputs import TokensPrompt
 
         from ..engine.vllm_params import vllm_sampling
 
-        if self.stale:
-            self._sync()
+        self._synced()
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                  [vllm_sampling(p, self.chat, logprobs=0) for p in params], use_tqdm=False)
         return [_decoded(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason,
@@ -237,7 +252,7 @@ def _decoded(ids: Any, text: str, finish: Any, logprobs: Any) -> Decoded:
     return Decoded(ids, text, "length" if finish == "length" else "stop", lps)
 
 
-class VLLMServerRollouts:
+class VLLMServerRollouts(_PushedWeights):
     """A running `vllm serve --enable-lora`: completions from token-id prompts, the adapter reloaded per step."""
 
     def __init__(self, model: torch.nn.Module, chat: ChatFormat, cfg: RolloutEngineConfig, adapter_dir: Path,
@@ -262,10 +277,6 @@ class VLLMServerRollouts:
         self.current: str | None = None if trained else self.served
         self.stale = trained
         self.version = 0
-        self.syncs, self.sync_seconds = 0, 0.0
-
-    def policy_changed(self) -> None:
-        self.stale = True
 
     def _post(self, route: str, body: dict[str, Any]) -> Any:
         r = self.http.post(f"{self.base}{route}", json=body)
@@ -278,8 +289,7 @@ class VLLMServerRollouts:
                              f"{r.text[:300]}{hint}")
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
-    def _sync(self) -> None:
-        t0 = time.perf_counter()
+    def _push(self) -> None:
         self.version += 1
         name = f"protege-policy-{self.version}"
         path = self.adapter_dir / name
@@ -287,9 +297,7 @@ class VLLMServerRollouts:
         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
         if self.current is not None and self.current != self.served:
             self._post("/v1/unload_lora_adapter", {"lora_name": self.current})
-        self.current, self.stale = name, False
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - t0
+        self.current = name
 
     def _one(self, prompt: list[int], p: SamplingParams) -> Decoded:
         from ..engine.driver import request_stops
@@ -309,8 +317,7 @@ class VLLMServerRollouts:
                        else "stop", [float(x) for x in lps] if lps else None)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Decoded]:
-        if self.stale:
-            self._sync()
+        self._synced()
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._one, prompts, params))
 
@@ -334,13 +341,14 @@ def vllm_base(spec: str) -> tuple[str, bool]:
     return str(path), False
 
 
-def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, chat: ChatFormat, spec: str,
-                        engine: Engine | None, precision: str, out_dir: Path, max_len: int, max_batch: int, seed: int,
+def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, tok: Any, chat: ChatFormat, spec: str,
+                        precision: str, out_dir: Path, max_len: int, max_batch: int, seed: int,
                         merge: bool) -> RolloutEngine:
-    """The configured rollout engine over the policy `model` loaded from `spec` (`engine`: protege's, on it)."""
+    """The configured rollout engine over the policy `model` (with tokenizer `tok`) loaded from `spec`."""
     if cfg.backend == "protege":
-        assert engine is not None
-        return ProtegeRollouts(engine, merge)
+        from ..engine import Engine
+
+        return ProtegeRollouts(Engine(model, tok, chat, max_batch_size=max_batch), merge)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Each rank would start its own vLLM next to the trainer's process group, or push the same adapter
         # under the same name as every other rank: neither is tested, so neither is offered.
@@ -354,6 +362,6 @@ def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, cha
 
 def sync_stats(engine: RolloutEngine) -> dict[str, float]:
     """How often and how long the policy's weights were pushed to vLLM (empty for protege's engine)."""
-    if not hasattr(engine, "syncs"):
+    if not isinstance(engine, _PushedWeights):
         return {}
-    return {"weight_syncs": float(engine.syncs), "weight_sync_seconds": round(engine.sync_seconds, 3)}  # type: ignore[attr-defined]
+    return {"weight_syncs": float(engine.syncs), "weight_sync_seconds": round(engine.sync_seconds, 3)}

@@ -135,11 +135,9 @@ def run(config: RSConfig) -> dict[str, Any]:
     log(f"sampling in {precision.name} ({precision.reason})")
     model, tok = load(config.model, dtype=precision.torch_name)
     chat = ChatFormat.from_tokenizer(tok, template=config.chat_template)
-    engine = make_rollout_engine(config.rollout, model=model, chat=chat, spec=config.model,
-                                 engine=Engine(model, tok, chat, max_batch_size=config.engine_batch)
-                                 if config.rollout.backend == "protege" else None, precision=precision.torch_name,
-                                 out_dir=out, max_len=config.max_length, max_batch=config.engine_batch,
-                                 seed=config.seed, merge=False)
+    engine = make_rollout_engine(config.rollout, model=model, tok=tok, chat=chat, spec=config.model,
+                                 precision=precision.torch_name, out_dir=out, max_len=config.max_length,
+                                 max_batch=config.engine_batch, seed=config.seed, merge=False)
 
     # ---- sample k per prompt (cached per chunk) ------------------------------------------------
     cache = RolloutCache(out / "rollouts")
