@@ -168,7 +168,7 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
 
     result = fit("dpo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=[[train[i] for i in mb] for mb in plan], loss_fn=loss_fn,
-                 tokens_of=lambda pairs: sum(p.tokens for p in pairs), fingerprint=fingerprint(config),
+                 tokens_of=lambda pairs: sum(p.tokens for p in pairs), units_of=len, fingerprint=fingerprint(config),
                  data_hash=data_hash, unit="pairs",
                  eval_batches=[held[b:b + config.batch_size] for b in range(0, len(held), config.batch_size)],
                  stop_after_steps=stop_after_steps)

@@ -33,8 +33,9 @@ import torch
 from ..errors import StageError
 from ..precision import ResolvedPrecision, resolve_precision
 from .settings import TrainSettings
-from .sharding import (enable_fsdp_on_cpu, is_sharded, load_sharded_checkpoint, refuse_unsupported_sharding,
-                       save_sharded_checkpoint, shard)
+from .sharding import (accelerator_options, enable_fsdp_on_cpu, is_deepspeed, load_sharded_checkpoint,
+                       load_whole_under_zero3, refuse_unsupported_sharding, save_sharded_checkpoint, shard,
+                       sharding_name)
 from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
                     save_checkpoint)
 
@@ -105,8 +106,9 @@ def start_run(name: str, config: TrainSettings, *, rollouts: bool = False) -> Ru
         # accelerate keeps one precision per process; a pipeline (or RS's inner SFT) may run stages of
         # different precisions in one process. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=cpu)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, **accelerator_options(cpu))
     enable_fsdp_on_cpu(accelerator)
+    load_whole_under_zero3(accelerator)
     refuse_unsupported_sharding(name, accelerator, rollouts=rollouts, quantization=config.quantization)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,7 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         on_eval: Callable[[int, dict[str, float]], None] | None = None, progress: Sequence[str] = (),
         eval_fn: Callable[[Any, Any], LossOutput] | None = None, betas: tuple[float, float] = (0.9, 0.999),
         flops_per_token: float | None = None, peak_flops: float | None = None,
-        on_step: Callable[[int], None] | None = None) -> FitResult:
+        on_step: Callable[[int], None] | None = None, units_of: Callable[[Any], float] | None = None) -> FitResult:
     """Train `model` (whose trainable parameters `module` uses; `module` is prepared by accelerate).
 
     Held-out batches are scored by `eval_fn` (default: `loss_fn` in eval mode); RL evaluates by decoding
@@ -195,6 +197,10 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
 
     `micro_batches` is any sequence addressed by index (a list, or pretraining's lazily computed rows).
     With `flops_per_token` (and the device's `peak_flops`), model FLOPs/s and MFU are shown and logged.
+
+    `units_of(micro_batch)`: the units its loss will sum over (what `loss_fn` returns as `normaliser`), known
+    before the forward pass. DeepSpeed needs it: its engine averages and steps inside backward, so each
+    micro-batch's loss is divided by the whole step's count first (see `sharding.py`).
     """
     from tqdm.auto import tqdm
 
@@ -202,9 +208,14 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     log = run_logger(name, out_dir, main)
     # `precision: auto` may resolve differently on another machine: a checkpoint records what it ran in.
     fingerprint = {**fingerprint, "precision_resolved": accelerator.mixed_precision}
-    sharded = is_sharded(accelerator)
-    if sharded:  # a sharded checkpoint resumes only under sharding (and the other way round)
-        fingerprint["sharding"] = "fsdp2"
+    sharding = sharding_name(accelerator)
+    sharded, deepspeed = sharding is not None, is_deepspeed(accelerator)
+    if sharded:  # a sharded checkpoint resumes only under the same sharding (and the other way round)
+        fingerprint["sharding"] = sharding
+    if deepspeed and units_of is None:
+        raise StageError(f"{name}: this method does not declare its loss units before the forward pass, which "
+                         "DeepSpeed needs (its engine steps inside backward); use FSDP2 (recipes/accelerate/fsdp2.yaml) "
+                         "or DDP (recipes/accelerate/ddp.yaml)")
     ckpt_root = out_dir / "checkpoints"
     per_step = config.grad_accum * world
     if not micro_batches:
@@ -212,11 +223,15 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
     # max_steps may be shorter than the plan (cut) or longer (the plan wraps around).
     total_steps = config.max_steps if config.max_steps is not None else math.ceil(len(micro_batches) / per_step)
     warmup = int(config.warmup_ratio * total_steps)
-    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay, betas)
-    if sharded:  # the parameters become DTensor shards; accelerate moves the optimizer onto them
-        module, optimizer = shard(accelerator, module, optimizer)
+    optimizer = raw_optimizer = make_optimizer(model, config.learning_rate, config.weight_decay, betas)
+    if sharded:  # the parameters become shards; accelerate moves the optimizer onto them (or wraps it in ZeRO)
+        module, optimizer = shard(accelerator, module, optimizer, micro_batch=config.batch_size,
+                                  max_grad_norm=config.max_grad_norm)
+    engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    scheduler = make_scheduler(optimizer, config.schedule, warmup, total_steps, config.decay_ratio)
+    # Under DeepSpeed the schedule drives torch's AdamW inside the ZeRO optimizer (the one whose step runs).
+    scheduler = make_scheduler(raw_optimizer if deepspeed else optimizer, config.schedule, warmup, total_steps,
+                               config.decay_ratio)
     metrics = MetricsLogger(out_dir, enabled=main, tensorboard=config.tensorboard)
 
     # ---- resume --------------------------------------------------------------------------
@@ -261,26 +276,41 @@ def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: tor
         first = (step * per_step) % len(micro_batches)  # a short last step at the plan's end, then it wraps
         mbs = [micro_batches[i] for i in range(first, min(first + per_step, len(micro_batches)))]
         mine, weights = _share(mbs, rank, world)
+        # DeepSpeed: the whole step's units, before any forward (every rank plans the same step)
+        step_units = float(sum(units_of(mb) for mb in mbs)) if engine is not None else 0.0
         total, keys = None, None
         for j, (mb, weight) in enumerate(zip(mine, weights)):
-            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(module)
+            last = j == len(mine) - 1
+            sync = contextlib.nullcontext() if last or engine is not None else accelerator.no_sync(module)
             with sync:
                 with accelerator.autocast():  # a no-op in fp32; the loss functions reduce in fp32 themselves
                     out = loss_fn(module, mb)
-                accelerator.backward(out.loss_sum * weight)
+                if engine is None:
+                    accelerator.backward(out.loss_sum * weight)
+                else:  # divided up front: DeepSpeed averages the ranks' gradients (hence world) and steps itself
+                    engine.set_gradient_accumulation_boundary(last)
+                    engine.backward(out.loss_sum * (weight * world / max(step_units, 1.0)))
             keys = keys if keys is not None else sorted(out.metrics)
             s = _sums(out, keys, weight, accelerator.device)
             total = s if total is None else total + s
         total = accelerator.reduce(total, "sum")
-        scale = world / max(float(total[1]), 1.0)  # DDP averaged the ranks' gradients; we want sum / count
-        for p in trainable:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        grad_norm = (float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
-                     if config.max_grad_norm > 0 else float("nan"))
-        optimizer.step()
+        if engine is None:
+            scale = world / max(float(total[1]), 1.0)  # DDP averaged the ranks' gradients; we want sum / count
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            grad_norm = (float(accelerator.clip_grad_norm_(trainable, config.max_grad_norm))
+                         if config.max_grad_norm > 0 else float("nan"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            if abs(float(total[1]) - step_units) > 1e-6 * max(step_units, 1.0):
+                raise StageError(f"{name}: the method declared {step_units:g} {unit} for step {step + 1} before the "
+                                 f"forward pass but its losses summed over {float(total[1]):g} (a protege bug)")
+            engine.step()  # clip to gradient_clipping (= max_grad_norm), AdamW, zero the gradients
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else float("nan")
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
             on_step(step + 1)
         last_loss, last_metrics = _means(total, keys)

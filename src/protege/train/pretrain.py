@@ -255,6 +255,9 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     def batch_of(starts: list[int], tokens: Any) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device) for k, v in rows_to_batch(tokens, starts, T, bos, eos).items()}
 
+    def units_of(starts: list[int]) -> int:  # learned tokens, before the forward pass (DeepSpeed needs them)
+        return int((rows_to_batch(train_tokens, starts, T, bos, eos)["labels"] != IGNORE_INDEX).sum())
+
     def loss_fn(m: torch.nn.Module, starts: list[int]) -> LossOutput:
         b = batch_of(starts, train_tokens)
         n = int((b["labels"] != IGNORE_INDEX).sum())
@@ -274,7 +277,7 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
 
     # ---- train -----------------------------------------------------------------------------
     result = fit("pretrain", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
-                 micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda starts: len(starts) * T,
+                 micro_batches=plan, loss_fn=loss_fn, tokens_of=lambda starts: len(starts) * T, units_of=units_of,
                  fingerprint={**fingerprint(config), "corpus": key}, data_hash=f"rows{n_rows}x{T}",
                  unit="tok", eval_batches=eval_plan, eval_fn=eval_fn, stop_after_steps=stop_after_steps,
                  betas=(0.9, 0.95), flops_per_token=flops_tok, peak_flops=peak)

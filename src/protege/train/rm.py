@@ -240,7 +240,7 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     eval_batches = [held[b:b + config.batch_size] for b in range(0, len(held), config.batch_size)]
     result = fit("rm", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=[[train[i] for i in mb] for mb in plan], loss_fn=loss_fn,
-                 tokens_of=lambda pairs: sum(p.tokens for p in pairs), fingerprint=fingerprint(config),
+                 tokens_of=lambda pairs: sum(p.tokens for p in pairs), units_of=len, fingerprint=fingerprint(config),
                  data_hash=pairs_hash(train) + pairs_hash(held), unit="pairs", eval_batches=eval_batches,
                  stop_after_steps=stop_after_steps)
     if result.stopped:

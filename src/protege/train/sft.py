@@ -155,6 +155,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     result = fit("sft", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                  micro_batches=train_batches, loss_fn=loss_fn,
                  tokens_of=lambda rows: sum(len(e.input_ids) for row in rows for e in row),
+                 units_of=lambda rows: sum(e.n_labels for row in rows for e in row),
                  fingerprint=fingerprint(config), data_hash=data_hash, unit="label_tokens",
                  eval_batches=eval_batches, stop_after_steps=stop_after_steps)
     if result.stopped:

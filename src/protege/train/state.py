@@ -71,15 +71,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Name -> full CPU tensor of every parameter that trains (LoRA matrices, or everything in full fine-tuning).
 
-    Under FSDP2 the parameters are DTensor shards and each is all-gathered here, so every rank must call this,
-    in the same order (named_parameters is)."""
+    Under FSDP2 the parameters are DTensor shards, under ZeRO-3 DeepSpeed partitions: each is all-gathered here,
+    so every rank must call this, in the same order (named_parameters is)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # a ZeRO-3 partition: whole only inside GatheredParameters
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[n] = p.detach().cpu().clone()
+            continue
+        t = p.detach()
+        out[n] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
     return out
 
 

@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through accelerate on two CPU processes (gloo), launched with the shipped
+recipes/accelerate/zero{2,3}.yaml.
+
+DeepSpeed's engine averages gradients and steps the optimizer inside backward, so protege divides each
+micro-batch's loss by the whole step's unit count before backward. The loss curve and trained weights must
+still equal one process with the same global batch, and a run whose ranks are all killed with SIGKILL must
+resume from DeepSpeed's checkpoint to the same end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_fsdp import ENV, ROOT, _assert_same_weights, _curve, _one, _weights
+from test_train_sft import write_chats
+
+pytest.importorskip("deepspeed")
+pytestmark = [pytest.mark.slow]
+# DeepSpeed divides each micro-batch's loss before backward and reduces gradients in its own buckets: the
+# weights after AdamW agree with one process to float rounding, a little looser than FSDP's 1e-5.
+ATOL = 5e-5
+
+
+def _ds_cmd(stage, method, args, out, grad_accum=1):
+    # zero{2,3}.yaml say 8 processes and bf16 for a GPU node; the flags override both, as users do.
+    return ["accelerate", "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "-m", "protege.cli", "train", method, *args,
+            f"--grad_accum={grad_accum}", f"--out_dir={out}"]
+
+
+def _ds(stage, method, args, out, grad_accum=1):
+    proc = subprocess.run(_ds_cmd(stage, method, args, out, grad_accum), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, "\n".join(x for x in proc.stderr.splitlines() if x.startswith("[rank0]"))[-3000:]
+    return proc.stderr
+
+
+def _sft_args(tmp_path, steps=10):
+    data = write_chats(tmp_path / "chats.jsonl", n=40)
+    return [f"--model={tmp_path / 'tiny-llama'}", f"--datasets=[{data}]", "--max_length=96", "--batch_size=2",
+            f"--max_steps={steps}", "--learning_rate=5e-3", "--lora.dropout=0.0", "--tensorboard=false",
+            "--eval_fraction=0.1", "--save_every=2", "--precision=fp32"]
+
+
+def test_zero2_sft_lora_matches_one_process_and_resumes_after_kill_9(tmp_path, tiny_llama_dir):
+    args = _sft_args(tmp_path)
+    _one("sft", args, tmp_path / "one")  # grad_accum 2 on one process = 2 processes x grad_accum 1
+
+    out = tmp_path / "zero2"
+    proc = subprocess.Popen(_ds_cmd(2, "sft", args, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=ENV)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/state.json")):
+        time.sleep(0.02)
+    import psutil  # torch's launcher starts each rank in a session of its own: kill the whole tree
+
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(next((out / "checkpoints").glob("step-*/state.json")).read_text())
+    assert killed_at["format"] == "accelerate-zero2" and killed_at["processes"] == 2
+    finished = (out / "manifest.json").exists()
+    log = _ds(2, "sft", args, out)
+    if not finished:  # the kill landed mid-run (it nearly always does): the rerun resumed
+        assert "resuming from checkpoint" in log
+
+    loss1, eval1 = _curve(tmp_path / "one")
+    loss2, eval2 = _curve(out)
+    assert len(loss1) == len(loss2) == 10 and loss1[-1] < loss1[0]
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert eval2 == pytest.approx(eval1, rel=1e-4)
+    _assert_same_weights(tmp_path / "one" / "adapter", out / "adapter", atol=ATOL)
+    assert not _weights(out / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].eq(0).all()
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "full-sft"])
+def test_zero3_matches_one_process(tmp_path, tiny_llama_dir, method):
+    from test_train_preference import write_pairs
+
+    common = [f"--model={tiny_llama_dir}", "--batch_size=2", "--max_steps=4", "--learning_rate=5e-3",
+              "--lora.dropout=0.0", "--tensorboard=false", "--eval_fraction=0.1", "--save_every=0", "--precision=fp32"]
+    if method == "dpo":
+        args = [*common, f"--datasets=[{write_pairs(tmp_path / 'pairs.jsonl', n=40)}]", "--max_length=64",
+                f"--reference_cache={tmp_path / 'ref'}"]
+        trainer, folder = "dpo", "adapter"
+    else:
+        args = [*common, f"--datasets=[{write_chats(tmp_path / 'chats.jsonl', n=40)}]", "--max_length=96",
+                *(["--method=full"] if method == "full-sft" else [])]
+        trainer, folder = "sft", "model" if method == "full-sft" else "adapter"
+    _one(trainer, args, tmp_path / "one")
+    # one process x grad_accum 2 = two processes x grad_accum 1; also two x two (a step of 4 micro-batches)
+    _ds(3, trainer, args, tmp_path / "zero3")
+    (loss1, eval1), (loss2, eval2) = _curve(tmp_path / "one"), _curve(tmp_path / "zero3")
+    assert len(loss1) == len(loss2) == 4 and loss1[-1] < loss1[0]
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert eval2 == pytest.approx(eval1, rel=1e-4)
+    _assert_same_weights(tmp_path / "one" / folder, tmp_path / "zero3" / folder, atol=ATOL)
+    if method == "full-sft":  # the gathered model is a plain transformers model again
+        config = json.loads((tmp_path / "zero3" / "model" / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_grpo_under_deepspeed_is_refused_in_one_sentence(tmp_path, tiny_llama_dir):
+    proc = subprocess.run(_ds_cmd(2, "grpo", [f"--model={tiny_llama_dir}", "--prompts=task:arithmetic",
+                                              "--max_steps=1"], tmp_path / "g"),
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "RL rollouts decode on each rank outside the DeepSpeed engine" in proc.stderr
