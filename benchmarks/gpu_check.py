@@ -7,7 +7,7 @@
 Models are built from transformers configs with random weights (the shapes of Llama-3-8B and
 gemma-3-270m), so the numbers say what protege's own code costs, not what a checkpoint knows. Per
 shape and setting (fp32 / bf16 LoRA, bf16 LoRA + gradient checkpointing, nf4 QLoRA + checkpointing, and
-the bf16 LoRA + checkpointing model sharded with FSDP2 on one process):
+the bf16 LoRA + checkpointing model sharded with FSDP2, and with DeepSpeed ZeRO-3, on one process):
 - SFT: one LoRA step through protege's `SFTModule` (fused chunked cross-entropy) + AdamW on a
   batch of 1 x `--seq` tokens, every token labelled: tokens/s and peak memory;
 - DPO: one step through `PolicyLogprobs` + `dpo_loss` on one pair packed in one row of `--seq`
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +54,9 @@ SETTINGS = {  # name -> (precision, quantization, gradient checkpointing)
     # the same LoRA model sharded with FSDP2 (`fully_shard` per decoder layer, as recipes/accelerate/fsdp2.yaml
     # does) on one process: what sharding costs before there is a second GPU to share with
     "fsdp2 bf16 lora+ckpt": ("bf16", "none", True),
+    # ... and inside a DeepSpeed ZeRO-3 engine (bf16 weights, fp32 master copy in the ZeRO optimizer), as
+    # recipes/accelerate/zero3.yaml runs it
+    "zero3 bf16 lora+ckpt": ("bf16", "none", True),
 }
 
 
@@ -115,40 +119,69 @@ class _AnyIds:
         return self._tok.decode([int(i) % len(self._tok) for i in ids], **kw)
 
 
-_OWN_GROUP: list[str] = []  # the one-process group fsdp2() started (ended after each test: see end_group)
+_OWN_GROUP: list[str] = []  # the one-process group fsdp2()/zero3() started (ended after each test: see end_group)
+_OWN_ENV: list[str] = []  # launcher variables zero3() set (removed again by end_group)
 
 
 def end_group() -> None:
     """End the process group fsdp2() started, so that whoever imported this module (the test suite) is left
-    without one."""
-    import os
-
+    without one (and without the launcher variables DeepSpeed asked for)."""
     import torch.distributed as dist
+
+    while _OWN_ENV:
+        os.environ.pop(_OWN_ENV.pop(), None)
 
     while _OWN_GROUP:
         dist.destroy_process_group()
         os.unlink(_OWN_GROUP.pop())
 
 
-def fsdp2(model: Any, device: str) -> Any:
-    """`fully_shard` every decoder layer and then the whole model on a one-process group (bf16 compute,
-    fp32 gradient reduction), as accelerate's FSDP2 preparation does."""
+def _one_process_group(device: str) -> None:
     import tempfile
 
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         store = tempfile.NamedTemporaryFile(prefix="gpu-check-", delete=False).name
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}",
                                 rank=0, world_size=1)
         _OWN_GROUP.append(store)
+
+
+def fsdp2(model: Any, device: str) -> Any:
+    """`fully_shard` every decoder layer and then the whole model on a one-process group (bf16 compute,
+    fp32 gradient reduction), as accelerate's FSDP2 preparation does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _one_process_group(device)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def zero3(module: Any, device: str) -> Any:
+    """A DeepSpeed ZeRO-3 engine (bf16) around protege's module on a one-process group, with the weights the
+    loss reads directly registered as `fit` registers them (`sharding.direct_weights`)."""
+    import deepspeed
+
+    from protege.train.sharding import direct_weights
+
+    _one_process_group(device)
+    for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):  # what a launcher would set
+        if key not in os.environ:
+            os.environ[key] = value
+            _OWN_ENV.append(key)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False,
+              "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=config)
+    for p in direct_weights(module):
+        deepspeed.zero.register_external_parameter(module, p)
+    return engine
 
 
 def lora_model(model: Any, checkpointing: bool) -> Any:
@@ -186,7 +219,8 @@ def _sync(device: str) -> None:
 
 def _fastest_step(loss_fn: Any, opt: Any, device: str, autocast: torch.dtype | None, steps: int) -> float:
     """Seconds of the fastest of `steps` optimizer steps (forward under autocast, backward, AdamW), after one
-    untimed warm-up step (allocator, kernels)."""
+    untimed warm-up step (allocator, kernels). `opt` may be a DeepSpeed engine, which backpropagates and steps."""
+    engine = opt if hasattr(opt, "set_gradient_accumulation_boundary") else None
     ctx = torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext()
     times = []
     for _ in range(steps + 1):
@@ -194,33 +228,41 @@ def _fastest_step(loss_fn: Any, opt: Any, device: str, autocast: torch.dtype | N
         t0 = time.perf_counter()
         with ctx:
             loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 
 
-def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: bool = False) -> float:
+def sft_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: str = "") -> float:
     from protege.train.sft import SFTModule
 
     module = SFTModule(model, logits_chunk=1024)
-    if shard:  # the trainer's wrapper is the FSDP root, as in `fit` (its forward gathers the embedding and head)
+    if shard == "fsdp2":  # the trainer's wrapper is the FSDP root, as in `fit` (its forward gathers the embedding and head)
         module = fsdp2(module, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if shard == "zero3":  # the engine keeps bf16 weights itself: no autocast
+        module = opt = zero3(module, device)
+        autocast = None
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, seq), device=device)
     pos = torch.arange(seq, device=device)[None]
     return seq / _fastest_step(lambda: module(ids, pos, ids, normalizer=float(seq)), opt, device, autocast, steps)
 
 
-def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: bool = False) -> float:
+def dpo_step(model: Any, seq: int, device: str, autocast: torch.dtype | None, steps: int, shard: str = "") -> float:
     from protege.train.policy import PolicyLogprobs
     from protege.train.losses import dpo_loss
 
     module = PolicyLogprobs(model, logits_chunk=1024)
-    if shard:
+    if shard == "fsdp2":
         module = fsdp2(module, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     half, prompt = seq // 2, seq // 8  # one pair packed in one row: [prompt+chosen][prompt+rejected]
@@ -294,7 +336,8 @@ def run(shapes: list[str], settings: list[str], seq: int, batches: list[int], ne
             autocast = None if precision == "fp32" else torch.bfloat16
             # DPO here scores the reference inside the step (adapters off); `train dpo` precomputes it, and under
             # FSDP2 a no-grad forward of the same sharded module before the trained one is not what it runs.
-            for test in ("sft",) if setting.startswith("fsdp2") else ("sft", "dpo"):
+            shard = setting.split()[0] if setting.split()[0] in ("fsdp2", "zero3") else ""
+            for test in ("sft",) if shard else ("sft", "dpo"):
                 def step(test: str = test) -> float:
                     model = build(shape, dtype, device)
                     if quant != "none":
@@ -302,7 +345,7 @@ def run(shapes: list[str], settings: list[str], seq: int, batches: list[int], ne
                     model = lora_model(model, ckpt)
                     fn = sft_step if test == "sft" else dpo_step
                     try:
-                        return fn(model, seq, device, autocast, steps, shard=setting.startswith("fsdp2"))
+                        return fn(model, seq, device, autocast, steps, shard=shard)
                     finally:
                         del model
                         end_group()
@@ -337,7 +380,8 @@ def main() -> None:
         sys.exit("no GPU here: run with --smoke for the CPU check (the full check needs one CUDA device)")
     if args.smoke:
         shapes, batches = args.shapes or ["tiny-llama"], [1, 4]
-        settings = args.settings or ["fp32 lora", "bf16 lora+ckpt", "nf4 qlora+ckpt", "fsdp2 bf16 lora+ckpt"]
+        settings = args.settings or ["fp32 lora", "bf16 lora+ckpt", "nf4 qlora+ckpt", "fsdp2 bf16 lora+ckpt",
+                                     "zero3 bf16 lora+ckpt"]
         seq, new_tokens = args.seq or 64, args.new_tokens or 8
     else:
         shapes, batches = args.shapes or ["llama-3-8b", "gemma-3-270m"], [1, 16, 64]

@@ -384,9 +384,17 @@ def test_gpu_check_smoke_runs_every_setting_on_the_cpu(capsys):
         settings.append("nf4 qlora+ckpt")
     except ImportError:
         pass
+    sharded = 1
+    try:
+        import deepspeed  # noqa: F401
+
+        settings.append("zero3 bf16 lora+ckpt")
+        sharded += 1
+    except ImportError:
+        pass
     rows = gpu_check.run(["tiny-llama"], settings, seq=64, batches=[1, 4], new_tokens=4, steps=1, device="cpu")
-    # sft + dpo per setting (FSDP2: sft only); decode fp32/bf16 at 2 batches
-    assert len(rows) == 2 * len(settings) - 1 + 2 * 2
+    # sft + dpo per setting (FSDP2, ZeRO-3: sft only); decode fp32/bf16 at 2 batches
+    assert len(rows) == 2 * len(settings) - sharded + 2 * 2
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the FSDP2 row's one-process group is gone again

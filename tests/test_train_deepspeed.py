@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from test_pretrain import _write_corpus, bpe, tok_dir  # noqa: F401  (fixtures)
 from test_train_fsdp import ENV, ROOT, _assert_same_weights, _curve, _one, _weights
 from test_train_sft import write_chats
 
@@ -79,7 +78,7 @@ def test_zero2_sft_lora_matches_one_process_and_resumes_after_kill_9(tmp_path, t
     assert not _weights(out / "adapter")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].eq(0).all()
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "full-sft"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "rm", "full-sft"])
 def test_zero3_matches_one_process(tmp_path, tiny_llama_dir, method):
     from test_train_preference import write_pairs
 
@@ -89,6 +88,9 @@ def test_zero3_matches_one_process(tmp_path, tiny_llama_dir, method):
         args = [*common, f"--datasets=[{write_pairs(tmp_path / 'pairs.jsonl', n=40)}]", "--max_length=64",
                 f"--reference_cache={tmp_path / 'ref'}"]
         trainer, folder = "dpo", "adapter"
+    elif method == "rm":
+        args = [*common, f"--datasets=[{write_pairs(tmp_path / 'pairs.jsonl', n=40)}]", "--max_length=64"]
+        trainer, folder = "rm", "model"
     else:
         args = [*common, f"--datasets=[{write_chats(tmp_path / 'chats.jsonl', n=40)}]", "--max_length=96",
                 *(["--method=full"] if method == "full-sft" else [])]
@@ -104,6 +106,22 @@ def test_zero3_matches_one_process(tmp_path, tiny_llama_dir, method):
     if method == "full-sft":  # the gathered model is a plain transformers model again
         config = json.loads((tmp_path / "zero3" / "model" / "config.json").read_text())
         assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_zero3_pretraining_matches_one_process(tmp_path, tok_dir):
+    """Pretraining's held-out scoring calls the module's `hidden` and `loss` outside forward: under ZeRO-3 the
+    LM head is gathered around them too (bits per byte equal one process's)."""
+    corpus = _write_corpus(tmp_path / "c.txt", 200)
+    args = [f"--datasets=[{corpus}]", f"--tokenizer={tok_dir}", "--depth=2", "--aspect_ratio=32", "--head_dim=16",
+            "--max_length=64", "--batch_size=2", "--max_steps=6", "--learning_rate=3e-3", "--val_fraction=0.1",
+            "--eval_tokens=1024", "--eval_every=3", "--tensorboard=false", "--save_every=0", "--precision=fp32"]
+    _one("pretrain", args, tmp_path / "one")
+    _ds(3, "pretrain", args, tmp_path / "zero3")
+    (loss1, eval1), (loss2, eval2) = _curve(tmp_path / "one"), _curve(tmp_path / "zero3")
+    assert len(loss1) == len(loss2) == 6 and loss1[-1] < loss1[0] and len(eval1) == 2
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    assert eval2 == pytest.approx(eval1, rel=1e-4)
+    _assert_same_weights(tmp_path / "one" / "model", tmp_path / "zero3" / "model", atol=ATOL)
 
 
 def test_grpo_under_deepspeed_is_refused_in_one_sentence(tmp_path, tiny_llama_dir):

@@ -39,7 +39,7 @@ from ..errors import StageError
 from .state import checkpoint_dirs, prune_checkpoints, trainable_state
 
 __all__ = ["is_sharded", "is_deepspeed", "sharding_name", "accelerator_options", "load_whole_under_zero3",
-           "enable_fsdp_on_cpu", "refuse_unsupported_sharding", "prepare_module",
+           "enable_fsdp_on_cpu", "direct_weights", "refuse_unsupported_sharding", "prepare_module",
            "shard", "gather_trained", "save_sharded_checkpoint", "load_sharded_checkpoint"]
 
 
@@ -210,7 +210,7 @@ def _deepspeed(accelerator: Any, module: torch.nn.Module, optimizer: Any, micro_
     module, optimizer = accelerator.prepare(module, optimizer)
     if _zero_stage(accelerator) == 3:
         inner = accelerator.unwrap_model(module)
-        external = _direct_weights(inner)
+        external = direct_weights(inner)
         for p in external:  # gathered around the top module's forward and backward, not just their own module's
             deepspeed.zero.register_external_parameter(inner, p)
         for name in methods:  # outside forward (held-out scoring, no grad): gather them around the call
@@ -218,7 +218,7 @@ def _deepspeed(accelerator: Any, module: torch.nn.Module, optimizer: Any, micro_
     return module, optimizer
 
 
-def _direct_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+def direct_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Parameters protege's losses read directly instead of calling their module: the LM head (chunked loss)
     and the input embeddings (trainable-token rows), with their PEFT token adapters."""
     model = getattr(module, "model", module)
