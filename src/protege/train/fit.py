@@ -14,7 +14,9 @@ Dividing by the count of the *whole step* after backward makes one process with 
 accumulation and N processes give the same loss and update (to float rounding), for any
 method, without the method knowing its normaliser before the forward pass. A rank with fewer
 micro-batches in a short last step runs zero-weight ones, because every rank must join the
-gradient all-reduce (and, under FSDP2, every forward: see `sharding.py`). Checkpoints carry a fingerprint of the config and a hash of
+gradient all-reduce (and, under FSDP2, every forward: see `sharding.py`). DeepSpeed's engine averages and steps
+inside backward, so there the step's count comes from the method (`units_of`) and divides each micro-batch's
+loss before backward instead. Checkpoints carry a fingerprint of the config and a hash of
 the data plan; a resume under a changed config is refused instead of silently mixing runs.
 """
 
