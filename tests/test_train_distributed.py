@@ -69,11 +69,10 @@ def _one_vs_two(tmp_path, method, common):
     return curve("one"), curve("two")
 
 
-@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
-def test_configs_protege_cannot_honour_are_refused_in_one_sentence(kind):
-    """Issue 28: DeepSpeed steps the optimizer inside backward (before fit's whole-step normalisation), so it is
-    refused with the working alternative; FSDP1, quantized FSDP and RL rollouts under FSDP likewise. accelerate
-    selects these only on GPUs, so the check is tested directly."""
+def test_configs_protege_cannot_honour_are_refused_in_one_sentence():
+    """Megatron-LM, FSDP1, quantized bases and RL rollouts under FSDP or DeepSpeed, ZeRO stage 0 and DeepSpeed's
+    own gradient accumulation are refused with the working alternative. (The configs that run are run for real
+    in test_train_fsdp.py and test_train_deepspeed.py; the refusals are checked directly.)"""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -81,17 +80,28 @@ def test_configs_protege_cannot_honour_are_refused_in_one_sentence(kind):
     from protege.errors import StageError
     from protege.train.sharding import refuse_unsupported_sharding
 
-    def acc(kind, version=2):
+    def acc(kind, version=2, stage=3, gas="auto"):
+        ds = SimpleNamespace(zero_stage=stage, deepspeed_config={"gradient_accumulation_steps": gas})
         return SimpleNamespace(distributed_type=DistributedType[kind],
-                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version),
+                                                     deepspeed_plugin=ds))
 
-    with pytest.raises(StageError, match=f"asks for {kind}.*fsdp2.yaml"):
-        refuse_unsupported_sharding("sft", acc(kind))
+    with pytest.raises(StageError, match="Megatron-LM.*zero3.yaml.*fsdp2.yaml"):
+        refuse_unsupported_sharding("sft", acc("MEGATRON_LM"))
     with pytest.raises(StageError, match="FSDP version 1.*fsdp_version: 2"):
         refuse_unsupported_sharding("sft", acc("FSDP", 1))
-    with pytest.raises(StageError, match="RL rollouts"):
-        refuse_unsupported_sharding("grpo", acc("FSDP"), rollouts=True)
+    for kind in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(StageError, match="RL rollouts.*ddp.yaml"):
+            refuse_unsupported_sharding("grpo", acc(kind), rollouts=True)
     with pytest.raises(StageError, match="nf4 with FSDP"):
         refuse_unsupported_sharding("sft", acc("FSDP"), quantization="nf4")
-    for ok in ("FSDP", "MULTI_CPU", "NO"):
+    with pytest.raises(StageError, match="nf4 with DeepSpeed"):
+        refuse_unsupported_sharding("sft", acc("DEEPSPEED"), quantization="nf4")
+    with pytest.raises(StageError, match="zero_stage 0.*ddp.yaml"):
+        refuse_unsupported_sharding("sft", acc("DEEPSPEED", stage=0))
+    with pytest.raises(StageError, match="gradient_accumulation_steps 4.*grad_accum"):
+        refuse_unsupported_sharding("sft", acc("DEEPSPEED", gas=4))
+    for ok in ("FSDP", "MULTI_CPU", "NO", "DEEPSPEED"):
         refuse_unsupported_sharding("sft", acc(ok))
+    for stage in (1, 2):
+        refuse_unsupported_sharding("dpo", acc("DEEPSPEED", stage=stage, gas=1))
