@@ -13,7 +13,9 @@ The value head is a linear layer on the policy's final hidden states (detached u
 `value_trunk_grad`: the value loss then also trains the LoRA adapters). It is saved beside the
 adapter as `value_head.safetensors` and lives in every checkpoint.
 
-It runs on `fit`: the plan is (batch, epoch, minibatch) triples, each one optimizer step. A batch's
+It runs on `fit`: the plan is (batch, epoch, minibatch, piece) entries; the pieces of one minibatch, one per
+accumulation step and rank (`grad_accum` x processes), make one optimizer step. Under DDP every rank decodes
+the whole rollout batch (seeded: the same answers) and trains on its pieces of each minibatch. A batch's
 rollouts *and* the statistics computed from them before its first update (old log-probs, values,
 advantages, returns, the beta used) are cached on disk as one file, so a killed run resumes from its
 checkpoint with exactly the PPO targets it had, and a rerun with the same seed reaches the same weights.
@@ -128,19 +130,26 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     n_batches = config.batches or max(1, -(-len(items) * config.epochs // config.rollout_prompts))
     batch_prompts = prompt_plan(len(items), config.rollout_prompts, n_batches, config.seed)
     per_mb = -(-config.rollout_prompts // config.minibatches)
-    plan = [(b, e, m) for b in range(n_batches) for e in range(config.ppo_epochs) for m in range(config.minibatches)]
-    if config.grad_accum != 1 or ctx.world != 1:
-        raise StageError("ppo: each rollout minibatch is one optimizer step (PPO's update count), and fit would merge "
-                         "grad_accum x processes minibatches into one step; use grad_accum: 1 on one process")
-    config_steps = len(plan) if config.max_steps is None else config.max_steps
-    if config.max_steps is not None and config.max_steps > len(plan):
-        raise StageError(f"ppo: max_steps {config.max_steps} exceeds the plan's {len(plan)} minibatch steps; "
+    # One optimizer step is one minibatch (PPO's update count): `fit` takes grad_accum x processes micro-batches
+    # per step, so each minibatch is split into that many pieces (a piece per accumulation step and rank).
+    pieces = config.grad_accum * ctx.world
+    smallest = min(len(range(m * per_mb, min((m + 1) * per_mb, config.rollout_prompts))) for m in range(config.minibatches))
+    if pieces > smallest:
+        raise StageError(f"ppo: grad_accum x processes = {pieces} pieces per minibatch, but a minibatch holds "
+                         f"{smallest} answers; lower grad_accum or minibatches, or raise rollout_prompts")
+    plan = [(b, e, m, k) for b in range(n_batches) for e in range(config.ppo_epochs) for m in range(config.minibatches)
+            for k in range(pieces)]
+    n_steps = len(plan) // pieces
+    config_steps = n_steps if config.max_steps is None else config.max_steps
+    if config.max_steps is not None and config.max_steps > n_steps:
+        raise StageError(f"ppo: max_steps {config.max_steps} exceeds the plan's {n_steps} minibatch steps; "
                          "raise batches or epochs instead")
     cache = RolloutCache(out_dir / "rollouts")
     eval_batches = eval_plan(len(held), config.rollout_prompts)
     data_hash = hashlib.sha256(json.dumps([batch_prompts, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {n_batches} rollout batches of {config.rollout_prompts} "
-        f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps; reward "
+        f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps on {ctx.world} "
+        f"process(es); reward "
         f"{describe_reward(config.reward)}, gold {describe_reward(gold_cfg)}, beta {config.beta}")
     stats = {"rollouts": 0, "reused_batches": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
     targets: dict[int, dict[str, Any]] = {}  # batch -> rollouts + PPO targets (in memory and on disk)
@@ -199,17 +208,22 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         targets[b] = data
         return data
 
-    def train_loss(m: Any, mb: tuple[int, int, int]) -> LossOutput:
-        b, _, part = mb
+    def piece(part: int, k: int, n: int) -> list[int]:
+        """Answers (of n) of minibatch `part` in its k-th piece (sizes differ by at most one)."""
+        answers = range(part * per_mb, min((part + 1) * per_mb, n))
+        return list(answers[k * len(answers) // pieces:(k + 1) * len(answers) // pieces])
+
+    def train_loss(m: Any, mb: tuple[int, int, int, int]) -> LossOutput:
+        b, epoch, part, k = mb
         data = batch_targets(m, b)
         ro = [Rollout(**r) for r in data["rollouts"]]
-        stats["rollouts"] += len(ro) if part == 0 and mb[1] == 0 else 0
+        stats["rollouts"] += len(ro) if part == 0 and epoch == 0 and k == 0 else 0
         # token offsets of each answer in the flat per-token lists
         starts, at = [], 0
         for r in ro:
             starts.append(at)
             at += len(r.answer_ids)
-        pick = list(range(part * per_mb, min((part + 1) * per_mb, len(ro))))
+        pick = piece(part, k, len(ro))
         sub = [ro[i] for i in pick]
         tok_idx = [t for i in pick for t in range(starts[i], starts[i] + len(ro[i].answer_ids))]
         dev = accelerator.device
@@ -242,7 +256,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
 
     result, watch = watched_fit("ppo", config, model=model, module=module, accelerator=accelerator, out_dir=out_dir,
                                 log=log, micro_batches=plan, loss_fn=train_loss, eval_fn=eval_loss,
-                                tokens_of=lambda mb: per_mb, data_hash=data_hash, unit="answers", eval_batches=eval_batches,
+                                tokens_of=lambda mb: len(piece(mb[2], mb[3], config.rollout_prompts)), data_hash=data_hash, unit="answers", eval_batches=eval_batches,
                                 save_best=save_best, stop_after_steps=stop_after_steps, engine=engine)
     if result.stopped:
         return {"stopped_at_step": stop_after_steps, "steps": result.steps, **stats}
