@@ -35,7 +35,7 @@ def run(name: str, data: Path, workdir: Path, steps: int, warmup: int) -> dict:
            f"--model={MODEL}", f"--datasets=[{data}]", "--max_length=256", "--batch_size=2",
            f"--max_steps={warmup + steps}", "--eval_fraction=0.0", "--save_every=0", "--tensorboard=false",
            "--lora.r=16", "--lora.alpha=32", "--lora.target_modules=all-linear", "--precision=bf16",
-           "--resume=no", f"--out_dir={out}"]
+           f"--out_dir={out}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
