@@ -106,7 +106,8 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     cache = RolloutCache(out_dir / "rollouts")
     data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
     log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
-        f"prompts x {config.group_size} answers; reward {describe_reward(config.reward)}, gold {describe_reward(gold_cfg)}")
+        f"prompts x {config.group_size} answers on {ctx.world} process(es); reward {describe_reward(config.reward)}, "
+        f"gold {describe_reward(gold_cfg)}")
     stats = {"rollouts": 0, "reused": 0, "rollout_tokens": 0, "rollout_seconds": 0.0}
 
     def logps(m: Any, batch: dict[str, torch.Tensor], reference: bool) -> torch.Tensor:
