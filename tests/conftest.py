@@ -103,3 +103,26 @@ def chromium_path() -> str:
     if not path:
         pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver; CI does)")
     return path
+
+
+def launch_ddp(method: str, config, yaml_path) -> str:
+    """`protege train METHOD --config YAML` on two DDP processes (gloo) through the shipped
+    recipes/accelerate/ddp.yaml; `config` (a stage config) is written to `yaml_path` first. Returns stderr."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not installed")
+    Path(yaml_path).write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    ddp = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "ddp.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(ddp), "--num_processes", "2",
+                           "--mixed_precision", "no", "-m", "protege.cli", "train", method, "--config",
+                           str(yaml_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr

@@ -227,29 +227,14 @@ def test_merged_weights_are_the_policy_in_hf_names_trainable_token_rows_included
 def test_grpo_under_ddp_equals_one_process_with_the_same_global_batch(tmp_path, tiny_policy_dir):
     """Two DDP processes (gloo, recipes/accelerate/ddp.yaml): each rank decodes and scores its own prompt
     groups, and the step's update equals one process's with grad_accum 2 (same seeded rollouts)."""
-    import os
-    import shutil
-    import subprocess
+    from conftest import assert_same_tensors, launch_ddp
 
-    import yaml
-
-    from conftest import assert_same_tensors
-
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not installed")
     kw = dict(max_steps=3, eval_every=0, save_every=0)
     (tmp_path / "one").mkdir()
     run(_config(tmp_path / "one", tiny_policy_dir, grad_accum=2, **kw))
     (tmp_path / "ddp").mkdir()
-    cfg = _config(tmp_path / "ddp", tiny_policy_dir, **kw)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    ddp = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "ddp.yaml"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["accelerate", "launch", "--config_file", str(ddp), "--num_processes", "2",
-                           "--mixed_precision", "no", "-m", "protege.cli", "train", "grpo", "--config",
-                           str(tmp_path / "ddp.yaml")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "answers on 2 process(es)" in proc.stderr
+    log = launch_ddp("grpo", _config(tmp_path / "ddp", tiny_policy_dir, **kw), tmp_path / "ddp.yaml")
+    assert "answers on 2 process(es)" in log
     curves = {n: [r[k] for r in _rows(tmp_path / n / "grpo" / "metrics.jsonl") if "loss" in r for k in ("loss", "reward")]
               for n in ("one", "ddp")}
     assert len(curves["one"]) == 3 * 2

@@ -81,14 +81,7 @@ def test_ppo_resume_reaches_the_same_weights(tmp_path, tiny_policy_dir):
 def test_ppo_splits_each_minibatch_over_grad_accum_and_processes(tmp_path, tiny_policy_dir):
     """One optimizer step is one minibatch, however it is split: grad_accum 2, and two DDP processes (gloo,
     through recipes/accelerate/ddp.yaml), give the loss curve and the weights of one process."""
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    import yaml
-
-    from conftest import assert_same_tensors
+    from conftest import assert_same_tensors, launch_ddp
 
     kw = dict(batches=2, eval_every=0, save_every=0, beta=0.05)
     for name, accum in (("one", 1), ("accum", 2)):
@@ -98,18 +91,9 @@ def test_ppo_splits_each_minibatch_over_grad_accum_and_processes(tmp_path, tiny_
               for n in ("one", "accum")}
     assert len(curves["one"]) == 2 * 2 * 2 * 2
     assert curves["accum"] == pytest.approx(curves["one"], rel=1e-4, abs=1e-6)
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not installed")
     (tmp_path / "ddp").mkdir()
-    cfg = _cfg(tmp_path / "ddp", tiny_policy_dir, **kw)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    ddp = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "ddp.yaml"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["accelerate", "launch", "--config_file", str(ddp), "--num_processes", "2",
-                           "--mixed_precision", "no", "-m", "protege.cli", "train", "ppo", "--config",
-                           str(tmp_path / "ddp.yaml")], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "steps on 2 process(es)" in proc.stderr
+    log = launch_ddp("ppo", _cfg(tmp_path / "ddp", tiny_policy_dir, **kw), tmp_path / "ddp.yaml")
+    assert "steps on 2 process(es)" in log
     ddp_curve = [r[k] for r in _rows(tmp_path / "ddp" / "ppo" / "metrics.jsonl") if "loss" in r for k in ("loss", "reward")]
     assert ddp_curve == pytest.approx(curves["one"], rel=1e-4, abs=1e-6)
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
