@@ -114,3 +114,21 @@ def test_cli_chat_on_builtin_models(alias):
     stdout = _run_cli([alias], "What is the capital of France?\n/exit\n")
     assert stdout.startswith(f"chatting with {alias}")
     assert len(stdout.splitlines()) >= 2
+
+
+def test_cli_chat_names_a_bad_sampling_flag_before_loading_anything():
+    proc = subprocess.run([sys.executable, "-m", "protege.cli", "chat", "no-such-model", "--top-p", "1.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--top-p: Input should be less than or equal to 1 (got 1.5)" in proc.stderr
+
+
+def test_chat_sampling_is_the_config_sampling_with_chat_defaults():
+    from protege.config import Sampling as ConfigSampling
+    from protege.engine import SamplingParams
+
+    s = Sampling(top_k=5, seed=3)
+    assert isinstance(s, ConfigSampling) and (s.temperature, s.max_new_tokens) == (0.7, 512)
+    p = SamplingParams.from_config(s, s.seed, ["</s>"])
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.seed, p.stop) == (512, 0.7, 5, 3, ["</s>"])
+    assert SamplingParams.from_config(Sampling(temperature=0, seed=3), 3).seed is None  # greedy: one cache entry

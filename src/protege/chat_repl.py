@@ -7,8 +7,11 @@ the conversation, `/exit` (or end of input) quits. Replies stream to the termina
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, TextIO
+
+from pydantic import Field
+
+from .config import MaxNewTokens, Sampling as _Sampling, Temperature, TopK
 
 if TYPE_CHECKING:
     from .engine.core import RequestDriver
@@ -18,16 +21,14 @@ __all__ = ["Sampling", "LocalBackend", "RemoteBackend", "run_repl", "HELP"]
 HELP = "commands: /system TEXT (set the system prompt, starts over), /reset, /exit"
 
 
-@dataclass
-class Sampling:
-    """Sampling flags shared by both backends (`top_k` is sent to servers as an extension field;
-    protege's own server honours it)."""
+class Sampling(_Sampling):
+    """protege's one sampling shape, with a chat's defaults and two extras for both backends: `top_k` (sent
+    to servers as an extension field; protege's own server, vLLM and llama.cpp honour it) and `seed`."""
 
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 512
-    seed: int | None = None
+    max_new_tokens: MaxNewTokens = Field(512, description="longest reply in tokens")
+    temperature: Temperature = Field(0.7, description="0 = greedy")
+    top_k: TopK = Field(0, description="keep the k most likely tokens; 0 = off")
+    seed: int | None = Field(None, description="sampling seed")
 
 
 class Backend(Protocol):
@@ -53,9 +54,7 @@ class LocalBackend:
         from .engine import SamplingParams
 
         ids = self.engine.chat_format.encode_prompt(messages)
-        params = SamplingParams(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, top_k=sampling.top_k,
-                                stop=list(self.engine.chat_format.stop_strings), seed=sampling.seed)
+        params = SamplingParams.from_config(sampling, sampling.seed, list(self.engine.chat_format.stop_strings))
         yield from self.engine.stream(ids, params)
 
 
@@ -75,7 +74,7 @@ class RemoteBackend:
         extra = {"top_k": sampling.top_k} if sampling.top_k else None
         chunks = self.client.chat.completions.create(
             model=self.name, messages=messages, stream=True, temperature=sampling.temperature,
-            top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.seed, extra_body=extra)
+            top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed, extra_body=extra)
         try:
             for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:

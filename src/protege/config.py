@@ -27,6 +27,7 @@ __all__ = [
     "Temperature",
     "TopP",
     "MaxNewTokens",
+    "TopK",
     "StageConfig",
     "ConfigError",
     "load_config",
@@ -41,6 +42,7 @@ __all__ = [
 Temperature = Annotated[float, Field(ge=0.0)]  # 0 = greedy
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]  # 1 = off
 MaxNewTokens = Annotated[int, Field(ge=1)]
+TopK = Annotated[int, Field(ge=0)]  # 0 = off
 
 
 class ConfigError(UserError, ValueError):

@@ -36,8 +36,16 @@ def _chat(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.url):
         raise SystemExit("protege chat: give either MODEL or --url URL (exactly one)")
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_tokens=args.max_tokens, seed=args.seed)
+    from pydantic import ValidationError
+
+    try:
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_tokens, seed=args.seed)
+    except ValidationError as err:
+        flags = {"max_new_tokens": "--max-tokens", "top_p": "--top-p", "top_k": "--top-k"}
+        e = err.errors()[0]
+        name = str(e["loc"][0])
+        raise SystemExit(f"protege chat: {flags.get(name, '--' + name)}: {e['msg']} (got {e['input']!r})") from None
     if args.url:
         backend = RemoteBackend(args.url, api_key=os.environ.get(args.api_key_env))
     else:

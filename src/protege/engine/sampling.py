@@ -8,8 +8,12 @@ same prompt give the same tokens whatever else shares the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import Sampling
 
 __all__ = ["SamplingParams", "TokenLogprob", "choose_tokens", "token_logprobs", "make_generator"]
 
@@ -62,6 +66,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @classmethod
+    def from_config(cls, s: "Sampling", seed: int | None = None, stop: list[str] | None = None) -> "SamplingParams":
+        """The engine's parameters for a config's `Sampling` (and its extensions' `top_k`).
+
+        Greedy decoding ignores the seed; leaving it out keeps identical greedy requests one cache entry."""
+        return cls(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                   top_k=getattr(s, "top_k", 0), seed=seed if s.temperature > 0 else None, stop=list(stop or []))
 
 
 @dataclass

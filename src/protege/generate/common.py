@@ -38,9 +38,7 @@ def sampling(s: Sampling, seed: int | None = None, stop: list[str] | None = None
     """Engine `SamplingParams` for a config's `Sampling` (imported here so `protege --help` does not load torch)."""
     from ..engine import SamplingParams
 
-    # Greedy decoding ignores the seed; leaving it out keeps identical greedy requests one cache entry.
-    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                          seed=seed if s.temperature > 0 else None, stop=list(stop or []))
+    return SamplingParams.from_config(s, seed, stop)
 
 
 def clean_reply(text: str) -> str:
