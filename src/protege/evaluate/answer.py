@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
@@ -31,6 +31,9 @@ from ..records import write_records
 from ..teachers import TeacherConfig
 from ..files import read_jsonl
 from ..formats import read_questions as read_prompts
+
+if TYPE_CHECKING:
+    from ..teachers import Teacher
 
 __all__ = ["AnswerConfig", "run", "read_prompts", "read_answers", "display_name", "stop_counts"]
 
@@ -84,7 +87,7 @@ def stop_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
             "stop_rate": round(stopped / (stopped + cut), 4) if stopped + cut else None}
 
 
-def _teacher_likeness(teacher: Any, cfg: AnswerConfig, out: Path) -> dict[str, Any]:
+def _teacher_likeness(teacher: Teacher, cfg: AnswerConfig, out: Path) -> dict[str, Any]:
     """Score the teacher's held-out answers under this model (see `style.teacher_nll`); teacher_nll.json."""
     from .style import teacher_nll
 

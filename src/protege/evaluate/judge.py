@@ -31,7 +31,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from pydantic import Field
 
@@ -45,6 +45,9 @@ from .answer import ANSWERS_FILE, AnswerConfig, display_name, read_answers
 from .intervals import bootstrap_ci
 from .verdicts import (order_outcome, p_first, pairwise_messages, pairwise_summary, parse_pairwise,
                        parse_rating, single_messages, verdict_probs)
+
+if TYPE_CHECKING:
+    from ..teachers import Teacher
 
 __all__ = ["JudgeConfig", "run", "JUDGE_RESULTS_FILE", "JUDGMENTS_FILE"]
 
@@ -102,7 +105,7 @@ def _load_answer_set(entry: str, cfg: JudgeConfig, out: Path) -> list[dict[str, 
     return read_answers(target)
 
 
-def _ask(teacher: Any, convs: list[list[dict[str, str]]], parse: Any, cfg: JudgeConfig) -> list[tuple[Any, str, bool]]:
+def _ask(teacher: Teacher, convs: list[list[dict[str, str]]], parse: Any, cfg: JudgeConfig) -> list[tuple[Any, str, bool]]:
     """(parsed verdict or None, raw reply, retried) per conversation; unparseable ones asked once more."""
     from ..engine import SamplingParams
 
@@ -117,7 +120,7 @@ def _ask(teacher: Any, convs: list[list[dict[str, str]]], parse: Any, cfg: Judge
     return results
 
 
-def _ask_pairwise(teacher: Any, convs: list[list[dict[str, str]]], cfg: JudgeConfig,
+def _ask_pairwise(teacher: Teacher, convs: list[list[dict[str, str]]], cfg: JudgeConfig,
                   logprob: bool) -> list[tuple[str | None, str, bool, dict[str, float] | None]]:
     """(verdict, raw, retried, {"A","B","tie"} probabilities or None) per pairwise conversation."""
     if not logprob:
@@ -154,7 +157,7 @@ def _pearson(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy) if sx and sy else float("nan")
 
 
-def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
+def _run_pairwise(teacher: Teacher, groups: list[list[dict]], cfg: JudgeConfig,
                   logprob: bool) -> tuple[list[dict], dict]:
     convs = []
     for a, b in groups:
@@ -185,7 +188,7 @@ def _run_pairwise(teacher: Any, groups: list[list[dict]], cfg: JudgeConfig,
     return rows, summary
 
 
-def _run_calibration(teacher: Any, cfg: JudgeConfig, logprob: bool) -> list[dict[str, Any]]:
+def _run_calibration(teacher: Teacher, cfg: JudgeConfig, logprob: bool) -> list[dict[str, Any]]:
     """Known-answer pairs through the same verdict path as the real ones (see `calibration.py`)."""
     from .calibration import calibration_pairs
 
@@ -197,7 +200,7 @@ def _run_calibration(teacher: Any, cfg: JudgeConfig, logprob: bool) -> list[dict
 
 
 @contextlib.contextmanager
-def _shared_cache(teacher: Any, cfg: JudgeConfig) -> Iterator[None]:
+def _shared_cache(teacher: Teacher, cfg: JudgeConfig) -> Iterator[None]:
     """Calibration verdicts of a built-in (sha256-pinned) judge are the same in every run: keep them in
     one cache under PROTEGE_HOME, so a recipe's second judge stage (and every later run) reuses them."""
     from ..models import ALIASES, protege_home
@@ -216,7 +219,7 @@ def _shared_cache(teacher: Any, cfg: JudgeConfig) -> Iterator[None]:
         shared.close()
 
 
-def _calibration_rows(teacher: Any, cfg: JudgeConfig, logprob: bool, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _calibration_rows(teacher: Teacher, cfg: JudgeConfig, logprob: bool, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     if cfg.mode == "pairwise":
         convs = []
@@ -239,7 +242,7 @@ def _calibration_rows(teacher: Any, cfg: JudgeConfig, logprob: bool, pairs: list
     return rows
 
 
-def _use_logprob(cfg: JudgeConfig, teacher: Any) -> bool:
+def _use_logprob(cfg: JudgeConfig, teacher: Teacher) -> bool:
     if cfg.mode != "pairwise" or cfg.verdicts == "generate":
         return False  # 1-10 grades are generated: "10" is not one token, and grades are not a 3-way choice
     scorable = bool(getattr(teacher, "scores_choices", False))
@@ -249,7 +252,7 @@ def _use_logprob(cfg: JudgeConfig, teacher: Any) -> bool:
     return scorable
 
 
-def _run_single(teacher: Any, groups: list[list[dict]], names: list[str], cfg: JudgeConfig) -> tuple[list, dict]:
+def _run_single(teacher: Teacher, groups: list[list[dict]], names: list[str], cfg: JudgeConfig) -> tuple[list, dict]:
     use_ref = cfg.mode == "reference"
     if use_ref:
         groups = [g for g in groups if g[0].get("reference")]
@@ -292,7 +295,7 @@ def _means_by(rows: list[dict[str, Any]], key: str, value: str) -> dict[str, dic
     return {k: {"mean": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
 
 
-def run(cfg: JudgeConfig, teacher: Any = None) -> dict[str, Any]:
+def run(cfg: JudgeConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     """Judge the answer sets; writes judgments.jsonl, calibration.jsonl, judge_results.json and
     manifest.json into `out_dir`. `teacher`: an already built judge (default: from `cfg.judge`)."""
     from ..teachers import make_teacher

@@ -5,9 +5,12 @@ win/tie/loss summary with its intervals and bias measures. `judge.py` runs them;
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .intervals import bootstrap_ci
+
+if TYPE_CHECKING:
+    from ..teachers import Teacher
 
 __all__ = ["VERDICT_PREFIX", "VERDICT_OPTIONS", "verdict_probs", "p_first", "order_outcome", "JUDGE_SYSTEM", "pairwise_messages", "single_messages", "parse_pairwise", "parse_rating",
            "combine_orders", "pairwise_summary"]
@@ -119,7 +122,7 @@ VERDICT_PREFIX = "Verdict:"
 VERDICT_OPTIONS = (" A", " B", " tie")
 
 
-def verdict_probs(teacher: Any, convs: list[list[dict[str, str]]], progress: bool = True) -> list[dict[str, float]]:
+def verdict_probs(teacher: Teacher, convs: list[list[dict[str, str]]], progress: bool = True) -> list[dict[str, float]]:
     """{"A", "B", "tie"} probabilities of each pairwise conversation's verdict, read from the judge's next-token
     distribution after "Verdict:" (a local judge: `teacher.scores_choices`); never unparseable."""
     return [dict(zip(("A", "B", "tie"), probs))

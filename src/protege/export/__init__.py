@@ -22,12 +22,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
 from ..config import StageConfig
 from ..files import atomic_dir
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
 
 __all__ = ["ExportConfig", "run", "gguf_template"]
 
@@ -66,7 +69,7 @@ class ExportConfig(StageConfig):
 _BOS_AT_START = re.compile(r"^\s*\{\{-?\s*bos_token\s*-?\}\}")
 
 
-def gguf_template(chat: Any) -> tuple[str, bool]:
+def gguf_template(chat: ChatFormat) -> tuple[str, bool]:
     """(template for the GGUF, add_bos_token) such that llama.cpp's prompt == `chat.encode_prompt`."""
     template = chat.template
     bos = chat.tokenizer.bos_token_id
@@ -140,7 +143,7 @@ def run(config: ExportConfig) -> dict[str, Any]:
     return {**counts, "out_dir": str(out)}
 
 
-def _verify(config: ExportConfig, model: Any, tok: Any, chat: Any, files: dict[str, Path],
+def _verify(config: ExportConfig, model: Any, tok: Any, chat: ChatFormat, files: dict[str, Path],
             add_bos: bool) -> dict[str, Any]:
     from ..engine import Engine
     from ..engine.gguf import open_gguf

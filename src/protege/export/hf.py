@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..errors import StageError
 from ..outputs import MANIFEST
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
 
 __all__ = ["resolve_source", "save_hf", "SUPPORTED_ARCHITECTURES"]
 
@@ -54,7 +57,7 @@ def resolve_source(spec: str) -> tuple[str, Path | None]:
     return (str(p) if p.exists() else spec), run
 
 
-def _card(name: str, source: str, run: Path | None, base: str, chat: Any, extra: dict[str, Any]) -> str:
+def _card(name: str, source: str, run: Path | None, base: str, chat: ChatFormat, extra: dict[str, Any]) -> str:
     lines = [f"# {name}", "", f"Exported by protege from `{source}`.", "",
              "| | |", "|---|---|", f"| base model | `{base}` |", f"| chat format | {chat.name} |",
              f"| end-of-turn ids | {chat.stop_token_ids} |"]

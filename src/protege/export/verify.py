@@ -13,12 +13,16 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..engine.gguf import read_metadata
 from ..files import jsonl_rows
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
+    from ..engine import Engine
 
 __all__ = ["greedy_parity", "template_check", "perplexity_hf", "perplexity_gguf", "load_texts",
            "VERIFY_PROMPTS"]
@@ -42,7 +46,7 @@ def _llama_greedy(llm: Any, prompt: list[int], n: int, stop: set[int]) -> list[i
     return out
 
 
-def greedy_parity(llm: Any, engine: Any, chat: Any, n_prompts: int, n_tokens: int) -> dict[str, Any]:
+def greedy_parity(llm: Any, engine: Engine, chat: ChatFormat, n_prompts: int, n_tokens: int) -> dict[str, Any]:
     """Per prompt: do llama.cpp and protege's engine pick the same greedy tokens?"""
     from ..engine import SamplingParams
 
@@ -67,7 +71,7 @@ def greedy_parity(llm: Any, engine: Any, chat: Any, n_prompts: int, n_tokens: in
             "max_margin_at_divergence": max(margins) if margins else None, "rows": rows}
 
 
-def template_check(llm: Any, gguf_path: Path, chat: Any) -> dict[str, Any]:
+def template_check(llm: Any, gguf_path: Path, chat: ChatFormat) -> dict[str, Any]:
     """llama.cpp's own rendering (its Jinja formatter, the GGUF's template and add_bos) vs ChatFormat."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -14,6 +14,9 @@ from ..errors import StageError
 from ..net import key_env_allowed
 from ..precision import PRECISION_HELP, Precision
 from .cache import ResponseCache, request_key
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
 
 __all__ = ["TeacherConfig", "TeacherResponse", "TeacherError", "Teacher", "sampling_dict"]
 
@@ -85,7 +88,7 @@ def sampling_dict(sampling: Any) -> dict[str, Any]:
     return out
 
 
-def prompt_ids(chat_format: Any, kind: str, items: list[Any]) -> list[list[int]]:
+def prompt_ids(chat_format: ChatFormat, kind: str, items: list[Any]) -> list[list[int]]:
     """Token ids of each request for a model run in this process: a conversation through the model's chat
     format (the ids training saw), a plain completion prompt through its tokenizer (which adds BOS where the
     model expects it)."""

@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -40,6 +40,9 @@ from .sharding import (accelerator_options, enable_fsdp_on_cpu, is_deepspeed, lo
                        sharding_name)
 from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_optimizer, make_scheduler, peak_rss_mb,
                     save_checkpoint)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
 
@@ -81,7 +84,7 @@ def run_logger(name: str, out_dir: Path, main: bool) -> Callable[[str], None]:
 
 @dataclass
 class RunContext:
-    accelerator: Any
+    accelerator: Accelerator
     main: bool  # this process writes files and logs
     world: int  # number of processes
     out_dir: Path
@@ -153,7 +156,7 @@ def _means(total: torch.Tensor, keys: list[str], prefix: str = "") -> tuple[floa
 
 @torch.no_grad()
 def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
-             accelerator: Any) -> dict[str, float] | None:
+             accelerator: Accelerator) -> dict[str, float] | None:
     """Unit-weighted means of the loss and metrics over held-out micro-batches, sharded over ranks."""
     if not batches:
         return None
@@ -178,7 +181,7 @@ def evaluate(module: torch.nn.Module, batches: Sequence[Any], loss_fn: Callable[
     return {"eval_loss": loss, **metrics}
 
 
-def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: torch.nn.Module, accelerator: Any,
+def fit(name: str, config: TrainSettings, *, model: torch.nn.Module, module: torch.nn.Module, accelerator: Accelerator,
         out_dir: Path, micro_batches: Sequence[Any], loss_fn: Callable[[Any, Any], LossOutput],
         tokens_of: Callable[[Any], int], fingerprint: dict[str, Any], data_hash: str, unit: str = "units",
         eval_batches: Sequence[Any] = (), stop_after_steps: int | None = None,

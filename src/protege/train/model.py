@@ -4,7 +4,7 @@ special-token rows) or full fine-tuning, and the check that protege may split it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -13,11 +13,14 @@ from ..lm_head import PLAIN_HEAD_TYPES, LMHeadParts, lm_head_parts
 from ..precision import ResolvedPrecision, upcast_trainable
 from .settings import TrainSettings
 
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
+
 __all__ = ["chat_special_tokens", "trainable_token_ids", "base_dtype", "load_base", "prepare_model",
            "require_head_parts", "save_model", "merged_fp32"]
 
 
-def chat_special_tokens(chat: Any) -> list[int]:
+def chat_special_tokens(chat: ChatFormat) -> list[int]:
     """Special-token ids the chat format writes (BOS, role markers, end of turn), pad excluded.
 
     A base model has rarely or never seen them: gemma-3-270m ranks `<end_of_turn>` ~261,800th of
@@ -31,7 +34,7 @@ def chat_special_tokens(chat: Any) -> list[int]:
     return sorted({i for i in sample if i in special} | set(chat.stop_token_ids))
 
 
-def trainable_token_ids(config: TrainSettings, chat: Any) -> list[int]:
+def trainable_token_ids(config: TrainSettings, chat: ChatFormat) -> list[int]:
     want = config.lora.trainable_tokens
     if want == "none":
         return []
@@ -74,7 +77,7 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: Any, task_type: str = "CAUSAL_LM",
+def prepare_model(config: TrainSettings, model: torch.nn.Module, chat: ChatFormat, task_type: str = "CAUSAL_LM",
                   modules_to_save: list[str] | None = None) -> torch.nn.Module:
     """Full fine-tuning: every parameter trains. LoRA: PEFT adapters on `lora.target_modules` plus the
     chat format's special-token rows of the embedding (and of an untied head); `modules_to_save`
@@ -163,7 +166,7 @@ def require_head_parts(model: Any, method: str) -> LMHeadParts:
     return parts
 
 
-def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: Any, out_dir: Path) -> list[Path]:
+def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: ChatFormat, out_dir: Path) -> list[Path]:
     """LoRA adapter (or full model) folder, and the merged model on request, each with tokenizer + template."""
     chat.apply_to(tok)
     outputs = []

@@ -40,6 +40,7 @@ from .rollout_engines import RolloutEngine, RolloutEngineConfig
 from .settings import LoraSettings, Schedule, TrainSettings
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from ..chat import ChatFormat
 
 __all__ = ["RolloutSettings", "RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
@@ -355,7 +356,7 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
     return proxy, proxy, config.reward
 
 
-def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Any, out_dir: Path,
+def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Accelerator, out_dir: Path,
                 log: Callable[[str], None], micro_batches: Any, loss_fn: Callable[[Any, Any], Any],
                 eval_fn: Callable[[Any, Any], Any], tokens_of: Callable[[Any], int], data_hash: str, unit: str,
                 eval_batches: list[Any], save_best: Callable[[Path], None], stop_after_steps: int | None,

@@ -20,7 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
@@ -35,6 +35,9 @@ from .model import merged_fp32, prepare_model
 from .pair_data import PairExample, additive_mask, can_share_prompt, collate_pairs, load_pair_sets, pairs_hash, plan_pair_batches
 from .settings import PreferenceSettings, fingerprint
 from .sharding import gather_trained, prepare_module
+
+if TYPE_CHECKING:
+    from ..chat import ChatFormat
 
 __all__ = ["RMConfig", "RewardModule", "run", "rm_report", "llama2_reward", "load_reward_model", "score"]
 
@@ -155,7 +158,7 @@ def load_reward_model(spec: str, device: str | None = None) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def score(model: Any, chat: Any, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 8,
+def score(model: Any, chat: ChatFormat, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 8,
           max_length: int = 1024) -> list[float]:
     """Reward of each (prompt messages, answer text), read at the last token as in training."""
     from .data import Example, collate

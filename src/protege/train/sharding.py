@@ -31,12 +31,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..errors import StageError
 from .state import checkpoint_dirs, prune_checkpoints, trainable_state
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = ["is_sharded", "is_deepspeed", "sharding_name", "accelerator_options", "load_whole_under_zero3",
            "enable_fsdp_on_cpu", "direct_weights", "refuse_unsupported_sharding", "prepare_module",
@@ -48,21 +51,21 @@ def _kind(distributed_type: Any) -> str:
     return str(getattr(distributed_type, "value", distributed_type)).upper()
 
 
-def is_sharded(accelerator: Any) -> bool:
+def is_sharded(accelerator: Accelerator) -> bool:
     """True when the model's parameters are DTensor shards (FSDP2): collectives rule forward, save and load."""
     return _kind(accelerator.distributed_type) == "FSDP"
 
 
-def is_deepspeed(accelerator: Any) -> bool:
+def is_deepspeed(accelerator: Accelerator) -> bool:
     """True under DeepSpeed: its engine owns backward, gradient averaging, clipping and the optimizer step."""
     return _kind(accelerator.distributed_type) == "DEEPSPEED"
 
 
-def _zero_stage(accelerator: Any) -> int:
+def _zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def sharding_name(accelerator: Any) -> str | None:
+def sharding_name(accelerator: Accelerator) -> str | None:
     """`fsdp2`, `zero1`..`zero3`, or None (one process, DDP): recorded in checkpoints, which resume only under it."""
     if is_sharded(accelerator):
         return "fsdp2"
@@ -80,7 +83,7 @@ def accelerator_options(cpu: bool) -> dict[str, Any]:
     return {"cpu": cpu}
 
 
-def load_whole_under_zero3(accelerator: Any) -> None:
+def load_whole_under_zero3(accelerator: Accelerator) -> None:
     """protege loads models whole on every rank and the DeepSpeed engine partitions them (zero3_init_flag is not
     used): clear the ZeRO-3 flag accelerate hands transformers, or PEFT's trainable-token setup would run
     ZeRO-3 collectives (and assume CUDA) on weights that are not partitioned, and the main process's rebuild of
@@ -95,7 +98,7 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def enable_fsdp_on_cpu(accelerator: Any) -> None:
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """Run accelerate's FSDP2 path on CPU processes when the launch config asks for FSDP (see module docstring)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -113,7 +116,7 @@ def enable_fsdp_on_cpu(accelerator: Any) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def refuse_unsupported_sharding(name: str, accelerator: Any, *, rollouts: bool = False,
+def refuse_unsupported_sharding(name: str, accelerator: Accelerator, *, rollouts: bool = False,
                                 quantization: str = "none") -> None:
     """One sentence for each accelerate config a trainer cannot honour, before any work is done."""
     kind = _kind(accelerator.distributed_type)
@@ -138,7 +141,7 @@ def refuse_unsupported_sharding(name: str, accelerator: Any, *, rollouts: bool =
                          "use QLoRA on one process, or FSDP2 with a bf16 base")
 
 
-def _refuse_deepspeed(name: str, accelerator: Any, rollouts: bool, quantization: str) -> None:
+def _refuse_deepspeed(name: str, accelerator: Accelerator, rollouts: bool, quantization: str) -> None:
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     stage = _zero_stage(accelerator)
     if stage not in (1, 2, 3):
@@ -156,7 +159,7 @@ def _refuse_deepspeed(name: str, accelerator: Any, rollouts: bool, quantization:
                          "on one process, or ZeRO with a bf16 base")
 
 
-def prepare_module(accelerator: Any, module: torch.nn.Module, forward_methods: tuple[str, ...] = ()) -> Any:
+def prepare_module(accelerator: Accelerator, module: torch.nn.Module, forward_methods: tuple[str, ...] = ()) -> Any:
     """A trainer's wrapper around a transformers model, ready for `fit`: wrapped by DDP now, or, under FSDP2 and
     DeepSpeed, returned as it is for `fit` to shard together with its optimizer (`shard`: accelerate prepares
     both only with their optimizer). `forward_methods`: methods other than `forward` that run the model,
@@ -167,7 +170,7 @@ def prepare_module(accelerator: Any, module: torch.nn.Module, forward_methods: t
     return module
 
 
-def shard(accelerator: Any, module: torch.nn.Module, optimizer: Any, *, micro_batch: int,
+def shard(accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, *, micro_batch: int,
           max_grad_norm: float) -> tuple[Any, Any]:
     """FSDP2 or DeepSpeed through `accelerator.prepare(module, optimizer)`.
 
@@ -189,7 +192,7 @@ def shard(accelerator: Any, module: torch.nn.Module, optimizer: Any, *, micro_ba
     return module, optimizer
 
 
-def _deepspeed(accelerator: Any, module: torch.nn.Module, optimizer: Any, micro_batch: int,
+def _deepspeed(accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, micro_batch: int,
                max_grad_norm: float) -> tuple[Any, Any]:
     """The DeepSpeed engine around `module`, configured from protege's own settings where the config says `auto`.
 
@@ -240,7 +243,7 @@ def _gathered(method: Callable[..., Any], params: list[torch.nn.Parameter]) -> C
     return call
 
 
-def gather_trained(accelerator: Any, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def gather_trained(accelerator: Accelerator, model: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The trained model as a plain module on the main process (every rank must call this).
 
     Without sharding (and under ZeRO-1/2, which keep every weight whole on every rank) this is `model` itself.
@@ -263,7 +266,7 @@ def gather_trained(accelerator: Any, model: torch.nn.Module, build: Callable[[],
     return plain
 
 
-def save_sharded_checkpoint(accelerator: Any, ckpt_root: Path, step: int, scheduler: Any, state: dict[str, Any],
+def save_sharded_checkpoint(accelerator: Accelerator, ckpt_root: Path, step: int, scheduler: Any, state: dict[str, Any],
                             keep: int) -> Path:
     """accelerate's sharded state of every rank in `ckpt_root/step-N/`, written under a temporary name and
     renamed by the main process once all ranks are done (a kill leaves the previous checkpoint intact).
@@ -288,7 +291,7 @@ def save_sharded_checkpoint(accelerator: Any, ckpt_root: Path, step: int, schedu
     return final
 
 
-def load_sharded_checkpoint(accelerator: Any, path: Path, scheduler: Any) -> dict[str, Any]:
+def load_sharded_checkpoint(accelerator: Accelerator, path: Path, scheduler: Any) -> dict[str, Any]:
     """Restore what `save_sharded_checkpoint` wrote (every rank calls); return its state.json."""
     state = json.loads((path / "state.json").read_text())  # fit's fingerprint check already matched `sharding`
     accelerator.load_state(str(path), **({"load_module_strict": False} if is_deepspeed(accelerator) else {}))
