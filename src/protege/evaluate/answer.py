@@ -122,8 +122,7 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     save_config(cfg, out)
     prompts = read_prompts(cfg.prompts, cfg.limit)
     teacher = make_teacher(cfg.answerer, cache_dir=out)
-    sp = cfg.sampling
-    params = SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, seed=cfg.seed)
+    params = SamplingParams.from_config(cfg.sampling, cfg.seed)
     histories = [[{"role": "system", "content": cfg.system}] if cfg.system else [] for _ in prompts]
     answers: list[list[str]] = [[] for _ in prompts]
     finish: list[list[str]] = [[] for _ in prompts]  # parallel to answers: "stop" | "length"

@@ -160,8 +160,7 @@ def sample_rollouts(engine: RolloutEngine, chat: ChatFormat, items: list[PromptI
         ids = chat.encode_prompt(items[i].messages)[-max_prompt:]
         for j in range(samples):
             prompts.append(ids)
-            params.append(SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                         top_p=sampling.top_p, seed=sample_seed(seed, key, i, j)))
+            params.append(SamplingParams.from_config(sampling, sample_seed(seed, key, i, j)))
     out = []
     for n, (ids, c) in enumerate(zip(prompts, engine.generate(prompts, params))):
         answer = c.token_ids or [chat.tokenizer.eos_token_id or 0]  # an empty answer still scores its end
