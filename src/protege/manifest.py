@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from .files import atomic_write_json
 from .outputs import MANIFEST
 
-__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer", "find_in_manifests"]
+__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer", "find_in_manifests",
+           "StageRun"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
 
@@ -158,3 +159,35 @@ class Timer:
 
     def __exit__(self, *exc: Any) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+class StageRun:
+    """The one way a stage runs in its folder: the folder made, the resolved config saved (`config.yaml`) at
+    the start, a clock started, and `finish` writing `manifest.json` last, the file that says the folder's
+    outputs are complete (see `outputs.py`). `main=False` (a training rank other than the main one) writes
+    nothing. `saved` is the config to save when it differs from the one the stage runs (pretraining saves
+    the config as given, before its `auto` values are filled)."""
+
+    def __init__(self, stage: str, config: BaseModel, out_dir: str | Path, *, main: bool = True,
+                 saved: BaseModel | None = None):
+        from .config import save_config
+
+        self.stage, self.config, self.main = stage, saved or config, main
+        self.out = Path(out_dir)
+        self.started = time.perf_counter()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def finish(self, outputs: list[str | Path], counts: dict[str, Any], inputs: list[str | Path] | None = None,
+               extra: dict[str, Any] | None = None, seconds: float | None = None) -> Path | None:
+        """Write the manifest (main process only): the last file of the run. `seconds`: what the stage timed
+        itself (a generator times its generation), else the time since the run began."""
+        if not self.main:
+            return None
+        return write_manifest(self.out, self.stage, self.config, inputs=inputs, outputs=outputs, counts=counts,
+                              seconds=self.seconds if seconds is None else seconds, extra=extra)

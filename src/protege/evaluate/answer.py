@@ -18,15 +18,14 @@ Answer files written before `finish_reasons` existed still load; their answers c
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
-from ..config import Sampling, StageConfig, sampling_field, save_config
+from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from ..records import write_records
 from ..teachers import TeacherConfig
 from ..files import read_jsonl
@@ -116,10 +115,8 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     from ..engine import SamplingParams
     from ..teachers import make_teacher
 
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    stage = StageRun("eval-answer", cfg, cfg.out_dir)
+    out = stage.out
     prompts = read_prompts(cfg.prompts, cfg.limit)
     teacher = make_teacher(cfg.answerer, cache_dir=out)
     params = SamplingParams.from_config(cfg.sampling, cfg.seed)
@@ -142,13 +139,11 @@ def run(cfg: AnswerConfig) -> dict[str, Any]:
     name = cfg.model_name or display_name(cfg.answerer.model)
     records = [{**p, "answers": a, "finish_reasons": f, "model": name} for p, a, f in zip(prompts, answers, finish)]
     write_records(out / ANSWERS_FILE, records)
-    seconds = time.perf_counter() - t0
     model_path = Path(cfg.answerer.model)
     counts = {"prompts": len(records), "turns": sum(len(a) for a in answers), **stop_counts(records)}
     if likeness is not None:
         counts["teacher_nll"] = likeness.get("nll")
-    write_manifest(out, "eval-answer", cfg, inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else [])
-                   + ([cfg.teacher_answers] if cfg.teacher_answers else []),
-                   outputs=[out / ANSWERS_FILE] + ([out / LIKENESS_FILE] if likeness is not None else []),
-                   counts=counts, seconds=seconds)
+    stage.finish(inputs=[cfg.prompts] + ([model_path] if model_path.is_dir() else [])
+                 + ([cfg.teacher_answers] if cfg.teacher_answers else []),
+                 outputs=[out / ANSWERS_FILE] + ([out / LIKENESS_FILE] if likeness is not None else []), counts=counts)
     return {**counts, "model": name}

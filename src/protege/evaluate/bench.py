@@ -13,15 +13,14 @@ import copy
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import StageConfig
 from ..files import tolerant_jsonl
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
 from .intervals import bootstrap_ci
@@ -191,14 +190,12 @@ def run(cfg: BenchConfig, model: Any = None, tokenizer: Any = None) -> dict[str,
 
     `model`/`tokenizer` may be passed in (already loaded) to skip loading `cfg.model`.
     """
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [resolve_task(t) for t in cfg.tasks]  # fail on a bad task before loading the model
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"two tasks share a name: {names}")
-    save_config(cfg, out)
+    stage = StageRun("eval-bench", cfg, cfg.out_dir)
+    out = stage.out
     runner = _Runner(cfg, model, tokenizer)
     results: dict[str, Any] = {}
     for spec in specs:
@@ -208,15 +205,15 @@ def run(cfg: BenchConfig, model: Any = None, tokenizer: Any = None) -> dict[str,
         plain = copy.copy(runner)
         plain.chat = None
         other = {"prompt_style": "plain", "tasks": {s.name: evaluate_task(plain, s, out, ".plain") for s in specs}}
-    seconds = time.perf_counter() - t0
+    seconds = stage.seconds
     summary = {"model": cfg.model, "model_name": _model_name(cfg),
                "prompt_style": "chat" if runner.chat is not None else "plain",
                "tasks": results, "other_style": other, "seconds": round(seconds, 2)}
     (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2, allow_nan=True), encoding="utf-8")
     inputs = [s.path(s.data) for s in specs if not s.data.startswith("hf:")]
     model_path = Path(cfg.model)
-    write_manifest(out, "eval-bench", cfg, inputs=inputs + ([model_path] if model_path.is_dir() else []),
-                   outputs=[out / RESULTS_FILE] + [out / "items" / f"{n}{x}.jsonl" for n in names
-                                                     for x in ([""] + ([".plain"] if other else []))],
-                   counts={n: results[n]["n"] for n in names}, seconds=seconds)
+    stage.finish(inputs=inputs + ([model_path] if model_path.is_dir() else []),
+                 outputs=[out / RESULTS_FILE] + [out / "items" / f"{n}{x}.jsonl" for n in names
+                                                   for x in ([""] + ([".plain"] if other else []))],
+                 counts={n: results[n]["n"] for n in names})
     return {n: {"score": r["score"], "metric": r["primary"], "n": r["n"]} for n, r in results.items()}

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from pydantic import Field
 
-from ..config import MaxNewTokens, StageConfig, save_config
+from ..config import MaxNewTokens, StageConfig
 from ..errors import StageError
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from ..models import DEFAULT_JUDGE
 from ..records import write_records
 from ..teachers import TeacherConfig
@@ -301,12 +301,10 @@ def run(cfg: JudgeConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     from ..teachers import make_teacher
     from .calibration import calibration_summary, trust_verdict
 
-    t0 = time.perf_counter()
     if cfg.mode == "pairwise" and len(cfg.answers) != 2:
         raise StageError(f"pairwise judging compares exactly two answer sets, got {len(cfg.answers)}")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    stage = StageRun(f"eval-judge-{cfg.mode}", cfg, cfg.out_dir)
+    out = stage.out
     sets = [_load_answer_set(e, cfg, out) for e in cfg.answers]
     names = [s[0].get("model") or display_name(e) if s else display_name(e) for s, e in zip(sets, cfg.answers)]
     if len(set(names)) != len(names):
@@ -335,12 +333,11 @@ def run(cfg: JudgeConfig, teacher: Teacher | None = None) -> dict[str, Any]:
     results = {"mode": cfg.mode, "judge": cfg.judge.model, "verdicts": "logprob" if logprob else "generate",
                "models": names, "mean_length": mean_len, "summary": summary, "calibration": calib, "trust": trust,
                "seconds_per_verdict": round(t_verdicts / n_verdicts, 4) if n_verdicts else None,
-               "seconds": round(time.perf_counter() - t0, 2)}
+               "seconds": round(stage.seconds, 2)}
     write_records(out / JUDGMENTS_FILE, rows)
     write_records(out / "calibration.jsonl", cal_rows)
     (out / JUDGE_RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
     inputs = [e for e in cfg.answers if Path(e).exists()] + ([cfg.prompts] if cfg.prompts else [])
-    write_manifest(out, f"eval-judge-{cfg.mode}", cfg, inputs=inputs,
-                   outputs=[out / JUDGMENTS_FILE, out / "calibration.jsonl", out / JUDGE_RESULTS_FILE],
-                   counts={"prompts": len(groups), "judgments": len(rows)}, seconds=results["seconds"])
+    stage.finish(inputs=inputs, outputs=[out / JUDGMENTS_FILE, out / "calibration.jsonl", out / JUDGE_RESULTS_FILE],
+                 counts={"prompts": len(groups), "judgments": len(rows)})
     return results

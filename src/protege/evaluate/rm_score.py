@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import StageConfig
 from ..errors import StageError
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from .answer import display_name, read_answers
 from .intervals import bootstrap_ci
 
@@ -51,10 +49,8 @@ def run(cfg: RMScoreConfig) -> dict[str, Any]:
 
     if not cfg.answers:
         raise StageError("eval rm: `answers` is empty; give one or more `eval answer` folders")
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    stage = StageRun("eval-rm", cfg, cfg.out_dir)
+    out = stage.out
     model, tok = load_reward_model(cfg.rm)
     chat = ChatFormat.from_tokenizer(tok)
     means: dict[str, float] = {}
@@ -83,6 +79,5 @@ def run(cfg: RMScoreConfig) -> dict[str, Any]:
         target.write_text(json.dumps(result, indent=2))
         outputs.append(target)
         means[name] = result["mean"]
-    write_manifest(out, "eval-rm", cfg, inputs=list(cfg.answers), outputs=outputs, counts={"models": means},
-                   seconds=time.perf_counter() - t0)
+    stage.finish(inputs=list(cfg.answers), outputs=outputs, counts={"models": means})
     return means

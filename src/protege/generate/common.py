@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import Sampling, safe_yaml, save_config
-from ..manifest import write_manifest
+from ..config import Sampling, safe_yaml
+from ..manifest import StageRun
 from ..records import JsonlWriter
 from ..teachers import Teacher, TeacherConfig, make_teacher
 
@@ -46,16 +46,13 @@ def clean_reply(text: str) -> str:
     return text.strip()
 
 
-class GeneratorRun:
-    """Opens `out_dir` (resolved config, cached teacher, fresh records.jsonl) and writes the manifest."""
+class GeneratorRun(StageRun):
+    """A generator's `StageRun`: its folder also holds the cached teacher and a fresh records.jsonl."""
 
     def __init__(self, stage: str, config: Any, out_dir: str | Path, teacher_config: TeacherConfig | None = None,
                  records_name: str = "records.jsonl"):
-        self.stage = stage
-        self.config = config
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.out_dir)
+        super().__init__(stage, config, out_dir)
+        self.out_dir = self.out
         self.teacher: Teacher | None = make_teacher(teacher_config, self.out_dir) if teacher_config else None
         self.records_path = self.out_dir / records_name
         self.writer = JsonlWriter(self.records_path)
@@ -65,14 +62,13 @@ class GeneratorRun:
         keys = ("requests", "cache_hits", "sent", "deduplicated", "retries", "prompt_tokens", "completion_tokens")
         return {k: int(t.stats.get(k, 0)) for k in keys} if t is not None else {}
 
-    def finish(self, counts: dict[str, Any], seconds: float, inputs: list[str | Path] | None = None,
+    def finish(self, counts: dict[str, Any], seconds: float, inputs: list[str | Path] | None = None,  # type: ignore[override]
                outputs: list[str | Path] | None = None, extra: dict[str, Any] | None = None) -> None:
         self.writer.close()
         if self.teacher is not None:
             extra = {"teacher": self.teacher.name, **(extra or {})}
             self.teacher.close()
-        write_manifest(self.out_dir, self.stage, self.config, inputs=inputs,
-                       outputs=outputs or [self.records_path], counts=counts, seconds=seconds, extra=extra)
+        super().finish(outputs or [self.records_path], counts, inputs=inputs, extra=extra, seconds=seconds)
 
     def abort(self) -> None:
         self.writer.close()

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from ..config import Sampling, StageConfig, sampling_field
 from ..errors import StageError
-from ..manifest import Timer, write_manifest
+from ..manifest import StageRun
 from ..records import JsonlWriter, content_id, read_records
 from ..teachers import TeacherConfig
 from .common import GeneratorRun, data_file, read_yaml_data
@@ -122,18 +122,18 @@ def run(config: OrcaConfig) -> dict[str, Any]:
         kinds.append(kind)
     out = Path(cfg.out_dir)
     progressive = len(teachers) > 1
+    top = StageRun("generate.orca", cfg, out) if progressive else None  # the stages' folders and the combined file
     stage_counts, stage_files = [], []
-    with Timer() as timer:
-        for k, (tcfg, limit) in enumerate(zip(teachers, limits), 1):
-            stage_dir = out / f"stage{k}" if progressive else out
-            gen = GeneratorRun("generate.orca" + (f".stage{k}" if progressive else ""), cfg, stage_dir, tcfg)
-            subset = prompts[:limit] if limit else prompts
-            counts = distill_into(gen, subset, cfg, source="orca", extra_meta=lambda i, k=k: {"stage": k})
-            counts["task_types"] = {t: kinds[:len(subset)].count(t) for t in TASK_TYPES if t in kinds[:len(subset)]}
-            gen.finish(counts, counts.pop("_seconds"), inputs=[cfg.prompts], extra={"orca_stage": k})
-            stage_counts.append({"stage": k, "teacher": gen_name(tcfg), **counts})
-            stage_files.append(gen.records_path)
-    if not progressive:
+    for k, (tcfg, limit) in enumerate(zip(teachers, limits), 1):
+        stage_dir = out / f"stage{k}" if progressive else out
+        gen = GeneratorRun("generate.orca" + (f".stage{k}" if progressive else ""), cfg, stage_dir, tcfg)
+        subset = prompts[:limit] if limit else prompts
+        counts = distill_into(gen, subset, cfg, source="orca", extra_meta=lambda i, k=k: {"stage": k})
+        counts["task_types"] = {t: kinds[:len(subset)].count(t) for t in TASK_TYPES if t in kinds[:len(subset)]}
+        gen.finish(counts, counts.pop("_seconds"), inputs=[cfg.prompts], extra={"orca_stage": k})
+        stage_counts.append({"stage": k, "teacher": gen_name(tcfg), **counts})
+        stage_files.append(gen.records_path)
+    if top is None:
         return stage_counts[0]
     combined = out / "records.jsonl"
     with JsonlWriter(combined) as w:  # all stages in training order; each record carries meta.stage
@@ -142,8 +142,7 @@ def run(config: OrcaConfig) -> dict[str, Any]:
                 w.write(rec)
         total = w.written
     counts = {"records": total, "stages": stage_counts}
-    write_manifest(out, "generate.orca", cfg, inputs=[cfg.prompts], outputs=[combined, *stage_files], counts=counts,
-                   seconds=timer.seconds, extra={"teachers": [gen_name(t) for t in teachers]})
+    top.finish([combined, *stage_files], counts, inputs=[cfg.prompts], extra={"teachers": [gen_name(t) for t in teachers]})
     return counts
 
 

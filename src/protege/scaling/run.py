@@ -22,15 +22,14 @@ listed, not silently dropped.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import StageConfig
 from ..errors import StageError
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from ..train.pretrain import PretrainConfig
 from .fit import Run, ScalingFit, bootstrap
 
@@ -135,10 +134,8 @@ def run(cfg: ScalingConfig) -> dict[str, Any]:
     from ..train import pretrain
     from .report import write_report
 
-    t0 = time.time()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir)
+    stage = StageRun("scaling", cfg, cfg.out_dir)
+    out_dir = stage.out
     base = _shared_tokenizer(cfg, out_dir).model_copy(update={"data_dir": str(out_dir / "data")})
     tok_source = base.model or base.tokenizer
     tok = load_tokenizer(tok_source)
@@ -203,7 +200,6 @@ def run(cfg: ScalingConfig) -> dict[str, Any]:
     fit: ScalingFit = bootstrap([Run(r["budget"], r["params"], r["tokens"], r["eval_loss"]) for r in results],
                                 n=cfg.bootstrap, seed=cfg.seed)
     summary = write_report(cfg, results, skipped, fit, out_dir, corpus())
-    write_manifest(out_dir, "scaling", cfg, outputs=[out_dir / RESULTS_FILE, out_dir / "scaling.html", out_dir / "scaling.md"],
-                   counts=summary, seconds=time.time() - t0)
+    stage.finish(outputs=[out_dir / RESULTS_FILE, out_dir / "scaling.html", out_dir / "scaling.md"], counts=summary)
     print(f"[protege scaling] {summary['headline']}\npage: {out_dir / 'scaling.html'}", flush=True)
     return summary

@@ -14,15 +14,14 @@ tokenizers (those that are pulled).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import Field
 
-from ..config import StageConfig, save_config
+from ..config import StageConfig
 from ..errors import StageError
-from ..manifest import write_manifest
+from ..manifest import StageRun
 
 __all__ = ["TokenizerConfig", "SPECIAL_TOKENS", "GPT4_SPLIT", "run", "bytes_per_token"]
 
@@ -118,10 +117,8 @@ def _compare(names: list[str], docs: list[str]) -> dict[str, float | str]:
 def run(config: TokenizerConfig) -> dict[str, Any]:
     from ..files import atomic_write_json
 
-    t0 = time.time()
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir)
+    stage = StageRun("train.tokenizer", config, config.out_dir)
+    out_dir = stage.out
     held: list[str] = []
     n_chars = 0
 
@@ -140,8 +137,8 @@ def run(config: TokenizerConfig) -> dict[str, Any]:
     summary = {"vocab_size": len(tok), "training_chars": n_chars, "held_out_documents": len(held),
                "held_out_bytes": sum(len(d.encode()) for d in held), "bytes_per_token": compression}
     atomic_write_json(out_dir / "compression.json", summary)
-    write_manifest(out_dir, "train.tokenizer", config, inputs=[d for d in config.datasets if Path(d).is_file()],
-                   outputs=[target, out_dir / "compression.json"], counts=summary, seconds=time.time() - t0)
+    stage.finish(inputs=[d for d in config.datasets if Path(d).is_file()], outputs=[target, out_dir / "compression.json"],
+                 counts=summary)
     print(f"[protege tokenizer] vocab {len(tok)}, trained on {n_chars:,} chars; held-out bytes/token: "
           + ", ".join(f"{k} {v}" for k, v in compression.items()))
     return summary
