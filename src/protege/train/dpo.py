@@ -20,16 +20,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from ..config import save_config
 from ..files import tolerant_jsonl
-from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import dpo_loss
 from .model import load_base, prepare_model, save_model
@@ -111,7 +108,6 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     from ..chat import ChatFormat
     from ..models import protege_home
 
-    t_start = time.time()
     ctx = start_run("dpo", config)
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
@@ -145,8 +141,6 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     del frozen
 
     model.train()
-    if main:
-        save_config(config, out_dir)
     log(f"{stats.pairs} pairs ({stats.truncated} truncated, skipped: {stats.skipped or 'none'}), {stats.tokens} tokens "
         f"({stats.scored_tokens} scored); {len(plan)} micro-batches -> "
         f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
@@ -186,8 +180,8 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                                                                      chat))
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)
-        write_manifest(out_dir, "dpo", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
-                       outputs=[*outputs, out_dir / "metrics.jsonl"], counts=summary, seconds=time.time() - t_start)
+        ctx.stage.finish(inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
+                         outputs=[*outputs, out_dir / "metrics.jsonl"], counts=summary)
         log(f"done: loss {result.loss:.4f}, eval {result.eval}, outputs in {out_dir}")
     accelerator.wait_for_everyone()
     return summary

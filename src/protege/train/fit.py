@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from ..errors import StageError
+from ..manifest import StageRun
 from ..precision import ResolvedPrecision, resolve_precision
 from .settings import TrainSettings
 from .sharding import (accelerator_options, enable_fsdp_on_cpu, is_deepspeed, load_sharded_checkpoint,
@@ -90,14 +91,16 @@ class RunContext:
     out_dir: Path
     log: Callable[[str], None]
     precision: ResolvedPrecision
+    stage: StageRun  # config.yaml saved; `stage.finish(...)` writes the manifest last (main process only)
 
     def steps(self, config: TrainSettings, n_micro_batches: int) -> int:
         """Optimizer steps `fit` will take for this many planned micro-batches."""
         return config.max_steps or -(-n_micro_batches // (config.grad_accum * self.world))
 
 
-def start_run(name: str, config: TrainSettings, *, rollouts: bool = False) -> RunContext:
-    """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed.
+def start_run(name: str, config: TrainSettings, *, rollouts: bool = False, stage: str | None = None) -> RunContext:
+    """What every method does first: precision, accelerator (CPU unless CUDA is present), out_dir, logger, seed,
+    and the stage's `StageRun` (the config saved now, the manifest at the end; `stage` names it, default `name`).
 
     `rollouts`: the method decodes with the policy during training (PPO, GRPO), which FSDP cannot shard."""
     from accelerate import Accelerator
@@ -123,7 +126,8 @@ def start_run(name: str, config: TrainSettings, *, rollouts: bool = False) -> Ru
     log(f"precision {precision.name} ({precision.reason})"
         + (f", base quantized {config.quantization}" if config.quantization != "none" else "")
         + (", gradient checkpointing" if config.gradient_checkpointing else ""))
-    return RunContext(accelerator, main, accelerator.num_processes, out_dir, log, precision)
+    return RunContext(accelerator, main, accelerator.num_processes, out_dir, log, precision,
+                      StageRun(stage or name, config, out_dir, main=main))
 
 
 def pad_id(tok: Any) -> int:

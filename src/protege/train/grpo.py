@@ -27,9 +27,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..config import save_config
 from ..errors import StageError
-from ..manifest import write_manifest
 from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
@@ -85,7 +83,6 @@ def grpo_objective(logp: torch.Tensor, ref_logp: torch.Tensor | None, seq: torch
 
 def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train with GRPO; returns summary counts (see the module docstring)."""
-    t_start = time.time()
     if config.method != "lora":
         raise StageError("grpo: the reference is the policy with its adapters disabled; use method: lora")
     ctx = start_run("grpo", config, rollouts=True)
@@ -95,8 +92,6 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
 
     model, tok, chat, pad, engine = load_policy(config, ctx)
     module = accelerator.prepare_model(_RolloutLogprobs(model, config.logits_chunk, config.score_temperature))
-    if main:
-        save_config(config, out_dir)
 
     per_step = config.grad_accum * ctx.world
     steps = config.max_steps or max(1, -(-len(items) * config.epochs // (config.batch_size * per_step)))
@@ -180,8 +175,8 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     if main:
         outputs = save_model(config, model, tok, chat, out_dir)
         outputs += [out_dir / "metrics.jsonl", watch.path] + ([figure] if figure else [])
-        write_manifest(out_dir, "grpo", config, inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
-                       outputs=outputs, counts=summary, seconds=time.time() - t_start)
+        ctx.stage.finish(inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
+                         outputs=outputs, counts=summary)
         log(f"done: {result.steps} steps; held-out gold {watch.history[0]['gold'] if watch.history else float('nan'):.3f}"
             f" -> {watch.history[-1]['gold'] if watch.history else float('nan'):.3f}; outputs in {out_dir}")
     return summary

@@ -32,9 +32,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..config import save_config
 from ..errors import StageError
-from ..manifest import write_manifest
 from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
@@ -105,7 +103,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     """Train with PPO; returns summary counts (see the module docstring)."""
     from safetensors.torch import save_file
 
-    t_start = time.time()
     if config.method != "lora":
         raise StageError("ppo: the reference is the policy with its adapters disabled; use method: lora")
     if config.rollout_prompts < config.minibatches:
@@ -124,8 +121,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     torch.nn.init.zeros_(model.value_head.bias)
     module = accelerator.prepare_model(PPOModule(model, model.value_head, config.logits_chunk, config.value_trunk_grad,
                                                 config.score_temperature))
-    if main:
-        save_config(config, out_dir)
 
     n_batches = config.batches or max(1, -(-len(items) * config.epochs // config.rollout_prompts))
     batch_prompts = prompt_plan(len(items), config.rollout_prompts, n_batches, config.seed)
@@ -271,6 +266,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   str(out_dir / "adapter" / "value_head.safetensors"))
         outputs += [out_dir / "metrics.jsonl", watch.path] + ([figure] if figure else [])
-        write_manifest(out_dir, "ppo", config, inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
-                       outputs=outputs, counts=summary, seconds=time.time() - t_start)
+        ctx.stage.finish(inputs=[config.prompts, *([config.eval_prompts] if config.eval_prompts else [])],
+                         outputs=outputs, counts=summary)
     return summary

@@ -26,9 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import save_config
 from ..errors import StageError
-from ..manifest import write_manifest
 from .fit import LossOutput, fit, start_run
 from .losses import IGNORE_INDEX
 from .settings import TrainSettings, fingerprint
@@ -183,10 +181,11 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     from .pretrain_data import PackedRows, rows_to_batch, token_byte_lengths
     from .sft import SFTModule
 
-    t_start = time.time()
     if not config.datasets:
         raise StageError("pretrain: `datasets` is empty; give text files or builtin:python-docs")
-    ctx = start_run("pretrain", config)
+    # start_run saves the config as given, before train_tokens fills max_steps: the manifest records it too, and a
+    # scaling sweep compares it to find finished runs
+    ctx = start_run("pretrain", config, stage=STAGE)
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
     # ---- data -----------------------------------------------------------------------------
@@ -201,7 +200,6 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
                          f"max_length={T}; give more text or a smaller max_length")
     per_step_tokens = B * T * config.grad_accum * world
     n_rows = (len(train_tokens) - 1) // T
-    as_given = config  # what save_config and the manifest record (a scaling sweep compares it to find finished runs)
     if config.train_tokens:
         config = config.model_copy(update={"max_steps": max(1, round(config.train_tokens / per_step_tokens))})
     # Passes over the training rows this run makes (max_steps may cut an epoch short or repeat the corpus).
@@ -242,8 +240,6 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
     else:
         flops_tok = 6.0 * n_params
     peak = measure_peak_flops(accelerator.device, ctx.precision.dtype)
-    if main:
-        save_config(as_given, out_dir)
     if epochs > 1:
         log(f"the corpus repeats: {epochs:.2f} passes over {n_rows * T:,} training tokens")
     log(f"{files.meta['train_tokens']:,} training tokens ({files.meta['train_documents']:,} documents), "
@@ -310,9 +306,9 @@ def run(config: PretrainConfig, stop_after_steps: int | None = None) -> dict[str
         model.save_pretrained(str(target))
         ChatFormat.from_tokenizer(tok).apply_to(tok)
         tok.save_pretrained(str(target))
-        write_manifest(out_dir, STAGE, as_given, inputs=[d for d in config.datasets if Path(d).is_file()],
-                       outputs=[target, out_dir / "metrics.jsonl", out_dir / "data_card.md"], counts=summary, seconds=time.time() - t_start,
-                       extra={"corpus": key})
+        ctx.stage.finish(inputs=[d for d in config.datasets if Path(d).is_file()],
+                         outputs=[target, out_dir / "metrics.jsonl", out_dir / "data_card.md"], counts=summary,
+                         extra={"corpus": key})
         log(f"done: loss {result.loss:.4f}, eval loss {summary['eval_loss']}, bits/byte {summary['eval_bpb']}, "
             f"unigram entropy {summary['unigram_entropy']}; model in {target}")
     accelerator.wait_for_everyone()

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 
-from ..config import save_config
 from ..errors import StageError
 from ..lm_head import embed_inputs
-from ..manifest import write_manifest
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import margin_values, reward_loss
 from .model import merged_fp32, prepare_model
@@ -208,7 +205,6 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     from ..chat import ChatFormat
     from ..models import load_tokenizer
 
-    t_start = time.time()
     ctx = start_run("rm", config)
     accelerator, main, world, out_dir, log = ctx.accelerator, ctx.main, ctx.world, ctx.out_dir, ctx.log
 
@@ -220,8 +216,6 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
     model = _load_classifier(config, pad, ctx.precision, accelerator.device)
     model = prepare_model(config, model, chat, task_type="SEQ_CLS").to(accelerator.device)
     model.train()
-    if main:
-        save_config(config, out_dir)
     log(f"{stats.pairs} pairs ({stats.truncated} truncated, skipped: {stats.skipped or 'none'}), {stats.tokens} tokens; "
         f"{len(plan)} micro-batches -> {ctx.steps(config, len(plan))} steps on "
         f"{world} process(es); eval on {len(held)} pairs")
@@ -286,9 +280,9 @@ def run(config: RMConfig, stop_after_steps: int | None = None) -> dict[str, Any]
             final = model
         final.save_pretrained(str(target))
         tok.save_pretrained(str(target))
-        write_manifest(out_dir, "rm", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
-                       outputs=[target, out_dir / "metrics.jsonl", *([out_dir / "rm_eval.json"] if held else [])],
-                       counts=summary, seconds=time.time() - t_start)
+        ctx.stage.finish(inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
+                         outputs=[target, out_dir / "metrics.jsonl", *([out_dir / "rm_eval.json"] if held else [])],
+                         counts=summary)
         log(f"done: loss {result.loss:.4f}, held-out accuracy {report.get('accuracy')}, ECE {report.get('ece')}, "
             f"model in {target}")
     accelerator.wait_for_everyone()

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..config import Sampling, sampling_field, save_config
+from ..config import Sampling, sampling_field
 from ..errors import StageError
 from ..files import jsonl_rows
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from .fit import pad_id, run_logger
 from .rl import (OverOptimisationWatch, RolloutSettings, Rollout, RolloutCache, make_rewards, policy_eval, reference_off,
                  sample_rollouts, score_rollouts, split_prompts)
@@ -120,15 +120,13 @@ def run(config: RSConfig) -> dict[str, Any]:
     from .sft import SFTConfig
     from .sft import run as sft_run
 
-    t_start = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would sample the same answers into one folder
         raise StageError("rs: rejection sampling runs in one process (its sampling is not split over ranks); run "
                          "it without `accelerate launch`, or shard only its fine-tuning: `accelerate launch ... -m "
                          "protege.cli train sft --datasets=[OUT/best.jsonl]` on the kept answers")
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    stage = StageRun("rs", config, config.out_dir)
+    out = stage.out
     log = run_logger("rs", out, True)
-    save_config(config, out)
     items, held = split_prompts(config, "rs")
     proxy, gold, gold_cfg = make_rewards(config, log)
     precision = resolve_precision(config.precision)
@@ -239,7 +237,6 @@ def run(config: RSConfig) -> dict[str, Any]:
                "kept": len(kept), "kept_from_earlier_rounds": from_earlier, "dropped_below_min_reward": dropped,
                "dropped_all_empty": empty,
                "best_of_k": curve, "gold": describe_reward(gold_cfg), "eval": evals, "sft": sft_summary}
-    write_manifest(out, "rs", config, inputs=[config.prompts, *config.previous],
-                   outputs=[out / "best.jsonl", out / "best_of_k.json", figure, out / "sft"], counts=summary,
-                   seconds=time.time() - t_start)
+    stage.finish(inputs=[config.prompts, *config.previous],
+                 outputs=[out / "best.jsonl", out / "best_of_k.json", figure, out / "sft"], counts=summary)
     return summary

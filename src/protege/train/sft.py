@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from ..chat import write_chat_meta
-from ..config import save_config
 from ..errors import StageError
 from ..lm_head import embed_inputs, head_rows
-from ..manifest import write_manifest
 from .data import Example, TokenStats, collate, load_conversations, plan_micro_batches, split_held_out, tokenize
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import IGNORE_INDEX, sft_loss
@@ -101,7 +98,6 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     """
     from ..chat import ChatFormat
 
-    t_start = time.time()
     if not config.datasets:
         raise StageError("sft: `datasets` is empty; give one or more conversation files (datasets: [a.jsonl])")
     ctx = start_run("sft", config)
@@ -138,8 +134,6 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     # ---- model ---------------------------------------------------------------------------
     model = prepare_model(config, model, chat).to(accelerator.device)
     model.train()
-    if main:
-        save_config(config, out_dir)
     log(f"{stats.conversations} conversations ({stats.truncated} truncated, {stats.dropped_no_labels} without "
         f"labels), {stats.tokens} tokens ({stats.label_tokens} learned); {len(plan)} micro-batches -> "
         f"{ctx.steps(config, len(plan))} steps on {world} process(es); "
@@ -177,9 +171,8 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
         marker = _positive_marker(config.datasets)
         for folder in outputs:  # Koala-style conditioning: serving puts the positive marker in every prompt
             write_chat_meta(folder, marker)
-        write_manifest(out_dir, "sft", config, inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
-                       outputs=[*outputs, out_dir / "metrics.jsonl"], counts=summary,
-                       seconds=time.time() - t_start, extra={"marker": marker} if marker else None)
+        ctx.stage.finish(inputs=[*config.datasets, *([config.eval_dataset] if config.eval_dataset else [])],
+                         outputs=[*outputs, out_dir / "metrics.jsonl"], counts=summary, extra={"marker": marker} if marker else None)
         log(f"done: loss {result.loss:.4f}, eval loss {eval_loss}, outputs in {out_dir}")
     accelerator.wait_for_everyone()
     return summary
