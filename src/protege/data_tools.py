@@ -123,20 +123,17 @@ class ConvertConfig(StageConfig):
 
 def run_convert(config: ConvertConfig) -> dict[str, Any]:
     """`protege data convert` as a recipe stage: a user's file in, one validated JSONL out (file:line errors)."""
-    import time
-
-    from .manifest import write_manifest
+    from .manifest import StageRun
 
     refuse_clobber([config.src], [config.out_dir], "data.convert")
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     skipped: dict[str, int] = {}
-    with publish(config.out_dir) as staged:
+    with publish(config.out_dir) as staged:  # config, records and manifest appear together
+        stage = StageRun("data.convert", config, staged)
         n = convert(config.src, staged / "records.jsonl", config.from_format, config.to_format, skipped,
                     source=config.source)
         counts = {"records": n, **{f"skipped_{k}": v for k, v in skipped.items()}}
-        write_manifest(staged, "data.convert", config, inputs=[config.src],
-                       outputs=[Path(config.out_dir) / "records.jsonl"], counts=counts, seconds=time.perf_counter() - t0)
+        stage.finish(inputs=[config.src], outputs=[Path(config.out_dir) / "records.jsonl"], counts=counts)
     return counts
 
 
@@ -154,15 +151,13 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
     With `write_rest` the records not kept go to rest.jsonl, so one stage makes a held-out split."""
     import random
 
-    import time
-
-    from .manifest import write_manifest
+    from .manifest import StageRun
     from .records import write_records
 
     refuse_clobber([config.src], [config.out_dir], "data.sample")
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with publish(config.out_dir) as staged:
+    with publish(config.out_dir) as staged:  # config, records and manifest appear together
+        stage = StageRun("data.sample", config, staged)
         records = list(read_records(config.src))
         order = list(range(len(records)))
         random.Random(config.seed).shuffle(order)
@@ -176,6 +171,5 @@ def run_sample(config: SampleConfig) -> dict[str, Any]:
         counts = {"in": len(records), "kept": len(kept)}
         if config.write_rest:
             counts["rest"] = len(records) - len(kept)
-        write_manifest(staged, "data.sample", config, inputs=[config.src],
-                       outputs=[Path(config.out_dir) / n for n in names], counts=counts, seconds=time.perf_counter() - t0)
+        stage.finish(inputs=[config.src], outputs=[Path(config.out_dir) / n for n in names], counts=counts)
     return counts
