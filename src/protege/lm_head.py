@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
@@ -31,7 +31,7 @@ class LMHeadParts:
     softcap: float | None  # Gemma's final_logit_softcapping: logits = c * tanh(z / c)
 
 
-def lm_head_parts(model: Any) -> LMHeadParts | None:
+def lm_head_parts(model: torch.nn.Module) -> LMHeadParts | None:
     """(decoder, head, softcap) of a causal LM (plain or PEFT-wrapped), or None if its forward is not plain."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
@@ -62,7 +62,7 @@ def head_rows(head: torch.nn.Module) -> tuple[torch.Tensor, RowOverride | None]:
     return layer.base_layer.weight, (ids, layer.trainable_tokens_delta[name])
 
 
-def embed_inputs(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
+def embed_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
     """Input embeddings (B, T, H) when the embedding carries PEFT trainable-token rows, else None.
 
     PEFT builds `weight.index_copy(ids, delta)`, a full (V, H) copy per forward, and its backward a
@@ -89,7 +89,7 @@ def embed_inputs(model: Any, input_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def fp32_head(model: Any) -> Iterator[None]:
+def fp32_head(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, a bf16/fp16 model's LM head computes its logits in fp32 (one fp32 copy of the
     head's weight for the block).
 

@@ -91,7 +91,7 @@ def stage_kind(kind: str) -> tuple[type[StageConfig], Callable[[Any], dict]]:
         raise RuntimeError(f"stage kind {kind}: {STAGE_KINDS[kind].target} is broken: {err}") from None
 
     @functools.wraps(run)
-    def guarded(config: Any) -> dict:
+    def guarded(config: StageConfig) -> dict:
         from pathlib import Path
 
         from .outputs import begin, refuse_config_clobber

@@ -98,7 +98,7 @@ def _common_prefix(seqs: Sequence[list[int]]) -> int:
 
 
 @torch.no_grad()
-def score_questions(model: Any, questions: Sequence[EncodedQuestion], pad_id: int = 0,
+def score_questions(model: torch.nn.Module, questions: Sequence[EncodedQuestion], pad_id: int = 0,
                     max_length: int | None = None, logits_budget: int = 2**26) -> list[list[tuple[float, bool]]]:
     """`[(log P(option | context), option is the greedy continuation)]` per question and option.
 
@@ -195,7 +195,7 @@ def _prefix_groups(questions: Sequence[EncodedQuestion], min_shared: int) -> lis
     return groups
 
 
-def iter_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
+def iter_sorted(model: torch.nn.Module, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
                 max_length: int | None = None, min_shared: int = 32) -> Iterator[tuple[int, list[tuple[float, bool]]]]:
     """(index, `score_questions` row) for every question, batched so the decoder runs as few tokens as possible.
 
@@ -227,7 +227,7 @@ def _chunks(items: list[int], size: int) -> list[list[int]]:
     return [items[s:s + size] for s in range(0, len(items), size)]
 
 
-def score_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
+def score_sorted(model: torch.nn.Module, questions: Sequence[EncodedQuestion], batch_size: int = 8, pad_id: int = 0,
                  max_length: int | None = None) -> list[list[tuple[float, bool]]]:
     """`score_questions` over many questions (batched by length, `iter_sorted`), in the given order."""
     results: list[list[tuple[float, bool]]] = [[] for _ in questions]
@@ -237,7 +237,7 @@ def score_sorted(model: Any, questions: Sequence[EncodedQuestion], batch_size: i
 
 
 @torch.no_grad()
-def loglikelihood_reference(model: Any, context_ids: list[int], continuation_ids: list[int]) -> float:
+def loglikelihood_reference(model: torch.nn.Module, context_ids: list[int], continuation_ids: list[int]) -> float:
     """The straightforward computation: one full forward of context+continuation, summing the
     log-probabilities of the continuation tokens. Used by tests to check `score_questions`."""
     device = next(model.parameters()).device

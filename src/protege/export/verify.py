@@ -131,7 +131,7 @@ def _token_ids(tok: Any, texts: list[str], add_bos: bool, max_tokens: int) -> li
     return out
 
 
-def perplexity_hf(model: Any, ids: list[list[int]]) -> float:
+def perplexity_hf(model: torch.nn.Module, ids: list[list[int]]) -> float:
     nll, count = 0.0, 0
     with torch.no_grad():
         for seq in ids:

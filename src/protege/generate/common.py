@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import Sampling, safe_yaml
+from ..config import Sampling, StageConfig, safe_yaml
 from ..manifest import StageRun
 from ..records import JsonlWriter
 from ..teachers import Teacher, TeacherConfig, make_teacher
@@ -49,7 +49,7 @@ def clean_reply(text: str) -> str:
 class GeneratorRun(StageRun):
     """A generator's `StageRun`: its folder also holds the cached teacher and a fresh records.jsonl."""
 
-    def __init__(self, stage: str, config: Any, out_dir: str | Path, teacher_config: TeacherConfig | None = None,
+    def __init__(self, stage: str, config: StageConfig, out_dir: str | Path, teacher_config: TeacherConfig | None = None,
                  records_name: str = "records.jsonl"):
         super().__init__(stage, config, out_dir)
         self.out_dir = self.out

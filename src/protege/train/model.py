@@ -157,7 +157,7 @@ def low_precision_lora(model: torch.nn.Module) -> int:
     return n
 
 
-def require_head_parts(model: Any, method: str) -> LMHeadParts:
+def require_head_parts(model: torch.nn.Module, method: str) -> LMHeadParts:
     parts = lm_head_parts(model)
     if parts is None:
         kind = getattr(getattr(model, "config", None), "model_type", "?")
@@ -182,7 +182,7 @@ def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: Ch
     return outputs
 
 
-def merged_fp32(config: TrainSettings, model: Any, adapter_dir: Path | None = None,
+def merged_fp32(config: TrainSettings, model: torch.nn.Module, adapter_dir: Path | None = None,
                 load_fp32: Callable[[], Any] | None = None) -> Any:
     """The base with the adapters folded in, in fp32. A base stored in bf16 or quantized is loaded again in
     fp32 (`load_fp32`, default: the causal LM) and the adapter (`adapter_dir`, else saved to a temporary

@@ -298,7 +298,7 @@ def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, 
     return model, tok, chat, pad_id(tok), engine
 
 
-def save_policy(model: Any, tok: Any, chat: ChatFormat, path: Path) -> None:
+def save_policy(model: torch.nn.Module, tok: Any, chat: ChatFormat, path: Path) -> None:
     """The adapter folder with its tokenizer and chat template (the best-by-gold model)."""
     model.save_pretrained(str(path))
     chat.apply_to(tok)
@@ -355,7 +355,7 @@ def make_rewards(config: RLSettings, log: Callable[[str], None]) -> tuple[Reward
     return proxy, proxy, config.reward
 
 
-def watched_fit(name: str, config: RLSettings, *, model: Any, module: Any, accelerator: Accelerator, out_dir: Path,
+def watched_fit(name: str, config: RLSettings, *, model: torch.nn.Module, module: torch.nn.Module, accelerator: Accelerator, out_dir: Path,
                 log: Callable[[str], None], micro_batches: Any, loss_fn: Callable[[Any, Any], Any],
                 eval_fn: Callable[[Any, Any], Any], tokens_of: Callable[[Any], int], data_hash: str, unit: str,
                 eval_batches: list[Any], save_best: Callable[[Path], None], stop_after_steps: int | None,

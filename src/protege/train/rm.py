@@ -155,7 +155,7 @@ def load_reward_model(spec: str, device: str | None = None) -> tuple[Any, Any]:
 
 
 @torch.no_grad()
-def score(model: Any, chat: ChatFormat, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 8,
+def score(model: torch.nn.Module, chat: ChatFormat, prompts: list[list[dict[str, str]]], answers: list[str], batch_size: int = 8,
           max_length: int = 1024) -> list[float]:
     """Reward of each (prompt messages, answer text), read at the last token as in training."""
     from .data import Example, collate
