@@ -69,6 +69,18 @@ def test_overrides_take_space_separated_values():
     assert parse_overrides(["--prompts", "a b.jsonl", "--x", "-1"]) == {"prompts": "a b.jsonl", "x": -1}
 
 
+def test_overrides_keep_yes_no_on_off_as_words():
+    """YAML 1.1 reads yes/no/on/off as booleans; on the command line `--out_dir=off` names a folder and
+    `--resume=no` picks a choice, while boolean fields still take the words (pydantic parses them)."""
+    from protege.train.sft import SFTConfig
+
+    assert parse_overrides(["--out_dir=off", "--resume", "no", "--x=true", "--y=False", "--z=On"]) == \
+        {"out_dir": "off", "resume": "no", "x": True, "y": False, "z": "On"}
+    cfg = load_config(SFTConfig, None, ["--model=m", "--datasets=[d.jsonl]", "--out_dir=off", "--resume=no",
+                                        "--tensorboard=off", "--packing=yes"])
+    assert (cfg.out_dir, cfg.resume, cfg.tensorboard, cfg.packing) == ("off", "no", False, True)
+
+
 def test_save_config_round_trip(tmp_path):
     cfg = load_config(Demo, None, ["--optim.learning_rate=0.5"])
     path = save_config(cfg, tmp_path)

@@ -231,6 +231,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = safe_yaml(raw, f"override `{arg}`") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            # YAML 1.1 reads yes/no/on/off as booleans: `--out_dir=off` must stay a folder name and
+            # `--resume=no` a choice; a boolean field still takes "yes"/"off" (pydantic parses them).
+            value = raw.strip()
         _set_dotted(out, key.strip().replace("-", "_"), value)
     return out
 

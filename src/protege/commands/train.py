@@ -20,9 +20,9 @@ def register(sub: Any) -> None:
     msub = p.add_subparsers(dest="method", metavar="METHOD", title="methods")
     for name, kind in methods.items():
         mp = add_stage_parser(msub, name, f"train.{name}", _run_method)
-        mp.add_argument("--resume", action="store_true",
-                        help="require a checkpoint in out_dir and continue from it (default: resume automatically "
-                             "when one exists and the config is unchanged)")
+        mp.add_argument("--resume", nargs="?", const="yes", choices=["auto", "yes", "no"], default=None,
+                        help="`--resume` (= yes): require a checkpoint in out_dir and continue from it; `--resume=no`: "
+                             "start over; default auto: resume when a checkpoint exists and the config is unchanged")
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -33,7 +33,7 @@ def _run_method(args: argparse.Namespace) -> int:
     config_cls, run = stage_kind(args.stage_kind)
     overrides = list(args.overrides)
     if args.resume:
-        overrides.append("--resume=yes")
+        overrides.append(f"--resume={args.resume}")
     summary = run(load_config(config_cls, args.config, overrides))
     print(json.dumps(summary, indent=2))
     return 0
