@@ -315,8 +315,10 @@ def test_gemma_270m_bf16_engine_greedy_departs_from_hf_generate_only_at_bf16_tie
     """gemma-3-270m in bf16, 16 prompts x 32 greedy tokens: the engine (batched, ragged) against HF
     `generate` one prompt at a time. bf16 logits carry 8 bits of mantissa, so two tokens' logits are often
     equal or one unit of least precision apart, and any change in the order of a sum (a batched GEMM, a
-    masked attention kernel) can flip such an argmax. What must hold: every place the two disagree is such
-    a tie: HF's own logits for the two tokens are within one bf16 ulp of each other."""
+    masked attention kernel) can flip such an argmax. What must hold: every place the two disagree, the
+    engine's token is the argmax, to one bf16 ulp, of the model's full forward over the same text. (Not "HF's
+    two tokens are within an ulp": on a CPU with AMX-BF16, HF's own cached decoding drifts from its full
+    forward by several ulps, e.g. picking a token 0.5 below the full forward's best at a logit of 27.)"""
     from conftest import builtin_model
     from test_engine import _hf_greedy, _ids
 
@@ -338,9 +340,9 @@ def test_gemma_270m_bf16_engine_greedy_departs_from_hf_generate_only_at_bf16_tie
             continue
         with torch.no_grad():
             logits = eng.model(input_ids=torch.tensor([prompt + ref[:i]])).logits[0, -1].float()
-        ours, theirs = logits[out.token_ids[i]].item(), logits[ref[i]].item()
-        ulp = 2.0 ** (math.floor(math.log2(abs(theirs))) - 7)  # bf16: 8 significant bits
-        assert abs(theirs - ours) <= ulp, (i, ours, theirs)
+        ours, theirs, best = logits[out.token_ids[i]].item(), logits[ref[i]].item(), logits.max().item()
+        ulp = 2.0 ** (math.floor(math.log2(abs(best))) - 7)  # bf16: 8 significant bits
+        assert best - ours <= ulp, (i, ours, theirs, best)
     assert identical >= 2, identical  # measured: 4 of 16 identical for all 32 tokens
 
 
