@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ..config import save_config
 from ..errors import StageError
 from ..files import atomic_write_json
-from ..manifest import write_manifest
+from ..manifest import StageRun
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
 from . import clean, decontam, dedup, langid, mix, quality, score, split, tag
@@ -314,7 +313,8 @@ def _publish(cfg: CurateConfig, out: Path, folders: list[Path], inputs: dict[str
                            f"{counts['removed']} removed")
     removed_by, removed_per_source, examples = Counter(), Counter(), {}
     out.mkdir(parents=True, exist_ok=True)
-    with publish(out) as staged:
+    with publish(out) as staged:  # config, outputs and manifest appear together
+        stage = StageRun("curate", cfg, staged)
         try:  # a hard link costs nothing; the step folder is deleted after publishing
             os.link(last / "kept.jsonl", staged / "records.jsonl")
         except OSError:
@@ -331,7 +331,6 @@ def _publish(cfg: CurateConfig, out: Path, folders: list[Path], inputs: dict[str
                             removed_per_source[e["source"]] += 1
                             examples.setdefault(f"{e['step']}:{e['reason']}", e["detail"])
                             fh.write(line)
-        save_config(cfg, staged)
         report = {"inputs": inputs, "input_paths": list(cfg.inputs), "steps": summaries,
                   "per_source_out": dict(per_source_out), "removed_by": dict(removed_by),
                   "removed_per_source": dict(removed_per_source), "removed_examples": examples,
@@ -347,5 +346,5 @@ def _publish(cfg: CurateConfig, out: Path, folders: list[Path], inputs: dict[str
         if any("eval_sets" in s["stats"] for s in summaries):
             extra["contamination"] = {"eval_sets": {k: v for s in summaries for k, v in s["stats"].get("eval_sets", {}).items()},
                                       "eval_items_hit": sorted({f"{h['eval_set']}:{h['eval_id']}" for h in hits})}
-        write_manifest(staged, "curate", cfg, inputs=cfg.inputs, outputs=[out / name for name in outputs],
-                       counts=counts, seconds=time.perf_counter() - t_start, extra=extra)
+        stage.finish([out / name for name in outputs], counts, inputs=cfg.inputs, extra=extra,
+                     seconds=time.perf_counter() - t_start)  # the whole run, reading and every step included

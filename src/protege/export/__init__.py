@@ -20,7 +20,6 @@ import json
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,16 +92,15 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def run(config: ExportConfig) -> dict[str, Any]:
     """Export `config.model`; see the module docstring for what lands where."""
-    from ..manifest import write_manifest
     from ..engine.gguf import require_llama_cpp
+    from ..manifest import StageRun
     from .gguf import GGUF_TYPES, conversion_input, convert, quantize
     from .hf import save_hf
 
-    t0 = time.perf_counter()
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if config.gguf:
         require_llama_cpp()  # fail before the merge, not after
+    stage = StageRun("export", config, config.out_dir)
+    out = stage.out
     hf_dir = out / "hf"
     # Written beside and swapped in: the model being exported may be this very folder (re-exporting
     # `ship/hf` into `ship` to add GGUF files), so nothing is removed until its replacement is complete.
@@ -138,8 +136,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
     if "parity" in report:
         counts["greedy_equal"] = f"{report['parity']['equal']}/{report['parity']['prompts']}"
         counts["template_ok"] = report["template"]["ok"]
-    write_manifest(out, "export", config, inputs=[p for p in [config.model] if Path(p).exists()], outputs=outputs,
-                   counts=counts, seconds=time.perf_counter() - t0, extra={"export": report})
+    stage.finish(inputs=[p for p in [config.model] if Path(p).exists()], outputs=outputs, counts=counts,
+                 extra={"export": report})
     return {**counts, "out_dir": str(out)}
 
 

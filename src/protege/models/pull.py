@@ -17,7 +17,7 @@ from pydantic import Field
 
 from ..config import StageConfig
 from ..files import atomic_dir, atomic_path
-from ..manifest import sha256_file, write_manifest
+from ..manifest import StageRun, sha256_file
 from .registry import ALIASES, Alias, ModelError, alias_dir, is_pulled
 
 __all__ = ["pull", "gguf_path", "PullConfig", "run_pull", "log"]
@@ -126,8 +126,7 @@ class PullConfig(StageConfig):
 
 
 def run_pull(config: PullConfig) -> dict[str, Any]:
-    t0 = time.time()
+    stage = StageRun("pull", config, config.out_dir)
     paths = {name: str(pull(name)) for name in config.aliases}
-    write_manifest(config.out_dir, "pull", config, outputs=list(paths.values()), counts={"models": len(paths)},
-                   seconds=time.time() - t0, extra={"models": paths})
+    stage.finish(list(paths.values()), {"models": len(paths)}, extra={"models": paths})
     return {"models": len(paths)}
