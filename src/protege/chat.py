@@ -21,12 +21,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 
 from .errors import UserError
 from .jinja_sandbox import compile_template, render_bounded
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ChatFormat", "Encoded", "ChatTemplateError", "GEMMA_TEMPLATE", "CHATML_TEMPLATE", "PLAIN_TEMPLATE",
            "mark_prompt", "CHAT_META_FILE", "write_chat_meta"]
@@ -81,7 +84,7 @@ class Encoded:
     assistant_mask: list[int]  # 1 on tokens the model must learn: assistant content + its end-of-turn token
 
 
-def _vocab_has(tokenizer: Any, *tokens: str) -> bool:
+def _vocab_has(tokenizer: PreTrainedTokenizerBase, *tokens: str) -> bool:
     unk = getattr(tokenizer, "unk_token_id", None)
     for t in tokens:
         tid = tokenizer.convert_tokens_to_ids(t)
@@ -110,7 +113,7 @@ def write_chat_meta(folder: str | Path, marker: dict[str, str] | None) -> None:
         (Path(folder) / CHAT_META_FILE).write_text(json.dumps({"marker": marker}, indent=2) + "\n")
 
 
-def _read_chat_meta(tokenizer: Any) -> dict[str, str] | None:
+def _read_chat_meta(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] | None:
     path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / CHAT_META_FILE
     if not path.is_file():
         return None
@@ -132,7 +135,7 @@ class ChatFormat:
     the model was trained under, put into every inference prompt by `encode_prompt`; training data carries
     its markers itself."""
 
-    def __init__(self, tokenizer: Any, template: str, name: str = "custom", stop_strings: tuple[str, ...] = (),
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, name: str = "custom", stop_strings: tuple[str, ...] = (),
                  marker: dict[str, str] | None = None):
         self.tokenizer = tokenizer
         self.template = template
@@ -143,13 +146,13 @@ class ChatFormat:
         self.stop_strings = stop_strings
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, template: str | None = None) -> "ChatFormat":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> "ChatFormat":
         fmt = cls._from_tokenizer(tokenizer, template)
         fmt.marker = _read_chat_meta(tokenizer)
         return fmt
 
     @classmethod
-    def _from_tokenizer(cls, tokenizer: Any, template: str | None = None) -> "ChatFormat":
+    def _from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> "ChatFormat":
         if template:
             return cls(tokenizer, template, "custom")
         own = getattr(tokenizer, "chat_template", None)
@@ -268,6 +271,6 @@ class ChatFormat:
             text = text.split(s, 1)[0]
         return text
 
-    def apply_to(self, tokenizer: Any) -> None:
+    def apply_to(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Store this template on a tokenizer so `save_pretrained` exports it (tokenizer_config / GGUF)."""
         tokenizer.chat_template = self.template

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -15,6 +15,9 @@ from .outputs import publish, refuse_clobber
 from .formats import FORMATS, iter_source, to_alpaca, to_openai, to_sharegpt, to_trl
 from .records import RecordError
 from .records import Comparison, Conversation, JsonlWriter, read_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["convert", "stats", "ConvertConfig", "run_convert", "SampleConfig", "run_sample"]
 
@@ -60,7 +63,7 @@ def convert(src: str | Path, out: str | Path, from_format: str = "auto", to_form
     return w.written
 
 
-def stats(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+def stats(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """Counts of records and turns; characters (and tokens, given a tokenizer) per role."""
     out: dict[str, Any] = {"records": 0, "conversations": 0, "comparisons": 0, "turns": 0, "sources": defaultdict(int)}
     chars: dict[str, int] = defaultdict(int)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TokenBytes"]
 
@@ -33,7 +36,7 @@ def _byte_level_decoder() -> dict[str, int]:
 class TokenBytes:
     """`bytes_of(id)` and `is_special(id)` for one tokenizer; build it once (it walks the vocabulary)."""
 
-    def __init__(self, tok: Any):
+    def __init__(self, tok: PreTrainedTokenizerBase):
         vocab = tok.get_vocab()
         self.size = max(max(vocab.values()) + 1, len(tok))
         self.special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})

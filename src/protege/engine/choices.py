@@ -7,12 +7,15 @@ forward pass, instead of generating (and then failing to parse) free text.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["option_token_ids", "torch_option_logprobs"]
 
 
-def option_token_ids(tokenizer: Any, prefix: str, options: Sequence[str]) -> list[list[int]]:
+def option_token_ids(tokenizer: PreTrainedTokenizerBase, prefix: str, options: Sequence[str]) -> list[list[int]]:
     """The tokens of each option as the tokenizer splits `prefix + option` (as generation would produce
     it), falling back to the option on its own where the split merges across the boundary."""
     base = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []

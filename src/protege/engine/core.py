@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from .cache import SlotCache
 from .driver import Completion, RequestDriver, StepOutput, request_stops
 from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator
 from .text import TextTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Engine", "Completion", "StepOutput", "RequestDriver", "request_stops"]  # the last ones: driver.py
 
@@ -53,7 +56,7 @@ class Engine(RequestDriver):
     prefill_tokens: at most this many padded prompt tokens are prefilled in one forward.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, chat_format: ChatFormat | None = None,
+    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat | None = None,
                  max_batch_size: int = 16, weights: str = "fp32", prefill_tokens: int = 4096):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', got {weights!r}")
@@ -276,7 +279,7 @@ class Engine(RequestDriver):
         return outputs
 
 
-def _split_model(model: Any, tokenizer: Any, weights: str, device: torch.device) -> tuple[Any, Any]:
+def _split_model(model: Any, tokenizer: PreTrainedTokenizerBase, weights: str, device: torch.device) -> tuple[Any, Any]:
     """(decoder or None, head) for this model and weight mode; int8 mode quantizes Linear layers in place."""
     from torch import nn
 

@@ -5,11 +5,14 @@ gives `generate` / `chat` / `stream` to any engine that implements add_request /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..chat import ChatFormat
 from .sampling import SamplingParams, TokenLogprob
 from .text import TextTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Completion", "StepOutput", "RequestDriver", "request_stops"]
 
@@ -52,7 +55,7 @@ class RequestDriver:
     """`generate` / `chat` / `stream` for any engine with add_request / step / has_pending / cancel."""
 
     chat_format: ChatFormat
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     max_positions: int
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -14,12 +14,15 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from ..chat import ChatFormat
 from .core import Completion, RequestDriver, StepOutput
 from .sampling import SamplingParams, TokenLogprob, token_logprobs
 from .text import TextTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["LlamaCppEngine"]
 
@@ -38,7 +41,7 @@ class LlamaCppEngine(RequestDriver):
 
     max_batch_size = 1
 
-    def __init__(self, gguf: str | Path, tokenizer: Any = None, n_ctx: int = 4096, threads: int | None = None):
+    def __init__(self, gguf: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, n_ctx: int = 4096, threads: int | None = None):
         from .gguf import open_gguf
         from ..models import load_tokenizer  # the `hf/` folder beside an exported GGUF, else the GGUF's own
 

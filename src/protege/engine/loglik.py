@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from ..models import cache_kwarg, output_cache
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["EncodedQuestion", "tok_encode", "encode_question", "score_questions", "iter_sorted", "score_sorted",
            "loglikelihood_reference"]
@@ -33,17 +36,17 @@ class EncodedQuestion:
     continuation_ids: list[list[int]]  # one list per option, never empty
 
 
-def _bos_text(tokenizer: Any) -> str | None:
+def _bos_text(tokenizer: PreTrainedTokenizerBase) -> str | None:
     tid = _prefix_token_id(tokenizer)
     return tokenizer.decode([tid]) if tid is not None else None
 
 
-def _prefix_token_id(tokenizer: Any) -> int | None:
+def _prefix_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     # lm-eval's `prefix_token_id`: BOS, else EOS.
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def tok_encode(tokenizer: Any, text: str, add_special_tokens: bool | None = None) -> list[int]:
+def tok_encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool | None = None) -> list[int]:
     """lm-eval's `HFLM.tok_encode`: the tokenizer's default special tokens, unless the text already
     starts with the BOS text (a rendered chat template does), so BOS is never doubled."""
     kwargs: dict[str, Any] = {}
@@ -56,7 +59,7 @@ def tok_encode(tokenizer: Any, text: str, add_special_tokens: bool | None = None
     return tokenizer.encode(text, **kwargs)
 
 
-def encode_question(tokenizer: Any, context: str, continuations: Sequence[str]) -> EncodedQuestion:
+def encode_question(tokenizer: PreTrainedTokenizerBase, context: str, continuations: Sequence[str]) -> EncodedQuestion:
     """Token ids of one multiple-choice question, split at the token boundary as lm-eval does."""
     if not context:
         prefix = _prefix_token_id(tokenizer)

@@ -10,9 +10,12 @@ token budget runs out. xgrammar is an optional dependency (`pip install 'protege
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["StructuredOutput", "StructuredOutputError", "JSON_OBJECT"]
 
@@ -41,7 +44,7 @@ class _Matcher:
 class StructuredOutput:
     """Per engine: the tokenizer's vocabulary as xgrammar sees it, compiled schemas (cached), matchers."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int):
         try:
             import xgrammar
         except ImportError:

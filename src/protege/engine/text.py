@@ -9,7 +9,10 @@ stop string, so a stop string split across tokens is never emitted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TextTracker"]
 
@@ -28,7 +31,7 @@ def _held_suffix(text: str, stops: list[str]) -> int:
 class TextTracker:
     """Turns a growing list of token ids into text deltas; finds stop strings."""
 
-    def __init__(self, tokenizer: Any, stops: list[str]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]):
         self.tokenizer = tokenizer
         self.stops = stops
         self.ids: list[int] = []  # ids that count as text (a final stop id is never added)

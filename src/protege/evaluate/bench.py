@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -25,6 +25,9 @@ from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
 from .intervals import bootstrap_ci
 from ..tasks.spec import TaskSpec, load_items, resolve_task, split_fewshot
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC", "RESULTS_FILE"]
 
@@ -106,7 +109,7 @@ def aggregate(task_type: str, records: list[dict[str, Any]], iters: int = 1000) 
 class _Runner:
     """Holds the loaded model (and, lazily, an engine) for every task of one bench run."""
 
-    def __init__(self, cfg: BenchConfig, model: Any = None, tokenizer: Any = None):
+    def __init__(self, cfg: BenchConfig, model: Any = None, tokenizer: PreTrainedTokenizerBase | None = None):
         from ..chat import ChatFormat
         from ..models import load
 
@@ -185,7 +188,7 @@ def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path, suffix: str = 
     return metrics
 
 
-def run(cfg: BenchConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
+def run(cfg: BenchConfig, model: Any = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.tasks`; writes the output folder and returns {task: metrics}.
 
     `model`/`tokenizer` may be passed in (already loaded) to skip loading `cfg.model`.

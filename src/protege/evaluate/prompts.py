@@ -10,11 +10,14 @@ Chat:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..chat import ChatFormat
 from ..engine.loglik import tok_encode
 from ..tasks.spec import LETTERS, TaskSpec, format_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PromptBuilder", "gold_text"]
 
@@ -77,7 +80,7 @@ class PromptBuilder:
         delim = "" if self.chat is not None else self.spec.target_delimiter
         return [delim + c for c in choices], choices
 
-    def generation_ids(self, item: dict[str, Any], tokenizer: Any) -> list[int]:
+    def generation_ids(self, item: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if self.chat is not None:
             return self.chat.encode_prompt(self.messages(item))
         return tok_encode(tokenizer, self.context(item))

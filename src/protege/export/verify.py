@@ -21,6 +21,7 @@ from ..engine.gguf import read_metadata
 from ..files import jsonl_rows
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from ..chat import ChatFormat
     from ..engine import Engine
 
@@ -121,7 +122,7 @@ def load_texts(path: str | None, n: int) -> list[str]:
     return texts[:n]
 
 
-def _token_ids(tok: Any, texts: list[str], add_bos: bool, max_tokens: int) -> list[list[int]]:
+def _token_ids(tok: PreTrainedTokenizerBase, texts: list[str], add_bos: bool, max_tokens: int) -> list[list[int]]:
     out = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"][: max_tokens - 1]

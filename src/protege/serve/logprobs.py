@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from ..engine.sampling import TokenLogprob
 
 __all__ = ["LogprobFormatter"]
@@ -22,7 +23,7 @@ _FLOOR = -9999.0
 
 
 class LogprobFormatter:
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
 
     @functools.cached_property

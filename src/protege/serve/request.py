@@ -3,12 +3,15 @@ checks that turn a bad one into a 400 naming its parameter (as `guard.APIError`,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .guard import APIError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["APIError", "ChatCompletionRequest", "Message", "ROLES", "MAX_N", "MAX_STOP", "INT64",
            "validation_error", "message_text", "unicode_text", "refuse_unsupported", "max_token_chars",
@@ -144,7 +147,7 @@ def unicode_text(text: str, param: str) -> str:
     return text
 
 
-def max_token_chars(tokenizer: Any) -> int:
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
     """The longest token's text: no prompt of c characters can be fewer than c / this many tokens."""
     try:
         vocab = tokenizer.get_vocab()

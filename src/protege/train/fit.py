@@ -43,6 +43,7 @@ from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_opti
                     save_checkpoint)
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from accelerate import Accelerator
 
 __all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
@@ -130,7 +131,7 @@ def start_run(name: str, config: TrainSettings, *, rollouts: bool = False, stage
                       StageRun(stage or name, config, out_dir, main=main))
 
 
-def pad_id(tok: Any) -> int:
+def pad_id(tok: PreTrainedTokenizerBase) -> int:
     """The id that pads batches: the tokenizer's pad token, else EOS, else 0 (padding is never scored)."""
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 

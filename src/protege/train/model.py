@@ -14,6 +14,7 @@ from ..precision import ResolvedPrecision, upcast_trainable
 from .settings import TrainSettings
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from ..chat import ChatFormat
 
 __all__ = ["chat_special_tokens", "trainable_token_ids", "base_dtype", "load_base", "prepare_model",
@@ -166,7 +167,7 @@ def require_head_parts(model: torch.nn.Module, method: str) -> LMHeadParts:
     return parts
 
 
-def save_model(config: TrainSettings, model: torch.nn.Module, tok: Any, chat: ChatFormat, out_dir: Path) -> list[Path]:
+def save_model(config: TrainSettings, model: torch.nn.Module, tok: PreTrainedTokenizerBase, chat: ChatFormat, out_dir: Path) -> list[Path]:
     """LoRA adapter (or full model) folder, and the merged model on request, each with tokenizer + template."""
     chat.apply_to(tok)
     outputs = []

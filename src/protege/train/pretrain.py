@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -31,6 +31,9 @@ from .fit import LossOutput, fit, start_run
 from .losses import IGNORE_INDEX
 from .settings import TrainSettings, fingerprint
 from .sharding import gather_trained, prepare_module
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PretrainConfig", "STAGE", "run", "prepare_tokens", "default_tokenizer", "measure_peak_flops", "model_shape"]
 
@@ -164,7 +167,7 @@ def _data_card(path: Path, key: dict[str, Any], meta: dict[str, Any], tokenizer:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def prepare_tokens(config: PretrainConfig, tok: Any, tok_source: str, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+def prepare_tokens(config: PretrainConfig, tok: PreTrainedTokenizerBase, tok_source: str, progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """(token files, their key): the corpus tokenized into `data_dir` (default out_dir/data), or reused."""
     from ..models.load import resolve
     from .pretrain_data import corpus_key, tokenize_corpus

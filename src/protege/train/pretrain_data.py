@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ import torch
 from ..errors import StageError
 from ..files import atomic_path, atomic_write_json
 from .losses import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TokenFiles", "tokenize_corpus", "PackedRows", "rows_to_batch", "token_byte_lengths", "doc_tokens", "corpus_key"]
 
@@ -50,7 +53,7 @@ class TokenFiles:
         return np.memmap(path, dtype=self.dtype, mode="r")
 
 
-def doc_tokens(tok: Any) -> tuple[int, int]:
+def doc_tokens(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
     """(bos, eos) ids framing a document: the tokenizer's BOS (else EOS) and EOS."""
     eos = tok.eos_token_id
     if isinstance(eos, list):
@@ -61,7 +64,7 @@ def doc_tokens(tok: Any) -> tuple[int, int]:
     return int(bos), int(eos if eos is not None else bos)
 
 
-def tokenize_corpus(sources: Sequence[str], tok: Any, cache_dir: Path, *, text_field: str, separator: str,
+def tokenize_corpus(sources: Sequence[str], tok: PreTrainedTokenizerBase, cache_dir: Path, *, text_field: str, separator: str,
                     val_fraction: float, key: dict[str, Any], progress: bool = True,
                     batch_docs: int = 512) -> TokenFiles:
     """Tokenize every document of `sources` into cache_dir/{train,val}.bin (reused when `key` matches)."""
@@ -165,7 +168,7 @@ def rows_to_batch(tokens: np.ndarray, starts: Iterable[int], seq_len: int, bos: 
     return {"input_ids": inputs.contiguous(), "position_ids": positions.contiguous(), "labels": targets}
 
 
-def token_byte_lengths(tok: Any) -> torch.Tensor:
+def token_byte_lengths(tok: PreTrainedTokenizerBase) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (0 for special tokens): the denominator of bits per byte."""
     from ..tokens import TokenBytes
 

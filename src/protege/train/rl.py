@@ -40,6 +40,7 @@ from .rollout_engines import RolloutEngine, RolloutEngineConfig
 from .settings import LoraSettings, Schedule, TrainSettings
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from accelerate import Accelerator
     from ..chat import ChatFormat
 
@@ -298,7 +299,7 @@ def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, 
     return model, tok, chat, pad_id(tok), engine
 
 
-def save_policy(model: torch.nn.Module, tok: Any, chat: ChatFormat, path: Path) -> None:
+def save_policy(model: torch.nn.Module, tok: PreTrainedTokenizerBase, chat: ChatFormat, path: Path) -> None:
     """The adapter folder with its tokenizer and chat template (the best-by-gold model)."""
     model.save_pretrained(str(path))
     chat.apply_to(tok)

@@ -39,6 +39,7 @@ from ..config import StageConfig
 from ..errors import StageError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from ..chat import ChatFormat
     from ..engine import Engine
     from ..engine.sampling import SamplingParams
@@ -341,7 +342,7 @@ def vllm_base(spec: str) -> tuple[str, bool]:
     return str(path), False
 
 
-def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, tok: Any, chat: ChatFormat, spec: str,
+def make_rollout_engine(cfg: RolloutEngineConfig, *, model: torch.nn.Module, tok: PreTrainedTokenizerBase, chat: ChatFormat, spec: str,
                         precision: str, out_dir: Path, max_len: int, max_batch: int, seed: int,
                         merge: bool) -> RolloutEngine:
     """The configured rollout engine over the policy `model` (with tokenizer `tok`) loaded from `spec`."""

@@ -15,13 +15,16 @@ tokenizers (those that are pulled).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pydantic import Field
 
 from ..config import StageConfig
 from ..errors import StageError
 from ..manifest import StageRun
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["TokenizerConfig", "SPECIAL_TOKENS", "GPT4_SPLIT", "run", "bytes_per_token"]
 
@@ -90,7 +93,7 @@ def build(config: TokenizerConfig, texts: Iterator[str]) -> Any:
     return tok
 
 
-def bytes_per_token(tok: Any, docs: list[str]) -> float | None:
+def bytes_per_token(tok: PreTrainedTokenizerBase, docs: list[str]) -> float | None:
     """UTF-8 bytes per token over `docs`, encoded as plain text (special-token strings not parsed)."""
     if not docs:
         return None
