@@ -165,14 +165,12 @@ class StageRun:
     """The one way a stage runs in its folder: the folder made, the resolved config saved (`config.yaml`) at
     the start, a clock started, and `finish` writing `manifest.json` last, the file that says the folder's
     outputs are complete (see `outputs.py`). `main=False` (a training rank other than the main one) writes
-    nothing. `saved` is the config to save when it differs from the one the stage runs (pretraining saves
-    the config as given, before its `auto` values are filled)."""
+    nothing."""
 
-    def __init__(self, stage: str, config: BaseModel, out_dir: str | Path, *, main: bool = True,
-                 saved: BaseModel | None = None):
+    def __init__(self, stage: str, config: BaseModel, out_dir: str | Path, *, main: bool = True):
         from .config import save_config
 
-        self.stage, self.config, self.main = stage, saved or config, main
+        self.stage, self.config, self.main = stage, config, main
         self.out = Path(out_dir)
         self.started = time.perf_counter()
         if main:

@@ -43,8 +43,8 @@ from .state import (MetricsLogger, latest_checkpoint, load_checkpoint, make_opti
                     save_checkpoint)
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
     from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["LossOutput", "FitResult", "RunContext", "start_run", "pad_id", "fit", "evaluate", "run_logger"]
 

@@ -128,7 +128,17 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     # One optimizer step is one minibatch (PPO's update count): `fit` takes grad_accum x processes micro-batches
     # per step, so each minibatch is split into that many pieces (a piece per accumulation step and rank).
     pieces = config.grad_accum * ctx.world
-    smallest = min(len(range(m * per_mb, min((m + 1) * per_mb, config.rollout_prompts))) for m in range(config.minibatches))
+
+    def minibatch(part: int, n: int) -> range:
+        """Answers (of n) in minibatch `part`."""
+        return range(part * per_mb, min((part + 1) * per_mb, n))
+
+    def piece(part: int, k: int, n: int) -> list[int]:
+        """Answers (of n) of minibatch `part` in its k-th piece (sizes differ by at most one)."""
+        answers = minibatch(part, n)
+        return list(answers[k * len(answers) // pieces:(k + 1) * len(answers) // pieces])
+
+    smallest = min(len(minibatch(m, config.rollout_prompts)) for m in range(config.minibatches))
     if pieces > smallest:
         raise StageError(f"ppo: grad_accum x processes = {pieces} pieces per minibatch, but a minibatch holds "
                          f"{smallest} answers; lower grad_accum or minibatches, or raise rollout_prompts")
@@ -202,11 +212,6 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
         targets.clear()  # keep only this batch (and its successor's lookup of it)
         targets[b] = data
         return data
-
-    def piece(part: int, k: int, n: int) -> list[int]:
-        """Answers (of n) of minibatch `part` in its k-th piece (sizes differ by at most one)."""
-        answers = range(part * per_mb, min((part + 1) * per_mb, n))
-        return list(answers[k * len(answers) // pieces:(k + 1) * len(answers) // pieces])
 
     def train_loss(m: Any, mb: tuple[int, int, int, int]) -> LossOutput:
         b, epoch, part, k = mb

@@ -164,7 +164,7 @@ def prepare_module(accelerator: Accelerator, module: torch.nn.Module, forward_me
     DeepSpeed, returned as it is for `fit` to shard together with its optimizer (`shard`: accelerate prepares
     both only with their optimizer). `forward_methods`: methods other than `forward` that run the model,
     around which the sharded weights must be gathered too."""
-    if not (is_sharded(accelerator) or is_deepspeed(accelerator)):
+    if sharding_name(accelerator) is None:
         return accelerator.prepare_model(module)
     module._sharded_forward_methods = tuple(forward_methods)
     return module
