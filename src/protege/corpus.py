@@ -192,7 +192,7 @@ def describe_source(source: str) -> dict[str, str]:
         return {"source": source, "provenance": BUILTIN_CORPORA[source],
                 "python": platform.python_version(), "sha256": _builtin_digest(source)}
     if Path(source).is_file():
-        from .manifest import sha256_file
+        from .files import sha256_file
 
         return {"source": source, "sha256": sha256_file(source)}
     return {"source": source, "sha256": json.dumps(None)}

@@ -1,4 +1,4 @@
-"""One I/O kit for every stage: JSONL reading, atomic writes.
+"""One I/O kit for every stage: JSONL reading, atomic writes, content hashes.
 
 - `parse_jsonl_line` decodes one line strictly: invalid UTF-8, bad JSON, NaN/Infinity (not JSON, and
   they poison a mean), integers too long to read, nesting deep enough to exhaust the parser, and lone
@@ -12,11 +12,15 @@
 - `atomic_path` / `atomic_write_text` / `atomic_write_json`: write beside the target and rename over it,
   so a reader (or a crash) sees the old file or the new one, never half of one. `atomic_dir` does the
   same for a folder (a checkpoint, a converted model, an exported HF folder).
+- `json_digest`: sha256 of a value's canonical JSON, the one key of every content-addressed thing protege
+  keeps (record ids, teacher requests, cached reference log-probs and bench items, resume fingerprints).
+  `sha256_file` / `sha256_path` hash a file or a folder as it lies on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,7 +31,7 @@ from typing import Any, Iterator
 from .errors import RecordError
 
 __all__ = ["parse_jsonl_line", "json_lines", "jsonl_rows", "read_jsonl", "tolerant_jsonl", "atomic_path", "atomic_write_text",
-           "atomic_write_json", "atomic_dir"]
+           "atomic_write_json", "atomic_dir", "json_digest", "sha256_file", "sha256_path"]
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -163,3 +167,36 @@ def atomic_dir(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- content hashes ------------------------------------------------------------------------------
+
+
+def json_digest(payload: Any, size: int | None = None) -> str:
+    """sha256 (hex) of the canonical JSON of `payload`: sorted keys, no spaces, UTF-8 as is, so the same
+    value has the same key however its dicts were built. `size` keeps the first `size` hex digits (a file
+    name); a cache key that must never collide keeps all 64."""
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return digest if size is None else digest[:size]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of one file's bytes, read in chunks (a model file does not fit a read())."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder (sorted relative names + file hashes)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()

@@ -6,7 +6,6 @@ sha256, the outputs, counts, wall seconds and package versions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -16,33 +15,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .files import atomic_write_json
+from .files import atomic_write_json, sha256_path
 from .outputs import MANIFEST
 
-__all__ = ["sha256_file", "sha256_path", "write_manifest", "package_versions", "hardware", "Timer", "find_in_manifests",
+__all__ = ["write_manifest", "package_versions", "hardware", "Timer", "find_in_manifests",
            "StageRun"]
 
 _PACKAGES = ("protege", "torch", "transformers", "peft", "accelerate", "datasets")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_path(path: str | Path) -> str:
-    """sha256 of a file, or of a folder (sorted relative names + file hashes)."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def find_in_manifests(paths: list[str], key: str) -> list[Any]:

@@ -18,7 +18,6 @@ old partial work.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import sys
@@ -29,8 +28,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .config import ConfigError, StageConfig, deep_merge, parse_overrides, read_yaml, validate_dict
-from .files import atomic_write_text
-from .manifest import sha256_file
+from .files import atomic_write_text, json_digest, sha256_file
 from .outputs import inside, remove_tree
 from .stages import STAGE_KINDS, StageKind, stage_kind
 
@@ -130,12 +128,8 @@ def _file_fingerprint(p: Path) -> str:
 
 
 def _fingerprint(kind: str, config: dict[str, Any], upstream: list[str], files: list[Path]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"kind": kind, "config": config, "upstream": upstream}, sort_keys=True, default=str).encode())
-    for f in sorted(files):
-        h.update(str(f).encode())
-        h.update(_file_fingerprint(f).encode())
-    return h.hexdigest()
+    return json_digest({"kind": kind, "config": config, "upstream": upstream,
+                        "files": [[str(f), _file_fingerprint(f)] for f in sorted(files)]})
 
 
 def _log(msg: str) -> None:

@@ -15,14 +15,13 @@ with its reason; nothing is dropped silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
 from .errors import RecordError
-from .files import atomic_path, parse_jsonl_line
+from .files import atomic_path, json_digest, parse_jsonl_line
 
 __all__ = [
     "SkipRecord",
@@ -34,7 +33,6 @@ __all__ = [
     "RecordError",
     "ROLES",
     "content_id",
-    "json_digest",
     "parse_record",
     "read_records",
     "RecordReader",
@@ -62,16 +60,9 @@ class SkipRecord(RecordError):
     """
 
 
-def json_digest(payload: Any) -> str:
-    """sha256 (hex) of the canonical JSON of `payload`: sorted keys, no spaces, UTF-8 as is. The one content
-    hash of records (`content_id`) and of teacher requests (`teachers.cache.request_key`)."""
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 def content_id(payload: Any) -> str:
     """Stable 16-hex-digit id from the canonical JSON of a record's content."""
-    return json_digest(payload)[:16]
+    return json_digest(payload, 16)
 
 
 @dataclass

@@ -16,7 +16,6 @@ deleted when the run completes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import StageError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, json_digest
 from ..manifest import StageRun
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
@@ -188,9 +187,8 @@ def _stamped(removed: list[dict[str, Any]], step: str) -> list[dict[str, Any]]:
 
 def _fingerprint(cfg: CurateConfig, upto: int) -> str:
     files = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in cfg.inputs if Path(p).exists()]
-    blob = json.dumps({"files": files, "format": cfg.format, "skip_invalid": cfg.skip_invalid, "seed": cfg.seed,
-                       "steps": [s.model_dump(mode="json") for s in cfg.steps[:upto + 1]]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({"files": files, "format": cfg.format, "skip_invalid": cfg.skip_invalid, "seed": cfg.seed,
+                        "steps": [s.model_dump(mode="json") for s in cfg.steps[:upto + 1]]})
 
 
 def _finished(folder: Path, fp: str) -> dict[str, Any] | None:

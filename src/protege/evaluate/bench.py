@@ -10,7 +10,6 @@ Output folder:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from ..config import StageConfig
-from ..files import tolerant_jsonl
+from ..files import json_digest, tolerant_jsonl
 from ..manifest import StageRun
 from ..precision import PRECISION_HELP, Precision, resolve_precision
 from ..records import JsonlWriter
@@ -133,9 +132,8 @@ class _Runner:
 
 
 def _task_key(cfg: BenchConfig, spec: TaskSpec, style: str, fewshot: int) -> str:
-    blob = json.dumps([cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length,
-                       *resolve_precision(cfg.precision, cfg.device).cache_tag], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest([cfg.model, spec.model_dump(mode="json"), style, fewshot, cfg.max_length,
+                        *resolve_precision(cfg.precision, cfg.device).cache_tag], 16)
 
 
 def _load_done(path: Path, key_path: Path, key: str) -> dict[str, dict[str, Any]]:

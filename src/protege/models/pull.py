@@ -17,7 +17,8 @@ from pydantic import Field
 
 from ..config import StageConfig
 from ..files import atomic_dir, atomic_path
-from ..manifest import StageRun, sha256_file
+from ..files import sha256_file
+from ..manifest import StageRun
 from .registry import ALIASES, Alias, ModelError, alias_dir, is_pulled
 
 __all__ = ["pull", "gguf_path", "PullConfig", "run_pull", "log"]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..records import json_digest
+from ..files import json_digest
 
 __all__ = ["ResponseCache", "request_key"]
 

@@ -18,7 +18,6 @@ The policy learns from preference pairs without a reward model (Rafailov et al. 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from ..files import tolerant_jsonl
+from ..files import json_digest, tolerant_jsonl
 from .fit import LossOutput, fit, pad_id, start_run
 from .losses import dpo_loss
 from .model import load_base, prepare_model, save_model
@@ -122,10 +121,8 @@ def run(config: DPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
     frozen = copy.deepcopy(model) if config.method == "full" else None
     model = prepare_model(config, model, chat).to(accelerator.device)
     # The reference log-probs depend on the precision they are computed in (as the policy's must match them).
-    key = hashlib.sha256(json.dumps([_model_key(config.model), chat.template, config.max_length, data_hash,
-                                     *ctx.precision.cache_tag,
-                                     *([] if config.quantization == "none" else [config.quantization])]
-                                    ).encode()).hexdigest()[:20]
+    key = json_digest([_model_key(config.model), chat.template, config.max_length, data_hash, *ctx.precision.cache_tag,
+                       *([] if config.quantization == "none" else [config.quantization])], 20)
     cache = Path(config.reference_cache or protege_home() / "reference_logps") / f"{key}.jsonl"
     share = can_share_prompt(model, config)
     if main:

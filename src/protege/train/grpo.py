@@ -19,8 +19,6 @@ over-optimisation watch (`rl.OverOptimisationWatch`): proxy, gold, KL, best mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from pydantic import Field
 
 from ..errors import StageError
+from ..files import json_digest
 from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
@@ -99,7 +98,7 @@ def run(config: GRPOConfig, stop_after_steps: int | None = None) -> dict[str, An
     micro_batches = list(enumerate(plan))
     eval_batches = eval_plan(len(held), config.batch_size * config.group_size)
     cache = RolloutCache(out_dir / "rollouts")
-    data_hash = hashlib.sha256(json.dumps([plan, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
+    data_hash = json_digest([plan, [it.id for it in items], [it.id for it in held]], 16)
     log(f"{len(items)} training prompts, {len(held)} held out; {steps} steps of {config.batch_size * per_step} "
         f"prompts x {config.group_size} answers on {ctx.world} process(es); reward {describe_reward(config.reward)}, "
         f"gold {describe_reward(gold_cfg)}")

@@ -215,7 +215,8 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
 
 
 def pairs_hash(pairs: list[PairExample]) -> str:
-    """Content hash of tokenised pairs: what a cached reference log-prob or a checkpoint must match."""
+    """Content hash of tokenised pairs: what a cached reference log-prob or a checkpoint must match. Fed pair
+    by pair (not `files.json_digest` of one list): 100k long pairs would make one string of gigabytes."""
     h = hashlib.sha256()
     for p in pairs:
         h.update(json.dumps([p.id, p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids, p.rejected.labels]).encode())

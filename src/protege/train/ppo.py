@@ -23,8 +23,6 @@ checkpoint with exactly the PPO targets it had, and a rerun with the same seed r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from pydantic import Field
 
 from ..errors import StageError
+from ..files import json_digest
 from .policy import PolicyLogprobs
 from .fit import LossOutput, start_run
 from .model import save_model
@@ -151,7 +150,7 @@ def run(config: PPOConfig, stop_after_steps: int | None = None) -> dict[str, Any
                          "raise batches or epochs instead")
     cache = RolloutCache(out_dir / "rollouts")
     eval_batches = eval_plan(len(held), config.rollout_prompts)
-    data_hash = hashlib.sha256(json.dumps([batch_prompts, [it.id for it in items], [it.id for it in held]]).encode()).hexdigest()[:16]
+    data_hash = json_digest([batch_prompts, [it.id for it in items], [it.id for it in held]], 16)
     log(f"{len(items)} training prompts, {len(held)} held out; {n_batches} rollout batches of {config.rollout_prompts} "
         f"x {config.ppo_epochs} epochs x {config.minibatches} minibatches = {config_steps} steps on {ctx.world} "
         f"process(es); reward "

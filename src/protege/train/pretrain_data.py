@@ -178,7 +178,7 @@ def token_byte_lengths(tok: PreTrainedTokenizerBase) -> torch.Tensor:
 def corpus_key(sources: Sequence[str], tok_dir: str, text_field: str, separator: str, val_fraction: float) -> dict[str, Any]:
     """What the token files depend on: each source's content hash, the tokenizer's files, the split."""
     from ..corpus import describe_source
-    from ..manifest import sha256_path
+    from ..files import sha256_path
 
     tok_hash = hashlib.sha256()
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):

@@ -113,7 +113,8 @@ class Rollout:
 
 
 def sample_seed(seed: int, *keys: int) -> int:
-    """A 31-bit seed for one sample, stable across runs and resumes."""
+    """A 31-bit seed for one sample, stable across runs and resumes. (A seed, not a content key, so not
+    `files.json_digest`: changing its bytes would change every recorded RL run's samples.)"""
     h = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 

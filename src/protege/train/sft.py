@@ -13,8 +13,6 @@ process with accumulation and N processes give the same loss and update.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Literal
 
 import torch
@@ -22,6 +20,7 @@ from pydantic import Field
 
 from ..chat import write_chat_meta
 from ..errors import StageError
+from ..files import json_digest
 from ..lm_head import embed_inputs, head_rows
 from .data import Example, TokenStats, collate, load_conversations, plan_micro_batches, split_held_out, tokenize
 from .fit import LossOutput, fit, pad_id, start_run
@@ -129,7 +128,7 @@ def run(config: SFTConfig, stop_after_steps: int | None = None) -> dict[str, Any
     # Micro-batches as rows of Examples (train: addressed in the plan as (dataset, index)).
     train_batches = [[[train_sets[d][i] for d, i in row] for row in mb] for mb in plan]
     eval_batches = [[[eval_examples[i] for _, i in row] for row in mb] for mb in eval_plan]
-    data_hash = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
+    data_hash = json_digest(plan, 16)
 
     # ---- model ---------------------------------------------------------------------------
     model = prepare_model(config, model, chat).to(accelerator.device)
