@@ -102,7 +102,54 @@ def test_cli_chat_with_url_of_running_server(tiny_llama):
 def test_cli_chat_needs_model_or_url():
     proc = subprocess.run([sys.executable, "-m", "protege.cli", "chat"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode != 0 and "exactly one" in proc.stderr
+    assert proc.returncode != 0 and "give a MODEL to load here, or --url URL" in proc.stderr
+
+
+def test_cli_chat_with_url_names_the_servers_model_and_survives_a_refused_reply(tiny_llama):
+    """With --url, MODEL is the server's model name; a name the server does not serve is the server's own 404,
+    shown in the chat, which goes on without that message (the next turn is answered as if it were the first)."""
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    app = create_app(Engine(*tiny_llama), "tiny-llama")
+    with background_server(app) as url:
+        stdout = _run_cli(["tiny-llama", "--url", url], SCRIPT)
+        assert stdout.startswith("chatting with tiny-llama")
+        _check_transcript(stdout, *tiny_llama)
+        wrong = _run_cli(["no-such-model", "--url", url], "hello\n/exit\n")
+    assert "(error: the server answered 404: " in wrong and "`no-such-model` does not exist" in wrong
+
+
+def test_repl_drops_a_message_whose_reply_failed():
+    from protege.chat_repl import ReplyError
+
+    class Flaky(EchoBackend):
+        def stream(self, messages, sampling):
+            if messages[-1]["content"] == "too long":
+                self.calls.append([dict(m) for m in messages])
+                yield "half"
+                raise ReplyError("prompt has 9 tokens; the model takes at most 8")
+            yield from super().stream(messages, sampling)
+
+    backend, out, lines = Flaky(), io.StringIO(), iter(["too long", "short", "/exit"])
+    assert run_repl(backend, Sampling(), read=lambda _: next(lines), out=out) == 0
+    assert backend.calls[-1] == [{"role": "user", "content": "short"}]  # the failed turn was not kept
+    assert "half\n(error: prompt has 9 tokens; the model takes at most 8; that message was not kept)" in out.getvalue()
+
+
+def test_cli_chat_refuses_an_unreachable_server_and_a_non_key_variable_in_one_line():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = subprocess.run([sys.executable, "-m", "protege.cli", "chat", "--url", f"http://127.0.0.1:{port}"],
+                          input="", capture_output=True, text=True, timeout=120)
+    assert down.returncode != 0 and f"cannot reach http://127.0.0.1:{port}/v1/" in down.stderr
+    assert "Traceback" not in down.stderr
+    secret = subprocess.run([sys.executable, "-m", "protege.cli", "chat", "--url", "http://127.0.0.1:1",
+                             "--api-key-env", "HOME"], input="", capture_output=True, text=True, timeout=120)
+    assert secret.returncode != 0 and "--api-key-env: " in secret.stderr and "*_API_KEY" in secret.stderr
 
 
 @pytest.mark.slow

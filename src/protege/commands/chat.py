@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 ORDER = 90
@@ -21,33 +20,47 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "chat", help="interactive terminal chat with a model or a running server (streams replies)",
         description="Chat in the terminal. Inside: /system TEXT sets the system prompt, /reset starts over, "
-                    "/exit quits. MODEL is a built-in alias, an HF folder or a .gguf; or use --url.")
-    p.add_argument("model", nargs="?", help="alias, HF folder or .gguf to load locally")
+                    "/exit quits. MODEL is a built-in alias, an HF folder or a .gguf, loaded here; with --url, "
+                    "MODEL (optional) is the name the server knows its model by.")
+    p.add_argument("model", nargs="?", help="alias, HF folder or .gguf to load; with --url, the server's model name "
+                                            "(default: the first model the server lists)")
     p.add_argument("--url", help="talk to an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key-env", default="PROTEGE_API_KEY",
                    help="environment variable holding the server's API key (default: %(default)s)")
+    p.add_argument("--precision", default="auto", help="local model: auto, fp32, bf16 or fp16 (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=120.0, help="server: seconds before a reply is abandoned "
+                                                                "(default: %(default)s)")
     p.add_argument("--system", default=None, help="system prompt to start with")
     add_sampling_flags(p)
     p.set_defaults(func=_chat)
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from ..chat_repl import LocalBackend, RemoteBackend, Sampling, run_repl
+def _flag_error(err: Any, flags: dict[str, str]) -> SystemExit:
+    e = err.errors()[0]
+    name = str(e["loc"][0])
+    return SystemExit(f"protege chat: {flags.get(name, '--' + name.replace('_', '-'))}: {e['msg']} (got {e['input']!r})")
 
-    if bool(args.model) == bool(args.url):
-        raise SystemExit("protege chat: give either MODEL or --url URL (exactly one)")
+
+def _chat(args: argparse.Namespace) -> int:
+    """Who answers is a TeacherConfig, as in every stage; how it samples is the config's Sampling."""
     from pydantic import ValidationError
 
+    from ..chat_repl import Sampling, backend_for, run_repl
+    from ..teachers.base import TeacherConfig
+
+    if not args.model and not args.url:
+        raise SystemExit("protege chat: give a MODEL to load here, or --url URL of a running server")
     try:
         sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_tokens, seed=args.seed)
     except ValidationError as err:
-        flags = {"max_new_tokens": "--max-tokens", "top_p": "--top-p", "top_k": "--top-k"}
-        e = err.errors()[0]
-        name = str(e["loc"][0])
-        raise SystemExit(f"protege chat: {flags.get(name, '--' + name)}: {e['msg']} (got {e['input']!r})") from None
-    if args.url:
-        backend = RemoteBackend(args.url, api_key=os.environ.get(args.api_key_env))
-    else:
-        backend = LocalBackend.load(args.model)
-    return run_repl(backend, sampling, system=args.system)
+        raise _flag_error(err, {"max_new_tokens": "--max-tokens"}) from None
+    answerer = {"backend": "openai", "base_url": args.url, "api_key_env": args.api_key_env,
+                "timeout": args.timeout} if args.url else {"backend": "local", "precision": args.precision}
+    if args.model:
+        answerer["model"] = args.model
+    try:
+        teacher = TeacherConfig(**answerer)
+    except ValidationError as err:
+        raise _flag_error(err, {"model": "MODEL", "base_url": "--url"}) from None
+    return run_repl(backend_for(teacher), sampling, system=args.system)
