@@ -167,6 +167,12 @@ def test_32_concurrent_streaming_clients(server, tiny_llama):
     ({"messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "context", "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature", "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", "top_p"),
+    # the sampling bounds are config.Temperature/TopP/TopK, the types every stage config declares
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": -1}, 400, "greater than or equal to 0 (got -1)",
+     "top_k"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature", "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400, "less than or equal to 2 (got 2.5)",
+     "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n is 0", "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature", "temperature"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "assistant", "messages"),

@@ -3,11 +3,13 @@ checks that turn a bad one into a 400 naming its parameter (as `guard.APIError`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..config import Temperature, TopK, TopP
 from .guard import APIError
 
 if TYPE_CHECKING:
@@ -42,9 +44,11 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[Message]
-    temperature: float = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
-    top_p: float = 1.0
-    top_k: int = Field(0, description="extension (vLLM/llama.cpp): keep the k most likely tokens; 0 = off")
+    # The sampling bounds every protege config declares (config.Temperature, TopP, TopK), with OpenAI's own
+    # ceiling on temperature; a value outside them is a 400 naming the parameter (`validation_error`).
+    temperature: Annotated[Temperature, Field(le=2.0)] = Field(1.0, description="0 = greedy; OpenAI's range 0..2")
+    top_p: TopP = 1.0
+    top_k: TopK = Field(0, description="extension (vLLM/llama.cpp): keep the k most likely tokens; 0 = off")
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
@@ -72,7 +76,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
 def validation_error(err: ValidationError | RequestValidationError) -> APIError:
     first = err.errors()[0]
     param = _loc(tuple(first.get("loc", ())))
-    return APIError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None)
+    given = first.get("input")
+    got = f" (got {json.dumps(given)[:80]})" if isinstance(given, (int, float, str)) and param else ""
+    return APIError(400, f"invalid request: {param}: {first.get('msg')}{got}", param=param or None)
 
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:

@@ -82,12 +82,6 @@ class Server:
         if not req.messages:
             raise APIError(400, "messages is empty: send at least one user message", param="messages")
         messages = request_messages(req)
-        if not 0.0 <= req.temperature <= 2.0:
-            raise APIError(400, f"temperature is {req.temperature}; expected 0..2", param="temperature")
-        if not 0.0 < req.top_p <= 1.0:
-            raise APIError(400, f"top_p is {req.top_p}; expected a number in (0, 1]", param="top_p")
-        if req.top_k < 0:
-            raise APIError(400, f"top_k is {req.top_k}; expected >= 0 (0 = off)", param="top_k")
         if not 1 <= req.n <= MAX_N:
             raise APIError(400, f"n is {req.n}; expected 1..{MAX_N}", param="n")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
