@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Callable, TypeAlias
 
 from ..config import config_help
+
+# What `ArgumentParser.add_subparsers()` returns; each module's `register(sub)` adds its commands to it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Handler: TypeAlias = Callable[[argparse.Namespace], int]
 
 # The command words of this invocation (`protege train sft ...` -> ["train", "sft", ...]), set by `cli.main`.
 # Only the stage parser on that path imports its config class (and with it torch): `protege --help` and
@@ -14,7 +18,7 @@ from ..config import config_help
 INVOKED: list[str] | None = None
 
 
-def add_config_parser(sub: Any, name: str, config_cls: type, help: str, func: Any) -> argparse.ArgumentParser:
+def add_config_parser(sub: Subparsers, name: str, config_cls: type, help: str, func: Handler) -> argparse.ArgumentParser:
     """A subcommand driven by a config class: `--config FILE` plus `--key=value` overrides, defaults in --help."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="config keys (set in --config YAML or as --key=value):\n" + config_help(config_cls))
@@ -23,7 +27,7 @@ def add_config_parser(sub: Any, name: str, config_cls: type, help: str, func: An
     return p
 
 
-def add_stage_parser(sub: Any, name: str, kind: str, func: Any = None, help: str | None = None) -> argparse.ArgumentParser:
+def add_stage_parser(sub: Subparsers, name: str, kind: str, func: Handler | None = None, help: str | None = None) -> argparse.ArgumentParser:
     """The subcommand of a registered stage kind (`stages.STAGE_KINDS`), which gives its config class and help
     line, so the CLI cannot drift from what recipes run; `func` defaults to `run_stage`."""
     from ..stages import STAGE_KINDS, stage_kind

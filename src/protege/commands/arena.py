@@ -9,10 +9,12 @@ import os
 import sys
 from typing import Any
 
+from . import Subparsers
+
 ORDER = 96
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "arena", help="blind human A/B votes on answer sets (Koala / Chatbot Arena), Bradley-Terry ratings",
         description="`protege arena ANSWERS...` serves the voting page on 127.0.0.1 (answer folders from "

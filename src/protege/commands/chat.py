@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import Subparsers
+
 ORDER = 90
 
 
@@ -16,7 +18,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none)")
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "chat", help="interactive terminal chat with a model or a running server (streams replies)",
         description="Chat in the terminal. Inside: /system TEXT sets the system prompt, /reset starts over, "

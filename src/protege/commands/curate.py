@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 30
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
 
     p = add_stage_parser(sub, "curate", "curate", _curate,
                          help="clean, split, deduplicate, language/quality-filter, decontaminate, mix and tag record "

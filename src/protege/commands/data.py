@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 10
 
@@ -16,7 +15,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults in the help, and the epilog's key list kept one key per line."""
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("data", help="convert, validate and summarise record files",
                        description="Convert, validate and summarise record files (JSONL).")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)

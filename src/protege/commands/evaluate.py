@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 60
 
@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace, mapping: dict[str, str]) -> tuple[Any, Any]:
     return load_config(config_cls, args.config, extra + list(args.overrides or [])), run
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     ev = sub.add_parser("eval", help="evaluate models: benchmarks (substance), answers, LLM judge (style), reward model",
                         description="Evaluate models. Subcommands: bench, answer, judge, rm.")
     evsub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")

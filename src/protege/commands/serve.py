@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+
+from . import Subparsers
 
 ORDER = 95
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "serve", help="serve a model: OpenAI-compatible /v1/chat/completions (streaming) and a chat page",
         description="Serve MODEL (alias, HF folder or .gguf) with continuous batching: /v1/chat/completions, "

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from . import add_stage_parser
+from . import Subparsers, add_stage_parser
 
 ORDER = 40
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     from ..stages import kinds_under
 
     methods = kinds_under("train")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..records import ROLE_ALIASES, Comparison, Conversation, Record
-from .common import StepResult, progress, removal
+from .common import Context, StepResult, progress, removal
 from .config import CleanStep
 
 __all__ = ["apply", "html_to_markdown", "repair_roles", "teacher_pattern", "PhraseMatcher"]
@@ -180,7 +180,7 @@ def _clean_comparison(rec: Comparison, opts: CleanStep, teacher: PhraseMatcher |
     return None
 
 
-def apply(records: list[Record], opts: CleanStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: CleanStep, ctx: Context | None = None) -> StepResult:
     """Clean every record in place; conversations that cannot be repaired are removed."""
     teacher = teacher_pattern(tuple(opts.teacher_phrases))
     kept, removed = [], []

@@ -7,16 +7,34 @@ import string
 import sys
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..records import Comparison, Record
 
-__all__ = ["StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "log", "PUNCT_TO_SPACE"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["Context", "StepResult", "removal", "messages_of", "texts", "normalize", "words", "progress", "log", "PUNCT_TO_SPACE"]
 
 
 def log(msg: str) -> None:
     """A `[curate]` line on stderr (stdout stays free for what the command prints)."""
     print(f"[curate] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Context:
+    """What steps may need beyond their options: the run seed and cached tokenizers."""
+
+    seed: int = 0
+    tokenizers: dict[str, "PreTrainedTokenizerBase"] = field(default_factory=dict)
+
+    def tokenizer(self, spec: str) -> "PreTrainedTokenizerBase":
+        if spec not in self.tokenizers:
+            from ..models import load_tokenizer
+
+            self.tokenizers[spec] = load_tokenizer(spec)
+        return self.tokenizers[spec]
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..errors import StageError
 from ..files import json_lines
 from ..formats import convert_obj
 from ..records import Record, RecordError
-from .common import StepResult, messages_of, normalize, progress, removal, texts, words
+from .common import Context, StepResult, messages_of, normalize, progress, removal, texts, words
 from .config import DecontaminateStep
 
 __all__ = ["EvalPrompt", "load_eval_prompts", "EvalIndex", "apply"]
@@ -163,7 +163,7 @@ def _eval_index(eval_sets: tuple[str, ...], fields: tuple[str, ...], ngram: int,
     return prompts, EvalIndex(prompts, ngram, min_words)
 
 
-def apply(records: list[Record], opts: DecontaminateStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: DecontaminateStep, ctx: Context | None = None) -> StepResult:
     """Remove records overlapping any eval prompt; stats list every hit and hits per eval set."""
     if not opts.eval_sets:
         raise StageError("decontaminate: no `eval_sets` given (eval task or records files to check against)")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import xxhash
 
 from ..records import Record
-from .common import StepResult, normalize, removal, texts
+from .common import Context, StepResult, normalize, removal, texts
 from .config import DedupStep
 
 __all__ = ["apply", "run", "exact_key"]
@@ -44,7 +44,7 @@ def _sign(task: tuple[list[str], int, int, int]) -> Any:
     return text_signatures(*task)
 
 
-def run(chunks: Callable[[], Iterator[list[Record]]], opts: DedupStep, ctx: Any = None,
+def run(chunks: Callable[[], Iterator[list[Record]]], opts: DedupStep, ctx: Context | None = None,
         emit: Callable[[list[Record], list[dict[str, Any]]], None] = lambda kept, removed: None,
         map_fn: Callable[..., Iterator[Any]] = map) -> dict[str, Any]:
     """Dedup a stream in two passes over `chunks()` (called twice): keys and signatures, then decisions,
@@ -132,7 +132,7 @@ def run(chunks: Callable[[], Iterator[list[Record]]], opts: DedupStep, ctx: Any 
     return stats
 
 
-def apply(records: list[Record], opts: DedupStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: DedupStep, ctx: Context | None = None) -> StepResult:
     """Drop exact then near duplicates of an in-memory list (`run` over one chunk)."""
     kept: list[Record] = []
     removed: list[dict[str, Any]] = []

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..records import Record
-from .common import StepResult, progress, removal, texts
+from .common import Context, StepResult, progress, removal, texts
 from .config import LanguageStep
 
 __all__ = ["LanguageDetector", "detector", "apply"]
@@ -50,7 +50,7 @@ def detector() -> LanguageDetector:
     return LanguageDetector()
 
 
-def apply(records: list[Record], opts: LanguageStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: LanguageStep, ctx: Context | None = None) -> StepResult:
     """Label each record's language; remove those not in `keep` (or in `drop` when keep is empty)."""
     det = detector()
     keep, drop = set(opts.keep), set(opts.drop)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import StageError
 from ..records import Comparison, Conversation, Record
-from .common import StepResult, log, removal
+from .common import Context, StepResult, log, removal
 from .config import MixStep, SourceMix
 
 __all__ = ["apply"]
@@ -27,7 +27,7 @@ def _copy(rec: Record, k: int) -> Record:
     return Conversation(rec.messages, f"{rec.id}~r{k}", rec.source, meta)
 
 
-def apply(records: list[Record], opts: MixStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: MixStep, ctx: Context | None = None) -> StepResult:
     """Select and repeat records per source; stats give in/out counts per source."""
     seed = ctx.seed if ctx is not None else 0
     by_source: dict[str, list[Record]] = defaultdict(list)

@@ -21,7 +21,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -31,7 +30,7 @@ from ..manifest import StageRun
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
 from . import clean, decontam, dedup, langid, mix, quality, score, split, tag
-from .common import StepResult, log, messages_of, progress, removal, words
+from .common import Context, StepResult, log, messages_of, progress, removal, words
 from .config import STEP_KINDS, CurateConfig
 from .read import UNCHECKED, IdRenamer, read_inputs
 from . import stream
@@ -46,21 +45,6 @@ APPLY: dict[str, Callable[..., StepResult]] = {
 }
 assert set(APPLY) == set(STEP_KINDS), "every step kind of curate/config.py needs its apply function here"
 LENGTH_BINS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 30]
-
-
-@dataclass
-class Context:
-    """What steps may need beyond their options: the run seed and cached tokenizers."""
-
-    seed: int = 0
-    tokenizers: dict[str, Any] = field(default_factory=dict)
-
-    def tokenizer(self, spec: str) -> Any:
-        if spec not in self.tokenizers:
-            from ..models import load_tokenizer
-
-            self.tokenizers[spec] = load_tokenizer(spec)
-        return self.tokenizers[spec]
 
 
 class LengthHistogram:

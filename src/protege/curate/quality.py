@@ -11,7 +11,7 @@ from typing import Any
 
 from ..records import Record
 from .clean import teacher_pattern
-from .common import StepResult, removal, texts, words
+from .common import Context, StepResult, removal, texts, words
 from .config import QualityStep
 
 __all__ = ["apply", "repetition", "prompt_clusters"]
@@ -97,7 +97,7 @@ def _score(rec: Record, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def apply(records: list[Record], opts: QualityStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: QualityStep, ctx: Context | None = None) -> StepResult:
     """Remove records failing a rule; then, with top_k_by/top_k, keep the best-scoring top_k (order kept)."""
     refusal = teacher_pattern(tuple(opts.refusals))
     kept, removed = [], []

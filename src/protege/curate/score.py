@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..records import Conversation, Record
-from .common import StepResult
+from .common import Context, StepResult
 from .config import ScoreStep
 
 __all__ = ["apply"]
@@ -27,7 +27,7 @@ def _reward_model(spec: str) -> tuple[Any, Any]:
     return model, ChatFormat.from_tokenizer(tok)
 
 
-def apply(records: list[Record], opts: ScoreStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: ScoreStep, ctx: Context | None = None) -> StepResult:
     """Score every conversation that ends with an answer; comparisons and others pass through unscored."""
     from ..train.rm import score
 

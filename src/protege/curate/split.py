@@ -7,10 +7,10 @@ starts with a user turn and ends with an answer. Pieces get ids `<id>-part<k>` a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from ..records import Conversation, Record
-from .common import StepResult, removal
+from .common import Context, StepResult, removal
 from .config import SplitStep
 
 __all__ = ["apply", "split_conversation"]
@@ -43,7 +43,7 @@ def split_conversation(conv: Conversation, count: Callable[[list[str]], list[int
     return pieces
 
 
-def apply(records: list[Record], opts: SplitStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: SplitStep, ctx: Context | None = None) -> StepResult:
     """Split conversations over `max_tokens`; comparisons pass through unchanged."""
     tok = ctx.tokenizer(opts.model) if ctx is not None else None
     if tok is None:

@@ -8,17 +8,16 @@ the manifest (`markers`) so the serving side can read them back.
 
 from __future__ import annotations
 
-from typing import Any
 
 from ..records import Comparison, Conversation, Record
 from ..chat import mark_prompt
-from .common import StepResult
+from .common import Context, StepResult
 from .config import TagStep
 
 __all__ = ["apply", "mark_prompt"]  # mark_prompt lives in chat.py: serving applies it too
 
 
-def apply(records: list[Record], opts: TagStep, ctx: Any = None) -> StepResult:
+def apply(records: list[Record], opts: TagStep, ctx: Context | None = None) -> StepResult:
     """Comparisons -> marked conversations `<id>:chosen` / `<id>:rejected` (one in, one or two out)."""
     out: list[Record] = []
     added = tagged = 0

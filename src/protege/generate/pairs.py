@@ -37,7 +37,7 @@ from ..errors import StageError
 from ..manifest import Timer
 from ..models import DEFAULT_JUDGE
 from ..records import Comparison, JsonlWriter
-from ..teachers import TeacherConfig, TeacherResponse, make_teacher
+from ..teachers import Teacher, TeacherConfig, TeacherResponse, make_teacher
 from ..train.rewards import GOLD_RULES, ends_within, matches_gold  # one definition for pair labels and RL rewards
 from .common import GeneratorRun, clean_reply, sampling
 from .distill import load_prompts
@@ -124,7 +124,7 @@ def _rm_pairs(scores: list[float], texts: list[str], min_margin: float, stats: C
     return out
 
 
-def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], cfg: PairsConfig,
+def _judge_pairs(judge: Teacher, prompt: list[dict[str, str]], texts: list[str], cfg: PairsConfig,
                  stats: Counter) -> list[tuple[int, int, float | None]]:
     """Samples paired off (0, 1), (2, 3), ...; each pair judged in both orders. Log-prob verdicts: the
     order-averaged probability decides and is the pair's margin (p - 0.5); generated verdicts: the orders must
@@ -158,7 +158,7 @@ def _judge_pairs(judge: Any, prompt: list[dict[str, str]], texts: list[str], cfg
     return out
 
 
-def _logprob_verdicts(cfg: PairsConfig, judge: Any) -> bool:
+def _logprob_verdicts(cfg: PairsConfig, judge: Teacher) -> bool:
     scorable = bool(getattr(judge, "scores_choices", False))
     if cfg.judge_verdicts == "logprob" and not scorable:
         raise StageError(f"generate pairs: judge_verdicts logprob needs a local judge; {judge.name} cannot be "

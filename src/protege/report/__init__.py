@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import Field
 
 from ..config import StageConfig
+from ..files import atomic_write_text
 from .pretrain import pretrain_markdown, pretrain_section
 from .rl import rl_markdown, rl_section
 from .collect import collect, model_table, verdict
@@ -65,11 +66,14 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
              human_section(data.get("human")),
              "<h2 id=samples>Sample answers side by side</h2>", samples(data, [r["model"] for r in t["rows"]], cfg.samples)]
     page = Template(TEMPLATE.read_text(encoding="utf-8")).safe_substitute(title=e(cfg.title), body="\n".join(body))
+    # No folder, config.yaml or manifest of its own, unlike every other stage: `-o FILE` often lands in the
+    # current folder or a run's top folder, which `collect` (this report's next run) scans for manifests.
+    # The two files are written whole or not at all, so a killed report never leaves half a page.
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     md = out.with_name("report.md") if out.suffix == ".html" else out.with_suffix(".md")
     text = markdown(cfg.title, t, data["judges"]) + pretrain_markdown(data["pretraining"]) + rl_markdown(data["rl"])
     text += human_markdown(data.get("human"))
-    md.write_text(text, encoding="utf-8")
+    atomic_write_text(md, text)
     return {"html": str(out), "markdown": str(md), "models": len(t["rows"]), "figures": len(figs)}

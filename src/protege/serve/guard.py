@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from ..net import LOOPBACK_NAMES, is_loopback
 
@@ -183,7 +184,7 @@ class GuardMiddleware:
         self._api_headers = api
         self._page_headers = [*api, (b"content-security-policy", csp.encode())]
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -229,7 +230,7 @@ class KeyMiddleware:
     def __init__(self, app: Any, api_key: str):
         self.app, self.key = app, api_key.encode()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
             given = bearer_token(header)

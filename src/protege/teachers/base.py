@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeAlias
 
 from pydantic import Field, field_validator
 
@@ -17,6 +17,10 @@ from .cache import ResponseCache, request_key
 
 if TYPE_CHECKING:
     from ..chat import ChatFormat
+    from ..engine.sampling import SamplingParams
+
+# `on_done(index, {"text", "usage", "finish_reason"})`: a backend reports each answer the moment it has it.
+OnDone: TypeAlias = Callable[[int, dict[str, Any]], None]
 
 __all__ = ["TeacherConfig", "TeacherResponse", "TeacherError", "Teacher", "sampling_dict"]
 
@@ -80,7 +84,7 @@ class TeacherError(StageError):
 _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed")
 
 
-def sampling_dict(sampling: Any) -> dict[str, Any]:
+def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
     """The sampling fields that change an answer, as a plain dict (part of the cache key)."""
     out = {name: getattr(sampling, name, None) for name in _SAMPLING_FIELDS}
     out["stop"] = list(out["stop"] or [])
@@ -117,7 +121,7 @@ class Teacher:
         """Whether prompts should be chat conversations (else plain completion prompts)."""
         return True
 
-    def complete(self, conversations: list[list[dict[str, str]]], sampling: Any, progress: bool = False) -> list[TeacherResponse]:
+    def complete(self, conversations: list[list[dict[str, str]]], sampling: SamplingParams | Sequence[SamplingParams], progress: bool = False) -> list[TeacherResponse]:
         """Answer each conversation's next assistant turn. `sampling`: one SamplingParams or one per conversation."""
         return self._complete("chat", [[dict(m) for m in c] for c in conversations], sampling, progress)
 
@@ -125,11 +129,11 @@ class Teacher:
         """Who answers, as the cache keys it: a different model (or precision) must not reuse answers."""
         return {"backend": self.backend, "model": self.config.model}
 
-    def complete_prompts(self, prompts: list[str], sampling: Any, progress: bool = False) -> list[TeacherResponse]:
+    def complete_prompts(self, prompts: list[str], sampling: SamplingParams | Sequence[SamplingParams], progress: bool = False) -> list[TeacherResponse]:
         """Continue plain text prompts (for base models: the original Self-Instruct setting)."""
         return self._complete("text", list(prompts), sampling, progress)
 
-    def _complete(self, kind: str, items: list[Any], sampling: Any, progress: bool) -> list[TeacherResponse]:
+    def _complete(self, kind: str, items: list[Any], sampling: SamplingParams | Sequence[SamplingParams], progress: bool) -> list[TeacherResponse]:
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(items)
         if len(params) != len(items):
             raise ValueError(f"got {len(params)} sampling params for {len(items)} requests")
@@ -178,7 +182,7 @@ class Teacher:
             raise TeacherError(f"teacher {self.name}: {missing} request(s) got no answer")
         return results  # type: ignore[return-value]
 
-    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         """Compute every request, calling `on_done(index, {"text", "usage", "finish_reason"})` as each finishes."""
         raise NotImplementedError
 

@@ -9,9 +9,13 @@ only the requests still being decoded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from .base import Teacher, prompt_ids
+
+if TYPE_CHECKING:
+    from ..engine.sampling import SamplingParams
+    from .base import OnDone
 
 __all__ = ["LocalTeacher"]
 
@@ -53,7 +57,7 @@ class LocalTeacher(Teacher):
             self._is_chat = bool(getattr(tok, "chat_template", None))
         return self._is_chat
 
-    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         eng = self.engine
         prompts = prompt_ids(eng.chat_format, kind, items)
         index = {eng.add_request(ids, p): j for j, (ids, p) in enumerate(zip(prompts, params))}

@@ -23,13 +23,17 @@ import random
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 
 from ..net import is_loopback
 from .base import Teacher, TeacherError
+
+if TYPE_CHECKING:
+    from ..engine.sampling import SamplingParams
+    from .base import OnDone
 
 __all__ = ["OpenAITeacher", "DEFAULT_BASE_URL"]
 
@@ -139,7 +143,7 @@ class OpenAITeacher(Teacher):
         # Local servers (vLLM, llama.cpp) need no key; send none rather than an empty bearer.
         return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         self._run(lambda: self._fetch_all(kind, items, params, on_done))
 
     @staticmethod
@@ -169,7 +173,7 @@ class OpenAITeacher(Teacher):
             raise error[0]
         return result[0]
 
-    async def _fetch_all(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    async def _fetch_all(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         cfg = self.config
         urls = self.base_urls
         limits = httpx.Limits(max_connections=cfg.concurrency * len(urls), max_keepalive_connections=cfg.concurrency * len(urls))

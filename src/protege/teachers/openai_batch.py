@@ -21,13 +21,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import httpx
 
 from ..files import atomic_write_json
 from .base import TeacherError
 from .openai_api import OpenAITeacher, _body, _parse, _server_message, retryable
+
+if TYPE_CHECKING:
+    from ..engine.sampling import SamplingParams
+    from .base import OnDone, TeacherConfig
 
 __all__ = ["OpenAIBatchTeacher", "BATCH_STATE_FILE", "MAX_BATCH"]
 
@@ -39,7 +43,7 @@ _ENDED = ("completed", "failed", "expired", "cancelled")
 class OpenAIBatchTeacher(OpenAITeacher):
     backend = "openai"  # the same answers as the plain backend: the cache is shared with it
 
-    def __init__(self, config: Any, cache_dir: str | Path | None = None):
+    def __init__(self, config: TeacherConfig, cache_dir: str | Path | None = None):
         super().__init__(config, cache_dir)
         self.state_path = Path(cache_dir) / BATCH_STATE_FILE if cache_dir is not None else None
         self._state: dict[str, Any] = {}
@@ -51,7 +55,7 @@ class OpenAIBatchTeacher(OpenAITeacher):
         if self.state_path is not None:
             atomic_write_json(self.state_path, self._state)
 
-    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         left: list[int] = []
         for start in range(0, len(items), MAX_BATCH):
             idx = list(range(start, min(start + MAX_BATCH, len(items))))
@@ -63,7 +67,7 @@ class OpenAIBatchTeacher(OpenAITeacher):
             super()._fetch(kind, [items[j] for j in left], [params[j] for j in left],
                            lambda k, value: on_done(left[k], value))
 
-    async def _one_batch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> list[int]:
+    async def _one_batch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> list[int]:
         """Run one batch; return the indices it did not answer."""
         cfg = self.config
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"

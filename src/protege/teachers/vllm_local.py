@@ -13,10 +13,14 @@ this teacher needs the `if __name__ == "__main__":` guard (`protege`'s own comma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from ..errors import StageError
 from .base import Teacher, prompt_ids
+
+if TYPE_CHECKING:
+    from ..engine.sampling import SamplingParams
+    from .base import OnDone
 
 __all__ = ["VLLMTeacher"]
 
@@ -56,7 +60,7 @@ class VLLMTeacher(Teacher):
 
         return super()._identity() | {"precision": resolve_precision(self.config.precision).name}
 
-    def _fetch(self, kind: str, items: list[Any], params: list[Any], on_done: Any) -> None:
+    def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         llm, chat = self._load()  # first: it says how to install vLLM when it is missing
         from vllm.inputs import TokensPrompt
 

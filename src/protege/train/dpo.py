@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pydantic import Field
@@ -56,7 +56,7 @@ def _model_key(spec: str) -> str:
                        [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files if p.exists()]])
 
 
-def _to(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+def _to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -73,7 +73,7 @@ def read_reference_cache(cache: Path) -> dict[str, tuple[float, float]]:
 
 @torch.no_grad()
 def reference_logprobs(ref: PolicyLogprobs, pairs: list[PairExample], cache: Path, pad: int, max_length: int,
-                       batch_size: int, device: Any, log: Any, share_prompt: bool = False) -> dict[str, tuple[float, float]]:
+                       batch_size: int, device: torch.device | str, log: Callable[[str], None], share_prompt: bool = False) -> dict[str, tuple[float, float]]:
     """pair id -> (reference log-prob of chosen, of rejected), computed once and appended to `cache` as JSONL.
 
     Lines already in the cache are reused, so a killed computation resumes where it stopped.

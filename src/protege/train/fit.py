@@ -140,7 +140,7 @@ def _as_float(x: torch.Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def _sums(out: LossOutput, keys: list[str], weight: float, device: Any) -> torch.Tensor:
+def _sums(out: LossOutput, keys: list[str], weight: float, device: torch.device | str) -> torch.Tensor:
     vals = [_as_float(out.loss_sum), out.normaliser, *(_as_float(out.metrics[k]) for k in keys)]
     return torch.tensor(vals, dtype=torch.float64, device=device) * weight
 

@@ -55,7 +55,7 @@ def base_dtype(config: TrainSettings, precision: ResolvedPrecision) -> str:
     return "float32" if config.method == "full" else precision.torch_name
 
 
-def load_base(config: TrainSettings, precision: ResolvedPrecision, device: Any) -> tuple[Any, Any]:
+def load_base(config: TrainSettings, precision: ResolvedPrecision, device: torch.device | str) -> tuple[Any, Any]:
     """(causal LM, tokenizer) as a trainer starts from it: stored in `base_dtype`, quantized on `device`
     when `quantization` asks (else on the CPU; the caller moves it after `prepare_model`)."""
     from ..models import load

@@ -28,6 +28,7 @@ from ..formats import iter_source
 from ..records import Comparison, RecordError
 from .data import Example, collate, first_fit_decreasing
 from .losses import IGNORE_INDEX
+from .settings import PreferenceSettings
 
 __all__ = ["PairExample", "PairStats", "load_comparisons", "tokenize_pairs", "plan_pair_batches", "collate_pairs",
            "pairs_hash", "load_pair_sets", "can_share_prompt", "additive_mask"]
@@ -197,7 +198,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
             "margin": margin}
 
 
-def can_share_prompt(model: Any, config: Any) -> bool:
+def can_share_prompt(model: Any, config: PreferenceSettings) -> bool:
     """`share_prompt` is safe: the custom mask replaces transformers' sliding-window mask, so no sequence
     (prompt + one answer <= max_length) may be longer than the model's sliding window."""
     if not getattr(config, "share_prompt", False):
@@ -223,7 +224,7 @@ def pairs_hash(pairs: list[PairExample]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_pair_sets(config: Any, chat: ChatFormat, method: str) -> tuple[list[PairExample], list[PairExample], PairStats, PairStats]:
+def load_pair_sets(config: PreferenceSettings, chat: ChatFormat, method: str) -> tuple[list[PairExample], list[PairExample], PairStats, PairStats]:
     """(train pairs, held-out pairs, their stats) from `config.datasets` / `eval_dataset` (PreferenceSettings)."""
     from ..errors import StageError
     from .data import split_held_out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, TYPE_CHECKING
 
 import torch
 from pydantic import Field, model_validator
@@ -99,7 +99,7 @@ def model_shape(config: PretrainConfig, vocab: int) -> Any:
                      tie=config.tie_embeddings)
 
 
-def measure_peak_flops(device: Any, dtype: torch.dtype, windows: int = 5, seconds: float = 0.1) -> float:
+def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, windows: int = 5, seconds: float = 0.1) -> float:
     """Dense matmul FLOP/s of this device in `dtype` (the MFU denominator): the best of a few short timed
     windows of 1024^3 (CPU) or 8192^3 (GPU) matmuls, so one preempted window does not halve the peak."""
     gpu = torch.device(device).type == "cuda"
@@ -121,7 +121,7 @@ def measure_peak_flops(device: Any, dtype: torch.dtype, windows: int = 5, second
     return best
 
 
-def default_tokenizer(config: PretrainConfig, tok_dir: Path, log: Any = print) -> str:
+def default_tokenizer(config: PretrainConfig, tok_dir: Path, log: Callable[[str], None] = print) -> str:
     """The tokenizer folder used when none is given: a `vocab_size` BPE trained on the corpus into `tok_dir`
     once (a finished one, its manifest written, is reused)."""
     from .tokenizer import TokenizerConfig, run as train_tokenizer
@@ -133,7 +133,7 @@ def default_tokenizer(config: PretrainConfig, tok_dir: Path, log: Any = print) -
     return str(tok_dir / "tokenizer")
 
 
-def _tokenizer(config: PretrainConfig, out_dir: Path, log: Any) -> tuple[Any, str]:
+def _tokenizer(config: PretrainConfig, out_dir: Path, log: Callable[[str], None]) -> tuple[Any, str]:
     from ..models import load_tokenizer
 
     source = config.model or config.tokenizer or default_tokenizer(config, out_dir / "tokenizer", log)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from accelerate import Accelerator
     from ..chat import ChatFormat
+    from .fit import RunContext
 
 __all__ = ["RolloutSettings", "RLSettings", "Rollout", "RolloutCache", "sample_rollouts", "rollout_batch", "reference_off",
            "sampler_correction",
@@ -171,7 +172,7 @@ def sample_rollouts(engine: RolloutEngine, chat: ChatFormat, items: list[PromptI
     return out
 
 
-def rollout_batch(rollouts: list[Rollout], pad: int, device: Any) -> dict[str, torch.Tensor]:
+def rollout_batch(rollouts: list[Rollout], pad: int, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Right-padded batch (one rollout per row) with the answer tokens as scored positions (`score_*`)."""
     rows = [[Example(r.prompt_ids + r.answer_ids, [IGNORE_INDEX] * (len(r.prompt_ids) - 1) + r.answer_ids + [IGNORE_INDEX])]
             for r in rollouts]
@@ -282,7 +283,7 @@ def eval_plan(n_held: int, per_batch: int) -> list[tuple[int, list[int]]]:
     return [(-1 - s, list(range(s, min(s + per_batch, n_held)))) for s in range(0, n_held, per_batch)]
 
 
-def load_policy(config: RolloutSettings, ctx: Any) -> tuple[Any, Any, Any, int, RolloutEngine]:
+def load_policy(config: RolloutSettings, ctx: RunContext) -> tuple[Any, Any, Any, int, RolloutEngine]:
     """(LoRA policy in train mode, tokenizer, chat format, pad id, the engine that decodes its rollouts)."""
     from ..chat import ChatFormat
     from .fit import pad_id
@@ -329,7 +330,7 @@ def split_prompts(config: RLSettings, method: str) -> tuple[list[PromptItem], li
 @torch.no_grad()
 def policy_eval(engine: RolloutEngine, chat: ChatFormat, held: list[PromptItem], indices: list[int], proxy: Reward,
                 gold: Reward, logps: Callable[[dict[str, torch.Tensor], bool], torch.Tensor], config: RolloutSettings, key: int,
-                pad: int, device: Any) -> dict[str, float]:
+                pad: int, device: torch.device | str) -> dict[str, float]:
     """Sums over held-out prompts `indices`: proxy and gold scores of greedy answers, their stops and
     tokens, and KL(policy || reference) summed per answer (k1) over one sampled answer per prompt.
     `logps(batch, reference)` gives the answer tokens' log-probs under the policy or the reference."""

@@ -174,7 +174,7 @@ def score(model: torch.nn.Module, chat: ChatFormat, prompts: list[list[dict[str,
     return out
 
 
-def _load_classifier(config: RMConfig, pad: int, precision: Any, device: Any) -> Any:
+def _load_classifier(config: RMConfig, pad: int, precision: Any, device: torch.device | str) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     from ..models import quantization_kwargs, resolve

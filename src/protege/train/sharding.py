@@ -170,7 +170,7 @@ def prepare_module(accelerator: Accelerator, module: torch.nn.Module, forward_me
     return module
 
 
-def shard(accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, *, micro_batch: int,
+def shard(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch: int,
           max_grad_norm: float) -> tuple[Any, Any]:
     """FSDP2 or DeepSpeed through `accelerator.prepare(module, optimizer)`.
 
@@ -192,7 +192,7 @@ def shard(accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, *, 
     return module, optimizer
 
 
-def _deepspeed(accelerator: Accelerator, module: torch.nn.Module, optimizer: Any, micro_batch: int,
+def _deepspeed(accelerator: Accelerator, module: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int,
                max_grad_norm: float) -> tuple[Any, Any]:
     """The DeepSpeed engine around `module`, configured from protege's own settings where the config says `auto`.
 
@@ -266,7 +266,7 @@ def gather_trained(accelerator: Accelerator, model: torch.nn.Module, build: Call
     return plain
 
 
-def save_sharded_checkpoint(accelerator: Accelerator, ckpt_root: Path, step: int, scheduler: Any, state: dict[str, Any],
+def save_sharded_checkpoint(accelerator: Accelerator, ckpt_root: Path, step: int, scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any],
                             keep: int) -> Path:
     """accelerate's sharded state of every rank in `ckpt_root/step-N/`, written under a temporary name and
     renamed by the main process once all ranks are done (a kill leaves the previous checkpoint intact).
@@ -291,7 +291,7 @@ def save_sharded_checkpoint(accelerator: Accelerator, ckpt_root: Path, step: int
     return final
 
 
-def load_sharded_checkpoint(accelerator: Accelerator, path: Path, scheduler: Any) -> dict[str, Any]:
+def load_sharded_checkpoint(accelerator: Accelerator, path: Path, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     """Restore what `save_sharded_checkpoint` wrote (every rank calls); return its state.json."""
     state = json.loads((path / "state.json").read_text())  # fit's fingerprint check already matched `sharding`
     accelerator.load_state(str(path), **({"load_module_strict": False} if is_deepspeed(accelerator) else {}))

@@ -104,7 +104,7 @@ def prune_checkpoints(ckpt_root: str | Path, keep: int) -> None:
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], keep: int = 2) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any], keep: int = 2) -> Path:
     """Write `ckpt_root/step-N/` atomically and keep only the newest `keep` checkpoints."""
     from safetensors.torch import save_file
 
@@ -127,7 +127,7 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from `path`; return its state.json."""
     from safetensors.torch import load_file
 
