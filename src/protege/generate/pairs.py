@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
@@ -166,13 +166,13 @@ def _logprob_verdicts(cfg: PairsConfig, judge: Teacher) -> bool:
     return cfg.judge_verdicts != "generate" and scorable
 
 
-def _rm_scorer(spec: str):
-    from ..chat import ChatFormat
-    from ..train.rm import load_reward_model, score
+def _rm_scorer(spec: str) -> Callable[[list[dict[str, str]], list[str]], list[float]]:
+    """The reward model as RL and rejection sampling score with it (`train.rewards.make_reward`)."""
+    from ..train.rewards import PromptItem, RewardConfig, make_reward
 
-    model, tok = load_reward_model(spec)
-    chat = ChatFormat.from_tokenizer(tok)
-    return lambda prompt, texts: score(model, chat, [prompt] * len(texts), texts)
+    reward = make_reward(RewardConfig(kind="rm", rm=spec))
+    return lambda prompt, texts: reward([PromptItem("", prompt)] * len(texts), texts, [0] * len(texts),
+                                        ["stop"] * len(texts))
 
 
 def run(config: PairsConfig) -> dict[str, Any]:
