@@ -77,7 +77,10 @@ async def _run_batch(batch: dict, args: argparse.Namespace, rng: random.Random) 
         status = int(head.split(b" ")[1])
         row = {"id": f"req_{len(out) + len(err)}", "custom_id": line["custom_id"],
                "response": {"status_code": status, "request_id": "x", "body": json.loads(body)}, "error": None}
-        (out if status == 200 else err).append(json.dumps(row))
+        text = json.dumps(row)
+        if args.batch_cut_row is not None and len(out) + len(err) == args.batch_cut_row:
+            text = text[:len(text) // 2]  # a row cut short (a truncated download): not JSON
+        (out if status == 200 else err).append(text)
         batch["request_counts"]["completed" if status == 200 else "failed"] += 1
     for name, rows in (("output_file_id", out), ("error_file_id", err)):
         if rows:
@@ -258,6 +261,7 @@ async def main() -> None:
     p.add_argument("--fail-latency", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-delay", type=float, default=0.0)
+    p.add_argument("--batch-cut-row", type=int, default=None, help="cut this output row of every batch in half")
     args = p.parse_args()
     rng = random.Random(args.seed)
     server = await asyncio.start_server(lambda r, w: _handle(r, w, args, rng), "127.0.0.1", 0, backlog=256)

@@ -322,6 +322,18 @@ def test_batch_api_answers_everything_and_the_plain_backend_reuses_its_cache(tmp
         s.close()
 
 
+def test_a_batch_output_row_that_is_not_json_is_asked_again_not_a_crash(tmp_path):
+    s = FakeServer("--batch-cut-row", "3")
+    try:
+        teacher = make_teacher(_cfg(s.url, batch=True, batch_poll_s=0.05), cache_dir=tmp_path)
+        out = teacher.complete(_convs(6, "c"), SamplingParams(max_new_tokens=8))
+        assert [r.text for r in out] == [f"echo: c {i}" for i in range(6)]
+        # the request of the cut row was answered twice: in the batch (row lost), then sent directly
+        assert sorted(s.stats()["successes"].values()) == [1, 1, 1, 1, 1, 2]
+    finally:
+        s.close()
+
+
 _BATCH_KILL = textwrap.dedent("""
     import sys
     sys.path.insert(0, {src!r})

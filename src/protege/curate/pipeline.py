@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import StageError
-from ..files import atomic_write_json, json_digest
+from ..files import atomic_write_json, json_digest, parse_jsonl_line
 from ..manifest import StageRun
 from ..outputs import publish, refuse_clobber
 from ..records import Record, RecordError, check_messages
@@ -308,7 +308,9 @@ def _publish(cfg: CurateConfig, out: Path, folders: list[Path], inputs: dict[str
                         continue
                     with (folder / name).open(encoding="utf-8") as src:
                         for line in src:
-                            e = json.loads(line)
+                            e = parse_jsonl_line(line, allow_nan=True)
+                            if e is None:
+                                continue
                             removed_by[f"{e['step']}:{e['reason']}"] += 1
                             removed_per_source[e["source"]] += 1
                             examples.setdefault(f"{e['step']}:{e['reason']}", e["detail"])

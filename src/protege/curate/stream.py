@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import multiprocessing
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..files import json_lines
 from ..records import Comparison, Conversation, JsonlWriter, Record
 
 __all__ = ["CHUNK", "record_from_dict", "chunked", "read_chunks", "RecordWriter", "merge_stats", "mapper",
@@ -53,8 +53,7 @@ def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def read_chunks(path: str | Path, size: int | None = None) -> Iterator[list[Record]]:
     """The records of a file curate wrote, `size` (default CHUNK) at a time."""
-    with Path(path).open(encoding="utf-8") as fh:
-        yield from chunked((record_from_dict(json.loads(line)) for line in fh if line.strip()), size or CHUNK)
+    yield from chunked((record_from_dict(obj) for _, obj in json_lines(path, allow_nan=True)), size or CHUNK)
 
 
 def RecordWriter(path: str | Path) -> JsonlWriter:

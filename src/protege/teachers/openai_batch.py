@@ -25,7 +25,7 @@ from typing import Any, TYPE_CHECKING
 
 import httpx
 
-from ..files import atomic_write_json
+from ..files import atomic_write_json, json_lines
 from .base import TeacherError
 from .openai_api import OpenAITeacher, _body, _parse, _server_message, retryable
 
@@ -110,10 +110,10 @@ class OpenAIBatchTeacher(OpenAITeacher):
             answered: set[int] = set()
             if batch.get("output_file_id"):
                 text = await self._call(client, "GET", f"{base}/files/{batch['output_file_id']}/content", raw=True)
-                for row in text.splitlines():
-                    if not row.strip():
+                # A row that does not parse is left unanswered (asked again), not a crash that loses the rest.
+                for _, out in json_lines(f"batch {batch['id']} output", text=text, keep_going=True, allow_nan=True):
+                    if not isinstance(out, dict):
                         continue
-                    out = json.loads(row)
                     k = int(str(out.get("custom_id", "r-1"))[1:])
                     response = out.get("response") or {}
                     if 0 <= k < len(items) and response.get("status_code") == 200:
