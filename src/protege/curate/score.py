@@ -8,17 +8,22 @@ one output), scored with the same chat template and last-token read-out as in tr
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..records import Conversation, Record
 from .common import Context, StepResult
 from .config import ScoreStep
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..chat import ChatFormat
+
 __all__ = ["apply"]
 
 
 @lru_cache(maxsize=2)
-def _reward_model(spec: str) -> tuple[Any, Any]:
+def _reward_model(spec: str) -> tuple[torch.nn.Module, ChatFormat]:
     """(model, chat format), loaded once per process (a stream brings many chunks)."""
     from ..chat import ChatFormat
     from ..train.rm import load_reward_model

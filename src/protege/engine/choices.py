@@ -7,9 +7,10 @@ forward pass, instead of generating (and then failing to parse) free text.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["option_token_ids", "torch_option_logprobs"]
@@ -31,7 +32,7 @@ def option_token_ids(tokenizer: PreTrainedTokenizerBase, prefix: str, options: S
     return seqs
 
 
-def torch_option_logprobs(model: Any, prompts: list[list[int]], options: Sequence[list[int]], pad_id: int = 0,
+def torch_option_logprobs(model: PreTrainedModel, prompts: list[list[int]], options: Sequence[list[int]], pad_id: int = 0,
                           batch_size: int = 8) -> Iterator[tuple[int, list[float]]]:
     """(index, [log P(option tokens | prompt) for each option]) per prompt, batched by length.
 

@@ -24,6 +24,7 @@ from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generato
 from .text import TextTracker
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["Engine", "Completion", "StepOutput", "RequestDriver", "request_stops"]  # the last ones: driver.py
@@ -56,7 +57,7 @@ class Engine(RequestDriver):
     prefill_tokens: at most this many padded prompt tokens are prefilled in one forward.
     """
 
-    def __init__(self, model: Any, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat | None = None,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat_format: ChatFormat | None = None,
                  max_batch_size: int = 16, weights: str = "fp32", prefill_tokens: int = 4096):
         if weights not in ("fp32", "int8"):
             raise ValueError(f"weights must be 'fp32' or 'int8', got {weights!r}")
@@ -279,7 +280,7 @@ class Engine(RequestDriver):
         return outputs
 
 
-def _split_model(model: Any, tokenizer: PreTrainedTokenizerBase, weights: str, device: torch.device) -> tuple[Any, Any]:
+def _split_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, weights: str, device: torch.device) -> tuple[Any, Any]:
     """(decoder or None, head) for this model and weight mode; int8 mode quantizes Linear layers in place."""
     from torch import nn
 

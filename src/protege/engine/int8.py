@@ -16,7 +16,7 @@ a usable agreement). The LM head is not quantized here (see head.ScreenedHead).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from .head import int8_linear
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["SmoothInt8Linear", "quantize_decoder"]
@@ -59,7 +60,7 @@ class SmoothInt8Linear(nn.Module):
         return self.q(x * self.inv_s)
 
 
-def quantize_decoder(model: Any, tokenizer: PreTrainedTokenizerBase, skip: nn.Module | None = None, only: str = "",
+def quantize_decoder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, skip: nn.Module | None = None, only: str = "",
                      exclude: tuple[str, ...] = ()) -> int:
     """Replace every nn.Linear in `model` except `skip` (the LM head) in place; returns how many.
     `only`: quantize just the Linears whose qualified name contains this string (e.g. "mlp");

@@ -26,6 +26,7 @@ from .intervals import bootstrap_ci
 from ..tasks.spec import TaskSpec, load_items, resolve_task, split_fewshot
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["BenchConfig", "run", "evaluate_task", "DEFAULT_TASKS", "PRIMARY_METRIC", "RESULTS_FILE"]
@@ -108,7 +109,7 @@ def aggregate(task_type: str, records: list[dict[str, Any]], iters: int = 1000) 
 class _Runner:
     """Holds the loaded model (and, lazily, an engine) for every task of one bench run."""
 
-    def __init__(self, cfg: BenchConfig, model: Any = None, tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(self, cfg: BenchConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
         from ..chat import ChatFormat
         from ..models import load
 
@@ -186,7 +187,7 @@ def evaluate_task(runner: _Runner, spec: TaskSpec, out_dir: Path, suffix: str = 
     return metrics
 
 
-def run(cfg: BenchConfig, model: Any = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+def run(cfg: BenchConfig, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.tasks`; writes the output folder and returns {task: metrics}.
 
     `model`/`tokenizer` may be passed in (already loaded) to skip loading `cfg.model`.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .intervals import bootstrap_ci, ratio_ci
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from ..chat import ChatFormat
 
 __all__ = ["has_list", "has_header", "has_code", "is_degenerate", "is_refusal", "style_measures", "teacher_nll"]
@@ -83,7 +84,7 @@ def style_measures(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def teacher_nll(model: Any, chat_format: ChatFormat, conversations: Sequence[list[dict[str, str]]],
+def teacher_nll(model: PreTrainedModel, chat_format: ChatFormat, conversations: Sequence[list[dict[str, str]]],
                 ids: Sequence[str] | None = None, iters: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean per-token NLL (nats) of the assistant turns of `conversations` under `model`.
 

@@ -29,6 +29,7 @@ from ..config import StageConfig
 from ..files import atomic_dir
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
     from transformers import PreTrainedTokenizerBase
     from ..chat import ChatFormat
 
@@ -142,7 +143,7 @@ def run(config: ExportConfig) -> dict[str, Any]:
     return {**counts, "out_dir": str(out)}
 
 
-def _verify(config: ExportConfig, model: Any, tok: PreTrainedTokenizerBase, chat: ChatFormat, files: dict[str, Path],
+def _verify(config: ExportConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase, chat: ChatFormat, files: dict[str, Path],
             add_bos: bool) -> dict[str, Any]:
     from ..engine import Engine
     from ..engine.gguf import open_gguf

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["cache_kwarg", "output_cache"]
 
 
-def cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: PreTrainedModel) -> str:
     """The forward keyword that takes a KV cache: `cache` since transformers 5.x (`past_key_values` still works
     there with a FutureWarning and goes in 5.40), `past_key_values` before."""
     forward = getattr(model, "get_base_model", lambda: model)().forward

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .pull import log, pull
 from .registry import ALIASES, ModelError, alias_dir, is_pulled
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["resolve", "load_tokenizer", "quantization_kwargs", "load"]
 
@@ -85,7 +88,7 @@ def _safetensors_only(folder: Path) -> bool | None:
 
 
 def load(spec: str | os.PathLike, dtype: str = "float32", device: str | None = None,
-         quantization: str = "none") -> tuple[Any, Any]:
+         quantization: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) from an alias, an HF folder or hub id, or a `.gguf` file.
 
     `dtype` is "float32", "bfloat16" or "float16"; `device` defaults to the accelerator if one is present.

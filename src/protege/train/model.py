@@ -14,7 +14,7 @@ from ..precision import ResolvedPrecision, upcast_trainable
 from .settings import TrainSettings
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from ..chat import ChatFormat
 
 __all__ = ["chat_special_tokens", "trainable_token_ids", "base_dtype", "load_base", "prepare_model",
@@ -55,7 +55,7 @@ def base_dtype(config: TrainSettings, precision: ResolvedPrecision) -> str:
     return "float32" if config.method == "full" else precision.torch_name
 
 
-def load_base(config: TrainSettings, precision: ResolvedPrecision, device: torch.device | str) -> tuple[Any, Any]:
+def load_base(config: TrainSettings, precision: ResolvedPrecision, device: torch.device | str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(causal LM, tokenizer) as a trainer starts from it: stored in `base_dtype`, quantized on `device`
     when `quantization` asks (else on the CPU; the caller moves it after `prepare_model`)."""
     from ..models import load

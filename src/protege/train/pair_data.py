@@ -198,7 +198,7 @@ def collate_pairs(pairs: list[PairExample], pad_id: int, max_length: int, share_
             "margin": margin}
 
 
-def can_share_prompt(model: Any, config: PreferenceSettings) -> bool:
+def can_share_prompt(model: torch.nn.Module, config: PreferenceSettings) -> bool:
     """`share_prompt` is safe: the custom mask replaces transformers' sliding-window mask, so no sequence
     (prompt + one answer <= max_length) may be longer than the model's sliding window."""
     if not getattr(config, "share_prompt", False):

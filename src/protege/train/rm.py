@@ -34,6 +34,7 @@ from .settings import PreferenceSettings, fingerprint
 from .sharding import gather_trained, prepare_module
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from ..chat import ChatFormat
 
 __all__ = ["RMConfig", "RewardModule", "run", "rm_report", "llama2_reward", "load_reward_model", "score"]
@@ -136,7 +137,7 @@ def llama2_reward(helpful: torch.Tensor, safety: torch.Tensor, safety_tagged: to
     return torch.where(use_safety, safety, helpful)
 
 
-def load_reward_model(spec: str, device: str | None = None) -> tuple[Any, Any]:
+def load_reward_model(spec: str, device: str | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """(sequence-classification model, tokenizer) of a reward model folder written by `train rm`."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
