@@ -35,9 +35,9 @@ _SKIPPED = object()  # what `value` returns for an array, which is not kept
 
 class _Header:
     """A cursor over a GGUF header. gguf-py's `GGUFReader` builds a numpy view for every element of every
-    array, which for a 262k-token vocabulary (gemma-3) takes 8-13 s per file (gemma-3-270m: 7.9 s for q4_k_m, 13.2 s for f16); protege needs only the scalar and
-    string values and a check that every tensor lies inside the file, which this does in well under a
-    second, reading the header and skipping the arrays it does not keep."""
+    array, which for a 262k-token vocabulary takes 8-13 s per file (gemma-3-270m: 7.9 s for q4_k_m, 13.2 s
+    for f16); protege needs only the scalar and string values and a check that every tensor lies inside the
+    file, which this does in well under a second, reading the header and skipping the arrays it does not keep."""
 
     def __init__(self, fh: Any, size: int):
         self.fh, self.size = fh, size
