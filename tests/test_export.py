@@ -185,7 +185,8 @@ def test_gguf_header_reader_matches_gguf_py_and_refuses_a_file_cut_short(exporte
     assert read_metadata(path) == expected and "general.architecture" in expected
     data = path.read_bytes()
     for name, blob, why in [("cut.gguf", data[:-64], "cut short"), ("header.gguf", data[:200], "inside its header"),
-                            ("v1.gguf", data[:4] + b"\x01\x00\x00\x00" + data[8:], "GGUF version 1")]:
+                            ("v1.gguf", data[:4] + b"\x01\x00\x00\x00" + data[8:], "GGUF version 1"),
+                            ("be.gguf", data[:4] + b"\x00\x00\x00\x03" + data[8:], "big-endian")]:
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(StageError, match=why):
             read_metadata(tmp_path / name)

@@ -90,6 +90,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
             if fh.read(4) != b"GGUF":
                 raise ValueError("no GGUF magic at the start")
             version = h.take("<I")
+            if version not in (2, 3) and int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+                raise ValueError("a big-endian GGUF (llama.cpp on this machine reads little-endian files; "
+                                 "convert it again without --bigendian)")
             if version not in (2, 3):
                 raise ValueError(f"GGUF version {version} (llama.cpp reads 2 and 3)")
             n_tensors, n_kv = h.take("<Q"), h.take("<Q")
