@@ -117,7 +117,7 @@ def test_cli_chat_with_url_names_the_servers_model_and_survives_a_refused_reply(
         assert stdout.startswith("chatting with tiny-llama")
         _check_transcript(stdout, *tiny_llama)
         wrong = _run_cli(["no-such-model", "--url", url], "hello\n/exit\n")
-    assert "(error: the server answered 404: " in wrong and "`no-such-model` does not exist" in wrong
+    assert "(error: teacher openai:no-such-model@" in wrong and "HTTP 404: The model `no-such-model` does not exist" in wrong
 
 
 def test_repl_drops_a_message_whose_reply_failed():

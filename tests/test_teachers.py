@@ -387,3 +387,26 @@ def test_the_vllm_backend_without_vllm_says_how_to_get_it(tiny_llama_dir, tmp_pa
     teacher = make_teacher(TeacherConfig(backend="vllm", model=str(tiny_llama_dir)), cache_dir=tmp_path)
     with pytest.raises(StageError, match="not installed.*vllm serve"):
         teacher.complete(_convs(1), SamplingParams(max_new_tokens=4))
+
+
+def test_stream_gives_the_reply_complete_gives_local_and_over_http(tiny_llama_dir, tiny_llama):
+    """`Teacher.stream` (what `protege chat` talks through): the pieces of a greedy reply join into the text
+    `complete` gives, for a local model and for the same model behind `protege serve`; an HTTP refusal is a
+    TeacherError carrying the server's message."""
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    messages = [{"role": "user", "content": "hello there"}]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    local = make_teacher(TeacherConfig(model=str(tiny_llama_dir)))
+    whole = local.complete([messages], params)[0].text
+    pieces = list(local.stream(messages, params))
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    with background_server(create_app(Engine(*tiny_llama), "tiny-llama")) as url:
+        remote = make_teacher(_cfg(url + "/v1", model="tiny-llama"))
+        assert remote.served_models() == ["tiny-llama"]
+        assert "".join(remote.stream(messages, params)) == remote.complete([messages], params)[0].text
+        with pytest.raises(TeacherError, match="HTTP 404: The model `nope` does not exist"):
+            list(make_teacher(_cfg(url + "/v1", model="nope")).stream(messages, params))
+    with pytest.raises(TeacherError, match="does not stream"):
+        list(make_teacher(TeacherConfig(backend="vllm", model=str(tiny_llama_dir))).stream(messages, params))

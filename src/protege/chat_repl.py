@@ -1,9 +1,8 @@
 """Interactive terminal chat: a local model through the engine, or any OpenAI-compatible server.
 
-Who answers is declared as every stage declares it, a `TeacherConfig` (backend `local`: a model loaded
-here; `openai`: a server, its key read from `api_key_env`); `backend_for` turns it into a streaming
-backend. Teachers answer whole replies for datasets; a chat streams, so the REPL keeps its own two
-streaming backends behind that one declaration.
+Who answers is a `TeacherConfig`, as in every stage (backend `local`: a model loaded here; `openai`: a
+server, its key read from `api_key_env`), and the reply comes from that teacher's `stream`: the chat and
+the stages that make datasets talk to models through one client.
 
 Commands inside the chat: `/system TEXT` sets the system prompt (and starts over), `/reset` forgets
 the conversation, `/exit` (or end of input) quits. Replies stream to the terminal as they arrive.
@@ -20,10 +19,9 @@ from .config import MaxNewTokens, Sampling as _Sampling, Temperature, TopK
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .engine.core import RequestDriver
-    from .teachers.base import TeacherConfig
+    from .teachers.base import Teacher, TeacherConfig
 
-__all__ = ["Sampling", "LocalBackend", "RemoteBackend", "ReplyError", "backend_for", "run_repl", "HELP"]
+__all__ = ["Sampling", "TeacherBackend", "ReplyError", "backend_for", "run_repl", "HELP"]
 
 HELP = "commands: /system TEXT (set the system prompt, starts over), /reset, /exit"
 
@@ -49,92 +47,47 @@ class Backend(Protocol):
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]: ...
 
 
-class LocalBackend:
-    """A model loaded in this process; generation through the engine (same tokens as training)."""
+class TeacherBackend:
+    """A teacher as the chat's backend: its `stream`, with the chat's sampling."""
 
-    def __init__(self, engine: RequestDriver, name: str):
-        self.engine = engine
+    def __init__(self, teacher: Teacher, name: str):
+        self.teacher = teacher
         self.name = name
-
-    @classmethod
-    def load(cls, spec: str, precision: str = "auto") -> "LocalBackend":
-        from .engine import engine_for
-
-        return cls(engine_for(str(spec), precision=precision, max_batch=1), str(spec))
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
         from .engine import SamplingParams
+        from .teachers import TeacherError
 
-        ids = self.engine.chat_format.encode_prompt(messages)
-        params = SamplingParams.from_config(sampling, sampling.seed, list(self.engine.chat_format.stop_strings))
         try:
-            yield from self.engine.stream(ids, params)
-        except ValueError as err:  # the engine's own refusal, e.g. a conversation longer than the context
+            yield from self.teacher.stream(messages, SamplingParams.from_config(sampling, sampling.seed))
+        except TeacherError as err:
             raise ReplyError(f"{err} (/reset starts over)") from None
 
 
-class RemoteBackend:
-    """Any OpenAI-compatible `/v1/chat/completions` (e.g. `protege serve`), via the official client."""
-
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 120.0):
-        from openai import OpenAI
-
-        base = url.rstrip("/")
-        if not base.endswith("/v1"):
-            base += "/v1"
-        # No retries: a person is waiting, and a retried stream would print its reply twice.
-        self.client = OpenAI(base_url=base, api_key=api_key or "none", max_retries=0, timeout=timeout)
-        self.name = model or self._first_model()
-
-    def _first_model(self) -> str:
-        import openai
-
-        try:
-            listed = self.client.models.list().data
-        except openai.APIStatusError as err:
-            raise ReplyError(f"{self.client.base_url}models answered {err.status_code}: {err.message}") from None
-        except openai.APIConnectionError as err:
-            raise ReplyError(f"cannot reach {self.client.base_url}: {err}") from None
-        if not listed:
-            raise ReplyError(f"{self.client.base_url}models lists no model; name one: protege chat MODEL --url URL")
-        return listed[0].id
-
-    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str]:
-        import openai
-
-        extra = {"top_k": sampling.top_k} if sampling.top_k else None
-        try:
-            chunks = self.client.chat.completions.create(
-                model=self.name, messages=messages, stream=True, temperature=sampling.temperature,
-                top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=sampling.seed, extra_body=extra)
-            try:
-                for chunk in chunks:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        yield chunk.choices[0].delta.content
-            finally:
-                chunks.close()  # Ctrl-C mid-reply: closing the connection makes the server free the slot
-        except openai.APIStatusError as err:  # the server's own words (OpenAI-shaped 4xx/5xx)
-            raise ReplyError(f"the server answered {err.status_code}: {err.message}") from None
-        except openai.APIConnectionError as err:  # refused, reset, timed out
-            raise ReplyError(f"no reply from {self.client.base_url}: {err}") from None
-
-
 def backend_for(teacher: "TeacherConfig") -> Backend:
-    """The streaming backend for who answers. `openai` without an explicit `model` asks the server which
-    model it serves (the first `/v1/models` lists)."""
-    import os
-
+    """The chat backend for who answers. `openai` without an explicit `model` asks the server which model it
+    serves (the first `/v1/models` lists); `vllm` (in-process, no streaming) is refused with what to do."""
     from .config import ConfigError
+    from .teachers import TeacherError, make_teacher
 
+    if teacher.backend == "vllm":
+        raise ConfigError("chat: the vllm backend does not stream; serve the model (`vllm serve MODEL` or "
+                          "`protege serve MODEL`) and chat with it through --url")
+    if teacher.backend == "openai" and isinstance(teacher.base_url, list):
+        raise ConfigError("chat: give one server (base_url), not a list")
+    answerer = make_teacher(teacher)  # no cache folder: a chat is not replayed
+    if teacher.backend == "openai" and "model" not in teacher.model_fields_set:
+        try:
+            listed = answerer.served_models()  # type: ignore[attr-defined]
+        except TeacherError as err:
+            raise ReplyError(str(err)) from None
+        if not listed:
+            raise ReplyError(f"{answerer.base_url}/models lists no model; name one: protege chat MODEL --url URL")  # type: ignore[attr-defined]
+        answerer = make_teacher(teacher.model_copy(update={"model": listed[0]}))
+    name = answerer.config.model
     if teacher.backend == "local":
-        return LocalBackend.load(teacher.model, teacher.precision)
-    if teacher.backend == "openai":
-        if not teacher.base_url or isinstance(teacher.base_url, list):
-            raise ConfigError("chat: an `openai` answerer needs one base_url (the server to talk to)")
-        model = teacher.model if "model" in teacher.model_fields_set else None
-        return RemoteBackend(teacher.base_url, os.environ.get(teacher.api_key_env), model, teacher.timeout)
-    raise ConfigError(f"chat: the {teacher.backend!r} backend does not stream; serve the model "
-                      "(`vllm serve MODEL` or `protege serve MODEL`) and chat with it through its URL")
+        answerer.engine  # noqa: B018 -- load now, not on the first message (a bad model is an error at start)
+    return TeacherBackend(answerer, name)
 
 
 def run_repl(backend: Backend, sampling: Sampling, system: str | None = None,

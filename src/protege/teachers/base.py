@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeAlias
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, TypeAlias
 
 from pydantic import Field, field_validator
 
@@ -128,6 +128,12 @@ class Teacher:
     def _identity(self) -> dict[str, Any]:
         """Who answers, as the cache keys it: a different model (or precision) must not reuse answers."""
         return {"backend": self.backend, "model": self.config.model}
+
+    def stream(self, messages: list[dict[str, str]], sampling: SamplingParams) -> Iterator[str]:
+        """The text of one chat reply, piece by piece as it is decoded (for a person reading: not cached). A
+        reply that cannot be had is a TeacherError saying why."""
+        raise TeacherError(f"teacher {self.name}: the {self.backend} backend does not stream; serve the model "
+                           "(`vllm serve MODEL` or `protege serve MODEL`) and use backend openai")
 
     def complete_prompts(self, prompts: list[str], sampling: SamplingParams | Sequence[SamplingParams], progress: bool = False) -> list[TeacherResponse]:
         """Continue plain text prompts (for base models: the original Self-Instruct setting)."""

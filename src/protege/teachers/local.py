@@ -9,9 +9,10 @@ only the requests still being decoded.
 
 from __future__ import annotations
 
-from typing import Any, TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .base import Teacher, prompt_ids
+from .base import Teacher, TeacherError, prompt_ids
 
 if TYPE_CHECKING:
     from ..engine.sampling import SamplingParams
@@ -37,6 +38,14 @@ class LocalTeacher(Teacher):
             self._engine = engine_for(self.config.model, precision=self.config.precision,
                                       max_batch=self.config.max_batch_size)
         return self._engine
+
+    def stream(self, messages: list[dict[str, str]], sampling: SamplingParams) -> Iterator[str]:
+        eng = self.engine
+        stops = list(sampling.stop or []) + [s for s in eng.chat_format.stop_strings if s not in (sampling.stop or [])]
+        try:
+            yield from eng.stream(prompt_ids(eng.chat_format, "chat", [messages])[0], replace(sampling, stop=stops))
+        except ValueError as err:  # the engine's own refusal, e.g. a conversation longer than the context
+            raise TeacherError(f"teacher {self.name}: {err}") from None
 
     def _identity(self) -> dict[str, Any]:
         from ..models import ALIASES

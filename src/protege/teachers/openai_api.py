@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import sys
 import threading
 import time
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -142,6 +143,52 @@ class OpenAITeacher(Teacher):
                           file=sys.stderr, flush=True)
         # Local servers (vLLM, llama.cpp) need no key; send none rather than an empty bearer.
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def served_models(self) -> list[str]:
+        """The model ids the (first) endpoint lists at `/models`."""
+        url = f"{self.base_url}/models"
+        try:
+            response = httpx.get(url, headers=self._headers(), timeout=self.config.timeout)
+        except httpx.HTTPError as err:
+            raise TeacherError(f"cannot reach {url}: {type(err).__name__}: {err}") from None
+        if response.status_code != 200:
+            raise TeacherError(f"{url} answered HTTP {response.status_code}: {_server_message(response)}")
+        try:
+            return [str(m["id"]) for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise TeacherError(f"{url} did not answer with an OpenAI model list") from None
+
+    def stream(self, messages: list[dict[str, str]], sampling: SamplingParams) -> Iterator[str]:
+        """One chat reply over server-sent events (`stream: true`), from the first endpoint. No retries: a person
+        is reading, and a retried stream would show its start twice. Closing the generator (Ctrl-C) closes the
+        connection, which frees the server's slot."""
+        url = f"{self.base_url}/chat/completions"
+        body = _body("chat", self.config.model, messages, sampling) | {"stream": True}
+        try:
+            with httpx.Client(headers=self._headers(), timeout=self.config.timeout) as client, \
+                    client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise TeacherError(f"teacher {self.name}: HTTP {response.status_code}: {_server_message(response)}")
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise TeacherError(f"teacher {self.name}: a stream event that is not JSON: {data[:100]!r}") from None
+                    if isinstance(chunk, dict) and chunk.get("error"):
+                        err = chunk["error"]
+                        raise TeacherError(f"teacher {self.name}: {err.get('message', err) if isinstance(err, dict) else err}")
+                    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+                    delta = (choices[0].get("delta") or {}).get("content") if choices else None
+                    if delta:
+                        yield delta
+        except httpx.HTTPError as err:  # refused, reset, timed out
+            raise TeacherError(f"teacher {self.name}: no reply from {url}: {type(err).__name__}: {err}") from None
 
     def _fetch(self, kind: str, items: list[Any], params: list[SamplingParams], on_done: OnDone) -> None:
         self._run(lambda: self._fetch_all(kind, items, params, on_done))
