@@ -408,5 +408,7 @@ def test_stream_gives_the_reply_complete_gives_local_and_over_http(tiny_llama_di
         assert "".join(remote.stream(messages, params)) == remote.complete([messages], params)[0].text
         with pytest.raises(TeacherError, match="HTTP 404: The model `nope` does not exist"):
             list(make_teacher(_cfg(url + "/v1", model="nope")).stream(messages, params))
+    with pytest.raises(TeacherError, match="the model takes at most 512"):  # longer than the context
+        list(local.stream([{"role": "user", "content": "word " * 600}], params))
     with pytest.raises(TeacherError, match="does not stream"):
         list(make_teacher(TeacherConfig(backend="vllm", model=str(tiny_llama_dir))).stream(messages, params))
