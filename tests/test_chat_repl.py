@@ -179,3 +179,19 @@ def test_chat_sampling_is_the_config_sampling_with_chat_defaults():
     p = SamplingParams.from_config(s, s.seed, ["</s>"])
     assert (p.max_new_tokens, p.temperature, p.top_k, p.seed, p.stop) == (512, 0.7, 5, 3, ["</s>"])
     assert SamplingParams.from_config(Sampling(temperature=0, seed=3), 3).seed is None  # greedy: one cache entry
+
+
+def test_cli_chat_sends_the_key_from_its_variable_to_a_server_that_needs_one(tiny_llama):
+    from protege.engine import Engine
+    from protege.serve import background_server, create_app
+
+    app = create_app(Engine(*tiny_llama), "tiny-llama", api_key="s3cret")
+    with background_server(app) as url:
+        env = dict(os.environ, PROTEGE_API_KEY="s3cret", HF_HUB_OFFLINE="1")
+        ok = subprocess.run([sys.executable, "-m", "protege.cli", "chat", "--url", url, "--max-tokens", "4"],
+                            input="hi\n/exit\n", capture_output=True, text=True, timeout=120, env=env)
+        assert ok.returncode == 0 and ok.stdout.startswith("chatting with tiny-llama"), ok.stderr
+        env.pop("PROTEGE_API_KEY")
+        refused = subprocess.run([sys.executable, "-m", "protege.cli", "chat", "--url", url], input="",
+                                 capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode != 0 and "HTTP 401" in refused.stderr and "Traceback" not in refused.stderr
