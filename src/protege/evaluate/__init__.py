@@ -3,7 +3,9 @@ reward-model scores. Each is a stage (`stages.STAGE_KINDS`); the report that put
 `protege.report`.
 
     bench.run(BenchConfig(model=..., tasks=[...], out_dir=...))        per-item JSONL + results.json
-    answer.run(AnswerConfig(model=..., prompts=..., out_dir=...))      a model's answers to a prompt set
+    answer.run(AnswerConfig(answerer={"model": ...}, prompts=..., out_dir=...))
+                                                                       a model's answers to a prompt set
+                                                                       (who answers: a TeacherConfig)
     judge.run(JudgeConfig(answers=[a, b], out_dir=...))                pairwise / single / reference grading
     rm_score.run(RMScoreConfig(answers=[...], rm=..., out_dir=...))    reward-model scores of answer sets
 """
