@@ -61,7 +61,7 @@ class TeacherBackend:
         try:
             yield from self.teacher.stream(messages, SamplingParams.from_config(sampling, sampling.seed))
         except TeacherError as err:
-            raise ReplyError(f"{err} (/reset starts over)") from None
+            raise ReplyError(str(err)) from None
 
 
 def backend_for(teacher: "TeacherConfig") -> Backend:

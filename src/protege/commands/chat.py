@@ -57,10 +57,12 @@ def _chat(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_tokens, seed=args.seed)
     except ValidationError as err:
         raise _flag_error(err, {"max_new_tokens": "--max-tokens"}) from None
-    url = (args.url or "").rstrip("/")
-    url += "" if url.endswith("/v1") else "/v1"  # http://127.0.0.1:8000 means its OpenAI API root
-    answerer = {"backend": "openai", "base_url": url, "api_key_env": args.api_key_env,
-                "timeout": args.timeout} if args.url else {"backend": "local", "precision": args.precision}
+    if args.url:
+        url = args.url.rstrip("/")
+        url += "" if url.endswith("/v1") else "/v1"  # http://127.0.0.1:8000 means its OpenAI API root
+        answerer = {"backend": "openai", "base_url": url, "api_key_env": args.api_key_env, "timeout": args.timeout}
+    else:
+        answerer = {"backend": "local", "precision": args.precision}
     if args.model:
         answerer["model"] = args.model
     try:

@@ -52,10 +52,14 @@ class GeneratorRun(StageRun):
     def __init__(self, stage: str, config: StageConfig, out_dir: str | Path, teacher_config: TeacherConfig | None = None,
                  records_name: str = "records.jsonl"):
         super().__init__(stage, config, out_dir)
-        self.out_dir = self.out
         self.teacher: Teacher | None = make_teacher(teacher_config, self.out_dir) if teacher_config else None
         self.records_path = self.out_dir / records_name
         self.writer = JsonlWriter(self.records_path)
+
+    @property
+    def out_dir(self) -> Path:
+        """The stage folder (`StageRun.out`), under the name the generators use."""
+        return self.out
 
     def teacher_counts(self, teacher: Teacher | None = None) -> dict[str, int]:
         t = teacher or self.teacher

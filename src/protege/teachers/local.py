@@ -9,7 +9,6 @@ only the requests still being decoded.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .base import Teacher, TeacherError, prompt_ids
@@ -40,10 +39,9 @@ class LocalTeacher(Teacher):
         return self._engine
 
     def stream(self, messages: list[dict[str, str]], sampling: SamplingParams) -> Iterator[str]:
-        eng = self.engine
-        stops = list(sampling.stop or []) + [s for s in eng.chat_format.stop_strings if s not in (sampling.stop or [])]
+        eng = self.engine  # its chat format's stop strings and ids apply to every request (`request_stops`)
         try:
-            yield from eng.stream(prompt_ids(eng.chat_format, "chat", [messages])[0], replace(sampling, stop=stops))
+            yield from eng.stream(prompt_ids(eng.chat_format, "chat", [messages])[0], sampling)
         except ValueError as err:  # the engine's own refusal, e.g. a conversation longer than the context
             raise TeacherError(f"teacher {self.name}: {err}") from None
 
